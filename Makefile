@@ -1,0 +1,42 @@
+# The two commands of the README. Both set up everything on a fresh Linux machine:
+# a local virtualenv, torch (CUDA 13.0 build), a pip-installed nvcc of the same CUDA version,
+# and deepkernels built from source with its CUDA extension (no GPU needed to build).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.14.1
+CUDA_TOOLKIT_WHEELS := "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
+PY_DEPS := numpy safetensors ninja pybind11 setuptools wheel pytest pytest-benchmark "transformers>=5,<6" matplotlib
+SOURCES := $(shell find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.cpp') setup.py pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean
+
+demo: build/.installed
+	$(PY) -m deepkernels.demo
+
+test: build/.installed
+	DEEPKERNELS_REQUIRE_CUDA=$${DEEPKERNELS_REQUIRE_CUDA-1} $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
+
+install: build/.installed
+
+$(VENV)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" $(CUDA_TOOLKIT_WHEELS) $(PY_DEPS)
+	touch $@
+
+# The CUDA build is required here (DEEPKERNELS_REQUIRE_CUDA=1): a compile error or warning fails it.
+# build/build.log keeps nvcc's output; build/ptxas.txt the per-kernel registers/spills report.
+build/.installed: $(VENV)/.deps $(SOURCES)
+	mkdir -p build
+	set -o pipefail; DEEPKERNELS_REQUIRE_CUDA=$${DEEPKERNELS_REQUIRE_CUDA-1} MAX_JOBS=$${MAX_JOBS-2} \
+	  $(PIP) install --no-build-isolation --no-deps -v -e . > build/build.log 2>&1 \
+	  || { grep -E -B2 -A8 'error|Error' build/build.log | tail -80; exit 1; }
+	$(PY) tools/ptxas_report.py build/build.log build/ptxas.txt && cat build/ptxas.txt
+	touch $@
+
+clean:
+	rm -rf build $(VENV) deepkernels/_C*.so deepkernels/_build_info.py *.egg-info

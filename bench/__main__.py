@@ -1,0 +1,61 @@
+"""python -m bench <family|all> [--quick] [--device cuda|cpu] [--out PATH]
+
+Every module bench/<family>.py that defines FAMILY and run(ctx) -> list[Row] is a suite.
+Prints one table and writes JSON (bench/results/<device>-<date>.json on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+import torch
+
+from bench import common
+
+
+def discover() -> dict:
+    suites = {}
+    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
+        if info.name in ("common",) or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"bench.{info.name}")
+        if hasattr(module, "FAMILY") and hasattr(module, "run"):
+            suites[module.FAMILY] = module
+    return dict(sorted(suites.items()))
+
+
+def main(argv=None) -> int:
+    suites = discover()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=[*suites, "all"], help="suite to run")
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_cpu = device.type == "cpu"
+    ctx = common.Context(device=device, quick=args.quick or on_cpu,
+                         warmup=1 if on_cpu else 5, repeats=3 if on_cpu else 20)
+    env = common.environment(device)
+    print(f"# {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | driver {env['driver']} | "
+          f"commit {env['commit']} | {env['date']}")
+    if on_cpu:
+        print("# no GPU: running the pure-torch references on the CPU (smoke run, not a performance result)")
+    names = list(suites) if args.name == "all" else [args.name]
+    rows: list[common.Row] = []
+    for name in names:
+        rows.extend(suites[name].run(ctx))
+    print(common.format_table(rows))
+    path = args.out or common.results_path(env, device)
+    common.write_results(rows, env, path)
+    print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

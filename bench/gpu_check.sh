@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see ../shared/GPU.md): build the extension from source against the
+# device's own torch, run the CUDA tests, compute-sanitizer on a small case, and the benchmark suite.
+# Logs and JSON go to $OUT (or build/gpu_check when unset). Exit status: non-zero if any step failed.
+#   bash bench/gpu_check.sh            # everything
+#   SKIP_BENCH=1 bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-build/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DEEPKERNELS_REQUIRE_CUDA=1
+PY=${PYTHON:-python3}
+status=0
+step() { echo "=== $1 ($(date +%T))"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
+
+step "wheels carried in .whl (optional)"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step "build (sm_90a only unless DEEPKERNELS_CUDA_ARCHS is set)"
+export DEEPKERNELS_CUDA_ARCHS=${DEEPKERNELS_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-1}
+[ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+rm -f deepkernels/_C*.so
+if $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  $PY tools/ptxas_report.py "$OUT/build.log" "$OUT/ptxas.txt" || status=1
+else
+  echo "BUILD FAILED"; grep -E -B2 -A6 'error' "$OUT/build.log" | tail -60; exit 1
+fi
+tail -3 "$OUT/build.log"
+
+step "pytest -m cuda"
+$PY -m pytest -q -rs -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "pytest (all, CPU + CUDA)"
+$PY -m pytest -q -x tests 2>&1 | tail -5 | tee "$OUT/pytest_all.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "compute-sanitizer (memcheck) on small cases"
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -m cuda -k "sanitizer or (cast and not 4096)" tests \
+    > "$OUT/sanitizer.log" 2>&1 || { status=1; echo "SANITIZER FAILED"; }
+  tail -5 "$OUT/sanitizer.log"
+else
+  echo "compute-sanitizer not found"
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step "python -m bench all"
+  $PY -m bench all --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+fi
+echo "=== gpu_check exit status $status"
+exit $status

@@ -1,0 +1,42 @@
+"""deepkernels: FP8 blockwise GEMM, MoE dispatch/combine and MLA paged decode for PyTorch.
+
+Every op is a ``torch.ops.deepkernels.*`` op with a CUDA kernel, a pure-torch CPU reference and a
+fake kernel (torch.compile, CUDA graphs). The functions here are the checked public wrappers.
+"""
+from . import _ops
+from .fp8 import (
+    per_block_cast_from_fp8,
+    per_block_cast_to_fp8,
+    per_token_cast_from_fp8,
+    per_token_cast_to_fp8,
+)
+
+_ops.load_extension()
+
+__version__ = "0.1.0"
+
+
+def is_cuda_available() -> bool:
+    """True when the compiled CUDA extension is loaded and a CUDA device is present."""
+    import torch
+
+    return _ops.extension_loaded() and torch.cuda.is_available()
+
+
+def build_info() -> dict:
+    """How this install was built: CUDA archs, toolkit, torch it was compiled against, load status."""
+    try:
+        from . import _build_info as b
+
+        info = {k: getattr(b, k) for k in ("CUDA_ARCHS", "CUDA_HOME", "TORCH_VERSION", "TORCH_CUDA_VERSION")}
+    except ImportError:
+        info = {"CUDA_ARCHS": [], "CUDA_HOME": None, "TORCH_VERSION": None, "TORCH_CUDA_VERSION": None}
+    info["extension_loaded"] = _ops.extension_loaded()
+    info["extension_error"] = _ops.extension_error()
+    return info
+
+
+__all__ = [
+    "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_from_fp8", "per_block_cast_from_fp8",
+    "is_cuda_available", "build_info",
+]

@@ -1,0 +1,122 @@
+"""The op pattern every kernel family uses, and loading of the compiled extension.
+
+Each op lives in namespace ``deepkernels`` and has four faces (see ../STYLE): a schema, a CUDA kernel
+registered by ``deepkernels._C``, a CPU kernel that is the pure-torch reference, and a fake kernel
+for torch.compile / CUDA graphs. A family module calls :func:`define_op` at import time; the package
+``__init__`` calls :func:`load_extension` once every family is defined.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+NAMESPACE = "deepkernels"
+lib = torch.library.Library(NAMESPACE, "DEF")
+
+_REFERENCES: dict[str, Callable] = {}
+_CUDA_FALLBACK: set[str] = set()  # ops whose CUDA tensors run the reference (no compiled kernel)
+_extension_error: str | None = "not loaded yet"
+_notice_printed = False
+
+
+def define_op(name: str, schema: str, reference: Callable, fake: Callable) -> None:
+    """Define ``deepkernels::name`` with ``schema`` (the part after the name), the reference as its
+    CPU kernel and ``fake`` as its meta kernel. The CUDA kernel comes from the extension; where the
+    extension lacks one, :func:`load_extension` registers the reference for CUDA tensors too."""
+    lib.define(name + schema)
+    lib.impl(name, reference, "CPU")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=lib)
+    _REFERENCES[name] = reference
+
+
+def load_extension() -> None:
+    global _extension_error
+    if os.environ.get("DEEPKERNELS_FORCE_REFERENCE") == "1":
+        _extension_error = "DEEPKERNELS_FORCE_REFERENCE=1"
+    else:
+        try:
+            from . import _C  # noqa: F401  (registers the CUDA kernels)
+
+            _extension_error = None
+        except ImportError as exc:  # not built, or built against another torch
+            _extension_error = f"{type(exc).__name__}: {exc}"
+    for name, reference in _REFERENCES.items():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CUDA"):
+            lib.impl(name, reference, "CUDA")
+            _CUDA_FALLBACK.add(name)
+    if _extension_error is not None:
+        _print_notice_once()
+
+
+def _print_notice_once() -> None:
+    global _notice_printed
+    if _notice_printed or os.environ.get("DEEPKERNELS_QUIET") == "1":
+        return
+    _notice_printed = True
+    print(f"deepkernels: CUDA extension unavailable ({_extension_error.splitlines()[0]}); "
+          "ops run on the pure-torch references.", file=sys.stderr)
+
+
+def extension_loaded() -> bool:
+    return _extension_error is None
+
+
+def extension_error() -> str | None:
+    return _extension_error
+
+
+def has_cuda_kernel(name: str) -> bool:
+    """True when ``deepkernels::name`` runs a compiled kernel (not the reference) on CUDA tensors."""
+    return name in _REFERENCES and name not in _CUDA_FALLBACK
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side argument checks shared by the families. Each raises before any launch with a message
+# naming the argument, what was expected and what was given.
+
+def _fmt_dtypes(dtypes: Iterable[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = None, ndim: int | None = None,
+                 shape: Sequence[int | None] | None = None, device: torch.device | None = None,
+                 contiguous: bool = False, inner_contiguous: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype {_fmt_dtypes(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got {t.dim()} (shape {tuple(t.shape)})")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if inner_contiguous and t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride in the last dim, got strides {t.stride()}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_multiple(name: str, value: int, multiple: int) -> None:
+    if value % multiple != 0:
+        raise ValueError(f"{name}: expected a multiple of {multiple}, got {value}")
+
+
+__all__ = ["define_op", "load_extension", "extension_loaded", "extension_error", "has_cuda_kernel",
+           "check_tensor", "check_same_device", "check_multiple", "ceil_div"]

@@ -1,0 +1,1 @@
+"""Entry points with the argument conventions of DeepGEMM, FlashMLA and DeepEP."""

@@ -1,0 +1,1 @@
+"""Drop-in torch.nn modules built on the deepkernels ops."""

@@ -1,0 +1,59 @@
+"""Helpers for tests and benchmarks: the anchors' error metric, poisoning, and device gates."""
+from __future__ import annotations
+
+import torch
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity error, 1 - 2*sum(x*y) / sum(x*x + y*y), computed in float64.
+
+    0 for identical tensors, 1 for orthogonal ones; scale-sensitive (x vs 2x gives 0.2). Both empty: 0.
+    """
+    x, y = x.double(), y.double()
+    denominator = (x * x + y * y).sum()
+    if denominator == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denominator)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN (or 0xff bytes for integer/fp8 dtypes) before a kernel writes it."""
+    if t.dtype.is_floating_point and t.element_size() > 1:
+        return t.fill_(float("nan"))
+    return t.view(torch.uint8).fill_(0xFF).view(t.dtype) if t.element_size() == 1 else t.fill_(-1)
+
+
+def cuda_kernels_available() -> bool:
+    """A GPU is present and the compiled extension loaded (so CUDA tests exercise real kernels)."""
+    from ._ops import extension_loaded
+
+    return torch.cuda.is_available() and extension_loaded()
+
+
+_FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def opcheck(op, args: tuple, kwargs: dict | None = None) -> None:
+    """torch.library.opcheck, made usable for ops that take fp8 tensors on the CPU.
+
+    torch's schema check compares inputs before/after with arithmetic the CPU lacks for fp8
+    ("mul_cpu_reduced_float"); for those ops it is replaced by a byte-exact check that no input
+    the schema does not mark as mutated changed, and the other opcheck utilities run as usual.
+    """
+    kwargs = kwargs or {}
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not any(t.dtype in _FP8_DTYPES and t.device.type == "cpu" for t in tensors):
+        torch.library.opcheck(op, args, kwargs)
+        return
+    schema = (op.default if hasattr(op, "default") else op)._schema
+    mutable = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    names = [a.name for a in schema.arguments]
+    named = {**dict(zip(names, args)), **kwargs}
+    before = {n: t.clone() for n, t in named.items() if isinstance(t, torch.Tensor) and n not in mutable}
+    torch.library.opcheck(op, args, kwargs,
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    op(*args, **kwargs)
+    for n, t in before.items():
+        assert torch.equal(t.view(torch.uint8) if t.dtype in _FP8_DTYPES else t,
+                           named[n].view(torch.uint8) if t.dtype in _FP8_DTYPES else named[n]), \
+            f"{op}: input {n} was modified but the schema does not mark it mutable"

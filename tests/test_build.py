@@ -1,0 +1,63 @@
+"""The package's build and op registration: the CUDA extension is compiled for every default arch
+(when the build was required, as `make test` and CI do) and every op has its four faces."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import deepkernels
+from deepkernels import _ops
+
+REQUIRED = os.environ.get("DEEPKERNELS_REQUIRE_CUDA") == "1"
+
+
+def test_every_op_has_cpu_fake_and_cuda_kernels():
+    assert _ops._REFERENCES, "no ops defined"
+    for name in _ops._REFERENCES:
+        qualified = f"deepkernels::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta") or \
+            torch._library.simple_registry.singleton.find(qualified).fake_impl.kernel is not None, name
+
+
+def test_import_exposes_ops_and_build_info():
+    assert callable(torch.ops.deepkernels.per_token_cast_to_fp8)
+    info = deepkernels.build_info()
+    assert set(info) >= {"CUDA_ARCHS", "extension_loaded", "extension_error"}
+    assert deepkernels.is_cuda_available() == (info["extension_loaded"] and torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not REQUIRED, reason="pure-Python install requested (DEEPKERNELS_REQUIRE_CUDA unset)")
+def test_extension_built_and_loaded():
+    info = deepkernels.build_info()
+    assert info["extension_loaded"], f"deepkernels._C failed to load: {info['extension_error']}"
+    assert info["CUDA_ARCHS"] == os.environ.get("DEEPKERNELS_CUDA_ARCHS", "80;89;90a").split(";")
+    for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8"):
+        assert _ops.has_cuda_kernel(name), f"{name} has no compiled CUDA kernel"
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(candidate) if candidate.exists() else None
+
+
+@pytest.mark.skipif(not REQUIRED, reason="pure-Python install requested (DEEPKERNELS_REQUIRE_CUDA unset)")
+def test_extension_carries_cubins_for_every_arch():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.fail("no cuobjdump (PATH or triton's bundled copy) to inspect the extension")
+    so = next(Path(deepkernels.__file__).parent.glob("_C*.so"))
+    listing = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True, check=True).stdout
+    for arch in deepkernels.build_info()["CUDA_ARCHS"]:
+        assert f"sm_{arch}" in listing, f"no sm_{arch} cubin in {so.name}:\n{listing}"
