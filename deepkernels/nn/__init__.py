@@ -1,1 +1,5 @@
 """Drop-in torch.nn modules built on the deepkernels ops."""
+from .linear import Fp8Linear
+from .mlp import MLP, make_linear
+
+__all__ = ["Fp8Linear", "MLP", "make_linear"]
