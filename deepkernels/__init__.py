@@ -10,6 +10,12 @@ from .fp8 import (
     per_token_cast_from_fp8,
     per_token_cast_to_fp8,
 )
+from .gemm import (  # noqa: E402
+    fp8_gemm_nt,
+    get_m_alignment_for_contiguous_layout,
+    m_grouped_fp8_gemm_nt_contiguous,
+    m_grouped_fp8_gemm_nt_masked,
+)
 
 _ops.load_extension()
 
@@ -39,4 +45,6 @@ def build_info() -> dict:
 __all__ = [
     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_from_fp8", "per_block_cast_from_fp8",
     "is_cuda_available", "build_info",
+    "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+    "get_m_alignment_for_contiguous_layout",
 ]
