@@ -106,6 +106,98 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
 // ---------------------------------------------------------------------------------------------
 // fp8_gemm (issue 4): bindings and TORCH_LIBRARY_IMPL block go below this line.
 
+#include "fp8_gemm/launch.h"
+
+namespace fp8_gemm_binding {
+
+namespace fg = deepkernels::fp8_gemm;
+
+void check_operand(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, ": expected ", dim, " dims, got ", t.sizes());
+}
+
+// Fills everything but the mode-specific fields; a_scale may be row-major or column-major per group.
+fg::GemmParams make_params(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                           const at::Tensor& b_scale, const at::Tensor& out, bool batched_a, fg::GemmMode mode) {
+  const int64_t adim = batched_a ? 3 : 2;
+  check_operand(a, "a", at::kFloat8_e4m3fn, adim);
+  check_operand(a_scale, "a_scale", at::kFloat, adim);
+  check_operand(b, "b", at::kFloat8_e4m3fn, mode == fg::GemmMode::kDense ? 2 : 3);
+  check_operand(b_scale, "b_scale", at::kFloat, b.dim());
+  check_operand(out, "out", at::kBFloat16, adim);
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && b_scale.is_contiguous() && out.is_contiguous(),
+              "a, b, b_scale, out: expected contiguous tensors");
+  const int64_t m = a.size(-2), k = a.size(-1), n = b.size(-2);
+  TORCH_CHECK(k % 16 == 0 && n % 16 == 0, "N and K must be multiples of 16, got N=", n, " K=", k);
+  TORCH_CHECK(b.size(-1) == k && out.size(-2) == m && out.size(-1) == n, "a ", a.sizes(), ", b ", b.sizes(),
+              ", out ", out.sizes(), ": inconsistent shapes");
+  TORCH_CHECK(a_scale.size(-2) == m && a_scale.size(-1) == (k + 127) / 128, "a_scale: expected [.., ", m, ", ",
+              (k + 127) / 128, "], got ", a_scale.sizes());
+  TORCH_CHECK(a_scale.stride(-1) == 1 || a_scale.stride(-2) == 1 || a_scale.size(-1) == 1 || m <= 1,
+              "a_scale: expected row-major or column-major layout, got strides ", a_scale.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0,
+              "a, b: expected 16-byte aligned data");
+  fg::GemmParams p{};
+  p.a = static_cast<const uint8_t*>(a.data_ptr());
+  p.a_scale = a_scale.data_ptr<float>();
+  p.b = static_cast<const uint8_t*>(b.data_ptr());
+  p.b_scale = b_scale.data_ptr<float>();
+  p.out = reinterpret_cast<uint16_t*>(out.data_ptr());
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.groups = mode == fg::GemmMode::kDense ? 1 : static_cast<int>(b.size(0));
+  p.a_group_stride = batched_a ? a.stride(0) : 0;
+  p.sa_group_stride = batched_a ? a_scale.stride(0) : 0;
+  p.sa_row_stride = a_scale.stride(-2);
+  p.sa_col_stride = a_scale.stride(-1);
+  p.out_group_stride = batched_a ? out.stride(0) : 0;
+  p.mode = mode;
+  return p;
+}
+
+void run(const fg::GemmParams& p, const at::Tensor& a) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  fg::launch_fp8_gemm(p, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
+                 const at::Tensor& out) {
+  run(make_params(a, a_scale, b, b_scale, out, false, fg::GemmMode::kDense), a);
+}
+
+void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                      const at::Tensor& b_scale, const at::Tensor& out, const at::Tensor& m_indices) {
+  auto p = make_params(a, a_scale, b, b_scale, out, false, fg::GemmMode::kGroupedContiguous);
+  check_operand(m_indices, "m_indices", at::kInt, 1);
+  TORCH_CHECK(m_indices.is_contiguous() && m_indices.size(0) == a.size(0), "m_indices: expected contiguous [M]");
+  p.m_indices = m_indices.data_ptr<int>();
+  run(p, a);
+}
+
+void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                  const at::Tensor& b_scale, const at::Tensor& out, const at::Tensor& masked_m,
+                                  int64_t expected_m) {
+  (void)expected_m;  // a scheduling hint; the portable kernel launches every row tile and exits early
+  auto p = make_params(a, a_scale, b, b_scale, out, true, fg::GemmMode::kGroupedMasked);
+  check_operand(masked_m, "masked_m", at::kInt, 1);
+  TORCH_CHECK(masked_m.is_contiguous() && masked_m.size(0) == b.size(0) && a.size(0) == b.size(0),
+              "masked_m: expected contiguous [G] with G = a.size(0) = b.size(0)");
+  p.masked_m = masked_m.data_ptr<int>();
+  run(p, a);
+}
+
+}  // namespace fp8_gemm_binding
+
+TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+  m.impl("fp8_gemm_nt", &fp8_gemm_binding::fp8_gemm_nt);
+  m.impl("m_grouped_fp8_gemm_nt_contiguous", &fp8_gemm_binding::m_grouped_fp8_gemm_nt_contiguous);
+  m.impl("m_grouped_fp8_gemm_nt_masked", &fp8_gemm_binding::m_grouped_fp8_gemm_nt_masked);
+}
+
 
 
 // ---------------------------------------------------------------------------------------------
