@@ -11,6 +11,11 @@ Operands and scales (fp32, ``x ~= fp8 * scale``):
   * ``out`` bf16, fp32 accumulation; the scales are applied per 128-wide K block (a_scale * b_scale),
     which is mathematically ``(a * a_scale) @ (b * b_scale)^T`` -- what the references compute.
 Any M >= 0; N and K must be multiples of 16 (partial 128-tiles are handled; no N%64 / K%128 demand).
+
+CUDA (csrc/fp8_gemm): a portable sm_80+ kernel serves all three ops on every GPU for now: 64x64x64 tiles,
+cp.async double buffering, e4m3 widened to fp16 in registers (exact) for mma.sync m16n8k16 with fp32
+accumulation, partial sums promoted with a_scale * b_scale every 128 of K. The Hopper wgmma/TMA path is
+not written yet. CPU tensors (and CUDA without the extension) run the references below.
 """
 from __future__ import annotations
 
