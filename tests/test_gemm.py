@@ -286,3 +286,13 @@ def test_cuda_large_m_matches_reference(mnk):
     assert not out.isnan().any(), "some output tiles were not written"
     assert calc_diff(out.float(), ref.float()) < 1e-5
     assert calc_diff(out.float(), a.cuda() @ b.cuda().t()) < 1e-3
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_grouped_contiguous_all_padding_and_no_groups(device):
+    _, _, a_q, a_s, b_q, b_s = _quantised(128, 32, 256, device, groups=1)
+    for b, s in ((b_q, b_s), (b_q[:0], b_s[:0])):
+        out = poison_(torch.empty(128, 32, dtype=torch.bfloat16, device=device))
+        m_indices = torch.full((128,), -1, dtype=torch.int32, device=device)
+        deepkernels.m_grouped_fp8_gemm_nt_contiguous(a_q, a_s, b.contiguous(), s.contiguous(), out, m_indices)
+        assert (out == 0).all()

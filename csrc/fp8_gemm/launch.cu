@@ -5,7 +5,8 @@ namespace deepkernels::fp8_gemm {
 
 void launch_fp8_gemm(const GemmParams& p, cudaStream_t stream) {
   using namespace portable;
-  if (p.m == 0 || p.n == 0 || p.groups == 0) return;
+  // Contiguous with no groups still writes its (all padding) rows as zeros.
+  if (p.m == 0 || p.n == 0 || (p.groups == 0 && p.mode != GemmMode::kGroupedContiguous)) return;
   const unsigned m_tiles = static_cast<unsigned>((p.m + kBlockM - 1) / kBlockM);
   const unsigned n_tiles = static_cast<unsigned>((p.n + kBlockN - 1) / kBlockN);
   const dim3 block(kThreads);
