@@ -296,3 +296,28 @@ def test_grouped_contiguous_all_padding_and_no_groups(device):
         m_indices = torch.full((128,), -1, dtype=torch.int32, device=device)
         deepkernels.m_grouped_fp8_gemm_nt_contiguous(a_q, a_s, b.contiguous(), s.contiguous(), out, m_indices)
         assert (out == 0).all()
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("mnk", [(1, 2112, 7168), (77, 144, 400), (4096, 7168, 2048)], ids=str)
+def test_cuda_sm90_wgmma_kernel_opt_in(mnk, monkeypatch):
+    """DEEPKERNELS_GEMM_SM90=1 routes all three ops to the (not yet validated) wgmma kernel on cc 9.0."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel is built for sm_90a only")
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+    m, n, k = mnk
+    a, b, a_q, a_s, b_q, b_s = _quantised(m, n, k, "cuda")
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    deepkernels.fp8_gemm_nt(a_q, a_s, b_q, b_s, out=out)
+    ref = torch.empty_like(out)
+    gemm.fp8_gemm_nt_ref(a_q, a_s, b_q, b_s, ref)
+    assert not out.isnan().any(), "some output tiles were not written"
+    assert calc_diff(out.float(), ref.float()) < 1e-5
+    out3 = poison_(torch.empty(2, m, n, dtype=torch.bfloat16, device="cuda"))
+    masked_m = torch.tensor([m, m // 2], dtype=torch.int32, device="cuda")
+    deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([a_q, a_q]), torch.stack([a_s, a_s]), torch.stack([b_q, b_q]),
+                                             torch.stack([b_s, b_s]), out3, masked_m, m)
+    assert calc_diff(out3[0].float(), ref.float()) < 1e-5 and out3[1, m // 2:].isnan().all()
+    if m // 2:
+        assert calc_diff(out3[1, :m // 2].float(), ref[:m // 2].float()) < 1e-5
