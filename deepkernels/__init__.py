@@ -10,6 +10,7 @@ from .fp8 import (
     per_token_cast_from_fp8,
     per_token_cast_to_fp8,
 )
+from .mla import get_mla_decode_metadata, mla_decode_with_kvcache, write_mla_kv_cache
 
 _ops.load_extension()
 
@@ -40,3 +41,4 @@ __all__ = [
     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_from_fp8", "per_block_cast_from_fp8",
     "is_cuda_available", "build_info",
 ]
+__all__ += ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_cache"]

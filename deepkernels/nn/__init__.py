@@ -3,3 +3,6 @@ from .linear import Fp8Linear
 from .mlp import MLP, make_linear
 
 __all__ = ["Fp8Linear", "MLP", "make_linear"]
+from .mla import PagedMLAKVCache, mla_decode_absorbed
+
+__all__ += ["PagedMLAKVCache", "mla_decode_absorbed"]
