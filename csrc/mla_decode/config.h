@@ -1,0 +1,49 @@
+#pragma once
+// Tile sizes of the MLA decode kernels.
+#include <cuda_bf16.h>
+#include <cstdint>
+
+namespace deepkernels::mla {
+
+constexpr int kHeadDim = 576;    // 512 latent (= V) + 64 rope
+constexpr int kHeadDimV = 512;
+constexpr int kMetadataSize = 8;  // int32 words per part of the split plan
+// Work-block granularity of the split plan (deepkernels/mla.py BLOCK_TOKENS): every split starts at a
+// multiple of it, and it is a multiple of kBlockN.
+constexpr int kBlockTokens = 64;
+
+// Portable (sm_80+) split-KV kernel: one CTA = 32 query rows x one split, 8 warps.
+// NOTE: sQ + sK (32 x 576 bf16 each, rows padded by 16 B) plus the score tiles is ~82 KB of shared
+// memory, which fits sm_89's 99 KB per-block limit; a 64-row tile or double-buffered K would not.
+// NOTE: the output accumulator (32 rows x 512 fp32) is split across the 8 warps by 64-column slices:
+// 64 fp32 registers per thread, which keeps the kernel spill-free under 255 registers.
+constexpr int kBlockM = 32;
+constexpr int kBlockN = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kDimsPerWarp = kHeadDimV / kWarps;  // 64
+constexpr int kRowStride = kHeadDim + 8;  // bf16 elements; +16 B makes ldmatrix rows conflict-free
+constexpr int kSStride = kBlockN + 4;     // fp32 scores
+constexpr int kPStride = kBlockN + 8;     // bf16 probabilities; 80 B rows are conflict-free for ldmatrix
+constexpr int kSoftmaxThreadsPerRow = kThreads / kBlockM;  // 8
+static_assert(kBlockTokens % kBlockN == 0, "splits must start on a kernel tile");
+static_assert(kSoftmaxThreadsPerRow * 4 == kBlockN, "each softmax thread owns 4 scores of its row");
+
+struct SplitKvSmem {
+  __nv_bfloat16 q[kBlockM][kRowStride];
+  __nv_bfloat16 k[kBlockN][kRowStride];
+  float s[kBlockM][kSStride];
+  __nv_bfloat16 p[kBlockM][kPStride];
+  float alpha[kBlockM];
+  float row_sum[kBlockM];
+  float row_max[kBlockM];
+  float token_scale[kBlockN];
+  int64_t token_offset[kBlockN];
+};
+
+// Combine: one warp per (batch, query token, head) row; each lane owns 16 of the 512 output dims.
+constexpr int kCombineWarps = 4;
+// Metadata: one CTA scans the batch in chunks of kMetadataThreads sequences.
+constexpr int kMetadataThreads = 512;
+
+}  // namespace deepkernels::mla

@@ -1,0 +1,50 @@
+#include "../common/dtype.h"
+#include "combine.cuh"
+#include "launch.h"
+#include "metadata.cuh"
+#include "splitkv_portable.cuh"
+#include "write_cache.cuh"
+
+namespace deepkernels::mla {
+
+namespace {
+
+template <bool kFp8>
+void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
+  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem));
+  // Attribute set on every launch: cheap, and correct on whichever device is current.
+  cudaFuncSetAttribute(mla_splitkv_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  const int heads_per_kv = p.h_q / p.h_kv;
+  const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + kBlockM - 1) / kBlockM);
+  mla_splitkv_kernel<kFp8><<<grid, kThreads, kSmem, stream>>>(p);
+}
+
+}  // namespace
+
+void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
+  if (p.batch == 0) return;
+  if (p.num_sm_parts > 0) {
+    if (p.kv_fp8) launch_splitkv<true>(p, stream);
+    else launch_splitkv<false>(p, stream);
+  }
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
+  const dim3 grid(static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps));
+  mla_combine_kernel<<<grid, kCombineWarps * 32, 0, stream>>>(p);
+}
+
+void mla_decode_metadata(const MlaMetadataParams& p, cudaStream_t stream) {
+  mla_metadata_kernel<<<1, kMetadataThreads, 0, stream>>>(p);
+}
+
+void mla_write_cache(const MlaWriteCacheParams& p, cudaStream_t stream) {
+  const int64_t items = p.num_tokens * p.h_kv;
+  if (items == 0) return;
+  const dim3 grid(static_cast<unsigned>((items + kWriteWarps - 1) / kWriteWarps));
+  switch (static_cast<DType>(p.kv_dtype)) {
+    case DType::kFloat32: mla_write_cache_kernel<float><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
+    case DType::kFloat16: mla_write_cache_kernel<__half><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
+    default: mla_write_cache_kernel<__nv_bfloat16><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
+  }
+}
+
+}  // namespace deepkernels::mla
