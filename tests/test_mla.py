@@ -199,6 +199,48 @@ def test_split_plan_covers_each_block_once_and_merges_to_reference(lens, num_sm_
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
 
 
+def emulate_metadata_kernel(lens, parts, chunk=512):
+    """csrc/mla_decode/metadata.cuh step by step (chunked scans with carries, per-sequence part writes)."""
+    b = len(lens)
+    blocks = [-(-n // mla.BLOCK_TOKENS) for n in lens]
+    total = sum(blocks)
+    per_part = max(1, -(-total // parts))
+    meta = [[b, 0, b, 0, 0, 0, 0, 0] if p * per_part >= total else [None] * 5 + [0, 0, 0] for p in range(parts)]
+    splits = [0] * (b + 1)
+    carry_blocks = carry_splits = 0
+    for base in range(0, b, chunk):
+        ids = range(base, min(base + chunk, b))
+        ends = [carry_blocks + sum(blocks[base:i + 1]) for i in ids]
+        counts = []
+        for i, end in zip(ids, ends):
+            start = end - blocks[i]
+            first, last = start // per_part, (end - 1) // per_part if blocks[i] else start // per_part - 1
+            counts.append(last - first + 1)
+        for k, (i, end) in enumerate(zip(ids, ends)):
+            start = end - blocks[i]
+            first, last = start // per_part, (end - 1) // per_part if blocks[i] else start // per_part - 1
+            splits_end = carry_splits + sum(counts[:k + 1])
+            splits[i + 1] = splits_end
+            for part in range(first, last + 1):
+                begin, stop = part * per_part, min(part * per_part + per_part, total)
+                if begin >= start:
+                    meta[part][0], meta[part][1], meta[part][4] = i, begin - start, splits_end - counts[k] + part - first
+                if stop <= end:
+                    meta[part][2], meta[part][3] = i, stop - start
+        carry_blocks, carry_splits = ends[-1], carry_splits + sum(counts)
+    return torch.tensor(meta, dtype=torch.int32), torch.tensor(splits, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("b,parts", [(1, 1), (5, 132), (700, 16), (1100, 7), (64, 64)])
+def test_metadata_kernel_algorithm_matches_reference(b, parts):
+    lens = torch.randint(0, 3000, (b,), dtype=torch.int32)
+    lens[::5] = 0
+    meta, splits = emulate_metadata_kernel(lens.tolist(), parts, chunk=256)
+    ref_meta, ref_splits = mla.get_mla_decode_metadata_ref(lens, 1, 1, parts)
+    assert torch.equal(splits, ref_splits), f"b={b} parts={parts}: num_splits differ"
+    assert torch.equal(meta, ref_meta), f"b={b} parts={parts}: metadata differs"
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8 cache
 
