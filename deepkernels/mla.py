@@ -248,6 +248,10 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
     if kv_cache.size(1) % PAGE_MULTIPLE != 0 or kv_cache.size(1) == 0:
         raise ValueError(f"kv_cache: page size (dim 1) must be a positive multiple of {PAGE_MULTIPLE}, "
                          f"got {kv_cache.size(1)}")
+    align = 16 // kv_cache.element_size()  # rows are read in 16-byte vectors
+    if any(kv_cache.stride(d) % align for d in range(3)) or kv_cache.data_ptr() % 16:
+        raise ValueError(f"kv_cache: rows must start on 16-byte boundaries (strides multiples of {align} elements), "
+                         f"got strides {kv_cache.stride()}")
     if kv_cache.dtype == FP8_DTYPE:
         if kv_scale is None:
             raise ValueError("kv_scale: required for a float8_e4m3fn kv_cache "

@@ -442,6 +442,14 @@ def test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, cache_dtyp
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", [CUDA_CASES[1], CUDA_CASES[-2]])
+def test_cuda_single_stage_kernel_vs_reference(lens, s_q, h_q, h_kv, page, causal, monkeypatch):
+    """The single-stage (sm_89) bf16 kernel, forced on any GPU."""
+    monkeypatch.setenv("DEEPKERNELS_MLA_STAGES", "1")
+    test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, torch.bfloat16)
+
+
+@pytest.mark.cuda
 def test_cuda_metadata_matches_reference():
     lens = torch.randint(0, 9000, (128,), dtype=torch.int32)
     lens[::7] = 0

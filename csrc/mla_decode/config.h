@@ -29,16 +29,20 @@ constexpr int kSoftmaxThreadsPerRow = kThreads / kBlockM;  // 8
 static_assert(kBlockTokens % kBlockN == 0, "splits must start on a kernel tile");
 static_assert(kSoftmaxThreadsPerRow * 4 == kBlockN, "each softmax thread owns 4 scores of its row");
 
+// NOTE: kStages = 2 double-buffers K (cp.async of tile t+1 overlaps the maths on tile t): ~120 KB,
+// fine on sm_80 (163 KB) and sm_90 (227 KB); sm_89 (99 KB) and the e4m3 path (converted through
+// registers) use kStages = 1. launch.cu picks by the device's opt-in shared memory limit.
+template <int kStages>
 struct SplitKvSmem {
   __nv_bfloat16 q[kBlockM][kRowStride];
-  __nv_bfloat16 k[kBlockN][kRowStride];
+  __nv_bfloat16 k[kStages][kBlockN][kRowStride];
   float s[kBlockM][kSStride];
   __nv_bfloat16 p[kBlockM][kPStride];
   float alpha[kBlockM];
   float row_sum[kBlockM];
   float row_max[kBlockM];
-  float token_scale[kBlockN];
-  int64_t token_offset[kBlockN];
+  float token_scale[kStages][kBlockN];
+  int64_t token_offset[kStages][kBlockN];
 };
 
 // Combine: one warp per (batch, query token, head) row; each lane owns 16 of the 512 output dims.

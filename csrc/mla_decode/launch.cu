@@ -1,3 +1,5 @@
+#include <cstdlib>
+
 #include "../common/dtype.h"
 #include "combine.cuh"
 #include "launch.h"
@@ -9,14 +11,25 @@ namespace deepkernels::mla {
 
 namespace {
 
-template <bool kFp8>
+template <bool kFp8, int kStages>
 void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
-  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem));
+  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem<kStages>));
   // Attribute set on every launch: cheap, and correct on whichever device is current.
-  cudaFuncSetAttribute(mla_splitkv_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  cudaFuncSetAttribute(mla_splitkv_kernel<kFp8, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   const int heads_per_kv = p.h_q / p.h_kv;
   const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + kBlockM - 1) / kBlockM);
-  mla_splitkv_kernel<kFp8><<<grid, kThreads, kSmem, stream>>>(p);
+  mla_splitkv_kernel<kFp8, kStages><<<grid, kThreads, kSmem, stream>>>(p);
+}
+
+// Double-buffered K where the device's opt-in shared memory allows it (sm_80, sm_90: yes; sm_89: no).
+// DEEPKERNELS_MLA_STAGES=1 forces the single-stage kernel (tests run the sm_89 path on any GPU).
+bool device_fits_two_stages() {
+  const char* forced = std::getenv("DEEPKERNELS_MLA_STAGES");
+  if (forced != nullptr && forced[0] == '1') return false;
+  int device = 0, smem_optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return smem_optin >= static_cast<int>(sizeof(SplitKvSmem<2>));
 }
 
 }  // namespace
@@ -24,8 +37,10 @@ void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
 void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (p.num_sm_parts > 0) {
-    if (p.kv_fp8) launch_splitkv<true>(p, stream);
-    else launch_splitkv<false>(p, stream);
+    // NOTE: e4m3 rows are converted through registers (no cp.async), so a second stage buys nothing.
+    if (p.kv_fp8) launch_splitkv<true, 1>(p, stream);
+    else if (device_fits_two_stages()) launch_splitkv<false, 2>(p, stream);
+    else launch_splitkv<false, 1>(p, stream);
   }
   const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
   const dim3 grid(static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps));

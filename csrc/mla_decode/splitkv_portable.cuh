@@ -34,7 +34,8 @@ __device__ __forceinline__ void e4m3x16_to_bf16(const uint4& in, uint4 (&out)[2]
 }
 
 // Loads kBlockM query rows (zero for rows past the end) with cp.async.
-__device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, SplitKvSmem& sm, int batch, int kv_head,
+template <typename Smem>
+__device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, Smem& sm, int batch, int kv_head,
                                             int row0, int rows_total, int heads_per_kv) {
   constexpr int kChunksPerRow = kHeadDim / 8;  // 16 B = 8 bf16
   const auto* q = static_cast<const __nv_bfloat16*>(p.q);
@@ -49,17 +50,37 @@ __device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, SplitKvSme
   }
 }
 
-// Loads keys [n0, n0 + kBlockN) of a sequence; rows at or past kv_end are zero and never read.
-// token_offset / token_scale must already hold this tile's row offsets and scales.
-template <bool kFp8>
-__device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, SplitKvSmem& sm, int n0, int kv_end) {
+// Row offsets (elements) and per-token scales of keys [n0, n0 + kBlockN) into `stage`; keys at or past
+// kv_end get offset 0 / scale 0 and their block-table entries are never read.
+template <bool kFp8, typename Smem>
+__device__ __forceinline__ void lookup_k_rows(const MlaDecodeParams& p, Smem& sm, int stage, int batch, int kv_head,
+                                              int n0, int kv_end) {
+  if (threadIdx.x < kBlockN) {
+    const int pos = n0 + threadIdx.x;
+    int64_t offset = 0;
+    float token_scale = 0.f;
+    if (pos < kv_end) {
+      const int page = p.block_table[batch * p.block_table_stride + pos / p.page_size];
+      const int slot = pos % p.page_size;
+      offset = page * p.kv_block_stride + slot * p.kv_page_stride + kv_head * p.kv_head_stride;
+      token_scale = kFp8 ? p.kv_scale[(static_cast<int64_t>(page) * p.page_size + slot) * p.h_kv + kv_head] : 1.f;
+    }
+    sm.token_offset[stage][threadIdx.x] = offset;
+    sm.token_scale[stage][threadIdx.x] = token_scale;
+  }
+}
+
+// Loads keys [n0, n0 + kBlockN) of a sequence into `stage`; rows at or past kv_end are zero and never
+// read. token_offset[stage] must already hold this tile's row offsets (after a barrier).
+template <bool kFp8, typename Smem>
+__device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, int stage, int n0, int kv_end) {
   if constexpr (!kFp8) {
     constexpr int kChunksPerRow = kHeadDim / 8;
     const auto* kv = static_cast<const __nv_bfloat16*>(p.kv);
     for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
       const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
       const bool valid = n0 + r < kv_end;
-      ptx::cp_async_16(&sm.k[r][chunk * 8], kv + (valid ? sm.token_offset[r] : 0) + chunk * 8, valid);
+      ptx::cp_async_16(&sm.k[stage][r][chunk * 8], kv + (valid ? sm.token_offset[stage][r] : 0) + chunk * 8, valid);
     }
   } else {
     constexpr int kChunksPerRow = kHeadDim / 16;  // 16 B = 16 e4m3
@@ -68,18 +89,18 @@ __device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, SplitKvSme
       const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
       uint4 converted[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
       if (n0 + r < kv_end) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kv + sm.token_offset[r] + chunk * 16));
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kv + sm.token_offset[stage][r] + chunk * 16));
         e4m3x16_to_bf16(raw, converted);
       }
-      *reinterpret_cast<uint4*>(&sm.k[r][chunk * 16]) = converted[0];
-      *reinterpret_cast<uint4*>(&sm.k[r][chunk * 16 + 8]) = converted[1];
+      *reinterpret_cast<uint4*>(&sm.k[stage][r][chunk * 16]) = converted[0];
+      *reinterpret_cast<uint4*>(&sm.k[stage][r][chunk * 16 + 8]) = converted[1];
     }
   }
 }
 
 // Attention of this CTA's query rows over keys [kv_begin, kv_end) of one sequence -> split `split`.
-template <bool kFp8>
-__device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batch, int kv_head, int m_block,
+template <bool kFp8, int kStages>
+__device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages>& sm, int batch, int kv_head, int m_block,
                              int kv_begin, int kv_end, int seqlen, int split) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int heads_per_kv = p.h_q / p.h_kv;
@@ -108,25 +129,32 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batc
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc_o[mt][nt][i] = 0.f;
 
-  for (int n0 = kv_begin; n0 < kv_end; n0 += kBlockN) {
-    if (tid < kBlockN) {
-      const int pos = n0 + tid;
-      int64_t offset = 0;
-      float token_scale = 0.f;
-      if (pos < kv_end) {
-        const int page = p.block_table[batch * p.block_table_stride + pos / p.page_size];
-        const int slot = pos % p.page_size;
-        offset = page * p.kv_block_stride + slot * p.kv_page_stride + kv_head * p.kv_head_stride;
-        token_scale = kFp8 ? p.kv_scale[(static_cast<int64_t>(page) * p.page_size + slot) * p.h_kv + kv_head] : 1.f;
-      }
-      sm.token_offset[tid] = offset;
-      sm.token_scale[tid] = token_scale;
+  // Tile t lives in stage t % kStages. With two stages the cp.async of tile t + 1 is in flight while
+  // tile t is computed; with one, each tile is loaded and then computed.
+  const int num_tiles = (kv_end - kv_begin + kBlockN - 1) / kBlockN;
+  auto issue_tile = [&](int t) {
+    const int stage = t % kStages, n0 = kv_begin + t * kBlockN;
+    lookup_k_rows<kFp8>(p, sm, stage, batch, kv_head, n0, kv_end);
+    __syncthreads();
+    load_k_tile<kFp8>(p, sm, stage, n0, kv_end);
+    ptx::cp_async_commit();
+  };
+  if constexpr (kStages > 1) issue_tile(0);
+  for (int t = 0; t < num_tiles; ++t) {
+    const int n0 = kv_begin + t * kBlockN;
+    const int stage = t % kStages;
+    if constexpr (kStages == 1) {
+      issue_tile(t);
+      ptx::cp_async_wait_all();
+    } else if (t + 1 < num_tiles) {
+      issue_tile(t + 1);  // its stage was last read by tile t - 1, which ended with a barrier
+      ptx::cp_async_wait_group<1>();
+    } else {
+      ptx::cp_async_wait_all();
     }
     __syncthreads();
-    load_k_tile<kFp8>(p, sm, n0, kv_end);
-    ptx::cp_async_commit();
-    ptx::cp_async_wait_all();
-    __syncthreads();
+    const auto& k_tile = sm.k[stage];
+    const float* token_scale = sm.token_scale[stage];
 
     // S = Q K^T: warp -> 16 rows (warp % 2) x 8 keys (warp / 2), all 576 dims.
     {
@@ -135,7 +163,7 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batc
 #pragma unroll 6
       for (int k0 = 0; k0 < kHeadDim; k0 += 32) {
         uint32_t b[4];
-        ptx::ldmatrix_x4(b, &sm.k[nt * 8 + lane % 8][k0 + (lane / 8) * 8]);
+        ptx::ldmatrix_x4(b, &k_tile[nt * 8 + lane % 8][k0 + (lane / 8) * 8]);
         uint32_t a[4];
         ptx::ldmatrix_x4(a, &sm.q[mt * 16 + lane % 16][k0 + (lane / 16) * 8]);
         ptx::mma_bf16_16816(acc_s, a, b[0], b[1]);
@@ -146,8 +174,8 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batc
       for (int half = 0; half < 2; ++half) {
         const int r = mt * 16 + lane / 4 + half * 8;
         const int c = nt * 8 + (lane % 4) * 2;
-        sm.s[r][c] = acc_s[half * 2] * scale_log2 * sm.token_scale[c];
-        sm.s[r][c + 1] = acc_s[half * 2 + 1] * scale_log2 * sm.token_scale[c + 1];
+        sm.s[r][c] = acc_s[half * 2] * scale_log2 * token_scale[c];
+        sm.s[r][c + 1] = acc_s[half * 2 + 1] * scale_log2 * token_scale[c + 1];
       }
     }
     __syncthreads();
@@ -184,8 +212,8 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batc
       row_max = new_max;
       // V rows of an e4m3 cache carry the same per-token scale: fold it into P.
       uint2 packed;
-      packed.x = pack_bf16x2(prob[0] * sm.token_scale[sm_col], prob[1] * sm.token_scale[sm_col + 1]);
-      packed.y = pack_bf16x2(prob[2] * sm.token_scale[sm_col + 2], prob[3] * sm.token_scale[sm_col + 3]);
+      packed.x = pack_bf16x2(prob[0] * token_scale[sm_col], prob[1] * token_scale[sm_col + 1]);
+      packed.y = pack_bf16x2(prob[2] * token_scale[sm_col + 2], prob[3] * token_scale[sm_col + 3]);
       *reinterpret_cast<uint2*>(&sm.p[sm_row][sm_col]) = packed;
       if (tid % kSoftmaxThreadsPerRow == 0) sm.alpha[sm_row] = alpha;
     }
@@ -212,8 +240,8 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batc
 #pragma unroll
         for (int np = 0; np < kDimsPerWarp / 16; ++np) {
           uint32_t b[4];
-          ptx::ldmatrix_x4_trans(b, &sm.k[k0 + lane % 8 + ((lane / 8) % 2) * 8]
-                                         [warp * kDimsPerWarp + np * 16 + (lane / 16) * 8]);
+          ptx::ldmatrix_x4_trans(b, &k_tile[k0 + lane % 8 + ((lane / 8) % 2) * 8]
+                                          [warp * kDimsPerWarp + np * 16 + (lane / 16) * 8]);
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             ptx::mma_bf16_16816(acc_o[mt][np * 2], a[mt], b[0], b[1]);
@@ -222,7 +250,7 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batc
         }
       }
     }
-    __syncthreads();  // sK, sP and alpha are rewritten by the next tile
+    __syncthreads();  // this stage, sP and alpha are rewritten by later tiles
   }
 
   // Q was loaded but no tile ran (cannot happen for a non-empty split, but keep the group drained).
@@ -264,10 +292,10 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem& sm, int batc
   __syncthreads();  // the next sequence reuses sQ and the row statistics
 }
 
-template <bool kFp8>
+template <bool kFp8, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_kernel(const MlaDecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  SplitKvSmem& sm = *reinterpret_cast<SplitKvSmem*>(smem_raw);
+  auto& sm = *reinterpret_cast<SplitKvSmem<kStages>*>(smem_raw);
   const int* meta = p.tile_scheduler_metadata + blockIdx.x * kMetadataSize;
   const int begin_batch = meta[0], begin_block = meta[1], end_batch = meta[2], end_block = meta[3];
   const int begin_split = meta[4];
@@ -280,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_kernel(const MlaDecod
     if (hi <= lo) continue;  // an empty sequence inside the part owns no split
     const int kv_end = min(hi * kBlockTokens, seqlen);
     const int split = batch == begin_batch ? begin_split : p.num_splits[batch];
-    attend_split<kFp8>(p, sm, batch, blockIdx.y, blockIdx.z, lo * kBlockTokens, kv_end, seqlen, split);
+    attend_split<kFp8, kStages>(p, sm, batch, blockIdx.y, blockIdx.z, lo * kBlockTokens, kv_end, seqlen, split);
   }
 }
 
