@@ -450,6 +450,16 @@ def test_cuda_single_stage_kernel_vs_reference(lens, s_q, h_q, h_kv, page, causa
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("stages", ["1", "2"])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
+def test_cuda_sanitizer_small_decode(cache_dtype, stages, monkeypatch):
+    """Small enough for compute-sanitizer (bench/gpu_check.sh runs tests named *sanitizer* under memcheck):
+    poisoned block-table entries, NaN past the lengths, an empty sequence, causal s_q = 2, page 16."""
+    monkeypatch.setenv("DEEPKERNELS_MLA_STAGES", stages)
+    test_cuda_decode_vs_reference([1, 100, 0, 33], 2, 32, 1, 16, True, cache_dtype)
+
+
+@pytest.mark.cuda
 def test_cuda_metadata_matches_reference():
     lens = torch.randint(0, 9000, (128,), dtype=torch.int32)
     lens[::7] = 0
