@@ -55,19 +55,22 @@ def _make(b, s_q, h_q, mean_sk, device, cache_dtype=torch.bfloat16):
 
 
 def torch_reference(q, kv, block_table, lens_host, s_q, causal=True):
-    """Gather each sequence's pages, then SDPA (the peer a PyTorch user would write)."""
+    """Gather each sequence's pages, then SDPA (the peer a PyTorch user would write). With h_kv = 1 the
+    s_q * h_q query rows attend to one key head, so they are passed as one head of s_q * h_q queries
+    (no K expansion to h_q heads)."""
     page = kv.size(1)
+    h_q = q.size(2)
     outs = []
     for i, n in enumerate(lens_host.tolist()):
         pages = block_table[i, : (n + page - 1) // page].long()
         k = kv[pages].reshape(-1, 576)[:n]                                   # [n, 576]
-        qi = q[i].transpose(0, 1).unsqueeze(0)                             # [1, h, s_q, 576]
-        k4, v4 = k[None, None], k[None, None, :, :512]
+        qi = q[i].reshape(1, 1, s_q * h_q, 576)                            # rows (token, head)
         mask = None
         if causal and s_q > 1:
-            mask = torch.arange(n, device=q.device)[None, :] <= (n - s_q + torch.arange(s_q, device=q.device))[:, None]
-        outs.append(F.scaled_dot_product_attention(qi, k4.expand(1, qi.size(1), n, 576),
-                                                   v4.expand(1, qi.size(1), n, 512), attn_mask=mask, scale=SCALE))
+            token = torch.arange(s_q * h_q, device=q.device) // h_q
+            mask = torch.arange(n, device=q.device)[None, :] <= (n - s_q + token)[:, None]
+        outs.append(F.scaled_dot_product_attention(qi, k[None, None], k[None, None, :, :512], attn_mask=mask,
+                                                   scale=SCALE).view(s_q, h_q, 512))
     return outs
 
 
