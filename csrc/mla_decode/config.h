@@ -30,12 +30,18 @@ static_assert(kBlockTokens % kBlockN == 0, "splits must start on a kernel tile")
 static_assert(kSoftmaxThreadsPerRow * 4 == kBlockN, "each softmax thread owns 4 scores of its row");
 
 // NOTE: kStages = 2 double-buffers K (cp.async of tile t+1 overlaps the maths on tile t): ~120 KB,
-// fine on sm_80 (163 KB) and sm_90 (227 KB); sm_89 (99 KB) and the e4m3 path (converted through
-// registers) use kStages = 1. launch.cu picks by the device's opt-in shared memory limit.
-template <int kStages>
+// fine on sm_80 (163 KB) and sm_90 (227 KB) but not sm_89 (99 KB), which runs kStages = 1.
+// launch.cu picks by the device's opt-in shared memory limit.
+// e4m3 cache: with two stages the raw e4m3 rows are double-buffered by cp.async (k_raw) and converted
+// into the single bf16 tile `k` right before use; with one stage they are converted through registers
+// on load (no k_raw).
+template <int kStages, bool kFp8>
 struct SplitKvSmem {
+  static constexpr bool kStagedFp8 = kFp8 && kStages > 1;
+  static constexpr int kBf16Stages = kFp8 ? 1 : kStages;
   __nv_bfloat16 q[kBlockM][kRowStride];
-  __nv_bfloat16 k[kStages][kBlockN][kRowStride];
+  __nv_bfloat16 k[kBf16Stages][kBlockN][kRowStride];
+  uint8_t k_raw[kStagedFp8 ? kStages : 1][kBlockN][kStagedFp8 ? kHeadDim : 16];
   float s[kBlockM][kSStride];
   __nv_bfloat16 p[kBlockM][kPStride];
   float alpha[kBlockM];

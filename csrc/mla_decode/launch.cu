@@ -13,7 +13,7 @@ namespace {
 
 template <bool kFp8, int kStages>
 void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
-  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem<kStages>));
+  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem<kStages, kFp8>));
   // Attribute set on every launch: cheap, and correct on whichever device is current.
   cudaFuncSetAttribute(mla_splitkv_kernel<kFp8, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   const int heads_per_kv = p.h_q / p.h_kv;
@@ -23,13 +23,13 @@ void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
 
 // Double-buffered K where the device's opt-in shared memory allows it (sm_80, sm_90: yes; sm_89: no).
 // DEEPKERNELS_MLA_STAGES=1 forces the single-stage kernel (tests run the sm_89 path on any GPU).
-bool device_fits_two_stages() {
+bool device_fits(int smem_bytes) {
   const char* forced = std::getenv("DEEPKERNELS_MLA_STAGES");
   if (forced != nullptr && forced[0] == '1') return false;
   int device = 0, smem_optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return smem_optin >= static_cast<int>(sizeof(SplitKvSmem<2>));
+  return smem_optin >= smem_bytes;
 }
 
 }  // namespace
@@ -37,10 +37,13 @@ bool device_fits_two_stages() {
 void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (p.num_sm_parts > 0) {
-    // NOTE: e4m3 rows are converted through registers (no cp.async), so a second stage buys nothing.
-    if (p.kv_fp8) launch_splitkv<true, 1>(p, stream);
-    else if (device_fits_two_stages()) launch_splitkv<false, 2>(p, stream);
-    else launch_splitkv<false, 1>(p, stream);
+    if (p.kv_fp8) {
+      if (device_fits(static_cast<int>(sizeof(SplitKvSmem<2, true>)))) launch_splitkv<true, 2>(p, stream);
+      else launch_splitkv<true, 1>(p, stream);
+    } else {
+      if (device_fits(static_cast<int>(sizeof(SplitKvSmem<2, false>)))) launch_splitkv<false, 2>(p, stream);
+      else launch_splitkv<false, 1>(p, stream);
+    }
   }
   const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
   const dim3 grid(static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps));

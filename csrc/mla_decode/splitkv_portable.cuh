@@ -74,7 +74,16 @@ __device__ __forceinline__ void lookup_k_rows(const MlaDecodeParams& p, Smem& sm
 // read. token_offset[stage] must already hold this tile's row offsets (after a barrier).
 template <bool kFp8, typename Smem>
 __device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, int stage, int n0, int kv_end) {
-  if constexpr (!kFp8) {
+  if constexpr (Smem::kStagedFp8) {
+    constexpr int kChunksPerRow = kHeadDim / 16;  // 16 B = 16 e4m3
+    const auto* kv = static_cast<const uint8_t*>(p.kv);
+    for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
+      const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+      const bool valid = n0 + r < kv_end;
+      ptx::cp_async_16(&sm.k_raw[stage][r][chunk * 16], kv + (valid ? sm.token_offset[stage][r] : 0) + chunk * 16,
+                       valid);
+    }
+  } else if constexpr (!kFp8) {
     constexpr int kChunksPerRow = kHeadDim / 8;
     const auto* kv = static_cast<const __nv_bfloat16*>(p.kv);
     for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
@@ -98,9 +107,22 @@ __device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, 
   }
 }
 
+// Staged e4m3 path: raw rows of `stage` (zero past kv_end) -> the bf16 tile, exactly.
+template <typename Smem>
+__device__ __forceinline__ void convert_staged_k_tile(Smem& sm, int stage) {
+  constexpr int kChunksPerRow = kHeadDim / 16;
+  for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    uint4 converted[2];
+    e4m3x16_to_bf16(*reinterpret_cast<const uint4*>(&sm.k_raw[stage][r][chunk * 16]), converted);
+    *reinterpret_cast<uint4*>(&sm.k[0][r][chunk * 16]) = converted[0];
+    *reinterpret_cast<uint4*>(&sm.k[0][r][chunk * 16 + 8]) = converted[1];
+  }
+}
+
 // Attention of this CTA's query rows over keys [kv_begin, kv_end) of one sequence -> split `split`.
 template <bool kFp8, int kStages>
-__device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages>& sm, int batch, int kv_head, int m_block,
+__device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8>& sm, int batch, int kv_head, int m_block,
                              int kv_begin, int kv_end, int seqlen, int split) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int heads_per_kv = p.h_q / p.h_kv;
@@ -153,7 +175,11 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages>& sm,
       ptx::cp_async_wait_all();
     }
     __syncthreads();
-    const auto& k_tile = sm.k[stage];
+    if constexpr (SplitKvSmem<kStages, kFp8>::kStagedFp8) {
+      convert_staged_k_tile(sm, stage);  // sm.k[0] was last read by tile t - 1, which ended with a barrier
+      __syncthreads();
+    }
+    const auto& k_tile = sm.k[kFp8 ? 0 : stage];
     const float* token_scale = sm.token_scale[stage];
 
     // S = Q K^T: warp -> 16 rows (warp % 2) x 8 keys (warp / 2), all 576 dims.
@@ -295,7 +321,7 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages>& sm,
 template <bool kFp8, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_kernel(const MlaDecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& sm = *reinterpret_cast<SplitKvSmem<kStages>*>(smem_raw);
+  auto& sm = *reinterpret_cast<SplitKvSmem<kStages, kFp8>*>(smem_raw);
   const int* meta = p.tile_scheduler_metadata + blockIdx.x * kMetadataSize;
   const int begin_batch = meta[0], begin_block = meta[1], end_batch = meta[2], end_block = meta[3];
   const int begin_split = meta[4];
