@@ -11,6 +11,9 @@ from .fp8 import (
     per_token_cast_to_fp8,
 )
 
+from . import moe  # noqa: E402,F401  (MoE family: ops + EPDispatcher)
+from .moe import EPDispatcher, get_dispatch_layout  # noqa: E402
+
 _ops.load_extension()
 
 __version__ = "0.1.0"
@@ -40,3 +43,4 @@ __all__ = [
     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_from_fp8", "per_block_cast_from_fp8",
     "is_cuda_available", "build_info",
 ]
+__all__ += ["moe", "EPDispatcher", "get_dispatch_layout"]

@@ -1,5 +1,7 @@
 """Drop-in torch.nn modules built on the deepkernels ops."""
 from .linear import Fp8Linear
 from .mlp import MLP, make_linear
+from .moe import MoE, MoEGate
 
 __all__ = ["Fp8Linear", "MLP", "make_linear"]
+__all__ += ["MoE", "MoEGate"]
