@@ -5,7 +5,8 @@ Ops (``torch.ops.deepkernels.*``; CUDA kernels in csrc/moe, pure-torch reference
 
 * ``moe_get_dispatch_layout(topk_idx [T,k] int64, num_experts, num_ranks)`` ->
   ``(num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T,R] bool)``.
-  -1 in ``topk_idx`` means "no expert"; expert e lives on rank ``e // (E / R)``. A token counts once
+  -1 in ``topk_idx`` means "no expert" (the op ignores any id outside [0, E); the checked wrappers
+  reject them); expert e lives on rank ``e // (E / R)``. A token counts once
   per rank even when several of its experts live there.
 * ``moe_permute(x [T,H], src_idx [N] int32) -> out [N,H]``: ``out[i] = x[src_idx[i]]``, a zero row
   where ``src_idx[i] == -1``. Any dtype (bf16/fp16/fp32/fp8/int); a pure row gather. The output size
@@ -48,8 +49,8 @@ _PERMUTE_DTYPES = _FLOAT_DTYPES + (FP8_DTYPE, torch.int32, torch.int64, torch.ui
 def moe_get_dispatch_layout_ref(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
     t = topk_idx.size(0)
     experts_per_rank = num_experts // num_ranks
-    valid = topk_idx >= 0
-    idx = topk_idx.clamp(min=0)
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)  # ids out of range count as unused (kernels too)
+    idx = torch.where(valid, topk_idx, 0)
     per_expert = torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device)
     per_expert.scatter_add_(0, idx.reshape(-1), valid.reshape(-1).to(torch.int64))
     in_rank = torch.zeros(t, num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
@@ -392,8 +393,9 @@ class EPDispatcher:
             return out
         import torch.distributed as dist
 
-        sb = send.contiguous().view(torch.uint8).view(send.size(0), -1)
-        ob = out.view(torch.uint8).view(recv_rows, -1)
+        row_bytes = int(torch.Size(row_shape).numel()) * send.element_size()
+        sb = send.contiguous().view(torch.uint8).reshape(send.size(0), row_bytes)
+        ob = out.view(torch.uint8).reshape(recv_rows, row_bytes)
         dist.all_to_all_single(ob, sb, output_split_sizes=recv_splits, input_split_sizes=send_splits,
                                group=self.group)
         return out

@@ -46,11 +46,11 @@ class MoEGate(nn.Module):
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         t = x.size(0)
-        grouped = choice.view(t, self.n_group, -1)
+        grouped = choice.view(t, self.n_group, self.n_routed_experts // self.n_group)
         group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1)[0].sum(-1)
         group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, -1)
+        score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, self.n_routed_experts)
         choice = choice.masked_fill(score_mask == 0, float("-inf"))
         topk_idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
         w = scores.gather(1, topk_idx)
