@@ -279,6 +279,7 @@ class DispatchHandle:
     recv_counts: list[int] | None
     capacity: int | None
     hidden: int
+    src_idx: torch.Tensor | None = None
     _layout_cache: dict = field(default_factory=dict, repr=False)
 
     # -- expert-side layouts ------------------------------------------------------------------
@@ -501,8 +502,25 @@ class EPDispatcher:
         handle = DispatchHandle(rank=self.rank, num_ranks=R, num_local_experts=L, pos=pos, num_tokens=t,
                                 num_recv=num_recv, recv_local_idx=recv_lid, recv_weights=recv_w,
                                 num_recv_tokens_per_expert=cnt_dev, num_recv_tokens_per_expert_list=recv_expert,
-                                send_counts=send_counts, recv_counts=recv_counts, capacity=self.capacity, hidden=h)
+                                send_counts=send_counts, recv_counts=recv_counts, capacity=self.capacity, hidden=h,
+                                src_idx=src)
         return recv_x, handle
+
+    def dispatch_cached(self, x, handle: DispatchHandle, use_fp8: bool = False):
+        """Dispatch new data along a previous dispatch's routing (no counts exchange, no host sync):
+        x [T, H] float (optionally quantised while packing) or an (e4m3, scale) pair -> recv_x."""
+        ref = x[0] if isinstance(x, (tuple, list)) else x
+        check_tensor("x[0]" if ref is not x else "x", ref, ndim=2, shape=(handle.num_tokens, None))
+        src, n = handle.src_idx, handle.num_recv
+        if isinstance(x, (tuple, list)):
+            send = (permute(x[0], src), permute(x[1], src))
+        elif use_fp8:
+            send = permute_fp8(x, src)
+        else:
+            send = permute(x, src)
+        if isinstance(send, tuple):
+            return tuple(self._a2a(s_, n, handle.send_counts, handle.recv_counts) for s_ in send)
+        return self._a2a(send, n, handle.send_counts, handle.recv_counts)
 
     # -- combine --------------------------------------------------------------------------------
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
