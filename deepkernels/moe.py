@@ -219,6 +219,14 @@ def positions_to_src_idx(pos: torch.Tensor, num_rows: int) -> torch.Tensor:
     return src[:num_rows]
 
 
+def _count_ids(key: torch.Tensor, n: int) -> torch.Tensor:
+    """Histogram of ``key`` (values in [0, n], n = "none") over [0, n): scatter_add, unlike bincount no
+    host sync on CUDA (bincount reads the max to size its output)."""
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key.long(), torch.ones_like(key, dtype=torch.int64))
+    return counts[:n]
+
+
 def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_start: torch.Tensor,
                      counts: torch.Tensor | None = None) -> torch.Tensor:
     """pos [N, k] int32 of each (row, slot) with a local expert in an expert-grouped buffer.
@@ -229,7 +237,7 @@ def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_st
     key = torch.where(flat >= 0, flat, num_local_experts)
     order = torch.argsort(key, stable=True)
     if counts is None:
-        counts = torch.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
+        counts = _count_ids(key, num_local_experts)
     counts = counts.to(torch.int64)
     cstart = torch.cumsum(counts, 0) - counts
     sorted_key = key[order]
@@ -495,8 +503,7 @@ class EPDispatcher:
         recv_lid = recv_meta[:, :k].contiguous()
         recv_w = recv_meta[:, k:].contiguous().view(torch.float32)
         if recv_expert is None:
-            cnt_dev = torch.bincount(torch.where(recv_lid >= 0, recv_lid, L).view(-1).long(),
-                                     minlength=L + 1)[:L].to(torch.int32)
+            cnt_dev = _count_ids(torch.where(recv_lid >= 0, recv_lid, L).view(-1).long(), L).to(torch.int32)
         else:
             cnt_dev = torch.tensor(recv_expert, dtype=torch.int32, device=dev)
         handle = DispatchHandle(rank=self.rank, num_ranks=R, num_local_experts=L, pos=pos, num_tokens=t,
