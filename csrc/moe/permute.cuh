@@ -86,9 +86,41 @@ __device__ __forceinline__ void store8(T* row, int64_t col, int64_t hidden, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gather + per-token fp8 quantisation: one warp per output row, a 256-element slab per step, each
-// half-warp owning one 128-group (amax reduced over 16 lanes). Same numerics as
+// Gather + per-token fp8 quantisation: one warp per output row, 256-element slabs, each half-warp
+// owning one 128-group (amax reduced over 16 lanes). Two slabs are loaded before either is
+// quantised, so each lane keeps two 16-byte loads in flight. Same numerics as
 // per_token_cast_to_fp8: scale = max(amax, 1e-4) / 448, q = rne(x * (448 / amax)).
+template <bool kVec>
+__device__ __forceinline__ void quantize_store_slab(const float (&v)[kElemsPerLane], int64_t base, int lane,
+                                                    int64_t hidden, int64_t groups, uint8_t* out, float* scale) {
+  const int64_t col = base + lane * kElemsPerLane;
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kElemsPerLane; ++i) amax = nan_propagating_absmax(amax, v[i]);
+#pragma unroll
+  for (int offset = 8; offset > 0; offset >>= 1)
+    amax = nan_propagating_absmax(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  amax = isnan(amax) ? amax : fmaxf(amax, kFp8AmaxClamp);
+  const float inv_scale = kFp8E4m3Max / amax;
+  uint8_t q[kElemsPerLane];
+#pragma unroll
+  for (int i = 0; i < kElemsPerLane; ++i) q[i] = float_to_e4m3(v[i] * inv_scale);
+  if (col < hidden) {
+    if constexpr (kVec) {
+      uint2 packed;
+      packed.x = q[0] | (uint32_t(q[1]) << 8) | (uint32_t(q[2]) << 16) | (uint32_t(q[3]) << 24);
+      packed.y = q[4] | (uint32_t(q[5]) << 8) | (uint32_t(q[6]) << 16) | (uint32_t(q[7]) << 24);
+      *reinterpret_cast<uint2*>(out + col) = packed;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kElemsPerLane; ++i)
+        if (col + i < hidden) out[col + i] = q[i];
+    }
+  }
+  const int64_t group = (base + (lane / 16) * kGroup) / kGroup;
+  if (lane % 16 == 0 && group < groups) scale[group] = amax / kFp8E4m3Max;
+}
+
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) permute_fp8_kernel(PermuteFp8Params p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -100,42 +132,20 @@ __global__ void __launch_bounds__(kThreads) permute_fp8_kernel(PermuteFp8Params 
   const int64_t groups = ceil_div<int64_t>(p.hidden, kGroup);
   float* scale = p.scale + row * groups;
 
-  for (int64_t base = 0; base < p.hidden; base += kSlab) {
-    const int64_t col = base + lane * kElemsPerLane;
-    float v[kElemsPerLane];
-    load8<T, kVec>(x, col, p.hidden, v);
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kElemsPerLane; ++i) amax = nan_propagating_absmax(amax, v[i]);
-#pragma unroll
-    for (int offset = 8; offset > 0; offset >>= 1)
-      amax = nan_propagating_absmax(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    amax = isnan(amax) ? amax : fmaxf(amax, kFp8AmaxClamp);
-    const float inv_scale = kFp8E4m3Max / amax;
-    uint8_t q[kElemsPerLane];
-#pragma unroll
-    for (int i = 0; i < kElemsPerLane; ++i) q[i] = float_to_e4m3(v[i] * inv_scale);
-    if (col < p.hidden) {
-      if constexpr (kVec) {
-        uint2 packed;
-        packed.x = q[0] | (uint32_t(q[1]) << 8) | (uint32_t(q[2]) << 16) | (uint32_t(q[3]) << 24);
-        packed.y = q[4] | (uint32_t(q[5]) << 8) | (uint32_t(q[6]) << 16) | (uint32_t(q[7]) << 24);
-        *reinterpret_cast<uint2*>(out + col) = packed;
-      } else {
-#pragma unroll
-        for (int i = 0; i < kElemsPerLane; ++i)
-          if (col + i < p.hidden) out[col + i] = q[i];
-      }
-    }
-    const int64_t group = (base + (lane / 16) * kGroup) / kGroup;
-    if (lane % 16 == 0 && group < groups) scale[group] = amax / kFp8E4m3Max;
+  for (int64_t base = 0; base < p.hidden; base += 2 * kSlab) {
+    float v0[kElemsPerLane], v1[kElemsPerLane];
+    load8<T, kVec>(x, base + lane * kElemsPerLane, p.hidden, v0);
+    load8<T, kVec>(x, base + kSlab + lane * kElemsPerLane, p.hidden, v1);
+    quantize_store_slab<kVec>(v0, base, lane, p.hidden, groups, out, scale);
+    if (base + kSlab < p.hidden) quantize_store_slab<kVec>(v1, base + kSlab, lane, p.hidden, groups, out, scale);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Un-permute + reduce: one warp per token. Lane j < topk holds pos[t, j] / w[t, j]; for each slab
-// the warp walks j in order (warp-uniform branch on pos < 0) and accumulates w * y in fp32 with
-// explicit mul-then-add (no FMA contraction), exactly as the reference does.
+// Un-permute + reduce: one warp per token. Lane j < topk holds pos[t, j] / w[t, j]. For each slab the
+// warp walks j two at a time (both rows' loads issued before either is accumulated; warp-uniform
+// skips of pos < 0) and accumulates w * y in fp32 in j order with explicit mul-then-add (no FMA
+// contraction), exactly as the reference does.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) unpermute_reduce_kernel(UnpermuteReduceParams p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -154,14 +164,23 @@ __global__ void __launch_bounds__(kThreads) unpermute_reduce_kernel(UnpermuteRed
     float acc[kElemsPerLane];
 #pragma unroll
     for (int i = 0; i < kElemsPerLane; ++i) acc[i] = 0.0f;
-    for (int j = 0; j < p.topk; ++j) {
-      const int pj = __shfl_sync(0xffffffffu, my_pos, j);
-      const float wj = __shfl_sync(0xffffffffu, my_w, j);
-      if (pj < 0) continue;
-      float v[kElemsPerLane];
-      load8<T, kVec>(y + static_cast<int64_t>(pj) * p.hidden, col, p.hidden, v);
+    for (int j = 0; j < p.topk; j += 2) {
+      const int p0 = __shfl_sync(0xffffffffu, my_pos, j);
+      const float w0 = __shfl_sync(0xffffffffu, my_w, j);
+      const int p1_raw = __shfl_sync(0xffffffffu, my_pos, (j + 1) & 31);
+      const float w1 = __shfl_sync(0xffffffffu, my_w, (j + 1) & 31);
+      const int p1 = j + 1 < p.topk ? p1_raw : -1;
+      float v0[kElemsPerLane], v1[kElemsPerLane];
+      load8<T, kVec>(p0 >= 0 ? y + static_cast<int64_t>(p0) * p.hidden : nullptr, col, p.hidden, v0);
+      load8<T, kVec>(p1 >= 0 ? y + static_cast<int64_t>(p1) * p.hidden : nullptr, col, p.hidden, v1);
+      if (p0 >= 0) {
 #pragma unroll
-      for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(wj, v[i]));
+        for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w0, v0[i]));
+      }
+      if (p1 >= 0) {
+#pragma unroll
+        for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w1, v1[i]));
+      }
     }
     store8<T, kVec>(out, col, p.hidden, acc);
   }
