@@ -574,3 +574,69 @@ def test_cuda_fixed_capacity_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped FP8 GEMM expert path, against a reference implementation of the GEMM family's contract
+
+
+class _FakeGroupedGemm:
+    """torch implementation of deepkernels.gemm's grouped contract (DeepGEMM conventions)."""
+
+    @staticmethod
+    def get_m_alignment_for_contiguous_layout():
+        return 8
+
+    @staticmethod
+    def _dq(q, s, rows_per_scale):
+        return dk.per_block_cast_from_fp8(q, s, torch.float32) if rows_per_scale == 128 else \
+            per_token_cast_from_fp8(q, s, torch.float32)
+
+    @classmethod
+    def m_grouped_fp8_gemm_nt_contiguous(cls, a, a_scale, b, b_scale, out, m_indices):
+        x = cls._dq(a, a_scale, 1)
+        for r in range(a.size(0)):
+            g = int(m_indices[r])
+            if g >= 0:
+                out[r] = (x[r:r + 1] @ cls._dq(b[g], b_scale[g], 128).t())[0].to(out.dtype)
+
+    @classmethod
+    def m_grouped_fp8_gemm_nt_masked(cls, a, a_scale, b, b_scale, out, masked_m, expected_m):
+        for g in range(a.size(0)):
+            m = int(masked_m[g])
+            x = cls._dq(a[g, :m].contiguous(), a_scale[g, :m].contiguous(), 1)
+            out[g, :m] = (x @ cls._dq(b[g], b_scale[g], 128).t()).to(out.dtype)
+
+
+@pytest.mark.parametrize("capacity", [None, 32])
+def test_moe_grouped_gemm_path(monkeypatch, capacity):
+    import sys
+
+    from deepkernels.nn import MoE
+
+    monkeypatch.setitem(sys.modules, "deepkernels.gemm", _FakeGroupedGemm)
+    monkeypatch.setattr(dk, "gemm", _FakeGroupedGemm, raising=False)
+    m = MoE(128, 128, 4, 2, 1, 2, 1, 1.5, fp8=True, capacity=capacity, dtype=torch.bfloat16)
+    for mod in m.modules():
+        if isinstance(mod, dk.nn.Fp8Linear):
+            w = torch.randn(mod.out_features, mod.in_features) * 0.05
+            mod.weight.data, mod.weight_scale_inv.data = dk.per_block_cast_to_fp8(w)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(9, 128, dtype=torch.bfloat16)
+    m.use_grouped_gemm = False
+    want = m(x)
+    m.use_grouped_gemm = True
+    got = m(x)
+    assert calc_diff(got.float(), want.float()) < 1e-4
+    # the experts' parameters now view the stacked storage; state_dict keys and values unchanged
+    w13 = m.stacked_expert_weights()[0]
+    assert m.experts["1"].up_proj.weight.data_ptr() == w13[1, 128:].data_ptr()
+    sd2 = m.state_dict()
+    assert sd2.keys() == sd.keys() and all(torch.equal(sd2[k].view(torch.uint8) if sd2[k].dtype == FP8_DTYPE
+                                                       else sd2[k], sd[k].view(torch.uint8)
+                                                       if sd[k].dtype == FP8_DTYPE else sd[k]) for k in sd)
+    # loading new weights (in-place copy) reaches the stacked tensors
+    new_w, new_s = dk.per_block_cast_to_fp8(torch.randn(128, 128) * 0.05)
+    m.load_state_dict({"experts.0.down_proj.weight": new_w, "experts.0.down_proj.weight_scale_inv": new_s},
+                      strict=False)
+    assert torch.equal(m.stacked_expert_weights()[2][0].view(torch.uint8), new_w.view(torch.uint8))
