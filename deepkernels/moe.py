@@ -299,17 +299,19 @@ class DispatchHandle:
             raise RuntimeError("contiguous_layout needs host-side counts; in fixed-capacity mode use masked_layout")
         key = ("contig", alignment)
         if key not in self._layout_cache:
-            counts = self.num_recv_tokens_per_expert_list
-            padded = [ceil_div(c, alignment) * alignment for c in counts]
-            starts, s = [], 0
-            for p in padded:
-                starts.append(s)
-                s += p
+            # total size from the host counts; everything else from the device counts (no H2D copy)
+            s = sum(ceil_div(c, alignment) * alignment for c in self.num_recv_tokens_per_expert_list)
             dev = self.recv_local_idx.device
-            seg = torch.tensor(starts, dtype=torch.int64, device=dev)
-            m_idx = torch.full((s,), -1, dtype=torch.int32, device=dev)
-            for e, (st, c) in enumerate(zip(starts, counts)):
-                m_idx[st:st + c] = e
+            cnt = self.num_recv_tokens_per_expert.to(torch.int64)
+            padded = (cnt + alignment - 1) // alignment * alignment
+            seg_end = torch.cumsum(padded, 0)
+            seg = seg_end - padded
+            rows = torch.arange(s, dtype=torch.int64, device=dev)
+            e_of = torch.searchsorted(seg_end, rows, right=True).clamp(max=max(self.num_local_experts - 1, 0))
+            if self.num_local_experts:
+                m_idx = torch.where(rows - seg[e_of] < cnt[e_of], e_of, -1).to(torch.int32)
+            else:
+                m_idx = torch.full((s,), -1, dtype=torch.int32, device=dev)
             pos = expert_positions(self.recv_local_idx, self.num_local_experts, seg,
                                    self.num_recv_tokens_per_expert)
             self._layout_cache[key] = (pos, m_idx, seg, s)
@@ -372,7 +374,9 @@ class EPDispatcher:
     Host syncs per step. Normal mode: ONE in dispatch (the counts all_to_all result, per-rank and
     per-local-expert counts and the id check, fetched in one D2H copy: the split sizes of the data
     all_to_all must be host ints); combine has none (it reuses the split sizes); the contiguous layout
-    uses the same host counts. Fixed-capacity mode: none (no id check either).
+    sizes itself from the same host counts and builds its indices from the device copy (no H2D copy).
+    Fixed-capacity mode: none (no id check either; ids outside [0, E) are treated as unused).
+    (The gloo backend itself works on host memory; the sync count is about CUDA tensors with NCCL.)
 
     Collectives per step: dispatch = 1 counts all_to_all (normal mode only) + 1 data all_to_all (+1
     for the fp8 scales) + 1 for the metadata; combine = 1 all_to_all. Tensors go as raw bytes (uint8
@@ -485,7 +489,7 @@ class EPDispatcher:
         if fixed:
             row_rank = dest.repeat_interleave(self.capacity)
         else:
-            row_rank = torch.repeat_interleave(dest, torch.tensor(send_counts, device=dev), output_size=num_send)
+            row_rank = torch.repeat_interleave(dest, per_rank.long(), output_size=num_send)  # device counts: no sync
         srcl = src.long().clamp(min=0)
         gid = topk_idx.index_select(0, srcl) if t > 0 else torch.full((num_send, k), -1, dtype=torch.int64, device=dev)
         lid = gid - (row_rank * L).unsqueeze(1)
@@ -505,7 +509,7 @@ class EPDispatcher:
         if recv_expert is None:
             cnt_dev = _count_ids(torch.where(recv_lid >= 0, recv_lid, L).view(-1).long(), L).to(torch.int32)
         else:
-            cnt_dev = torch.tensor(recv_expert, dtype=torch.int32, device=dev)
+            cnt_dev = rcnt.view(R, 1 + L)[:, 1:].sum(0).to(torch.int32)  # device copy of the counts: no H2D
         handle = DispatchHandle(rank=self.rank, num_ranks=R, num_local_experts=L, pos=pos, num_tokens=t,
                                 num_recv=num_recv, recv_local_idx=recv_lid, recv_weights=recv_w,
                                 num_recv_tokens_per_expert=cnt_dev, num_recv_tokens_per_expert_list=recv_expert,

@@ -640,3 +640,42 @@ def test_moe_grouped_gemm_path(monkeypatch, capacity):
     m.load_state_dict({"experts.0.down_proj.weight": new_w, "experts.0.down_proj.weight_scale_inv": new_s},
                       strict=False)
     assert torch.equal(m.stacked_expert_weights()[2][0].view(torch.uint8), new_w.view(torch.uint8))
+
+
+@pytest.mark.cuda
+def test_cuda_host_syncs():
+    """Normal mode: exactly one host sync (the counts) per dispatch, none in layouts/reduce/combine;
+    fixed-capacity mode: none at all."""
+    import warnings
+
+    ids, w = make_routing(64, 4, 16, seed=5)
+    ids, w, x = ids.cuda(), w.cuda(), torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def count_syncs(fn):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return result, sum("synchroniz" in str(c.message) for c in caught)
+
+    disp = moe.EPDispatcher(None, num_experts=16)
+    (recv, hd), n = count_syncs(lambda: disp.dispatch(x, ids, w))
+    assert n == 1
+    _, n = count_syncs(lambda: disp.combine(hd.expert_reduce(hd.to_contiguous(recv, 8)[0].float(),
+                                                             "contiguous", 8).bfloat16(), hd))
+    assert n == 0
+    fixed = moe.EPDispatcher(None, num_experts=16, capacity=64)
+
+    def fixed_step():
+        r, h = fixed.dispatch(x, ids, w, use_fp8=True)
+        xm, _ = h.to_masked(r)
+        return fixed.combine(h.expert_reduce(per_token_cast_from_fp8(xm[0].view(-1, 256), xm[1].view(-1, 2),
+                                                                     torch.float32).view(4, -1, 256),
+                                             "masked").bfloat16(), h)
+
+    _, n = count_syncs(fixed_step)
+    assert n == 0
