@@ -673,9 +673,9 @@ def test_cuda_host_syncs():
     def fixed_step():
         r, h = fixed.dispatch(x, ids, w, use_fp8=True)
         xm, _ = h.to_masked(r)
-        return fixed.combine(h.expert_reduce(per_token_cast_from_fp8(xm[0].view(-1, 256), xm[1].view(-1, 2),
-                                                                     torch.float32).view(4, -1, 256),
-                                             "masked").bfloat16(), h)
+        q, s = xm
+        deq = per_token_cast_from_fp8(q.view(-1, 256), s.view(-1, 2), torch.float32).view(q.shape)
+        return fixed.combine(h.expert_reduce(deq, "masked").bfloat16(), h)
 
     _, n = count_syncs(fixed_step)
     assert n == 0
