@@ -288,6 +288,7 @@ class DispatchHandle:
     capacity: int | None
     hidden: int
     src_idx: torch.Tensor | None = None
+    send_local: torch.Tensor | None = None  # [num_send, k] bool: slot's expert lives on the row's destination
     _layout_cache: dict = field(default_factory=dict, repr=False)
 
     # -- expert-side layouts ------------------------------------------------------------------
@@ -514,8 +515,20 @@ class EPDispatcher:
                                 num_recv=num_recv, recv_local_idx=recv_lid, recv_weights=recv_w,
                                 num_recv_tokens_per_expert=cnt_dev, num_recv_tokens_per_expert_list=recv_expert,
                                 send_counts=send_counts, recv_counts=recv_counts, capacity=self.capacity, hidden=h,
-                                src_idx=src)
+                                src_idx=src, send_local=local)
         return recv_x, handle
+
+    def exchange_weights(self, topk_weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Send new top-k weights [T, k] fp32 along a previous dispatch (e.g. weights known only at
+        combine time, as in DeepEP's low-latency combine): returns the receiver-side [num_recv, k]
+        weights (0 where the slot's expert is not local), like ``handle.recv_weights``. No host sync."""
+        check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(handle.num_tokens, None))
+        src = handle.src_idx.long().clamp(min=0)
+        k = handle.send_local.size(1)
+        w = topk_weights.index_select(0, src) if handle.num_tokens else \
+            torch.zeros(src.size(0), k, device=topk_weights.device)
+        w = torch.where(handle.send_local, w, 0.0).contiguous()
+        return self._a2a(w, handle.num_recv, handle.send_counts, handle.recv_counts)
 
     def dispatch_cached(self, x, handle: DispatchHandle, use_fp8: bool = False):
         """Dispatch new data along a previous dispatch's routing (no counts exchange, no host sync):

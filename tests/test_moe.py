@@ -469,6 +469,23 @@ def _check_deep_ep_buffer(group, rank, world):
     visits = torch.tensor([len({int(i) // (e // world) for i in row if i >= 0}) for row in ids], dtype=torch.float32)
     assert torch.equal(combined, (x.float() * visits[:, None]).to(x.dtype))
     torch.testing.assert_close(combined_w, torch.where(ids >= 0, w, 0.0))
+    # low-latency mode: expert-major buffers, weights applied in the combine
+    cap = max(ts)
+    packed, count, ll_handle, _, hook = buf.low_latency_dispatch(x, ids, cap, e, use_fp8=False,
+                                                                  return_recv_hook=True)
+    hook()
+    per = e // world
+    assert packed.shape == (per, world * cap, h)
+    assert count.tolist() == torch.bincount(exp_lid[exp_lid >= 0].long(), minlength=per).tolist()
+    for l in range(per):  # each local expert's rows: its tokens, by source rank then token
+        want_rows = exp_x[(exp_lid == l).any(1)]
+        assert torch.equal(packed[l, :int(count[l])], want_rows)
+    y = packed.float() * (torch.arange(per).view(per, 1, 1) + rank * per + 1)  # expert e scales by e + 1
+    combined, _, _ = buf.low_latency_combine(y, ids, w, ll_handle)
+    want = reference_moe_out(x, ids, w, lambda ex, v: v * (ex + 1))
+    torch.testing.assert_close(combined, want, rtol=1e-5, atol=1e-4)
+    (pq, ps), count8, _, _, _ = buf.low_latency_dispatch(x, ids, cap, e, use_fp8=True)
+    assert ps.shape == (per, world * cap, h // 128) and torch.equal(count8, count)
     (rq, rs), *_ = buf.dispatch((per_token_cast_to_fp8(x)), handle=handle)
     eq, es = per_token_cast_to_fp8(exp_x)
     assert torch.equal(rq.view(torch.uint8), eq.view(torch.uint8)) and torch.equal(rs, es)

@@ -22,7 +22,8 @@ Mirrors the argument and return conventions of ``deep_ep.Buffer``::
 * ``num_tokens_per_rdma_rank`` is always None (one node); events are :class:`EventOverlap` stand-ins
   (the work is already ordered on the current stream); ``async_finish`` / ``previous_event`` /
   ``allocate_on_comm_stream`` / ``config`` are accepted and ignored.
-Low-latency mode is not mirrored here; see ``EPDispatcher(capacity=...)``.
+Low-latency mode: ``low_latency_dispatch`` / ``low_latency_combine`` on the fixed-capacity dispatcher
+(expert-major [L, R * max_tokens, H] buffers + per-expert counts; weights applied in the combine).
 """
 from __future__ import annotations
 
@@ -102,6 +103,36 @@ class Buffer:
                 if back.size(0):
                     combined_w += torch.where(valid, back.index_select(0, p.clamp(min=0)), 0.0)
         return combined, combined_w, EventOverlap()
+
+    # -- low-latency mode (fixed capacity: no host sync, CUDA-graph capturable) -----------------------
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, use_fp8: bool = True, async_finish: bool = False,
+                             return_recv_hook: bool = False, **_ignored):
+        """-> (recv_x [L, R * max_tokens, H] bf16 or (e4m3, scale [L, R * max_tokens, H/128] fp32; row-major,
+        not DeepEP's TMA-transposed scale layout), recv_count [L] int32, handle, event, hook)."""
+        key = ("ll", num_experts, num_max_dispatch_tokens_per_rank)
+        if key not in self._dispatchers:
+            self._dispatchers[key] = _moe.EPDispatcher(self.group, num_experts,
+                                                       capacity=num_max_dispatch_tokens_per_rank)
+        d = self._dispatchers[key]
+        ones = torch.ones(topk_idx.shape, dtype=torch.float32, device=topk_idx.device)
+        recv, hd = d.dispatch(x, topk_idx, ones, use_fp8=use_fp8)
+        packed, count = hd.to_masked(recv)
+        hook = (lambda: None) if return_recv_hook else None
+        return packed, count, (d, hd), EventOverlap(), hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,
+                            async_finish: bool = False, return_recv_hook: bool = False, out=None, **_ignored):
+        """x [L, R * max_tokens, H] expert outputs -> (combined [T, H] = sum_j w_j * expert_j(x), event, hook).
+        As in DeepEP's low-latency mode the weights are applied here."""
+        d, hd = handle
+        w = d.exchange_weights(topk_weights.float().contiguous(), hd)
+        pos = hd.masked_layout()[0]
+        combined = d.combine(_moe.unpermute_reduce(x.reshape(-1, x.size(-1)), pos, w), hd)
+        if out is not None:
+            out.copy_(combined)
+            combined = out
+        return combined, EventOverlap(), (lambda: None) if return_recv_hook else None
 
 
 __all__ = ["Buffer", "EventOverlap"]
