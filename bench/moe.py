@@ -3,11 +3,20 @@ fused fp8 quant), and the un-permute + reduce (combine, and the expert-side weig
 plain PyTorch index_select / index_add implementation in the same run, plus a same-size copy as the
 bandwidth ceiling (extra["copy_GB/s"], extra["frac_of_copy"]).
 
+With >= 2 GPUs (and not --quick) it also runs the end-to-end expert-parallel step over NCCL, one
+process per GPU: dispatch (fp8) and combine (bf16) algorithm bandwidth (bytes of the received /
+returned rows per second, as DeepEP reports it) vs all_to_all_single alone on the same bytes and splits.
+
 Shapes follow DeepEP's benchmarks: 4096 tokens, hidden 7168, top-8 of 256 experts over 8 ranks
 (normal mode: fp8 dispatch, bf16 combine) and 128 tokens (low-latency). Bytes counted: every byte read
 from the source rows plus every byte written (fp8 values + fp32 scales for the quantised pack).
 """
 from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
 
 import torch
 
@@ -45,7 +54,7 @@ def _row(case: dict, ctx: Context, nbytes: int, ours, peer, peer_name: str, copy
     return Row(FAMILY, case, "GB/s", gb / (t_ours / 1e3), peer_name, gb / (t_peer / 1e3), t_ours, extra)
 
 
-def run(ctx: Context) -> list[Row]:
+def _run_single(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     dev = ctx.device
     for t, h, k, e, r in (GPU_CASES if ctx.is_cuda and not ctx.quick else
@@ -109,4 +118,89 @@ def run(ctx: Context) -> list[Row]:
                          t * k * h * 2 + t * h * 2,
                          lambda: torch.ops.deepkernels.moe_unpermute_reduce(ye, epos, w),
                          index_add_weighted, "torch index_add", copy))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-GPU end-to-end (one process per device; also runs with gloo on CPU for a smoke test)
+
+def _ep_worker(rank: int, world: int, store_path: str, backend: str, cfg: tuple, repeats: int, queue) -> None:
+    import torch.distributed as dist
+
+    t, h, k, e = cfg
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        ids = torch.rand(t, e, generator=g).topk(k, dim=1).indices.to(dev)
+        w = torch.rand(t, k, generator=g).to(dev)
+        x = torch.randn(t, h, generator=g).to(dev, torch.bfloat16)
+        disp = moe.EPDispatcher(dist.group.WORLD, num_experts=e)
+
+        def timed(fn):
+            samples = []
+            for i in range(repeats + 2):
+                dist.barrier()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= 2:
+                    samples.append(time.perf_counter() - t0)
+            return statistics.median(samples)
+
+        recv, hd = disp.dispatch(x, ids, w, use_fp8=True)
+        y = torch.randn(hd.num_recv, h, device=dev).to(torch.bfloat16)
+        t_disp = timed(lambda: disp.dispatch(x, ids, w, use_fp8=True))
+        t_comb = timed(lambda: disp.combine(y, hd))
+        # all_to_all alone on the same rows and splits (fp8 rows + scales; bf16 rows back)
+        send8 = torch.empty(sum(hd.send_counts), h + h // 128 * 4, dtype=torch.uint8, device=dev)
+        recv8 = torch.empty(hd.num_recv, send8.size(1), dtype=torch.uint8, device=dev)
+        back = torch.empty(sum(hd.send_counts), h, dtype=torch.bfloat16, device=dev)
+        a2a = lambda o, i_, os_, is_: dist.all_to_all_single(o, i_, os_, is_)  # noqa: E731
+        t_a2a_d = timed(lambda: a2a(recv8, send8, hd.recv_counts, hd.send_counts))
+        t_a2a_c = timed(lambda: a2a(back.view(torch.uint8), y.view(torch.uint8), hd.send_counts, hd.recv_counts))
+        disp_bytes = hd.num_recv * (h + h // 128 * 4)
+        comb_bytes = hd.num_recv * h * 2
+        res = torch.tensor([disp_bytes / t_disp, disp_bytes / t_a2a_d, comb_bytes / t_comb, comb_bytes / t_a2a_c,
+                            t_disp * 1e3, t_comb * 1e3], dtype=torch.float64)
+        gathered = [torch.zeros_like(res) for _ in range(world)]
+        dist.all_gather(gathered, res.to(dev) if backend == "nccl" else res)
+        if rank == 0:
+            queue.put(torch.stack([r.cpu() for r in gathered]).mean(0).tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def run_multi_device(world: int, backend: str, cfg: tuple, repeats: int = 10, timeout: float = 300) -> list[Row]:
+    ctx = torch.multiprocessing.get_context("spawn" if backend == "nccl" else "fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as d:
+        procs = [ctx.Process(target=_ep_worker, args=(r, world, os.path.join(d, "store"), backend, cfg, repeats,
+                                                       queue), daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            d_alg, d_a2a, c_alg, c_a2a, d_ms, c_ms = queue.get(timeout=timeout)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    t, h, k, e = cfg
+    case = {"tokens": t, "hidden": h, "topk": k, "experts": e, "ranks": world, "backend": backend}
+    return [Row(FAMILY, {**case, "op": "ep_dispatch_fp8"}, "GB/s", d_alg / 1e9, "all_to_all_single alone",
+                d_a2a / 1e9, d_ms),
+            Row(FAMILY, {**case, "op": "ep_combine_bf16"}, "GB/s", c_alg / 1e9, "all_to_all_single alone",
+                c_a2a / 1e9, c_ms)]
+
+
+def run(ctx: Context) -> list[Row]:
+    rows = _run_single(ctx)
+    if ctx.is_cuda and not ctx.quick and torch.cuda.device_count() >= 2:
+        rows += run_multi_device(torch.cuda.device_count(), "nccl", GPU_CASES[0][:4])
     return rows
