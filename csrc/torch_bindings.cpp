@@ -262,6 +262,109 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
 // ---------------------------------------------------------------------------------------------
 // moe (issue 6): bindings and TORCH_LIBRARY_IMPL block go below this line.
 
+#include "moe/config.h"
+#include "moe/launch.h"
+
+namespace moe_binding {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_get_dispatch_layout(const at::Tensor& topk_idx, int64_t num_experts,
+                                                                       int64_t num_ranks) {
+  check_cuda(topk_idx, "topk_idx");
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.scalar_type() == at::kLong,
+              "topk_idx: expected int64 [T, k], got ", topk_idx.scalar_type(), " ", topk_idx.sizes());
+  TORCH_CHECK(num_ranks > 0 && num_experts > 0 && num_experts % num_ranks == 0,
+              "num_experts: expected a positive multiple of num_ranks=", num_ranks, ", got ", num_experts);
+  TORCH_CHECK(num_experts + num_ranks <= deepkernels::moe::kMaxExperts,
+              "num_experts: at most ", deepkernels::moe::kMaxExperts, " experts + ranks, got ", num_experts);
+  const c10::cuda::CUDAGuard guard(topk_idx.device());
+  const auto idx = topk_idx.contiguous();
+  const int64_t t = idx.size(0);
+  auto per_rank = at::zeros({num_ranks}, idx.options().dtype(at::kInt));
+  auto per_expert = at::zeros({num_experts}, idx.options().dtype(at::kInt));
+  auto in_rank = at::empty({t, num_ranks}, idx.options().dtype(at::kBool));
+  deepkernels::moe::LayoutParams p{idx.data_ptr<int64_t>(), per_rank.data_ptr<int32_t>(),
+                                   per_expert.data_ptr<int32_t>(), reinterpret_cast<uint8_t*>(in_rank.data_ptr()),
+                                   t, static_cast<int>(idx.size(1)), static_cast<int>(num_experts),
+                                   static_cast<int>(num_ranks)};
+  deepkernels::moe::get_dispatch_layout(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return {per_rank, per_expert, in_rank};
+}
+
+void check_src_idx(const at::Tensor& x, const at::Tensor& src_idx) {
+  check_cuda(x, "x");
+  check_cuda(src_idx, "src_idx");
+  TORCH_CHECK(x.dim() == 2, "x: expected 2 dims [T, H], got ", x.sizes());
+  TORCH_CHECK(src_idx.dim() == 1 && src_idx.scalar_type() == at::kInt && src_idx.is_contiguous(),
+              "src_idx: expected contiguous int32 [N], got ", src_idx.scalar_type(), " ", src_idx.sizes());
+}
+
+at::Tensor moe_permute(const at::Tensor& x_in, const at::Tensor& src_idx) {
+  check_src_idx(x_in, src_idx);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  auto out = at::empty({src_idx.size(0), x.size(1)}, x.options());
+  deepkernels::moe::PermuteParams p{x.data_ptr(), src_idx.data_ptr<int32_t>(), out.data_ptr(), src_idx.size(0),
+                                    x.size(1) * static_cast<int64_t>(x.element_size())};
+  deepkernels::moe::permute(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_permute_fp8(const at::Tensor& x_in, const at::Tensor& src_idx) {
+  check_src_idx(x_in, src_idx);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const int64_t n = src_idx.size(0), h = x.size(1);
+  auto out = at::empty({n, h}, x.options().dtype(at::kFloat8_e4m3fn));
+  auto scale = at::empty({n, (h + 127) / 128}, x.options().dtype(at::kFloat));
+  const DType dtype = to_dtype(x.scalar_type(), "x");
+  TORCH_CHECK(dtype != DType::kFloat8E4M3, "x: expected float32, bfloat16 or float16, got float8_e4m3fn");
+  deepkernels::moe::PermuteFp8Params p{x.data_ptr(), dtype, src_idx.data_ptr<int32_t>(),
+                                       static_cast<uint8_t*>(out.data_ptr()), scale.data_ptr<float>(), n, h};
+  deepkernels::moe::permute_fp8(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return {out, scale};
+}
+
+at::Tensor moe_unpermute_reduce(const at::Tensor& y_in, const at::Tensor& pos,
+                                const std::optional<at::Tensor>& weights) {
+  check_cuda(y_in, "y");
+  check_cuda(pos, "pos");
+  TORCH_CHECK(y_in.dim() == 2, "y: expected 2 dims [N, H], got ", y_in.sizes());
+  TORCH_CHECK(pos.dim() == 2 && pos.scalar_type() == at::kInt && pos.is_contiguous(),
+              "pos: expected contiguous int32 [T, K], got ", pos.scalar_type(), " ", pos.sizes());
+  TORCH_CHECK(pos.size(1) <= deepkernels::moe::kMaxTopk, "pos: at most ", deepkernels::moe::kMaxTopk,
+              " columns, got ", pos.size(1));
+  const DType dtype = to_dtype(y_in.scalar_type(), "y");
+  TORCH_CHECK(dtype != DType::kFloat8E4M3, "y: expected float32, bfloat16 or float16, got float8_e4m3fn");
+  const float* w = nullptr;
+  if (weights.has_value()) {
+    check_cuda(*weights, "weights");
+    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->sizes() == pos.sizes(),
+                "weights: expected contiguous float32 of pos's shape ", pos.sizes(), ", got ",
+                weights->scalar_type(), " ", weights->sizes());
+    w = weights->data_ptr<float>();
+  }
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const auto y = y_in.contiguous();
+  auto out = at::empty({pos.size(0), y.size(1)}, y.options());
+  deepkernels::moe::UnpermuteReduceParams p{y.data_ptr(), dtype, pos.data_ptr<int32_t>(), w, out.data_ptr(),
+                                            pos.size(0), y.size(1), static_cast<int>(pos.size(1))};
+  deepkernels::moe::unpermute_reduce(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return out;
+}
+
+}  // namespace moe_binding
+
+TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+  m.impl("moe_get_dispatch_layout", &moe_binding::moe_get_dispatch_layout);
+  m.impl("moe_permute", &moe_binding::moe_permute);
+  m.impl("moe_permute_fp8", &moe_binding::moe_permute_fp8);
+  m.impl("moe_unpermute_reduce", &moe_binding::moe_unpermute_reduce);
+}
+
 
 
 // ---------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from .fp8 import (
 )
 from .mla import get_mla_decode_metadata, mla_decode_with_kvcache, write_mla_kv_cache
 
+from . import moe  # noqa: E402,F401  (MoE family: ops + EPDispatcher)
+from .moe import EPDispatcher, get_dispatch_layout  # noqa: E402
+
 _ops.load_extension()
 
 __version__ = "0.1.0"
@@ -42,3 +45,4 @@ __all__ = [
     "is_cuda_available", "build_info",
 ]
 __all__ += ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_cache"]
+__all__ += ["moe", "EPDispatcher", "get_dispatch_layout"]
