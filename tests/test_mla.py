@@ -460,6 +460,23 @@ def test_cuda_sanitizer_small_decode(cache_dtype, stages, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("num_sm_parts", [1, 3, 500])
+def test_cuda_split_counts(num_sm_parts):
+    """1 part: every sequence has one split (written directly, no merge); 3: long sequences split and
+    merged; 500: more parts than work blocks (empty parts)."""
+    case = make_case([700, 0, 1, 2000, 64], 2, 64, page=64, device="cuda")
+    ref_out, ref_lse = mla.mla_decode_with_kvcache_ref(case["q"].cpu(), case["kv_cache"].cpu(),
+                                                       case["block_table"].cpu(), case["cache_seqlens"].cpu(), 512,
+                                                       None, None, DSV3_SCALE, True)
+    _poison_allocator()
+    out, lse = run_decode(case, 2, 64, True, DSV3_SCALE, num_sm_parts)
+    _assert_close_flashmla(out.cpu(), ref_out, f"{num_sm_parts} parts")
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3
+
+
+@pytest.mark.cuda
 def test_cuda_metadata_matches_reference():
     lens = torch.randint(0, 9000, (128,), dtype=torch.int32)
     lens[::7] = 0

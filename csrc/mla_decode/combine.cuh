@@ -2,6 +2,7 @@
 // Merge of the split partials by lse: for query row (batch, token, head) with splits i,
 //   lse = log(sum_i exp(lse_i)),  out = sum_i exp(lse_i - lse) * o_i   (o_i already normalised).
 // A row with no split (empty sequence) or whose splits all have lse_i = -inf gets out 0, lse +inf.
+// Sequences with exactly one split were finished by the split-KV kernel and are skipped here.
 #include <cuda_bf16.h>
 
 #include "config.h"
@@ -31,6 +32,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const M
   const int row = static_cast<int>(global_row % rows_q);  // token * h_q + head
   const int token = row / p.h_q, head = row % p.h_q;
   const int first = p.num_splits[batch], last = p.num_splits[batch + 1];
+  if (last - first == 1) return;  // written directly by the split-KV kernel
 
   float max_lse = -INFINITY;
   for (int i = first + lane; i < last; i += 32) max_lse = fmaxf(max_lse, p.lse_accum[int64_t(i) * rows_q + row]);

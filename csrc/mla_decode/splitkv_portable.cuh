@@ -5,7 +5,8 @@
 //
 // Grid (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / kBlockM)). CTA (part, kv head, m block) walks the
 // sequences of its part (tile_scheduler_metadata row) and, for each, writes one split: the output
-// normalised by its own softmax sum into o_accum and its lse into lse_accum; combine.cuh merges them.
+// normalised by its own softmax sum into o_accum and its lse into lse_accum (combine.cuh merges them), or,
+// when the sequence has a single split, the final bf16 out and lse directly.
 // Query rows of a CTA are the flattened (query token, head) pairs that share kv head blockIdx.y:
 // row r -> token r / heads_per_kv, head blockIdx.y * heads_per_kv + r % heads_per_kv.
 #include <cuda_fp8.h>
@@ -287,8 +288,11 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
   }
   __syncthreads();
 
+  // A sequence with a single split needs no merge: write out / lse directly (combine skips it).
   const int rows_q = p.s_q * p.h_q;
+  const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] == 1;
   float* o_split = p.o_accum + static_cast<int64_t>(split) * rows_q * kHeadDimV;
+  auto* out_batch = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(batch) * rows_q * kHeadDimV;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -299,21 +303,30 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
       const int out_row = (row / heads_per_kv) * p.h_q + kv_head * heads_per_kv + row % heads_per_kv;
       const float l = sm.row_sum[r];
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      float* dst = o_split + static_cast<int64_t>(out_row) * kHeadDimV + warp * kDimsPerWarp + (lane % 4) * 2;
+      const int64_t col0 = static_cast<int64_t>(out_row) * kHeadDimV + warp * kDimsPerWarp + (lane % 4) * 2;
 #pragma unroll
       for (int nt = 0; nt < kDimsPerWarp / 8; ++nt) {
-        *reinterpret_cast<float2*>(dst + nt * 8) =
-            make_float2(acc_o[mt][nt][half * 2] * inv, acc_o[mt][nt][half * 2 + 1] * inv);
+        const float x = acc_o[mt][nt][half * 2] * inv, y = acc_o[mt][nt][half * 2 + 1] * inv;
+        if (direct) {
+          *reinterpret_cast<uint32_t*>(out_batch + col0 + nt * 8) = pack_bf16x2(x, y);
+        } else {
+          *reinterpret_cast<float2*>(o_split + col0 + nt * 8) = make_float2(x, y);
+        }
       }
     }
   }
   if (tid < kBlockM && row0 + tid < rows_total) {
     const int row = row0 + tid;
-    const int out_row = (row / heads_per_kv) * p.h_q + kv_head * heads_per_kv + row % heads_per_kv;
+    const int token = row / heads_per_kv, head = kv_head * heads_per_kv + row % heads_per_kv;
     const float l = sm.row_sum[tid];
-    // natural log: (max_log2 + log2(sum)) * ln 2; -inf when the split had no visible key for this row.
-    p.lse_accum[static_cast<int64_t>(split) * rows_q + out_row] =
-        l > 0.f ? (sm.row_max[tid] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    // natural log: (max_log2 + log2(sum)) * ln 2. A row with no visible key: -inf for a partial
+    // (weight 0 in the merge), +inf in the final output.
+    const float lse = l > 0.f ? (sm.row_max[tid] + log2f(l)) * 0.6931471805599453f : (direct ? INFINITY : -INFINITY);
+    if (direct) {
+      p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + token] = lse;
+    } else {
+      p.lse_accum[static_cast<int64_t>(split) * rows_q + token * p.h_q + head] = lse;
+    }
   }
   __syncthreads();  // the next sequence reuses sQ and the row statistics
 }
