@@ -36,6 +36,10 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     if descale_q is not None or descale_k is not None:
         raise NotImplementedError("flash_mla_with_kvcache: descale_q/descale_k are not supported; "
                                   "pass an e4m3 k_cache with a per-token kv_scale instead")
+    if is_fp8_kvcache and kv_scale is None:
+        raise NotImplementedError("flash_mla_with_kvcache: FlashMLA's packed fp8 cache (656 B per token) is not "
+                                  "supported; pass an e4m3 k_cache [num_blocks, page, h_k, 576] with kv_scale "
+                                  "[num_blocks, page, h_k] (see deepkernels.write_mla_kv_cache)")
     return _mla.mla_decode_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                                         num_splits, softmax_scale, causal, kv_scale)
 
