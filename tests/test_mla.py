@@ -450,7 +450,7 @@ def test_cuda_single_stage_kernel_vs_reference(lens, s_q, h_q, h_kv, page, causa
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("stages", ["1", "2"])
+@pytest.mark.parametrize("stages", ["1", "2", "3"])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
 def test_cuda_sanitizer_small_decode(cache_dtype, stages, monkeypatch):
     """Small enough for compute-sanitizer (bench/gpu_check.sh runs tests named *sanitizer* under memcheck):

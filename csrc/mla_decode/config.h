@@ -29,10 +29,10 @@ constexpr int kSoftmaxThreadsPerRow = kThreads / kBlockM;  // 8
 static_assert(kBlockTokens % kBlockN == 0, "splits must start on a kernel tile");
 static_assert(kSoftmaxThreadsPerRow * 4 == kBlockN, "each softmax thread owns 4 scores of its row");
 
-// NOTE: kStages = 2 double-buffers K (cp.async of tile t+1 overlaps the maths on tile t): ~120 KB,
-// fine on sm_80 (163 KB) and sm_90 (227 KB) but not sm_89 (99 KB), which runs kStages = 1.
-// launch.cu picks by the device's opt-in shared memory limit.
-// e4m3 cache: with two stages the raw e4m3 rows are double-buffered by cp.async (k_raw) and converted
+// NOTE: kStages K buffers (cp.async of tiles t+1.. overlaps the maths on tile t): 1 stage ~81 KB,
+// 2 ~118 KB, 3 ~155 KB: 3 fits sm_80 (163 KB) and sm_90 (227 KB), sm_89 (99 KB) runs 1 stage.
+// launch.cu picks the deepest that fits the device's opt-in shared memory limit.
+// e4m3 cache: with kStages > 1 the raw e4m3 rows are multi-buffered by cp.async (k_raw) and converted
 // into the single bf16 tile `k` right before use; with one stage they are converted through registers
 // on load (no k_raw).
 template <int kStages, bool kFp8>

@@ -21,15 +21,31 @@ void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
   mla_splitkv_kernel<kFp8, kStages><<<grid, kThreads, kSmem, stream>>>(p);
 }
 
-// Double-buffered K where the device's opt-in shared memory allows it (sm_80, sm_90: yes; sm_89: no).
-// DEEPKERNELS_MLA_STAGES=1 forces the single-stage kernel (tests run the sm_89 path on any GPU).
-bool device_fits(int smem_bytes) {
+// Deepest K pipeline the device's opt-in shared memory allows: 3 stages (~155 KB) on sm_80 (163 KB)
+// and sm_90 (227 KB), 1 on sm_89 (99 KB). DEEPKERNELS_MLA_STAGES=1|2 caps it (tests run every variant).
+int max_stages() {
   const char* forced = std::getenv("DEEPKERNELS_MLA_STAGES");
-  if (forced != nullptr && forced[0] == '1') return false;
+  if (forced != nullptr && (forced[0] == '1' || forced[0] == '2')) return forced[0] - '0';
+  return 3;
+}
+
+bool device_fits(int smem_bytes) {
   int device = 0, smem_optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   return smem_optin >= smem_bytes;
+}
+
+template <bool kFp8>
+void launch_splitkv_pipelined(const MlaDecodeParams& p, cudaStream_t stream) {
+  const int stages = max_stages();
+  if (stages >= 3 && device_fits(static_cast<int>(sizeof(SplitKvSmem<3, kFp8>)))) {
+    launch_splitkv<kFp8, 3>(p, stream);
+  } else if (stages >= 2 && device_fits(static_cast<int>(sizeof(SplitKvSmem<2, kFp8>)))) {
+    launch_splitkv<kFp8, 2>(p, stream);
+  } else {
+    launch_splitkv<kFp8, 1>(p, stream);
+  }
 }
 
 }  // namespace
@@ -37,13 +53,8 @@ bool device_fits(int smem_bytes) {
 void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (p.num_sm_parts > 0) {
-    if (p.kv_fp8) {
-      if (device_fits(static_cast<int>(sizeof(SplitKvSmem<2, true>)))) launch_splitkv<true, 2>(p, stream);
-      else launch_splitkv<true, 1>(p, stream);
-    } else {
-      if (device_fits(static_cast<int>(sizeof(SplitKvSmem<2, false>)))) launch_splitkv<false, 2>(p, stream);
-      else launch_splitkv<false, 1>(p, stream);
-    }
+    if (p.kv_fp8) launch_splitkv_pipelined<true>(p, stream);
+    else launch_splitkv_pipelined<false>(p, stream);
   }
   const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
   const dim3 grid(static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps));

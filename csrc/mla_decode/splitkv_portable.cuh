@@ -152,8 +152,8 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc_o[mt][nt][i] = 0.f;
 
-  // Tile t lives in stage t % kStages. With two stages the cp.async of tile t + 1 is in flight while
-  // tile t is computed; with one, each tile is loaded and then computed.
+  // Tile t lives in stage t % kStages. With kStages > 1 the cp.async loads of tiles t + 1 ..
+  // t + kStages - 1 are in flight while tile t is computed; with one, each tile is loaded then computed.
   const int num_tiles = (kv_end - kv_begin + kBlockN - 1) / kBlockN;
   auto issue_tile = [&](int t) {
     const int stage = t % kStages, n0 = kv_begin + t * kBlockN;
@@ -162,18 +162,21 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
     load_k_tile<kFp8>(p, sm, stage, n0, kv_end);
     ptx::cp_async_commit();
   };
-  if constexpr (kStages > 1) issue_tile(0);
+#pragma unroll 1
+  for (int t = 0; t < kStages - 1 && t < num_tiles; ++t) issue_tile(t);
+#pragma unroll 1
   for (int t = 0; t < num_tiles; ++t) {
     const int n0 = kv_begin + t * kBlockN;
     const int stage = t % kStages;
     if constexpr (kStages == 1) {
       issue_tile(t);
       ptx::cp_async_wait_all();
-    } else if (t + 1 < num_tiles) {
-      issue_tile(t + 1);  // its stage was last read by tile t - 1, which ended with a barrier
-      ptx::cp_async_wait_group<1>();
+    } else if (t + kStages - 1 < num_tiles) {
+      // its stage, (t - 1) % kStages, was last read by tile t - 1, which ended with a barrier
+      issue_tile(t + kStages - 1);
+      ptx::cp_async_wait_group<kStages - 1>();  // tile t (and the q tile) have landed
     } else {
-      ptx::cp_async_wait_all();
+      ptx::cp_async_wait_all();  // the last kStages - 1 tiles: drain
     }
     __syncthreads();
     if constexpr (SplitKvSmem<kStages, kFp8>::kStagedFp8) {
@@ -186,17 +189,20 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
     // S = Q K^T: warp -> 16 rows (warp % 2) x 8 keys (warp / 2), all 576 dims.
     {
       const int mt = warp % 2, nt = warp / 2;
-      float acc_s[4] = {0.f, 0.f, 0.f, 0.f};
+      // Two independent accumulators halve the dependent mma chain over the 576 dims.
+      float acc_s[4] = {0.f, 0.f, 0.f, 0.f}, acc_s2[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 6
       for (int k0 = 0; k0 < kHeadDim; k0 += 32) {
         uint32_t b[4];
         ptx::ldmatrix_x4(b, &k_tile[nt * 8 + lane % 8][k0 + (lane / 8) * 8]);
-        uint32_t a[4];
+        uint32_t a[4], a2[4];
         ptx::ldmatrix_x4(a, &sm.q[mt * 16 + lane % 16][k0 + (lane / 16) * 8]);
+        ptx::ldmatrix_x4(a2, &sm.q[mt * 16 + lane % 16][k0 + 16 + (lane / 16) * 8]);
         ptx::mma_bf16_16816(acc_s, a, b[0], b[1]);
-        ptx::ldmatrix_x4(a, &sm.q[mt * 16 + lane % 16][k0 + 16 + (lane / 16) * 8]);
-        ptx::mma_bf16_16816(acc_s, a, b[2], b[3]);
+        ptx::mma_bf16_16816(acc_s2, a2, b[2], b[3]);
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc_s[i] += acc_s2[i];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = mt * 16 + lane / 4 + half * 8;
