@@ -19,7 +19,7 @@ POISON_BLOCK = 2**30  # an unused block-table entry: indexing with it would fail
 DSV3_SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2
 
 
-def make_case(lens, s_q, h_q, h_kv=1, page=64, cache_dtype=torch.bfloat16, device="cpu", extra_blocks=3):
+def make_case(lens, s_q, h_q, h_kv=1, page=64, cache_dtype=torch.bfloat16, device="cpu", extra_blocks=3, std=0.25):
     """q, a paged cache with NaN in every slot past each length, a shuffled block table whose unused
     entries are poisoned, and (for e4m3) the per-token scales written by write_mla_kv_cache."""
     b = len(lens)
@@ -32,8 +32,8 @@ def make_case(lens, s_q, h_q, h_kv=1, page=64, cache_dtype=torch.bfloat16, devic
         k = -(-n // page)
         block_table[i, :k] = perm[used:used + k].to(torch.int32)
         used += k
-    q = (torch.randn(b, s_q, h_q, 576) / 4).to(torch.bfloat16)
-    latent = torch.randn(sum(lens), h_kv, 576) / 4
+    q = (torch.randn(b, s_q, h_q, 576) * std).to(torch.bfloat16)
+    latent = torch.randn(sum(lens), h_kv, 576) * std
     kv_cache = torch.full((num_blocks, page, h_kv, 576), float("nan"), dtype=torch.bfloat16)
     kv_scale = None
     if cache_dtype == E4M3:
@@ -398,15 +398,21 @@ def test_paged_cache_and_absorbed_decode_vs_naive_mla(dtype, page, tol):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA kernels vs the reference (FlashMLA's tolerances)
+# CUDA kernels vs the fp32 reference (FlashMLA's tolerances; the margins were checked with a CPU
+# emulation of the kernel's numerics: bf16 P, per-token scale folded into P, 32-key tiles, lse merge)
 
-def _assert_close_flashmla(out, ref, what):
+def _assert_close_flashmla(out, ref, what, fp8=False):
+    """FlashMLA's bf16 check: |out - ref| <= 8e-4 + 2.01/128 * |ref| (torch.testing.assert_close semantics)
+    and cosine diff <= 5e-6. e4m3 cache (stated tolerance): the kernel folds each token's scale into P
+    before P's bf16 rounding, so the rounding errors are independent per token instead of nearly uniform;
+    atol 4e-3, cosine diff <= 1e-5 (a CPU emulation of the kernel's numerics measured <= 4.9e-6)."""
     out, ref = out.float(), ref.float()
-    ok = ((out - ref).abs() <= 8e-4) | ((out - ref).abs() <= ref.abs() * 2 / 128)
-    assert ok.all(), f"{what}: {(~ok).sum().item()} elements outside abs 8e-4 / rel 2/128, " \
+    atol, max_diff = (4e-3, 1e-5) if fp8 else (8e-4, 5e-6)
+    ok = (out - ref).abs() <= atol + ref.abs() * 2.01 / 128
+    assert ok.all(), f"{what}: {(~ok).sum().item()} elements outside atol {atol} + rtol 2.01/128, " \
                      f"max err {(out - ref).abs().max().item():.3g}"
     diff = calc_diff(out, ref)
-    assert diff <= 5e-6, f"{what}: cosine diff {diff:.3g} > 5e-6"
+    assert diff <= max_diff, f"{what}: cosine diff {diff:.3g} > {max_diff}"
 
 
 def _poison_allocator(nbytes=256 << 20):
@@ -427,15 +433,15 @@ CUDA_CASES = CASES + [
 @pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES)
 def test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, cache_dtype):
     case = make_case(lens, s_q, h_q, h_kv, page, cache_dtype=cache_dtype, device="cuda")
-    ref_out, ref_lse = mla.mla_decode_with_kvcache_ref(case["q"].cpu(), case["kv_cache"].cpu(),
-                                                       case["block_table"].cpu(), case["cache_seqlens"].cpu(), 512,
-                                                       None, None, DSV3_SCALE, causal,
-                                                       None if case["kv_scale"] is None else case["kv_scale"].cpu())
+    ref_out, ref_lse = mla.mla_attention_fp32(case["q"].cpu(), case["kv_cache"].cpu(), case["block_table"].cpu(),
+                                              case["cache_seqlens"].cpu(), 512, DSV3_SCALE, causal,
+                                              None if case["kv_scale"] is None else case["kv_scale"].cpu())
     _poison_allocator()
     out, lse = run_decode(case, s_q, h_q, causal, DSV3_SCALE)
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{lens}: NaN in out (unwritten rows or NaN slots read)"
-    _assert_close_flashmla(out.cpu(), ref_out, f"{lens} s_q={s_q} h={h_q} page={page} {cache_dtype}")
+    _assert_close_flashmla(out.cpu(), ref_out, f"{lens} s_q={s_q} h={h_q} page={page} {cache_dtype}",
+                           fp8=cache_dtype == E4M3)
     assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse)), f"{lens}: +inf lse pattern"
     fin = torch.isfinite(ref_lse)
     assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3 if fin.any() else True
@@ -465,9 +471,8 @@ def test_cuda_split_counts(num_sm_parts):
     """1 part: every sequence has one split (written directly, no merge); 3: long sequences split and
     merged; 500: more parts than work blocks (empty parts)."""
     case = make_case([700, 0, 1, 2000, 64], 2, 64, page=64, device="cuda")
-    ref_out, ref_lse = mla.mla_decode_with_kvcache_ref(case["q"].cpu(), case["kv_cache"].cpu(),
-                                                       case["block_table"].cpu(), case["cache_seqlens"].cpu(), 512,
-                                                       None, None, DSV3_SCALE, True)
+    ref_out, ref_lse = mla.mla_attention_fp32(case["q"].cpu(), case["kv_cache"].cpu(), case["block_table"].cpu(),
+                                              case["cache_seqlens"].cpu(), 512, DSV3_SCALE, True)
     _poison_allocator()
     out, lse = run_decode(case, 2, 64, True, DSV3_SCALE, num_sm_parts)
     _assert_close_flashmla(out.cpu(), ref_out, f"{num_sm_parts} parts")
@@ -523,7 +528,6 @@ def test_cuda_graph_capture_metadata_and_decode():
     static["q"].copy_(torch.randn_like(static["q"].float()).to(torch.bfloat16) / 4)
     graph.replay()
     torch.cuda.synchronize()
-    ref_out, _ = mla.mla_decode_with_kvcache_ref(static["q"].cpu(), static["kv_cache"].cpu(),
-                                                 static["block_table"].cpu(), static["cache_seqlens"].cpu(), 512,
-                                                 None, None, DSV3_SCALE, True)
+    ref_out, _ = mla.mla_attention_fp32(static["q"].cpu(), static["kv_cache"].cpu(), static["block_table"].cpu(),
+                                        static["cache_seqlens"].cpu(), 512, DSV3_SCALE, True)
     _assert_close_flashmla(out.cpu(), ref_out, "graph replay with new lengths")
