@@ -428,6 +428,63 @@ CUDA_CASES = CASES + [
 ]
 
 
+def emulate_kernel_numerics(case, s_q, h_q, causal, scale, num_sm_parts):
+    """The CUDA kernel's arithmetic on the CPU: scores from the exact bf16/e4m3 products in fp32 times the
+    token scale, online softmax over 32-key tiles, P * token scale rounded to bf16 before P V, one partial
+    per split normalised by its own sum, merged by lse, out rounded to bf16."""
+    lens = case["cache_seqlens"].tolist()
+    meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], s_q * h_q, 1, num_sm_parts)
+    partial = {}
+    for begin_b, begin_blk, end_b, end_blk, begin_split, *_ in meta.tolist():
+        for i in range(begin_b, end_b + 1) if begin_b < len(lens) else []:
+            lo = begin_blk if i == begin_b else 0
+            hi = end_blk if i == end_b else -(-lens[i] // mla.BLOCK_TOKENS)
+            if hi <= lo:
+                continue
+            kv_end = min(hi * mla.BLOCK_TOKENS, lens[i])
+            rows = mla._gather_sequence(case["kv_cache"], None, case["block_table"][i], lens[i])[:, 0]
+            tok_scale = (torch.ones(lens[i]) if case["kv_scale"] is None else
+                         mla._gather_sequence(torch.ones_like(case["kv_scale"][..., None]), case["kv_scale"],
+                                              case["block_table"][i], lens[i])[:, 0, 0])
+            q = case["q"][i].float().reshape(s_q * h_q, 576)
+            last = lens[i] - s_q + torch.arange(s_q * h_q) // h_q if causal else torch.full((s_q * h_q,), lens[i] - 1)
+            m, l, o = torch.full((s_q * h_q,), -math.inf), torch.zeros(s_q * h_q), torch.zeros(s_q * h_q, 512)
+            for n0 in range(lo * mla.BLOCK_TOKENS, kv_end, 32):
+                pos = torch.arange(n0, min(n0 + 32, kv_end))
+                sc = (q @ rows[pos].T) * (scale * math.log2(math.e)) * tok_scale[pos]
+                sc = sc.masked_fill(pos[None, :] > last[:, None], -math.inf)
+                new_m = torch.maximum(m, sc.max(1).values)
+                ref = torch.where(torch.isinf(new_m), 0.0, new_m)
+                alpha, p = torch.exp2(m - ref), torch.exp2(sc - ref[:, None])
+                l, m = l * alpha + p.sum(1), new_m
+                o = o * alpha[:, None] + (p * tok_scale[pos]).to(torch.bfloat16).float() @ rows[pos, :512]
+            split = begin_split if i == begin_b else int(splits[i])
+            partial[split] = (o * torch.where(l > 0, 1 / l, 0.0)[:, None],
+                              torch.where(l > 0, (m + torch.log2(l)) * math.log(2), -math.inf))
+    out = torch.zeros(len(lens), s_q * h_q, 512)
+    for i in range(len(lens)):
+        ids = range(int(splits[i]), int(splits[i + 1]))
+        if len(ids):
+            lse = torch.stack([partial[j][1] for j in ids])
+            top = lse.max(0).values
+            w = torch.exp(lse - torch.where(torch.isinf(top), 0.0, top)).nan_to_num(0.0)
+            w = w / w.sum(0).clamp(min=1e-30)
+            out[i] = (w[..., None] * torch.stack([partial[j][0] for j in ids])).sum(0)
+    return out.view(len(lens), s_q, h_q, 512).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
+@pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", [CASES[1], CASES[4], CASES[5], CASES[8]])
+def test_kernel_numerics_emulation_meets_cuda_tolerance(lens, s_q, h_q, h_kv, page, causal, cache_dtype):
+    """The tolerances the CUDA tests state are met by the kernel's arithmetic (emulated on the CPU)."""
+    case = make_case(lens, s_q, h_q, h_kv, page, cache_dtype=cache_dtype)
+    ref, _ = mla.mla_attention_fp32(case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512,
+                                    DSV3_SCALE, causal, case["kv_scale"])
+    for parts in (1, 5):
+        out = emulate_kernel_numerics(case, s_q, h_q, causal, DSV3_SCALE, parts)
+        _assert_close_flashmla(out, ref, f"emulated kernel, {parts} parts", fp8=cache_dtype == E4M3)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
 @pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES)
