@@ -169,9 +169,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
               "block_table: expected int32 [b, max_blocks] with unit inner stride");
   TORCH_CHECK(cache_seqlens.numel() == b && cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(),
               "cache_seqlens: expected contiguous int32 [b]");
-  TORCH_CHECK(tile_scheduler_metadata.dim() == 2 && tile_scheduler_metadata.size(1) == 8 &&
+  TORCH_CHECK(tile_scheduler_metadata.dim() == 2 && tile_scheduler_metadata.size(0) >= 1 &&
+                  tile_scheduler_metadata.size(1) == 8 &&
                   tile_scheduler_metadata.scalar_type() == at::kInt && tile_scheduler_metadata.is_contiguous(),
-              "tile_scheduler_metadata: expected contiguous int32 [num_sm_parts, 8]");
+              "tile_scheduler_metadata: expected contiguous int32 [num_sm_parts >= 1, 8]");
   TORCH_CHECK(num_splits.numel() == b + 1 && num_splits.scalar_type() == at::kInt && num_splits.is_contiguous(),
               "num_splits: expected contiguous int32 [b + 1]");
   if (fp8) {

@@ -378,23 +378,38 @@ def naive_mla(q_nope, q_pe, latents, k_pes, w_uk, w_uv, scale):
     return out
 
 
-@pytest.mark.parametrize("dtype,page,tol", [(torch.float32, 16, 1e-5), (torch.bfloat16, 64, 2e-2), (E4M3, 32, 6e-2)])
-def test_paged_cache_and_absorbed_decode_vs_naive_mla(dtype, page, tol):
+PAGED_CASES = [(torch.float32, 16, 1e-5), (torch.bfloat16, 64, 2e-2), (E4M3, 32, 6e-2)]
+
+
+def _check_paged_cache_and_absorbed_decode(dtype, page, tol, device):
     b, h, d_nope, d_v, prompt, s = 2, 4, 128, 128, 37, 2
     w_uk, w_uv = torch.randn(h, d_nope, 512) / 20, torch.randn(h, 512, d_v) / 20
     cache = PagedMLAKVCache(num_layers=2, batch_size=b, max_seq_len=64, page_size=page, dtype=dtype,
-                            shuffle_blocks=True)
+                            shuffle_blocks=True, device=device)
     latents, k_pes = torch.randn(b, prompt + s, 512), torch.randn(b, prompt + s, 64)
     for layer in range(2):
-        cache.append(layer, latents[:, :prompt], k_pes[:, :prompt])
-        cache.append(layer, latents[:, prompt:], k_pes[:, prompt:])
+        cache.append(layer, latents[:, :prompt].to(device), k_pes[:, :prompt].to(device))
+        cache.append(layer, latents[:, prompt:].to(device), k_pes[:, prompt:].to(device))
     assert cache.cache_seqlens.tolist() == [prompt + s] * b
     q_nope, q_pe = torch.randn(b, s, h, d_nope), torch.randn(b, s, h, 64)
-    out = mla_decode_absorbed(q_nope, q_pe, w_uk, w_uv, cache.kv_cache(1), cache.block_table, cache.layer_seqlens(1),
-                              DSV3_SCALE, causal=True, kv_scale=cache.kv_scale(1))
+    args = [t.to(device) for t in (q_nope, q_pe, w_uk, w_uv)]
+    out = mla_decode_absorbed(*args, cache.kv_cache(1), cache.block_table, cache.layer_seqlens(1), DSV3_SCALE,
+                              causal=True, kv_scale=cache.kv_scale(1))
+    assert torch.equal(cache.attend(1, *args, DSV3_SCALE), out)
     ref = naive_mla(q_nope, q_pe, latents, k_pes, w_uk, w_uv, DSV3_SCALE)
-    err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
+    err = (out.cpu().double() - ref).abs().max().item() / ref.abs().max().item()
     assert out.shape == (b, s, h, d_v) and err < tol, f"{dtype}: relative max err {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype,page,tol", PAGED_CASES)
+def test_paged_cache_and_absorbed_decode_vs_naive_mla(dtype, page, tol):
+    _check_paged_cache_and_absorbed_decode(dtype, page, tol, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,page,tol", PAGED_CASES)
+def test_cuda_paged_cache_and_absorbed_decode_vs_naive_mla(dtype, page, tol):
+    _check_paged_cache_and_absorbed_decode(dtype, page, tol, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,13 @@ class PagedMLAKVCache(nn.Module):
         pages = self.block_table.long().gather(1, (pos // self.page_size).clamp(max=self.max_blocks_per_seq - 1))
         return (pages * self.page_size + pos % self.page_size).reshape(-1)
 
+    def attend(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
+               softmax_scale: float, causal: bool = True,
+               metadata: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """:func:`mla_decode_absorbed` over this layer's cache (call after ``append`` of the same tokens)."""
+        return mla_decode_absorbed(q_nope, q_pe, w_uk, w_uv, self.kv_cache(layer), self.block_table,
+                                   self.layer_seqlens(layer), softmax_scale, causal, self.kv_scale(layer), metadata)
+
     def append(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Write latent [b, t, 512] and k_pe [b, t, 64] at each sequence's current length; advance it by t."""
         b, t = latent.shape[:2]
