@@ -35,6 +35,13 @@ boundary yields one split per sequence it touches. Outputs:
       [5..7] 0 (reserved)
   * num_splits int32 [b + 1]: exclusive prefix sum; sequence i owns splits
     ``num_splits[i] .. num_splits[i+1]-1`` (none when L_i == 0). total splits <= b + num_sm_parts.
+
+CUDA (csrc/mla_decode/, sm_80+): grid (num_sm_parts, h_kv, ceil(s_q*h_q/h_kv / 32)); each CTA takes 32 query
+rows and walks its part's key ranges in 32-key tiles (bf16 mma.sync for Q K^T and P V, fp32 online softmax,
+1-3 stage cp.async pipeline through the block table, e4m3 rows converted to bf16 exactly with the token
+scale folded into the scores and P). A split's partial (output normalised by its own sum, fp32, and its lse)
+goes to a scratch buffer of b + num_sm_parts splits and a combine kernel merges them by lse; a sequence with
+a single split is written directly. Metadata, decode and combine launch without host synchronisation.
 """
 from __future__ import annotations
 
