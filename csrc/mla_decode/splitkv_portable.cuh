@@ -186,29 +186,36 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
     const auto& k_tile = sm.k[kFp8 ? 0 : stage];
     const float* token_scale = sm.token_scale[stage];
 
-    // S = Q K^T: warp -> 16 rows (warp % 2) x 8 keys (warp / 2), all 576 dims.
+    // S = Q K^T split over the 576 dims: warp -> 16 rows (warp % 2) x all 32 keys x dims
+    // [144 * (warp / 2), +144); the 4 partial sums are added by the softmax threads. One A fragment feeds
+    // 4 mma (one per 8-key tile), so shared-memory loads per mma are half of a keys-split layout.
     {
-      const int mt = warp % 2, nt = warp / 2;
-      // Two independent accumulators halve the dependent mma chain over the 576 dims.
-      float acc_s[4] = {0.f, 0.f, 0.f, 0.f}, acc_s2[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 6
-      for (int k0 = 0; k0 < kHeadDim; k0 += 32) {
-        uint32_t b[4];
-        ptx::ldmatrix_x4(b, &k_tile[nt * 8 + lane % 8][k0 + (lane / 8) * 8]);
-        uint32_t a[4], a2[4];
+      const int mt = warp % 2, kq = warp / kSplitKWarpsPerRowBlock;
+      float acc_s[kBlockN / 8][4];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc_s[j][i] = 0.f;
+#pragma unroll 3
+      for (int k0 = kq * kDimsPerSplitK; k0 < (kq + 1) * kDimsPerSplitK; k0 += 16) {
+        uint32_t a[4];
         ptx::ldmatrix_x4(a, &sm.q[mt * 16 + lane % 16][k0 + (lane / 16) * 8]);
-        ptx::ldmatrix_x4(a2, &sm.q[mt * 16 + lane % 16][k0 + 16 + (lane / 16) * 8]);
-        ptx::mma_bf16_16816(acc_s, a, b[0], b[1]);
-        ptx::mma_bf16_16816(acc_s2, a2, b[2], b[3]);
+#pragma unroll
+        for (int jp = 0; jp < kBlockN / 16; ++jp) {
+          uint32_t b[4];  // keys [16 jp, +16) x dims [k0, +16): b0 b1 for key tile 2 jp, b2 b3 for 2 jp + 1
+          ptx::ldmatrix_x4(b, &k_tile[(jp * 2 + lane / 16) * 8 + lane % 8][k0 + ((lane / 8) % 2) * 8]);
+          ptx::mma_bf16_16816(acc_s[jp * 2], a, b[0], b[1]);
+          ptx::mma_bf16_16816(acc_s[jp * 2 + 1], a, b[2], b[3]);
+        }
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc_s[i] += acc_s2[i];
+      for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = mt * 16 + lane / 4 + half * 8;
-        const int c = nt * 8 + (lane % 4) * 2;
-        sm.s[r][c] = acc_s[half * 2] * scale_log2 * token_scale[c];
-        sm.s[r][c + 1] = acc_s[half * 2 + 1] * scale_log2 * token_scale[c + 1];
+        for (int half = 0; half < 2; ++half) {
+          const int r = mt * 16 + lane / 4 + half * 8;
+          const int c = j * 8 + (lane % 4) * 2;
+          *reinterpret_cast<float2*>(&sm.s[kq][r][c]) = make_float2(acc_s[j][half * 2], acc_s[j][half * 2 + 1]);
+        }
       }
     }
     __syncthreads();
@@ -217,10 +224,20 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
     {
       float s[4];
       float tile_max = -INFINITY;
+      float4 sum = *reinterpret_cast<const float4*>(&sm.s[0][sm_row][sm_col]);
+#pragma unroll
+      for (int kq = 1; kq < kSplitK; ++kq) {
+        const float4 part = *reinterpret_cast<const float4*>(&sm.s[kq][sm_row][sm_col]);
+        sum.x += part.x;
+        sum.y += part.y;
+        sum.z += part.z;
+        sum.w += part.w;
+      }
+      const float raw[4] = {sum.x, sum.y, sum.z, sum.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int pos = n0 + sm_col + j;
-        s[j] = (pos < kv_end && pos <= sm_last_visible) ? sm.s[sm_row][sm_col + j] : -INFINITY;
+        s[j] = (pos < kv_end && pos <= sm_last_visible) ? raw[j] * scale_log2 * token_scale[sm_col + j] : -INFINITY;
         tile_max = fmaxf(tile_max, s[j]);
       }
 #pragma unroll
