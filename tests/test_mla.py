@@ -335,6 +335,9 @@ def test_opcheck():
              fp8["kv_scale"]))
     cache = torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16)
     opcheck(torch.ops.deepkernels.write_mla_kv_cache, (cache, None, torch.randn(3, 1, 576), torch.tensor([0, 5, 31])))
+    opcheck(torch.ops.deepkernels.write_mla_kv_cache,
+            (torch.zeros(2, 16, 1, 576, dtype=E4M3), torch.ones(2, 16, 1), torch.randn(3, 1, 576).to(torch.bfloat16),
+             torch.tensor([0, -1, 31])))
 
 
 def test_torch_compile():
@@ -551,6 +554,20 @@ def test_cuda_split_counts(num_sm_parts):
     assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    case = make_case([20, 70], 2, 16, cache_dtype=E4M3, device="cuda")
+    case["kv_scale"].nan_to_num_(1.0)
+    opcheck(torch.ops.deepkernels.get_mla_decode_metadata, (case["cache_seqlens"], 32, 1, 8))
+    meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], 32, 1, 8)
+    opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
+            (case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512, meta, splits, 0.1, True,
+             case["kv_scale"]))
+    cache = torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16, device="cuda")
+    opcheck(torch.ops.deepkernels.write_mla_kv_cache,
+            (cache, None, torch.randn(3, 1, 576, device="cuda"), torch.tensor([0, 5, 31], device="cuda")))
 
 
 @pytest.mark.cuda
