@@ -558,8 +558,7 @@ def test_cuda_split_counts(num_sm_parts):
 
 @pytest.mark.cuda
 def test_cuda_opcheck():
-    case = make_case([20, 70], 2, 16, cache_dtype=E4M3, device="cuda")
-    case["kv_scale"].nan_to_num_(1.0)
+    case = make_case([20, 70], 2, 16, device="cuda")  # bf16: torch's schema check has no fp8 arithmetic
     opcheck(torch.ops.deepkernels.get_mla_decode_metadata, (case["cache_seqlens"], 32, 1, 8))
     meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], 32, 1, 8)
     opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
