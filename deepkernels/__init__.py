@@ -16,6 +16,10 @@ from .gemm import (  # noqa: E402
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
 )
+from .mla import get_mla_decode_metadata, mla_decode_with_kvcache, write_mla_kv_cache
+
+from . import moe  # noqa: E402,F401  (MoE family: ops + EPDispatcher)
+from .moe import EPDispatcher, get_dispatch_layout  # noqa: E402
 
 _ops.load_extension()
 
@@ -45,6 +49,8 @@ def build_info() -> dict:
 __all__ = [
     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_from_fp8", "per_block_cast_from_fp8",
     "is_cuda_available", "build_info",
-    "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
-    "get_m_alignment_for_contiguous_layout",
 ]
+__all__ += ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_cache"]
+__all__ += ["moe", "EPDispatcher", "get_dispatch_layout"]
+__all__ += ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+            "get_m_alignment_for_contiguous_layout"]

@@ -1,60 +1,47 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "gemm_portable.cuh"
 #include "launch.h"
-#include "portable.cuh"
 #include "sm90.cuh"
 
 namespace deepkernels::fp8_gemm {
 
 namespace {
 
-// The Hopper wgmma kernel is opt-in (DEEPKERNELS_GEMM_SM90=1) until a GPU session validates it.
-bool use_sm90(cudaStream_t) {
+// The sm_90a wgmma kernel is opt-in (DEEPKERNELS_GEMM_SM90=1) until a GPU session validates it.
+bool use_sm90() {
   const char* flag = std::getenv("DEEPKERNELS_GEMM_SM90");
   if (flag == nullptr || std::strcmp(flag, "1") != 0) return false;
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
   return major == 9 && minor == 0;
 }
 
-template <template <GemmMode> class Launcher>
-void dispatch_mode(const GemmParams& p, dim3 grid_xy, cudaStream_t stream) {
+void launch_sm90(const Fp8GemmParams& p, dim3 grid, cudaStream_t stream) {
+  static_assert(sm90::kBlockM == kBlockM && sm90::kBlockN == kBlockN, "one grid for both kernels");
   switch (p.mode) {
-    case GemmMode::kDense: Launcher<GemmMode::kDense>::run(p, grid_xy, stream); break;
-    case GemmMode::kGroupedContiguous: Launcher<GemmMode::kGroupedContiguous>::run(p, grid_xy, stream); break;
+    case GemmMode::kDense: sm90::fp8_gemm_sm90_kernel<GemmMode::kDense><<<grid, sm90::kThreads, 0, stream>>>(p); break;
+    case GemmMode::kGroupedContiguous:
+      sm90::fp8_gemm_sm90_kernel<GemmMode::kGroupedContiguous><<<grid, sm90::kThreads, 0, stream>>>(p);
+      break;
     case GemmMode::kGroupedMasked:
-      Launcher<GemmMode::kGroupedMasked>::run(p, dim3(grid_xy.x, grid_xy.y, static_cast<unsigned>(p.groups)), stream);
+      sm90::fp8_gemm_sm90_kernel<GemmMode::kGroupedMasked><<<grid, sm90::kThreads, 0, stream>>>(p);
       break;
   }
 }
 
-template <GemmMode kMode>
-struct PortableLauncher {
-  static void run(const GemmParams& p, dim3 grid, cudaStream_t stream) {
-    portable::fp8_gemm_portable_kernel<kMode><<<grid, portable::kThreads, 0, stream>>>(p);
-  }
-};
-
-template <GemmMode kMode>
-struct Sm90Launcher {
-  static void run(const GemmParams& p, dim3 grid, cudaStream_t stream) {
-    sm90::fp8_gemm_sm90_kernel<kMode><<<grid, sm90::kThreads, 0, stream>>>(p);
-  }
-};
-
 }  // namespace
 
-void launch_fp8_gemm(const GemmParams& p, cudaStream_t stream) {
-  // Contiguous with no groups still writes its (all padding) rows as zeros.
-  if (p.m == 0 || p.n == 0 || (p.groups == 0 && p.mode != GemmMode::kGroupedContiguous)) return;
-  static_assert(portable::kBlockM == sm90::kBlockM && portable::kBlockN == sm90::kBlockN, "one grid for both");
-  const dim3 grid(static_cast<unsigned>((p.n + portable::kBlockN - 1) / portable::kBlockN),
-                  static_cast<unsigned>((p.m + portable::kBlockM - 1) / portable::kBlockM), 1);
-  if (use_sm90(stream)) dispatch_mode<Sm90Launcher>(p, grid, stream);
-  else dispatch_mode<PortableLauncher>(p, grid, stream);
+void fp8_gemm_nt(const Fp8GemmParams& p, cudaStream_t stream) {
+  // A contiguous call with no groups still writes its rows (all padding) as zeros.
+  if (p.m == 0 || p.n == 0 || (p.num_groups == 0 && p.mode != GemmMode::kGroupedContiguous)) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)),
+                  static_cast<unsigned>(p.mode == GemmMode::kGroupedMasked ? p.num_groups : 1));
+  if (use_sm90()) launch_sm90(p, grid, stream);
+  else fp8_gemm_nt_portable_kernel<<<grid, kThreads, 0, stream>>>(p);
 }
 
 }  // namespace deepkernels::fp8_gemm

@@ -3,32 +3,29 @@
 
 namespace deepkernels::fp8_gemm {
 
-// Which of the three ops a launch computes (the kernels share one body).
 enum class GemmMode : int { kDense = 0, kGroupedContiguous = 1, kGroupedMasked = 2 };
 
-// out[g][i][j] = sum_k a[g][i][k] * a_scale[g][i][k/128] * b[g][j][k] * b_scale[g][j/128][k/128]
-// (fp32 accumulation, bf16 out). All operands row-major with unit stride along K / N:
-//   a        e4m3 [.., m, k]   row stride k bytes, group stride a_group_stride
-//   a_scale  fp32 [.., m, ceil(k/128)] at a_scale[g*sa_group_stride + i*sa_row_stride + kb*sa_col_stride]
-//            (row-major: sa_row_stride = ceil(k/128), sa_col_stride = 1; DeepGEMM's column-major
-//            TMA-aligned layout: sa_row_stride = 1, sa_col_stride = aligned m)
-//   b        e4m3 [groups, n, k],  b_scale fp32 [groups, ceil(n/128), ceil(k/128)] contiguous
-//   out      bf16 [.., m, n] contiguous (group stride out_group_stride)
-// Dense: groups = 1, strides of the group dims unused. Contiguous grouped: a/out are [m, ..] (no group
-// dim), row i uses b[m_indices[i]], m_indices[i] == -1 writes a zero row. Masked: a/out [groups, m, ..],
-// only rows i < masked_m[g] are written (read on the device).
-// Requires k % 16 == 0, n % 16 == 0, a/b 16-byte aligned (a_group_stride, k multiples of 16).
-struct GemmParams {
+// out = (a * a_scale) @ (b * b_scale)^T per group. Strides are in elements.
+//   a        e4m3 [groups?, m, k], unit stride along k
+//   a_scale  fp32 [groups?, m, ceil(k/128)], any row/col strides (row-major or DeepGEMM's column-major)
+//   b        e4m3 [groups?, n, k] contiguous
+//   b_scale  fp32 [groups?, ceil(n/128), ceil(k/128)] contiguous
+//   out      bf16 [groups?, m, n], unit stride along n
+// Dense: groups = 1. Contiguous: a/a_scale/out are not grouped; m_indices[m] picks b's group, -1 = zero row.
+// Masked: a/a_scale/out grouped; only the first masked_m[g] rows of group g are computed and written.
+struct Fp8GemmParams {
+  GemmMode mode;
   const uint8_t* a;
+  int64_t a_row_stride, a_group_stride;
   const float* a_scale;
+  int64_t a_scale_row_stride, a_scale_col_stride, a_scale_group_stride;
   const uint8_t* b;
   const float* b_scale;
-  uint16_t* out;  // bf16 bits
-  int m, n, k, groups;
-  int64_t a_group_stride, sa_group_stride, sa_row_stride, sa_col_stride, out_group_stride;
-  const int* m_indices;  // contiguous mode
-  const int* masked_m;   // masked mode
-  GemmMode mode;
+  void* out;
+  int64_t out_row_stride, out_group_stride;
+  int m, n, k, num_groups;
+  const int* m_indices;
+  const int* masked_m;
 };
 
 }  // namespace deepkernels::fp8_gemm

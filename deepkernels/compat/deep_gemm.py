@@ -1,17 +1,21 @@
-"""DeepGEMM-compatible entry points (``import deepkernels.compat.deep_gemm as deep_gemm``).
+"""DeepGEMM's Python entry points on deepkernels, so code written for DeepGEMM runs unchanged:
+``import deepkernels.compat.deep_gemm as deep_gemm``.
 
-Same names and argument conventions as DeepGEMM's Python API: operands are passed as ``(tensor,
-scales)`` tuples, outputs are preallocated bf16 tensors written in place, ``lhs_scales`` may be the
-column-major TMA-aligned layout from :func:`get_col_major_tma_aligned_tensor` (or plain row-major).
-Unlike DeepGEMM, N and K only need to be multiples of 16 and the calls also run on the CPU.
+Both generations of DeepGEMM's names are provided: the original
+``gemm_fp8_fp8_bf16_nt((lhs, lhs_scales), (rhs, rhs_scales), out)`` family and the later
+``fp8_gemm_nt((a, sfa), (b, sfb), d)`` family. Operands are (fp8 tensor, fp32 scales) pairs with the
+layouts of deepkernels.gemm; the lhs scales may be row-major or the column-major TMA-aligned layout
+that :func:`get_col_major_tma_aligned_tensor` produces (DeepGEMM requires the latter; we accept both).
+Differences from DeepGEMM: also runs on the CPU (references), N and K need only be multiples of 16,
+and there is no JIT: no ``DG_*`` environment variables.
 """
 from __future__ import annotations
-
-from typing import Tuple
 
 import torch
 
 from .. import gemm as _gemm
+
+_TMA_ALIGNMENT_BYTES = 16
 
 
 def ceil_div(x: int, y: int) -> int:
@@ -23,48 +27,48 @@ def get_m_alignment_for_contiguous_layout() -> int:
 
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:
-    """Rows padded so that a column of ``element_size``-byte values is a multiple of 16 bytes."""
-    alignment = 16 // element_size
+    """x rounded up so that x elements of element_size bytes span a multiple of 16 bytes."""
+    alignment = _TMA_ALIGNMENT_BYTES // element_size
     return ceil_div(x, alignment) * alignment
 
 
 def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
-    """[M, S] or [G, M, S] -> same values as a column-major view (stride(-2) == 1) whose column stride
-    is M rounded up to 16 bytes. Returns ``x`` itself when it already has that layout."""
+    """[..., M, K/128] fp32 scales -> the same values in a column-major layout with the M stride padded
+    to 16 bytes (stride(-2) == 1, stride(-1) == aligned M), as DeepGEMM's TMA loads want."""
     if x.dim() not in (2, 3):
-        raise ValueError(f"x: expected 2 or 3 dims, got shape {list(x.shape)}")
-    squeeze = x.dim() == 2
-    x3 = x.unsqueeze(0) if squeeze else x
-    g, m, s = x3.shape
+        raise ValueError(f"x: expected 2 or 3 dims [G?, M, K/128], got shape {list(x.shape)}")
+    m, k_groups = x.shape[-2:]
     aligned_m = get_tma_aligned_size(m, x.element_size())
-    if x3.stride(1) == 1 and x3.stride(2) == aligned_m and (g == 1 or x3.stride(0) == aligned_m * s):
+    if x.stride(-2) == 1 and (k_groups == 1 or x.stride(-1) == aligned_m) and (x.dim() == 2 or x.stride(0) == aligned_m * k_groups):
         return x
-    storage = torch.empty(g, s, aligned_m, dtype=x.dtype, device=x.device)
-    view = storage.transpose(1, 2)[:, :m, :]
-    view.copy_(x3)
-    return view.squeeze(0) if squeeze else view
+    buffer = torch.empty((*x.shape[:-2], k_groups, aligned_m), dtype=x.dtype, device=x.device).transpose(-1, -2)
+    out = buffer[..., :m, :]
+    out.copy_(x)
+    return out
 
 
-def gemm_fp8_fp8_bf16_nt(lhs: Tuple[torch.Tensor, torch.Tensor], rhs: Tuple[torch.Tensor, torch.Tensor],
-                         out: torch.Tensor) -> None:
-    """out[M, N] (bf16) = lhs[M, K] @ rhs[N, K]^T with 1x128 lhs and 128x128 rhs scales."""
+def gemm_fp8_fp8_bf16_nt(lhs: tuple, rhs: tuple, out: torch.Tensor) -> None:
+    """out[M, N] = lhs @ rhs^T with lhs = (fp8 [M, K], fp32 [M, K/128]), rhs = (fp8 [N, K], fp32 [N/128, K/128])."""
     _gemm.fp8_gemm_nt(lhs[0], lhs[1], rhs[0], rhs[1], out)
 
 
-def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: Tuple[torch.Tensor, torch.Tensor],
-                                              rhs: Tuple[torch.Tensor, torch.Tensor],
-                                              out: torch.Tensor, m_indices: torch.Tensor) -> None:
-    """lhs [M_sum, K], rhs [G, N, K], out [M_sum, N], m_indices int32 [M_sum] (-1: padding row, zero out)."""
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: tuple, rhs: tuple, out: torch.Tensor, m_indices: torch.Tensor) -> None:
+    """Grouped over rows: rhs = (fp8 [G, N, K], fp32 [G, N/128, K/128]); m_indices int32 [M], -1 = padding row."""
     _gemm.m_grouped_fp8_gemm_nt_contiguous(lhs[0], lhs[1], rhs[0], rhs[1], out, m_indices)
 
 
-def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: Tuple[torch.Tensor, torch.Tensor],
-                                          rhs: Tuple[torch.Tensor, torch.Tensor],
-                                          out: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> None:
-    """lhs [G, Mmax, K], rhs [G, N, K], out [G, Mmax, N]; only rows < masked_m[g] are written."""
+def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple, rhs: tuple, out: torch.Tensor, masked_m: torch.Tensor,
+                                          expected_m: int) -> None:
+    """Batched over groups: lhs = (fp8 [G, Mmax, K], fp32 [G, Mmax, K/128]); only masked_m[g] rows are valid."""
     _gemm.m_grouped_fp8_gemm_nt_masked(lhs[0], lhs[1], rhs[0], rhs[1], out, masked_m, expected_m)
 
 
+# DeepGEMM v2 names.
+fp8_gemm_nt = gemm_fp8_fp8_bf16_nt
+m_grouped_fp8_gemm_nt_contiguous = m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
+m_grouped_fp8_gemm_nt_masked = m_grouped_gemm_fp8_fp8_bf16_nt_masked
+
 __all__ = ["ceil_div", "get_m_alignment_for_contiguous_layout", "get_tma_aligned_size",
-           "get_col_major_tma_aligned_tensor", "gemm_fp8_fp8_bf16_nt",
-           "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_masked"]
+           "get_col_major_tma_aligned_tensor", "gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+           "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
+           "m_grouped_fp8_gemm_nt_masked"]

@@ -1,7 +1,8 @@
-"""Fp8Linear: a drop-in nn.Linear whose weight is e4m3 with 128x128 block scales."""
+"""Fp8Linear: a drop-in nn.Linear whose weight is e4m3 with 128x128 block scales, run by fp8_gemm_nt."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import fp8 as _fp8
@@ -52,15 +53,13 @@ class Fp8Linear(nn.Module):
         return _fp8.per_block_cast_from_fp8(self.weight, self.weight_scale_inv, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Activations quantised per 1x128 token group (the fused CUDA kernel on GPUs), then the FP8
-        # blockwise GEMM (bf16 out, fp32 accumulation), then the input dtype and the bias.
         lead = x.shape[:-1]
         x_fp8, x_scale = _fp8.per_token_cast_to_fp8(x.reshape(-1, self.in_features))
         if self.in_features % 16 == 0 and self.out_features % 16 == 0:
             y = fp8_gemm_nt(x_fp8, x_scale, self.weight, self.weight_scale_inv).to(x.dtype)
-        else:  # the GEMM needs N, K multiples of 16: same maths on dequantised operands
+        else:  # shapes the GEMM kernels do not take: same quantisation, product of the dequantised operands
             x_deq = _fp8.per_token_cast_from_fp8(x_fp8, x_scale, torch.float32)
-            y = (x_deq @ self.dequantized_weight(torch.float32).t()).to(x.dtype)
+            y = F.linear(x_deq, self.dequantized_weight(torch.float32)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*lead, self.out_features)
