@@ -1,4 +1,4 @@
-"""python -m bench <family|all> [--quick] [--device cuda|cpu] [--out PATH]
+"""python -m bench <family|all|plot> [--quick] [--device cuda|cpu] [--out PATH]
 
 Every module bench/<family>.py that defines FAMILY and run(ctx) -> list[Row] is a suite.
 Prints one table and writes JSON (bench/results/<device>-<date>.json on GPU).
@@ -19,7 +19,7 @@ from bench import common
 def discover() -> dict:
     suites = {}
     for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
-        if info.name in ("common",) or info.name.startswith("_"):
+        if info.name in ("common", "plot") or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"bench.{info.name}")
         if hasattr(module, "FAMILY") and hasattr(module, "run"):
@@ -28,6 +28,11 @@ def discover() -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:  # python -m bench plot [--results DIR] [--out DIR]
+        from bench import plot
+
+        return plot.main(argv[1:])
     suites = discover()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,64 @@
+"""bench: `python -m bench plot` on synthetic results, and the JSON schema of a CPU quant run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV_KEYS = ("device", "driver", "torch", "cuda", "commit", "date")
+ROW_KEYS = ("family", "case", "metric", "ours", "peer", "peer_value", "ratio", "ms")
+
+
+def _synthetic():
+    rows = [
+        {"family": "gemm", "case": {"kind": "dense", "m": 128, "n": 7168, "k": 2048}, "metric": "TFLOPS",
+         "ours": 500.0, "peer": "torch._scaled_mm", "peer_value": 450.0, "ratio": 1.11, "ms": 0.1},
+        {"family": "quant", "case": {"op": "per_token", "m": 4096, "k": 7168}, "metric": "GB/s",
+         "ours": 2000.0, "peer": None, "peer_value": None, "ratio": None, "ms": 0.02},
+        {"family": "moe", "case": {"tokens": 4096, "op": "ep_dispatch_fp8"}, "metric": "GB/s",
+         "ours": 300.0, "peer": "all_to_all_single alone", "peer_value": 320.0, "ratio": 0.94, "ms": 0.3},
+    ]
+    for sk in (512, 1024, 4096):
+        rows.append({"family": "mla", "case": {"b": 64, "s_q": 1, "h_q": 128, "mean_sk": sk, "page": 64},
+                     "metric": "TFLOPS", "ours": 300.0, "peer": None, "peer_value": None, "ratio": None,
+                     "ms": 0.1, "extra": {"GB/s": 2500.0, "TFLOPS": 300.0, "peak_GB/s": 3350.0}})
+    return {"device": "NVIDIA H100 80GB HBM3", "driver": "570.0", "torch": "2.x", "cuda": "13.0",
+            "commit": "abc", "date": "2026-01-01T00:00:00+00:00", "results": rows}
+
+
+def test_plot_writes_pngs(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "h100-2026-01-01.json").write_text(json.dumps(_synthetic()))
+    (res / "cpu-smoke.json.tmp").write_text("not json: must be ignored")
+    out = tmp_path / "img"
+    proc = subprocess.run([sys.executable, "-m", "bench", "plot", "--results", str(res), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pngs = sorted(p.name for p in out.iterdir())
+    assert pngs == [f"h100-2026-01-01-{f}.png" for f in ("gemm", "mla", "moe", "quant")]
+    for p in out.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+
+
+def test_plot_no_results(tmp_path):
+    from bench import plot
+
+    assert plot.plot(str(tmp_path), str(tmp_path / "img")) == []
+
+
+def test_quant_cpu_json_schema(tmp_path):
+    out = tmp_path / "q.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "quant", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    for key in ENV_KEYS:
+        assert key in data, key
+    assert data["results"], "no rows"
+    for row in data["results"]:
+        for key in ROW_KEYS:
+            assert key in row, key
+        assert row["family"] == "quant" and isinstance(row["case"], dict)
