@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     suites = discover()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=[*suites, "all"], help="suite to run")
+    parser.add_argument("name", choices=[*suites, "all", "plot"], help="suite to run, or plot (bench/plot.py)")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)")
