@@ -7,6 +7,8 @@
 """
 from .config import DeepseekV3Config
 from .generate import GenerationStats, generate, sample_next_token
+from .loading import CheckpointError, load_model, load_tokenizer, save_pretrained
 from .modeling import DeepseekV3ForCausalLM
 
-__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "generate", "GenerationStats", "sample_next_token"]
+__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "generate", "GenerationStats", "sample_next_token",
+           "load_model", "save_pretrained", "load_tokenizer", "CheckpointError"]

@@ -160,6 +160,8 @@ class DeepseekV3Config:
         """The equivalent ``transformers.DeepseekV3Config`` (for comparisons against transformers)."""
         import transformers
 
+        if self.moe_layer_freq != 1:
+            raise ValueError("to_hf: transformers' DeepseekV3 has no moe_layer_freq (it must be 1)")
         d = self.to_dict()
         for k in ("extra", "quantization_config", "torch_dtype", "architectures", "model_type", "topk_method",
                   "scoring_func", "moe_layer_freq", "rope_scaling", "rope_theta"):

@@ -88,9 +88,14 @@ def rope_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: DeepseekV3Config, device=None):
         super().__init__()
+        self.config = config
         inv_freq, self.attention_factor = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.interleave = config.rope_interleave
+
+    def reset_parameters(self) -> None:
+        """Recompute inv_freq in place (after building on the meta device and ``to_empty``)."""
+        self.inv_freq.copy_(rope_inv_freq(self.config)[0])
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> (cos, sin) [B, T, rope_dim/2] in ``dtype``."""
