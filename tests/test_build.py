@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,15 @@ def test_extension_carries_cubins_for_every_arch():
     listing = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True, check=True).stdout
     for arch in deepkernels.build_info()["CUDA_ARCHS"]:
         assert f"sm_{arch}" in listing, f"no sm_{arch} cubin in {so.name}:\n{listing}"
+
+
+def test_reference_fallback_prints_one_notice_and_ops_work():
+    code = ("import torch, deepkernels; x = torch.randn(3, 200); q, s = deepkernels.per_token_cast_to_fp8(x); "
+            "assert not deepkernels.build_info()['extension_loaded']; print(s.shape)")
+    env = {**os.environ, "DEEPKERNELS_FORCE_REFERENCE": "1"}
+    env.pop("DEEPKERNELS_QUIET", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notices = [line for line in proc.stderr.splitlines() if line.startswith("deepkernels:")]
+    assert len(notices) == 1 and "pure-torch references" in notices[0], proc.stderr
+    assert proc.stdout.strip() == "torch.Size([3, 2])"
