@@ -258,3 +258,62 @@ def test_cli_generate_tiny():
     expected = generate(get_model("tiny"), [[1, 2, 3], [4, 5]], max_new_tokens=4)
     for seq in expected:
         assert " ".join(map(str, seq.tolist())) in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# expert parallelism: 2 gloo ranks, each loading only its experts, equal 1 process
+
+def _ep_worker(rank: int, world: int, init_file: str, ckpt: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = load_model(ckpt, group=dist.group.WORLD)
+        experts = sorted({int(k.split(".")[5]) for k in model.state_dict() if ".mlp.experts." in k})
+        ids = torch.load(os.path.join(result_dir, "ids.pt"))
+        with torch.no_grad():
+            logits = model(ids)
+        out = generate(model, ids[:, :5], max_new_tokens=6)
+        torch.save({"experts": experts, "logits": logits, "generated": out},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _moe_supports_groups() -> bool:
+    try:
+        from deepkernels.nn import MoE  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _moe_supports_groups(), reason="deepkernels.nn.MoE (expert parallelism) not available")
+def test_expert_parallel_two_gloo_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    model = get_model("tiny")
+    ckpt = tmp_path / "ckpt"
+    save_pretrained(model, str(ckpt))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        ref_logits = model(ids)
+    ref_generated = generate(model, ids[:, :5], max_new_tokens=6)
+    ctx = mp.start_processes(_ep_worker, args=(2, str(tmp_path / "init"), str(ckpt), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    import time
+    deadline = time.monotonic() + 90
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("expert-parallel workers did not finish within 90 s")
+    e = model.config.n_routed_experts
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        assert res["experts"] == list(range(rank * e // 2, (rank + 1) * e // 2)), f"rank {rank}: {res['experts']}"
+        err = rel_err(res["logits"], ref_logits)
+        assert err < 1e-5, f"rank {rank}: EP logits vs 1 process, max rel err {err:.2e}"
+        assert torch.equal(res["generated"], ref_generated), f"rank {rank}: EP generation differs"

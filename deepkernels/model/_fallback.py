@@ -62,33 +62,39 @@ class _ReferenceMoE(nn.Module):
 
 
 class _ReferencePagedMLAKVCache:
-    """Paged latent cache: per layer [num_blocks, page_size, 1, kv_lora_rank + rope_dim]."""
+    """Paged latent cache, per layer [num_blocks, page_size, 1, 576]; lengths per layer, append advances."""
 
-    def __init__(self, num_layers, batch_size, max_seq_len, page_size=64, kv_lora_rank=512, rope_dim=64,
-                 dtype=torch.bfloat16, device=None):
+    def __init__(self, num_layers, batch_size, max_seq_len, page_size=64, dtype=torch.bfloat16, device=None):
         blocks_per_seq = -(-max_seq_len // page_size)
         num_blocks = batch_size * blocks_per_seq
-        self.page_size, self.kv_lora_rank = page_size, kv_lora_rank
-        self.kv_caches = [torch.zeros(num_blocks, page_size, 1, kv_lora_rank + rope_dim, dtype=dtype, device=device)
-                          for _ in range(num_layers)]
-        # a shuffled block assignment: pages of one sequence are not contiguous
-        perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).to(torch.int32)
-        self.block_table = perm.view(batch_size, blocks_per_seq).to(device)
-        self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.page_size = page_size
+        self.kv = torch.zeros(num_layers, num_blocks, page_size, 1, 576, dtype=dtype, device=device)
+        self.block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(batch_size, -1)
+        self.seqlens = torch.zeros(num_layers, batch_size, dtype=torch.int32, device=device)
+
+    @property
+    def cache_seqlens(self):
+        return self.seqlens[0]
+
+    def layer_seqlens(self, layer):
+        return self.seqlens[layer]
+
+    def kv_cache(self, layer):
+        return self.kv[layer]
+
+    def kv_scale(self, layer):
+        return None
 
     def append(self, layer, latent, k_pe):
         b, t, _ = latent.shape
-        pos = self.cache_seqlens.long()[:, None] + torch.arange(t, device=latent.device)
+        pos = self.seqlens[layer].long()[:, None] + torch.arange(t, device=latent.device)
         blocks = self.block_table.long().gather(1, pos // self.page_size)
-        rows = torch.cat([latent, k_pe], dim=-1).to(self.kv_caches[layer].dtype)
-        self.kv_caches[layer][blocks, pos % self.page_size, 0] = rows
-
-    def advance(self, num_tokens):
-        self.cache_seqlens += num_tokens
+        self.kv[layer][blocks, pos % self.page_size, 0] = torch.cat([latent, k_pe], dim=-1).to(self.kv.dtype)
+        self.seqlens[layer] += t
 
 
 def _mla_decode_absorbed_ref(q_nope, q_pe, w_uk, w_uv, kv_cache, block_table, cache_seqlens, softmax_scale,
-                             causal=True):
+                             causal=True, kv_scale=None, metadata=None):
     b, s, h, _ = q_nope.shape
     latent = w_uk.size(-1)
     q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float()), q_pe.float()], dim=-1)

@@ -38,11 +38,23 @@ class GenerationStats:
 
 
 def make_cache(model, batch_size: int, max_seq_len: int, page_size: int = 64, dtype: torch.dtype | None = None):
-    """A paged latent cache for ``model``: one [num_blocks, page_size, 1, kv_lora_rank + rope] cache per layer."""
+    """A paged latent cache for ``model``: per layer [num_blocks, page_size, 1, 512 + 64].
+
+    ``dtype`` defaults to float32 for a float32 model (exact, pure-torch attention) and bfloat16 otherwise
+    (the decode kernel's cache); float8_e4m3fn gives the FP8 cache with per-token scales."""
     c = model.config
-    return _PagedCache(c.num_hidden_layers, batch_size, max_seq_len, page_size=page_size,
-                       kv_lora_rank=c.kv_lora_rank, rope_dim=c.qk_rope_head_dim, dtype=dtype or model.dtype,
+    if (c.kv_lora_rank, c.qk_rope_head_dim) != (512, 64):
+        raise ValueError(f"paged MLA decode needs kv_lora_rank 512 and qk_rope_head_dim 64 (the 576-dim cache row), "
+                         f"got {c.kv_lora_rank} and {c.qk_rope_head_dim}; use generate(..., use_cache=False)")
+    if dtype is None:
+        dtype = torch.float32 if model.dtype == torch.float32 else torch.bfloat16
+    return _PagedCache(c.num_hidden_layers, batch_size, max_seq_len, page_size=page_size, dtype=dtype,
                        device=model.device)
+
+
+def set_cache_lengths(cache, lengths: torch.Tensor) -> None:
+    """Set every layer's length of each sequence (drops rows past it, e.g. a right-padded prefill's padding)."""
+    cache.seqlens.copy_(lengths.to(cache.seqlens.dtype).expand_as(cache.seqlens))
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -118,7 +130,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
             # right-padded prefill: causal attention keeps every real token blind to the padding after it;
             # the padding's cache rows are then dropped by resetting each sequence's length.
             logits = model(padded, cache=cache, prefill=True)
-            cache.cache_seqlens.copy_(lengths.to(cache.cache_seqlens.dtype))
+            set_cache_lengths(cache, lengths)
         else:
             logits = model(padded)
         last = logits[rows, lengths - 1]

@@ -171,15 +171,15 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         k_pe = rope.apply(k_pe.unsqueeze(2), cos, sin)  # [b, t, 1, rope]
 
-        if cache is not None:
+        if cache is not None:  # append advances this layer's lengths by t
             cache.append(self.layer_idx, latent, k_pe.squeeze(2))
         if cache is None or prefill:
             out = self._dense_attention(q_nope, q_pe, latent, k_pe)
         else:
             w_uk, w_uv = self.absorbed_weights()
-            out = mla_decode_absorbed(q_nope, q_pe, w_uk.to(q.dtype), w_uv.to(q.dtype),
-                                      cache.kv_caches[self.layer_idx], cache.block_table,
-                                      cache.cache_seqlens + t, self.softmax_scale, causal=True)
+            out = mla_decode_absorbed(q_nope, q_pe, w_uk, w_uv, cache.kv_cache(self.layer_idx), cache.block_table,
+                                      cache.layer_seqlens(self.layer_idx), self.softmax_scale, causal=True,
+                                      kv_scale=cache.kv_scale(self.layer_idx))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim).to(x.dtype))
 
     def _dense_attention(self, q_nope, q_pe, latent, k_pe):
@@ -236,9 +236,10 @@ class DeepseekV3ForCausalLM(nn.Module):
     """DeepSeek-V3 for next-token logits.
 
     ``model(input_ids [B, T])`` -> logits [B, T, vocab] (full causal forward, no cache).
-    ``model(input_ids, cache=c)``: the B sequences continue from ``c.cache_seqlens`` (their positions);
-    their latents are appended and attention runs through the paged cache (absorbed form); ``prefill=True``
-    (cache empty) computes attention within the chunk instead. ``group``: a process group for expert
+    ``model(input_ids, cache=c)`` (a ``deepkernels.nn.PagedMLAKVCache``): the B sequences continue from
+    ``c.cache_seqlens`` (their positions); each layer appends its latents (advancing its lengths by T) and
+    attends through the paged cache in the absorbed form; ``prefill=True`` (cache empty) computes attention
+    within the chunk instead (MHA form, the cheaper one for long prompts). ``group``: a process group for expert
     parallelism (each rank holds its slice of the routed experts; every rank must run every forward).
     Layers' linear weights are Fp8Linear (weight + weight_scale_inv) when ``config.quantization_config``
     is set, ``dtype`` nn.Linear otherwise; embeddings, norms, router and LM head stay in ``dtype``.
@@ -267,8 +268,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         offset = cache.cache_seqlens.long()[:, None] if cache is not None else 0
         positions = offset + torch.arange(t, device=input_ids.device)[None, :].expand(b, t)
         hidden = self.model(input_ids, positions, cache, prefill)
-        if cache is not None:
-            cache.advance(t)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden).float() if hidden.dtype == torch.float32 else self.lm_head(hidden)
