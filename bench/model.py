@@ -12,7 +12,7 @@ import time
 import torch
 
 from deepkernels.model import DeepseekV3Config, DeepseekV3ForCausalLM
-from deepkernels.model.generate import make_cache
+from deepkernels.model.generation import make_cache
 
 from .common import Context, Row
 

@@ -12,7 +12,7 @@ import torch
 
 from deepkernels.model import (CheckpointError, DeepseekV3Config, DeepseekV3ForCausalLM, generate, load_model,
                                save_pretrained)
-from deepkernels.model.generate import make_cache
+from deepkernels.model.generation import make_cache
 from deepkernels.testing import calc_diff
 
 transformers = pytest.importorskip("transformers")
@@ -133,6 +133,55 @@ def test_decode_two_tokens_per_step():
         steps += [model(input_ids[:, t:t + 2], cache=cache) for t in range(5, 11, 2)]
     err = rel_err(torch.cat(steps, 1), full)
     assert err < 1e-5, f"2-token decode steps vs full forward: {err:.2e}"
+
+
+def _cache_dtypes() -> list:
+    dtypes = [torch.bfloat16]
+    try:
+        from deepkernels.nn import PagedMLAKVCache  # noqa: F401  (the fp8 cache needs the MLA family's cache)
+        dtypes.append(torch.float8_e4m3fn)
+    except ImportError:
+        pass
+    return dtypes
+
+
+@pytest.mark.parametrize("cache_dtype", _cache_dtypes(), ids=str)
+def test_paged_decode_low_precision_cache(cache_dtype):
+    """bf16 / fp8 latent caches take the decode-kernel path (mla_decode_with_kvcache, bf16 query)."""
+    model = get_model("tiny")
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(input_ids)
+        cache = make_cache(model, 2, 16, page_size=16, dtype=cache_dtype)
+        steps = [model(input_ids[:, :6], cache=cache, prefill=True)]
+        steps += [model(input_ids[:, t:t + 1], cache=cache) for t in range(6, 12)]
+    paged = torch.cat(steps, 1)[:, 6:]
+    tol = 2e-3 if cache_dtype == torch.bfloat16 else 2e-2
+    diff = calc_diff(paged, full[:, 6:])
+    assert diff < tol, f"{cache_dtype} cache: decode logits vs full forward calc_diff {diff:.2e} (tol {tol})"
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_model_decode_and_generation():
+    """The tiny model in bf16 on the GPU: logits near the fp32 CPU model; paged decode (CUDA MLA kernel,
+    bf16 cache) near the full forward; generate runs with batch prompts of different lengths."""
+    cpu = get_model("tiny")
+    model = DeepseekV3ForCausalLM(cpu.config, device="cuda", dtype=torch.bfloat16)
+    model.load_state_dict(cpu.state_dict())
+    model.model.rotary_emb.reset_parameters()
+    model.eval()
+    input_ids = torch.randint(0, cpu.config.vocab_size, (3, 40))
+    with torch.no_grad():
+        ref = cpu(input_ids)
+        full = model(input_ids.cuda()).float()
+        cache = make_cache(model, 3, 64, page_size=64)
+        steps = [model(input_ids[:, :24].cuda(), cache=cache, prefill=True)]
+        steps += [model(input_ids[:, t:t + 1].cuda(), cache=cache) for t in range(24, 40)]
+    paged = torch.cat(steps, 1).float()
+    assert calc_diff(full.cpu(), ref) < 2e-2, f"cuda bf16 vs cpu fp32: {calc_diff(full.cpu(), ref):.2e}"
+    assert calc_diff(paged, full) < 5e-3, f"cuda paged decode vs full forward: {calc_diff(paged, full):.2e}"
+    outs = generate(model, [[1, 2, 3], list(range(10, 60)), [7]], max_new_tokens=8)
+    assert [o.numel() for o in outs] == [11, 58, 9]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
     out = generate(model, input_ids, max_new_tokens=16)  # greedy by default; paged MLA cache
 """
 from .config import DeepseekV3Config
-from .generate import GenerationStats, generate, sample_next_token
+from .generation import GenerationStats, generate, sample_next_token
 from .loading import CheckpointError, load_model, load_tokenizer, save_pretrained
 from .modeling import DeepseekV3ForCausalLM
 
