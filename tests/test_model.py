@@ -366,3 +366,27 @@ def test_expert_parallel_two_gloo_ranks_equal_one_process(tmp_path):
         err = rel_err(res["logits"], ref_logits)
         assert err < 1e-5, f"rank {rank}: EP logits vs 1 process, max rel err {err:.2e}"
         assert torch.equal(res["generated"], ref_generated), f"rank {rank}: EP generation differs"
+
+
+def test_tokenizer_from_checkpoint_directory(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deepkernels.model import load_tokenizer
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "the", "three", "kernel", "families", "compose"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    save_pretrained(get_model("tiny"), str(tmp_path),
+                    tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>"))
+    assert load_tokenizer("tiny") is None
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer("the three kernel families")["input_ids"] == [2, 3, 4, 5]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "deepkernels.model", "generate", "--model", str(tmp_path),
+                           "--prompt", "the three kernel families", "--max-new-tokens", "3"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "[0] prompt ids: 2 3 4 5" in proc.stdout and "[0] text: 'the three kernel families' ->" in proc.stdout, \
+        proc.stdout

@@ -132,8 +132,10 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
         device, dtype: where the model lives and the dtype of its non-FP8 parameters. FP8 checkpoints keep
             their linear weights in e4m3 (Fp8Linear) unless ``dequantize_fp8``.
         group: a torch.distributed process group for expert parallelism; only this rank's experts are loaded.
-        load_mtp: keep the MTP layers' keys (not implemented as modules; ignored keys otherwise).
+        load_mtp: the multi-token-prediction layers are not implemented: their keys are skipped; True raises.
     """
+    if load_mtp:
+        raise NotImplementedError("load_mtp: the MTP (multi-token prediction) layers are not implemented")
     directory = None
     if config is None:
         if name_or_path in PRESETS:

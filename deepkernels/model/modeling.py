@@ -155,13 +155,21 @@ class MLAttention(nn.Module):
         self.o_proj = linear(h * c.v_head_dim, c.hidden_size, c.attention_bias)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_uk [h, d_nope, kv_lora_rank], w_uv [h, kv_lora_rank, d_v]) split out of kv_b_proj."""
-        w = dense_weight(self.kv_b_proj).view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
-                                              self.kv_lora_rank)
-        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2)
+        """(w_uk [h, d_nope, kv_lora_rank], w_uv [h, kv_lora_rank, d_v]) split out of kv_b_proj (fp32,
+        dequantised for FP8), cached until kv_b_proj's parameters change."""
+        params = [p for p in self.kv_b_proj.parameters()]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_absorbed_key", None) != key:
+            w = dense_weight(self.kv_b_proj).view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
+                                                  self.kv_lora_rank)
+            self._absorbed = (w[:, : self.qk_nope_head_dim].contiguous(),
+                              w[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous())
+            self._absorbed_key = key
+        return self._absorbed
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
-                cache=None, prefill: bool = False) -> torch.Tensor:
+                cache=None, prefill: bool = False, decode_kwargs: dict | None = None) -> torch.Tensor:
+        decode_kwargs = decode_kwargs or {}
         b, t, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, t, self.num_heads, self.qk_head_dim)
@@ -179,7 +187,7 @@ class MLAttention(nn.Module):
             w_uk, w_uv = self.absorbed_weights()
             out = mla_decode_absorbed(q_nope, q_pe, w_uk, w_uv, cache.kv_cache(self.layer_idx), cache.block_table,
                                       cache.layer_seqlens(self.layer_idx), self.softmax_scale, causal=True,
-                                      kv_scale=cache.kv_scale(self.layer_idx))
+                                      kv_scale=cache.kv_scale(self.layer_idx), **decode_kwargs)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim).to(x.dtype))
 
     def _dense_attention(self, q_nope, q_pe, latent, k_pe):
@@ -210,9 +218,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device, dtype)
 
-    def forward(self, x, rope, cos, sin, cache=None, prefill=False):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, prefill)
+    def forward(self, x, rope, cos, sin, cache=None, prefill=False, decode_kwargs=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, prefill, decode_kwargs)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int) -> dict:
+    """The decode kernel's split plan depends only on the lengths, equal in every layer after its append:
+    compute it once per step (on the device, no host sync) and share it across layers."""
+    kv = cache.kv_cache(0)
+    if kv.dtype == torch.float32:  # fp32 caches run the pure-torch attention: no plan
+        return {}
+    try:
+        from ..mla import get_mla_decode_metadata
+    except ImportError:  # pragma: no cover - before the MLA family lands
+        return {}
+    lengths = cache.cache_seqlens + num_new_tokens
+    return {"metadata": get_mla_decode_metadata(lengths, num_new_tokens * num_heads // kv.size(2), kv.size(2))}
 
 
 class DeepseekV3Model(nn.Module):
@@ -227,8 +249,10 @@ class DeepseekV3Model(nn.Module):
     def forward(self, input_ids, positions, cache=None, prefill=False):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
+        decode_kwargs = _shared_decode_metadata(cache, input_ids.size(1), self.layers[0].self_attn.num_heads) \
+            if cache is not None and not prefill else {}
         for layer in self.layers:
-            x = layer(x, self.rotary_emb, cos, sin, cache, prefill)
+            x = layer(x, self.rotary_emb, cos, sin, cache, prefill, decode_kwargs)
         return self.norm(x)
 
 
