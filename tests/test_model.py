@@ -390,3 +390,20 @@ def test_tokenizer_from_checkpoint_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "[0] prompt ids: 2 3 4 5" in proc.stdout and "[0] text: 'the three kernel families' ->" in proc.stdout, \
         proc.stdout
+
+
+def test_checkpoint_interoperates_with_transformers(tmp_path):
+    """transformers' from_pretrained reads our checkpoint, and we read a checkpoint transformers saved
+    (its 5.x config.json spells RoPE as rope_parameters): same logits both ways."""
+    model = get_model("tiny")
+    save_pretrained(model, str(tmp_path / "ours"))
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    hf.save_pretrained(str(tmp_path / "theirs"))
+    reloaded = load_model(str(tmp_path / "theirs"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        ours, ref, back = model(ids), hf(ids).logits, reloaded(ids)
+    assert rel_err(ours, ref) < 1e-5, f"transformers.from_pretrained(our checkpoint): {rel_err(ours, ref):.2e}"
+    assert torch.equal(back, ours), "our load of the checkpoint transformers saved differs"
+    assert reloaded.config.yarn["factor"] == model.config.yarn["factor"]
