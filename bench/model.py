@@ -88,14 +88,23 @@ def run(ctx: Context) -> list[Row]:
         hf = to_transformers(model, "sdpa" if ctx.is_cuda else "eager")
     except ImportError:
         hf = None
+    variants = [("", model)]
+    if ctx.is_cuda:  # the same weights in FP8 (Fp8Linear -> fp8_gemm_nt), beside bf16 transformers
+        fp8_config = DeepseekV3Config.from_dict({**config.to_dict(), "quantization_config": {
+            "quant_method": "fp8", "weight_block_size": [128, 128]}})
+        variants.append(("fp8", DeepseekV3ForCausalLM(fp8_config, device=ctx.device, dtype=dtype)
+                         .init_random_weights(0).eval()))
     rows = []
     for b, t in cases:
         ids = torch.randint(0, config.vocab_size, (b, t), device=ctx.device)
-        ours_prefill, ours_decode = _ours(model, ids, steps, ctx)
         peer_prefill, peer_decode = _transformers(hf, ids, steps, ctx) if hf is not None else (None, None)
-        case = {"config": name, "dtype": str(dtype).replace("torch.", ""), "batch": b, "prompt": t}
-        for phase, ours_s, peer_s, tokens in (("prefill", ours_prefill, peer_prefill, b * t),
-                                              ("decode", ours_decode, peer_decode, b * steps)):
-            rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
-                            "transformers" if peer_s else None, tokens / peer_s if peer_s else None, ours_s * 1e3))
+        for variant, m in variants:
+            ours_prefill, ours_decode = _ours(m, ids, steps, ctx)
+            case = {"config": name, "dtype": "fp8" if variant else str(dtype).replace("torch.", ""), "batch": b,
+                    "prompt": t}
+            for phase, ours_s, peer_s, tokens in (("prefill", ours_prefill, peer_prefill, b * t),
+                                                  ("decode", ours_decode, peer_decode, b * steps)):
+                rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
+                                "transformers" if peer_s else None, tokens / peer_s if peer_s else None,
+                                ours_s * 1e3))
     return rows

@@ -289,12 +289,15 @@ class DeepseekV3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache=None, prefill: bool = False,
                 logits_to_keep: int = 0) -> torch.Tensor:
         b, t = input_ids.shape
+        if prefill and (cache is None or bool(cache.cache_seqlens.any())):
+            raise ValueError("prefill=True: expected an empty cache (attention runs within the chunk); "
+                             "continue a filled cache with prefill=False")
         offset = cache.cache_seqlens.long()[:, None] if cache is not None else 0
         positions = offset + torch.arange(t, device=input_ids.device)[None, :].expand(b, t)
         hidden = self.model(input_ids, positions, cache, prefill)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden).float() if hidden.dtype == torch.float32 else self.lm_head(hidden)
+        return self.lm_head(hidden)
 
     @torch.no_grad()
     def init_random_weights(self, seed: int = 0) -> "DeepseekV3ForCausalLM":
@@ -311,7 +314,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Fp8Linear):
                 w = randn(name + ".weight", (module.out_features, module.in_features)) / math.sqrt(module.in_features)
-                q, s = per_block_cast_to_fp8(w)
+                q, s = per_block_cast_to_fp8(w.to(module.weight.device))
                 module.weight.copy_(q)
                 module.weight_scale_inv.copy_(s)
             elif isinstance(module, nn.Linear):
