@@ -68,10 +68,13 @@ def cmd_generate(args) -> int:
         return 2
     if args.warmup:  # first calls pay one-time costs (allocator, kernel selection): keep them out of tokens/s
         generate(model, [prompts[0][:4]], max_new_tokens=2, use_cache=not args.no_cache, page_size=args.page_size)
+    eos = args.eos_token_id
+    if eos is None and tokenizer is not None:  # a real vocabulary: stop at its end-of-sequence token
+        eos = tokenizer.eos_token_id
     bar = ProgressBar(args.max_new_tokens)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     outs, stats = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, eos_token_id=args.eos_token_id, use_cache=not args.no_cache,
+                           top_p=args.top_p, eos_token_id=eos, use_cache=not args.no_cache,
                            page_size=args.page_size, generator=gen, return_stats=True,
                            on_token=lambda step, tok: bar.update(step + 1))
     if stats.decode_steps + 1 < args.max_new_tokens:
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--eos-token-id", type=int, default=None)
+    g.add_argument("--eos-token-id", type=int, default=None,
+                   help="stop token (default: the tokenizer's eos when the model directory has a tokenizer)")
     g.add_argument("--seed", type=int, default=0, help="random weights (no checkpoint) and sampling")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
