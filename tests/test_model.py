@@ -81,6 +81,20 @@ def test_config_reads_deepseek_v3_config_json(tmp_path):
     assert v2_lite.q_lora_rank is None and not v2_lite.is_fp8
 
 
+def test_full_deepseek_v3_builds_with_671b_parameters():
+    """The released config on the meta device: 671B parameters, FP8 linears with 128x128 block scales."""
+    c = DeepseekV3Config.from_dict(V3_CONFIG_JSON)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(c, dtype=torch.bfloat16)
+    state = model.state_dict()
+    n = sum(t.numel() for k, t in state.items() if not k.endswith("weight_scale_inv"))
+    assert 670.9e9 < n < 671.1e9, f"{n / 1e9:.3f}B parameters"
+    assert state["model.layers.3.mlp.experts.255.down_proj.weight_scale_inv"].shape == (56, 16)
+    assert state["model.layers.0.self_attn.kv_b_proj.weight"].shape == (128 * 256, 512)
+    assert state["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
+    assert "model.layers.2.mlp.gate_proj.weight" in state and "model.layers.3.mlp.gate.e_score_correction_bias" in state
+
+
 def test_config_rejects_unsupported():
     with pytest.raises(ValueError, match="scoring_func"):
         tiny(scoring_func="softmax")

@@ -155,17 +155,18 @@ class MLAttention(nn.Module):
         self.o_proj = linear(h * c.v_head_dim, c.hidden_size, c.attention_bias)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_uk [h, d_nope, kv_lora_rank], w_uv [h, kv_lora_rank, d_v]) split out of kv_b_proj (fp32,
-        dequantised for FP8), cached until kv_b_proj's parameters change."""
-        params = [p for p in self.kv_b_proj.parameters()]
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        if getattr(self, "_absorbed_key", None) != key:
-            w = dense_weight(self.kv_b_proj).view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
-                                                  self.kv_lora_rank)
-            self._absorbed = (w[:, : self.qk_nope_head_dim].contiguous(),
-                              w[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous())
-            self._absorbed_key = key
-        return self._absorbed
+        """(w_uk [h, d_nope, kv_lora_rank], w_uv [h, kv_lora_rank, d_v]): views of kv_b_proj's weight; for an
+        FP8 kv_b_proj its dequantisation in the model dtype, cached until the parameters change."""
+        if isinstance(self.kv_b_proj, Fp8Linear):
+            key = tuple((p.data_ptr(), p._version) for p in self.kv_b_proj.parameters())
+            if getattr(self, "_dequantized_key", None) != key:
+                self._dequantized = dense_weight(self.kv_b_proj, self.kv_a_layernorm.weight.dtype)
+                self._dequantized_key = key
+            w = self._dequantized
+        else:
+            w = self.kv_b_proj.weight
+        w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
                 cache=None, prefill: bool = False, decode_kwargs: dict | None = None) -> torch.Tensor:
