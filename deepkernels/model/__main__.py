@@ -48,6 +48,8 @@ def cmd_generate(args) -> int:
         args.prompt_ids = ["0,1,2,3"]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
+    if args.dtype is None:  # bf16 on the GPU (the decode kernel's cache), fp32 on the CPU (exact references)
+        args.dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     model = load_model(args.model, device=device, dtype=_DTYPES[args.dtype], seed=args.seed)
     tokenizer = load_tokenizer(args.model)
     c = model.config
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
                    help="stop token (default: the tokenizer's eos when the model directory has a tokenizer)")
     g.add_argument("--seed", type=int, default=0, help="random weights (no checkpoint) and sampling")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    g.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="non-FP8 weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--page-size", type=int, default=64)
     g.add_argument("--warmup", type=int, default=1, help="1: a short untimed generation first (default)")
     g.add_argument("--no-cache", action="store_true", help="recompute the full sequence every step (reference)")
