@@ -110,11 +110,261 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
 
 // ---------------------------------------------------------------------------------------------
 // mla_decode (issue 5): bindings and TORCH_LIBRARY_IMPL block go below this line.
+#include "mla_decode/launch.h"
+
+namespace mla_decode_binding {
+
+std::tuple<at::Tensor, at::Tensor> get_mla_decode_metadata(const at::Tensor& cache_seqlens,
+                                                           int64_t num_q_tokens_per_head_k, int64_t num_heads_k,
+                                                           int64_t num_sm_parts) {
+  check_cuda(cache_seqlens, "cache_seqlens");
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.scalar_type() == at::kInt,
+              "cache_seqlens: expected int32 [b], got ", cache_seqlens.scalar_type(), " ", cache_seqlens.sizes());
+  TORCH_CHECK(num_sm_parts >= 1, "num_sm_parts: expected >= 1, got ", num_sm_parts);
+  (void)num_q_tokens_per_head_k;  // the part count already accounts for them
+  (void)num_heads_k;
+  const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  const auto seqlens = cache_seqlens.contiguous();
+  const int64_t b = seqlens.size(0);
+  auto meta = at::empty({num_sm_parts, 8}, seqlens.options());
+  auto num_splits = at::empty({b + 1}, seqlens.options());
+  deepkernels::mla::MlaMetadataParams p{seqlens.data_ptr<int>(), static_cast<int>(b), static_cast<int>(num_sm_parts),
+                                        meta.data_ptr<int>(), num_splits.data_ptr<int>()};
+  deepkernels::mla::mla_decode_metadata(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return {meta, num_splits};
+}
+
+bool rows_16b_aligned(const at::Tensor& t, int64_t elems_per_16b) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) % elems_per_16b != 0) return false;
+  }
+  return t.stride(-1) == 1;
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
+    const at::Tensor& q_in, const at::Tensor& kv_cache, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+    int64_t head_dim_v, const at::Tensor& tile_scheduler_metadata, const at::Tensor& num_splits, double softmax_scale,
+    bool causal, const std::optional<at::Tensor>& kv_scale) {
+  for (auto [t, name] : {std::pair{&q_in, "q"}, {&kv_cache, "kv_cache"}, {&block_table, "block_table"},
+                         {&cache_seqlens, "cache_seqlens"}, {&tile_scheduler_metadata, "tile_scheduler_metadata"},
+                         {&num_splits, "num_splits"}}) {
+    check_cuda(*t, name);
+  }
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == 576 && q_in.scalar_type() == at::kBFloat16,
+              "q: expected bf16 [b, s_q, h_q, 576], got ", q_in.scalar_type(), " ", q_in.sizes());
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(3) == 576, "kv_cache: expected [blocks, page, h_kv, 576], got ",
+              kv_cache.sizes());
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(fp8 || kv_cache.scalar_type() == at::kBFloat16, "kv_cache: expected bf16 or e4m3, got ",
+              kv_cache.scalar_type());
+  TORCH_CHECK(rows_16b_aligned(kv_cache, fp8 ? 16 : 8), "kv_cache: rows must be 16-byte aligned with unit last stride");
+  TORCH_CHECK(kv_cache.size(1) % 16 == 0, "kv_cache: page size must be a multiple of 16, got ", kv_cache.size(1));
+  TORCH_CHECK(head_dim_v == 512, "head_dim_v: expected 512, got ", head_dim_v);
+  const int64_t b = q_in.size(0), s_q = q_in.size(1), h_q = q_in.size(2), h_kv = kv_cache.size(2);
+  TORCH_CHECK(h_q % h_kv == 0, "q: heads ", h_q, " not a multiple of kv heads ", h_kv);
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == b && block_table.scalar_type() == at::kInt &&
+                  block_table.stride(1) == 1,
+              "block_table: expected int32 [b, max_blocks] with unit inner stride");
+  TORCH_CHECK(cache_seqlens.numel() == b && cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(),
+              "cache_seqlens: expected contiguous int32 [b]");
+  TORCH_CHECK(tile_scheduler_metadata.dim() == 2 && tile_scheduler_metadata.size(0) >= 1 &&
+                  tile_scheduler_metadata.size(1) == 8 &&
+                  tile_scheduler_metadata.scalar_type() == at::kInt && tile_scheduler_metadata.is_contiguous(),
+              "tile_scheduler_metadata: expected contiguous int32 [num_sm_parts >= 1, 8]");
+  TORCH_CHECK(num_splits.numel() == b + 1 && num_splits.scalar_type() == at::kInt && num_splits.is_contiguous(),
+              "num_splits: expected contiguous int32 [b + 1]");
+  if (fp8) {
+    TORCH_CHECK(kv_scale.has_value() && kv_scale->is_cuda() && kv_scale->scalar_type() == at::kFloat &&
+                    kv_scale->is_contiguous() && kv_scale->dim() == 3 && kv_scale->size(0) == kv_cache.size(0) &&
+                    kv_scale->size(1) == kv_cache.size(1) && kv_scale->size(2) == h_kv,
+                "kv_scale: expected contiguous fp32 [num_blocks, page, h_kv] for an e4m3 cache");
+  }
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_16b_aligned(q_in, 8) ? q_in : q_in.contiguous();
+  const int64_t parts = tile_scheduler_metadata.size(0);
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto out = at::empty({b, s_q, h_q, 512}, q.options());
+  auto lse = at::empty({b, h_q, s_q}, f32);
+  // Splits per sequence come from the device plan; b + parts bounds their total (see mla.py).
+  auto o_accum = at::empty({b + parts, s_q * h_q, 512}, f32);
+  auto lse_accum = at::empty({b + parts, s_q * h_q}, f32);
+  deepkernels::mla::MlaDecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_batch_stride = q.stride(0);
+  p.q_seq_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.kv = kv_cache.data_ptr();
+  p.kv_block_stride = kv_cache.stride(0);
+  p.kv_page_stride = kv_cache.stride(1);
+  p.kv_head_stride = kv_cache.stride(2);
+  p.kv_scale = fp8 ? kv_scale->data_ptr<float>() : nullptr;
+  p.kv_fp8 = fp8;
+  p.block_table = block_table.data_ptr<int>();
+  p.block_table_stride = block_table.stride(0);
+  p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  p.tile_scheduler_metadata = tile_scheduler_metadata.data_ptr<int>();
+  p.num_splits = num_splits.data_ptr<int>();
+  p.num_sm_parts = static_cast<int>(parts);
+  p.o_accum = o_accum.data_ptr<float>();
+  p.lse_accum = lse_accum.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.batch = static_cast<int>(b);
+  p.s_q = static_cast<int>(s_q);
+  p.h_q = static_cast<int>(h_q);
+  p.h_kv = static_cast<int>(h_kv);
+  p.page_size = static_cast<int>(kv_cache.size(1));
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.causal = causal;
+  if (b > 0 && s_q > 0 && h_q > 0) {
+    deepkernels::mla::mla_decode(p, at::cuda::getCurrentCUDAStream());
+    check_launch();
+  }
+  return {out, lse};
+}
+
+void write_mla_kv_cache(at::Tensor& kv_cache, const std::optional<at::Tensor>& kv_scale, const at::Tensor& kv,
+                        const at::Tensor& slot_mapping) {
+  check_cuda(kv_cache, "kv_cache");
+  check_cuda(kv, "kv");
+  check_cuda(slot_mapping, "slot_mapping");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(3) == 576 && kv_cache.is_contiguous(),
+              "kv_cache: expected contiguous [blocks, page, h_kv, 576]");
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(fp8 || kv_cache.scalar_type() == at::kBFloat16, "kv_cache: expected bf16 or e4m3");
+  TORCH_CHECK(!fp8 || (kv_scale.has_value() && kv_scale->is_contiguous() && kv_scale->scalar_type() == at::kFloat &&
+                       kv_scale->numel() == kv_cache.numel() / 576),
+              "kv_scale: expected contiguous fp32 [num_blocks, page, h_kv] for an e4m3 cache");
+  TORCH_CHECK(kv.dim() == 3 && kv.size(1) == kv_cache.size(2) && kv.size(2) == 576 && kv.is_contiguous(),
+              "kv: expected contiguous [t, h_kv, 576]");
+  TORCH_CHECK(slot_mapping.numel() == kv.size(0), "slot_mapping: expected [t]");
+  const c10::cuda::CUDAGuard guard(kv_cache.device());
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  deepkernels::mla::MlaWriteCacheParams p{kv.data_ptr(), static_cast<int>(to_dtype(kv.scalar_type(), "kv")),
+                                          slots.data_ptr<int64_t>(), kv_cache.data_ptr(),
+                                          fp8 ? kv_scale->data_ptr<float>() : nullptr, fp8, kv.size(0),
+                                          static_cast<int>(kv_cache.size(2)), static_cast<int>(kv_cache.size(1))};
+  deepkernels::mla::mla_write_cache(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+}
+
+}  // namespace mla_decode_binding
+
+TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+  m.impl("get_mla_decode_metadata", &mla_decode_binding::get_mla_decode_metadata);
+  m.impl("mla_decode_with_kvcache", &mla_decode_binding::mla_decode_with_kvcache);
+  m.impl("write_mla_kv_cache", &mla_decode_binding::write_mla_kv_cache);
+}
 
 
 
 // ---------------------------------------------------------------------------------------------
 // moe (issue 6): bindings and TORCH_LIBRARY_IMPL block go below this line.
+
+#include "moe/config.h"
+#include "moe/launch.h"
+
+namespace moe_binding {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_get_dispatch_layout(const at::Tensor& topk_idx, int64_t num_experts,
+                                                                       int64_t num_ranks) {
+  check_cuda(topk_idx, "topk_idx");
+  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.scalar_type() == at::kLong,
+              "topk_idx: expected int64 [T, k], got ", topk_idx.scalar_type(), " ", topk_idx.sizes());
+  TORCH_CHECK(num_ranks > 0 && num_experts > 0 && num_experts % num_ranks == 0,
+              "num_experts: expected a positive multiple of num_ranks=", num_ranks, ", got ", num_experts);
+  TORCH_CHECK(num_experts + num_ranks <= deepkernels::moe::kMaxExperts,
+              "num_experts: at most ", deepkernels::moe::kMaxExperts, " experts + ranks, got ", num_experts);
+  const c10::cuda::CUDAGuard guard(topk_idx.device());
+  const auto idx = topk_idx.contiguous();
+  const int64_t t = idx.size(0);
+  auto per_rank = at::zeros({num_ranks}, idx.options().dtype(at::kInt));
+  auto per_expert = at::zeros({num_experts}, idx.options().dtype(at::kInt));
+  auto in_rank = at::empty({t, num_ranks}, idx.options().dtype(at::kBool));
+  deepkernels::moe::LayoutParams p{idx.data_ptr<int64_t>(), per_rank.data_ptr<int32_t>(),
+                                   per_expert.data_ptr<int32_t>(), reinterpret_cast<uint8_t*>(in_rank.data_ptr()),
+                                   t, static_cast<int>(idx.size(1)), static_cast<int>(num_experts),
+                                   static_cast<int>(num_ranks)};
+  deepkernels::moe::get_dispatch_layout(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return {per_rank, per_expert, in_rank};
+}
+
+void check_src_idx(const at::Tensor& x, const at::Tensor& src_idx) {
+  check_cuda(x, "x");
+  check_cuda(src_idx, "src_idx");
+  TORCH_CHECK(x.dim() == 2, "x: expected 2 dims [T, H], got ", x.sizes());
+  TORCH_CHECK(src_idx.dim() == 1 && src_idx.scalar_type() == at::kInt && src_idx.is_contiguous(),
+              "src_idx: expected contiguous int32 [N], got ", src_idx.scalar_type(), " ", src_idx.sizes());
+}
+
+at::Tensor moe_permute(const at::Tensor& x_in, const at::Tensor& src_idx) {
+  check_src_idx(x_in, src_idx);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  auto out = at::empty({src_idx.size(0), x.size(1)}, x.options());
+  deepkernels::moe::PermuteParams p{x.data_ptr(), src_idx.data_ptr<int32_t>(), out.data_ptr(), src_idx.size(0),
+                                    x.size(1) * static_cast<int64_t>(x.element_size())};
+  deepkernels::moe::permute(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_permute_fp8(const at::Tensor& x_in, const at::Tensor& src_idx) {
+  check_src_idx(x_in, src_idx);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const int64_t n = src_idx.size(0), h = x.size(1);
+  auto out = at::empty({n, h}, x.options().dtype(at::kFloat8_e4m3fn));
+  auto scale = at::empty({n, (h + 127) / 128}, x.options().dtype(at::kFloat));
+  const DType dtype = to_dtype(x.scalar_type(), "x");
+  TORCH_CHECK(dtype != DType::kFloat8E4M3, "x: expected float32, bfloat16 or float16, got float8_e4m3fn");
+  deepkernels::moe::PermuteFp8Params p{x.data_ptr(), dtype, src_idx.data_ptr<int32_t>(),
+                                       static_cast<uint8_t*>(out.data_ptr()), scale.data_ptr<float>(), n, h};
+  deepkernels::moe::permute_fp8(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return {out, scale};
+}
+
+at::Tensor moe_unpermute_reduce(const at::Tensor& y_in, const at::Tensor& pos,
+                                const std::optional<at::Tensor>& weights) {
+  check_cuda(y_in, "y");
+  check_cuda(pos, "pos");
+  TORCH_CHECK(y_in.dim() == 2, "y: expected 2 dims [N, H], got ", y_in.sizes());
+  TORCH_CHECK(pos.dim() == 2 && pos.scalar_type() == at::kInt && pos.is_contiguous(),
+              "pos: expected contiguous int32 [T, K], got ", pos.scalar_type(), " ", pos.sizes());
+  TORCH_CHECK(pos.size(1) <= deepkernels::moe::kMaxTopk, "pos: at most ", deepkernels::moe::kMaxTopk,
+              " columns, got ", pos.size(1));
+  const DType dtype = to_dtype(y_in.scalar_type(), "y");
+  TORCH_CHECK(dtype != DType::kFloat8E4M3, "y: expected float32, bfloat16 or float16, got float8_e4m3fn");
+  const float* w = nullptr;
+  if (weights.has_value()) {
+    check_cuda(*weights, "weights");
+    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->sizes() == pos.sizes(),
+                "weights: expected contiguous float32 of pos's shape ", pos.sizes(), ", got ",
+                weights->scalar_type(), " ", weights->sizes());
+    w = weights->data_ptr<float>();
+  }
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const auto y = y_in.contiguous();
+  auto out = at::empty({pos.size(0), y.size(1)}, y.options());
+  deepkernels::moe::UnpermuteReduceParams p{y.data_ptr(), dtype, pos.data_ptr<int32_t>(), w, out.data_ptr(),
+                                            pos.size(0), y.size(1), static_cast<int>(pos.size(1))};
+  deepkernels::moe::unpermute_reduce(p, at::cuda::getCurrentCUDAStream());
+  check_launch();
+  return out;
+}
+
+}  // namespace moe_binding
+
+TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+  m.impl("moe_get_dispatch_layout", &moe_binding::moe_get_dispatch_layout);
+  m.impl("moe_permute", &moe_binding::moe_permute);
+  m.impl("moe_permute_fp8", &moe_binding::moe_permute_fp8);
+  m.impl("moe_unpermute_reduce", &moe_binding::moe_unpermute_reduce);
+}
 
 
 

@@ -10,6 +10,10 @@ from .fp8 import (
     per_token_cast_from_fp8,
     per_token_cast_to_fp8,
 )
+from .mla import get_mla_decode_metadata, mla_decode_with_kvcache, write_mla_kv_cache
+
+from . import moe  # noqa: E402,F401  (MoE family: ops + EPDispatcher)
+from .moe import EPDispatcher, get_dispatch_layout  # noqa: E402
 
 _ops.load_extension()
 
@@ -40,3 +44,5 @@ __all__ = [
     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_from_fp8", "per_block_cast_from_fp8",
     "is_cuda_available", "build_info",
 ]
+__all__ += ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_cache"]
+__all__ += ["moe", "EPDispatcher", "get_dispatch_layout"]

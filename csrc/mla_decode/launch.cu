@@ -1,0 +1,79 @@
+#include <cstdlib>
+
+#include "../common/dtype.h"
+#include "combine.cuh"
+#include "launch.h"
+#include "metadata.cuh"
+#include "splitkv_portable.cuh"
+#include "write_cache.cuh"
+
+namespace deepkernels::mla {
+
+namespace {
+
+template <bool kFp8, int kStages>
+void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
+  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem<kStages, kFp8>));
+  // Attribute set on every launch: cheap, and correct on whichever device is current.
+  cudaFuncSetAttribute(mla_splitkv_kernel<kFp8, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  const int heads_per_kv = p.h_q / p.h_kv;
+  const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + kBlockM - 1) / kBlockM);
+  mla_splitkv_kernel<kFp8, kStages><<<grid, kThreads, kSmem, stream>>>(p);
+}
+
+// Deepest K pipeline the device's opt-in shared memory allows: 3 stages (~155 KB) on sm_80 (163 KB)
+// and sm_90 (227 KB), 1 on sm_89 (99 KB). DEEPKERNELS_MLA_STAGES=1|2 caps it (tests run every variant).
+int max_stages() {
+  const char* forced = std::getenv("DEEPKERNELS_MLA_STAGES");
+  if (forced != nullptr && (forced[0] == '1' || forced[0] == '2')) return forced[0] - '0';
+  return 3;
+}
+
+bool device_fits(int smem_bytes) {
+  int device = 0, smem_optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return smem_optin >= smem_bytes;
+}
+
+template <bool kFp8>
+void launch_splitkv_pipelined(const MlaDecodeParams& p, cudaStream_t stream) {
+  const int stages = max_stages();
+  if (stages >= 3 && device_fits(static_cast<int>(sizeof(SplitKvSmem<3, kFp8>)))) {
+    launch_splitkv<kFp8, 3>(p, stream);
+  } else if (stages >= 2 && device_fits(static_cast<int>(sizeof(SplitKvSmem<2, kFp8>)))) {
+    launch_splitkv<kFp8, 2>(p, stream);
+  } else {
+    launch_splitkv<kFp8, 1>(p, stream);
+  }
+}
+
+}  // namespace
+
+void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
+  if (p.batch == 0) return;
+  if (p.num_sm_parts > 0) {
+    if (p.kv_fp8) launch_splitkv_pipelined<true>(p, stream);
+    else launch_splitkv_pipelined<false>(p, stream);
+  }
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
+  const dim3 grid(static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps));
+  mla_combine_kernel<<<grid, kCombineWarps * 32, 0, stream>>>(p);
+}
+
+void mla_decode_metadata(const MlaMetadataParams& p, cudaStream_t stream) {
+  mla_metadata_kernel<<<1, kMetadataThreads, 0, stream>>>(p);
+}
+
+void mla_write_cache(const MlaWriteCacheParams& p, cudaStream_t stream) {
+  const int64_t items = p.num_tokens * p.h_kv;
+  if (items == 0) return;
+  const dim3 grid(static_cast<unsigned>((items + kWriteWarps - 1) / kWriteWarps));
+  switch (static_cast<DType>(p.kv_dtype)) {
+    case DType::kFloat32: mla_write_cache_kernel<float><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
+    case DType::kFloat16: mla_write_cache_kernel<__half><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
+    default: mla_write_cache_kernel<__nv_bfloat16><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
+  }
+}
+
+}  // namespace deepkernels::mla

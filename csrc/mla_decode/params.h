@@ -1,0 +1,50 @@
+#pragma once
+// Plain parameter structs of the MLA decode kernels (layouts: deepkernels/mla.py's docstring).
+#include <cstdint>
+
+namespace deepkernels::mla {
+
+// Split-KV decode + combine. Strides are in elements. q rows and kv rows have unit stride in the
+// last dim and 16-byte aligned starts (checked by the binding).
+struct MlaDecodeParams {
+  const void* q;                 // bf16 [b, s_q, h_q, 576]
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  const void* kv;                // bf16 or e4m3 [num_blocks, page_size, h_kv, 576]
+  int64_t kv_block_stride, kv_page_stride, kv_head_stride;
+  const float* kv_scale;         // fp32 [num_blocks, page_size, h_kv] contiguous; null for bf16
+  bool kv_fp8;
+  const int* block_table;        // int32 [b, max_blocks]
+  int64_t block_table_stride;
+  const int* cache_seqlens;      // int32 [b]
+  const int* tile_scheduler_metadata;  // int32 [num_sm_parts, 8]
+  const int* num_splits;         // int32 [b + 1]
+  int num_sm_parts;
+  float* o_accum;                // fp32 [b + num_sm_parts, s_q * h_q, 512]: per-split normalised output
+  float* lse_accum;              // fp32 [b + num_sm_parts, s_q * h_q]: per-split natural-log lse (-inf: no key)
+  void* out;                     // bf16 [b, s_q, h_q, 512] contiguous
+  float* lse;                    // fp32 [b, h_q, s_q] contiguous
+  int batch, s_q, h_q, h_kv, page_size;
+  float softmax_scale;
+  bool causal;
+};
+
+struct MlaMetadataParams {
+  const int* cache_seqlens;      // int32 [b]
+  int batch, num_sm_parts;
+  int* tile_scheduler_metadata;  // int32 [num_sm_parts, 8]
+  int* num_splits;               // int32 [b + 1]
+};
+
+// kv_cache[slot / page, slot % page, h] = kv[t, h] (quantised per row for e4m3); slot -1 skips.
+struct MlaWriteCacheParams {
+  const void* kv;                // [t, h_kv, 576] contiguous, kv_dtype
+  int kv_dtype;                  // deepkernels::DType
+  const int64_t* slot_mapping;   // [t]
+  void* cache;                   // [num_blocks, page, h_kv, 576] contiguous, bf16 or e4m3
+  float* cache_scale;            // [num_blocks, page, h_kv] (e4m3 only)
+  bool cache_fp8;
+  int64_t num_tokens;
+  int h_kv, page_size;
+};
+
+}  // namespace deepkernels::mla

@@ -1,0 +1,377 @@
+#pragma once
+// Split-KV MLA decode for sm_80+: bf16 mma.sync (m16n8k16) for S = Q K^T and O = P V with an fp32
+// online softmax; K rows arrive by cp.async through the block table (e4m3 rows are converted to bf16
+// exactly on load, their per-token scale applied to the fp32 scores and to P).
+//
+// Grid (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / kBlockM)). CTA (part, kv head, m block) walks the
+// sequences of its part (tile_scheduler_metadata row) and, for each, writes one split: the output
+// normalised by its own softmax sum into o_accum and its lse into lse_accum (combine.cuh merges them), or,
+// when the sequence has a single split, the final bf16 out and lse directly.
+// Query rows of a CTA are the flattened (query token, head) pairs that share kv head blockIdx.y:
+// row r -> token r / heads_per_kv, head blockIdx.y * heads_per_kv + r % heads_per_kv.
+#include <cuda_fp8.h>
+
+#include "../common/ptx.cuh"
+#include "config.h"
+#include "params.h"
+
+namespace deepkernels::mla {
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// 16 e4m3 -> 16 bf16, exact (every e4m3 value is representable in bf16).
+__device__ __forceinline__ void e4m3x16_to_bf16(const uint4& in, uint4 (&out)[2]) {
+  const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&in);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pairs[i]), __NV_E4M3);
+    const float2 f = __half22float2(__half2(h));
+    dst[i] = pack_bf16x2(f.x, f.y);
+  }
+}
+
+// Loads kBlockM query rows (zero for rows past the end) with cp.async.
+template <typename Smem>
+__device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, Smem& sm, int batch, int kv_head,
+                                            int row0, int rows_total, int heads_per_kv) {
+  constexpr int kChunksPerRow = kHeadDim / 8;  // 16 B = 8 bf16
+  const auto* q = static_cast<const __nv_bfloat16*>(p.q);
+  for (int c = threadIdx.x; c < kBlockM * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const int row = row0 + r;
+    const bool valid = row < rows_total;
+    const int token = valid ? row / heads_per_kv : 0;
+    const int head = kv_head * heads_per_kv + (valid ? row % heads_per_kv : 0);
+    const __nv_bfloat16* src = q + batch * p.q_batch_stride + token * p.q_seq_stride + head * p.q_head_stride;
+    ptx::cp_async_16(&sm.q[r][chunk * 8], src + chunk * 8, valid);
+  }
+}
+
+// Row offsets (elements) and per-token scales of keys [n0, n0 + kBlockN) into `stage`; keys at or past
+// kv_end get offset 0 / scale 0 and their block-table entries are never read.
+template <bool kFp8, typename Smem>
+__device__ __forceinline__ void lookup_k_rows(const MlaDecodeParams& p, Smem& sm, int stage, int batch, int kv_head,
+                                              int n0, int kv_end) {
+  if (threadIdx.x < kBlockN) {
+    const int pos = n0 + threadIdx.x;
+    int64_t offset = 0;
+    float token_scale = 0.f;
+    if (pos < kv_end) {
+      const int page = p.block_table[batch * p.block_table_stride + pos / p.page_size];
+      const int slot = pos % p.page_size;
+      offset = page * p.kv_block_stride + slot * p.kv_page_stride + kv_head * p.kv_head_stride;
+      token_scale = kFp8 ? p.kv_scale[(static_cast<int64_t>(page) * p.page_size + slot) * p.h_kv + kv_head] : 1.f;
+    }
+    sm.token_offset[stage][threadIdx.x] = offset;
+    sm.token_scale[stage][threadIdx.x] = token_scale;
+  }
+}
+
+// Loads keys [n0, n0 + kBlockN) of a sequence into `stage`; rows at or past kv_end are zero and never
+// read. token_offset[stage] must already hold this tile's row offsets (after a barrier).
+template <bool kFp8, typename Smem>
+__device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, int stage, int n0, int kv_end) {
+  if constexpr (Smem::kStagedFp8) {
+    constexpr int kChunksPerRow = kHeadDim / 16;  // 16 B = 16 e4m3
+    const auto* kv = static_cast<const uint8_t*>(p.kv);
+    for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
+      const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+      const bool valid = n0 + r < kv_end;
+      ptx::cp_async_16(&sm.k_raw[stage][r][chunk * 16], kv + (valid ? sm.token_offset[stage][r] : 0) + chunk * 16,
+                       valid);
+    }
+  } else if constexpr (!kFp8) {
+    constexpr int kChunksPerRow = kHeadDim / 8;
+    const auto* kv = static_cast<const __nv_bfloat16*>(p.kv);
+    for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
+      const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+      const bool valid = n0 + r < kv_end;
+      ptx::cp_async_16(&sm.k[stage][r][chunk * 8], kv + (valid ? sm.token_offset[stage][r] : 0) + chunk * 8, valid);
+    }
+  } else {
+    constexpr int kChunksPerRow = kHeadDim / 16;  // 16 B = 16 e4m3
+    const auto* kv = static_cast<const uint8_t*>(p.kv);
+    for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
+      const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+      uint4 converted[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+      if (n0 + r < kv_end) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kv + sm.token_offset[stage][r] + chunk * 16));
+        e4m3x16_to_bf16(raw, converted);
+      }
+      *reinterpret_cast<uint4*>(&sm.k[stage][r][chunk * 16]) = converted[0];
+      *reinterpret_cast<uint4*>(&sm.k[stage][r][chunk * 16 + 8]) = converted[1];
+    }
+  }
+}
+
+// Staged e4m3 path: raw rows of `stage` (zero past kv_end) -> the bf16 tile, exactly.
+template <typename Smem>
+__device__ __forceinline__ void convert_staged_k_tile(Smem& sm, int stage) {
+  constexpr int kChunksPerRow = kHeadDim / 16;
+  for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    uint4 converted[2];
+    e4m3x16_to_bf16(*reinterpret_cast<const uint4*>(&sm.k_raw[stage][r][chunk * 16]), converted);
+    *reinterpret_cast<uint4*>(&sm.k[0][r][chunk * 16]) = converted[0];
+    *reinterpret_cast<uint4*>(&sm.k[0][r][chunk * 16 + 8]) = converted[1];
+  }
+}
+
+// Attention of this CTA's query rows over keys [kv_begin, kv_end) of one sequence -> split `split`.
+template <bool kFp8, int kStages>
+__device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8>& sm, int batch, int kv_head, int m_block,
+                             int kv_begin, int kv_end, int seqlen, int split) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int heads_per_kv = p.h_q / p.h_kv;
+  const int rows_total = p.s_q * heads_per_kv;
+  const int row0 = m_block * kBlockM;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  load_q_tile(p, sm, batch, kv_head, row0, rows_total, heads_per_kv);
+  ptx::cp_async_commit();
+
+  // Softmax ownership: thread tid handles scores [4 * (tid % 8), +4) of row tid / 8.
+  const int sm_row = tid / kSoftmaxThreadsPerRow;
+  const int sm_col = (tid % kSoftmaxThreadsPerRow) * 4;
+  // Last key position row sm_row may see (bottom-right causal mask); rows past the end see nothing.
+  int sm_last_visible = -1;
+  if (row0 + sm_row < rows_total) {
+    sm_last_visible = p.causal ? seqlen - p.s_q + (row0 + sm_row) / heads_per_kv : seqlen - 1;
+  }
+  float row_max = -INFINITY, row_sum = 0.f;
+
+  float acc_o[2][kDimsPerWarp / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kDimsPerWarp / 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc_o[mt][nt][i] = 0.f;
+
+  // Tile t lives in stage t % kStages. With kStages > 1 the cp.async loads of tiles t + 1 ..
+  // t + kStages - 1 are in flight while tile t is computed; with one, each tile is loaded then computed.
+  const int num_tiles = (kv_end - kv_begin + kBlockN - 1) / kBlockN;
+  auto issue_tile = [&](int t) {
+    const int stage = t % kStages, n0 = kv_begin + t * kBlockN;
+    lookup_k_rows<kFp8>(p, sm, stage, batch, kv_head, n0, kv_end);
+    __syncthreads();
+    load_k_tile<kFp8>(p, sm, stage, n0, kv_end);
+    ptx::cp_async_commit();
+  };
+#pragma unroll 1
+  for (int t = 0; t < kStages - 1 && t < num_tiles; ++t) issue_tile(t);
+#pragma unroll 1
+  for (int t = 0; t < num_tiles; ++t) {
+    const int n0 = kv_begin + t * kBlockN;
+    const int stage = t % kStages;
+    if constexpr (kStages == 1) {
+      issue_tile(t);
+      ptx::cp_async_wait_all();
+    } else if (t + kStages - 1 < num_tiles) {
+      // its stage, (t - 1) % kStages, was last read by tile t - 1, which ended with a barrier
+      issue_tile(t + kStages - 1);
+      ptx::cp_async_wait_group<kStages - 1>();  // tile t (and the q tile) have landed
+    } else {
+      ptx::cp_async_wait_all();  // the last kStages - 1 tiles: drain
+    }
+    __syncthreads();
+    if constexpr (SplitKvSmem<kStages, kFp8>::kStagedFp8) {
+      convert_staged_k_tile(sm, stage);  // sm.k[0] was last read by tile t - 1, which ended with a barrier
+      __syncthreads();
+    }
+    const auto& k_tile = sm.k[kFp8 ? 0 : stage];
+    const float* token_scale = sm.token_scale[stage];
+
+    // S = Q K^T split over the 576 dims: warp -> 16 rows (warp % 2) x all 32 keys x dims
+    // [144 * (warp / 2), +144); the 4 partial sums are added by the softmax threads. One A fragment feeds
+    // 4 mma (one per 8-key tile), so shared-memory loads per mma are half of a keys-split layout.
+    {
+      const int mt = warp % 2, kq = warp / kSplitKWarpsPerRowBlock;
+      float acc_s[kBlockN / 8][4];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc_s[j][i] = 0.f;
+#pragma unroll 3
+      for (int k0 = kq * kDimsPerSplitK; k0 < (kq + 1) * kDimsPerSplitK; k0 += 16) {
+        uint32_t a[4];
+        ptx::ldmatrix_x4(a, &sm.q[mt * 16 + lane % 16][k0 + (lane / 16) * 8]);
+#pragma unroll
+        for (int jp = 0; jp < kBlockN / 16; ++jp) {
+          uint32_t b[4];  // keys [16 jp, +16) x dims [k0, +16): b0 b1 for key tile 2 jp, b2 b3 for 2 jp + 1
+          ptx::ldmatrix_x4(b, &k_tile[(jp * 2 + lane / 16) * 8 + lane % 8][k0 + ((lane / 8) % 2) * 8]);
+          ptx::mma_bf16_16816(acc_s[jp * 2], a, b[0], b[1]);
+          ptx::mma_bf16_16816(acc_s[jp * 2 + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = mt * 16 + lane / 4 + half * 8;
+          const int c = j * 8 + (lane % 4) * 2;
+          *reinterpret_cast<float2*>(&sm.s[kq][r][c]) = make_float2(acc_s[j][half * 2], acc_s[j][half * 2 + 1]);
+        }
+      }
+    }
+    __syncthreads();
+
+    // Online softmax in the log2 domain; masked keys get -inf (never a product with garbage).
+    {
+      float s[4];
+      float tile_max = -INFINITY;
+      float4 sum = *reinterpret_cast<const float4*>(&sm.s[0][sm_row][sm_col]);
+#pragma unroll
+      for (int kq = 1; kq < kSplitK; ++kq) {
+        const float4 part = *reinterpret_cast<const float4*>(&sm.s[kq][sm_row][sm_col]);
+        sum.x += part.x;
+        sum.y += part.y;
+        sum.z += part.z;
+        sum.w += part.w;
+      }
+      const float raw[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int pos = n0 + sm_col + j;
+        s[j] = (pos < kv_end && pos <= sm_last_visible) ? raw[j] * scale_log2 * token_scale[sm_col + j] : -INFINITY;
+        tile_max = fmaxf(tile_max, s[j]);
+      }
+#pragma unroll
+      for (int offset = 1; offset < kSoftmaxThreadsPerRow; offset <<= 1) {
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      }
+      const float new_max = fmaxf(row_max, tile_max);
+      const float ref = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet stays all-zero
+      const float alpha = ptx::ex2(row_max - ref);
+      float tile_sum = 0.f;
+      float prob[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        prob[j] = ptx::ex2(s[j] - ref);
+        tile_sum += prob[j];
+      }
+#pragma unroll
+      for (int offset = 1; offset < kSoftmaxThreadsPerRow; offset <<= 1) {
+        tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, offset);
+      }
+      row_sum = row_sum * alpha + tile_sum;
+      row_max = new_max;
+      // V rows of an e4m3 cache carry the same per-token scale: fold it into P.
+      uint2 packed;
+      packed.x = pack_bf16x2(prob[0] * token_scale[sm_col], prob[1] * token_scale[sm_col + 1]);
+      packed.y = pack_bf16x2(prob[2] * token_scale[sm_col + 2], prob[3] * token_scale[sm_col + 3]);
+      *reinterpret_cast<uint2*>(&sm.p[sm_row][sm_col]) = packed;
+      if (tid % kSoftmaxThreadsPerRow == 0) sm.alpha[sm_row] = alpha;
+    }
+    __syncthreads();
+
+    // O = O * alpha + P V: warp -> all 32 rows x dims [64 * warp, +64).
+    {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const float alpha_lo = sm.alpha[mt * 16 + lane / 4], alpha_hi = sm.alpha[mt * 16 + lane / 4 + 8];
+#pragma unroll
+        for (int nt = 0; nt < kDimsPerWarp / 8; ++nt) {
+          acc_o[mt][nt][0] *= alpha_lo;
+          acc_o[mt][nt][1] *= alpha_lo;
+          acc_o[mt][nt][2] *= alpha_hi;
+          acc_o[mt][nt][3] *= alpha_hi;
+        }
+      }
+#pragma unroll
+      for (int k0 = 0; k0 < kBlockN; k0 += 16) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) ptx::ldmatrix_x4(a[mt], &sm.p[mt * 16 + lane % 16][k0 + (lane / 16) * 8]);
+#pragma unroll
+        for (int np = 0; np < kDimsPerWarp / 16; ++np) {
+          uint32_t b[4];
+          ptx::ldmatrix_x4_trans(b, &k_tile[k0 + lane % 8 + ((lane / 8) % 2) * 8]
+                                          [warp * kDimsPerWarp + np * 16 + (lane / 16) * 8]);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            ptx::mma_bf16_16816(acc_o[mt][np * 2], a[mt], b[0], b[1]);
+            ptx::mma_bf16_16816(acc_o[mt][np * 2 + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // this stage, sP and alpha are rewritten by later tiles
+  }
+
+  // Q was loaded but no tile ran (cannot happen for a non-empty split, but keep the group drained).
+  ptx::cp_async_wait_all();
+  if (tid % kSoftmaxThreadsPerRow == 0) {
+    sm.row_sum[sm_row] = row_sum;
+    sm.row_max[sm_row] = row_max;
+  }
+  __syncthreads();
+
+  // A sequence with a single split needs no merge: write out / lse directly (combine skips it).
+  const int rows_q = p.s_q * p.h_q;
+  const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] == 1;
+  float* o_split = p.o_accum + static_cast<int64_t>(split) * rows_q * kHeadDimV;
+  auto* out_batch = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(batch) * rows_q * kHeadDimV;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = mt * 16 + lane / 4 + half * 8;
+      const int row = row0 + r;
+      if (row >= rows_total) continue;
+      const int out_row = (row / heads_per_kv) * p.h_q + kv_head * heads_per_kv + row % heads_per_kv;
+      const float l = sm.row_sum[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int64_t col0 = static_cast<int64_t>(out_row) * kHeadDimV + warp * kDimsPerWarp + (lane % 4) * 2;
+#pragma unroll
+      for (int nt = 0; nt < kDimsPerWarp / 8; ++nt) {
+        const float x = acc_o[mt][nt][half * 2] * inv, y = acc_o[mt][nt][half * 2 + 1] * inv;
+        if (direct) {
+          *reinterpret_cast<uint32_t*>(out_batch + col0 + nt * 8) = pack_bf16x2(x, y);
+        } else {
+          *reinterpret_cast<float2*>(o_split + col0 + nt * 8) = make_float2(x, y);
+        }
+      }
+    }
+  }
+  if (tid < kBlockM && row0 + tid < rows_total) {
+    const int row = row0 + tid;
+    const int token = row / heads_per_kv, head = kv_head * heads_per_kv + row % heads_per_kv;
+    const float l = sm.row_sum[tid];
+    // natural log: (max_log2 + log2(sum)) * ln 2. A row with no visible key: -inf for a partial
+    // (weight 0 in the merge), +inf in the final output.
+    const float lse = l > 0.f ? (sm.row_max[tid] + log2f(l)) * 0.6931471805599453f : (direct ? INFINITY : -INFINITY);
+    if (direct) {
+      p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + token] = lse;
+    } else {
+      p.lse_accum[static_cast<int64_t>(split) * rows_q + token * p.h_q + head] = lse;
+    }
+  }
+  __syncthreads();  // the next sequence reuses sQ and the row statistics
+}
+
+template <bool kFp8, int kStages>
+__global__ void __launch_bounds__(kThreads, 1) mla_splitkv_kernel(const MlaDecodeParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<SplitKvSmem<kStages, kFp8>*>(smem_raw);
+  const int* meta = p.tile_scheduler_metadata + blockIdx.x * kMetadataSize;
+  const int begin_batch = meta[0], begin_block = meta[1], end_batch = meta[2], end_block = meta[3];
+  const int begin_split = meta[4];
+  if (begin_batch >= p.batch) return;  // empty part
+  for (int batch = begin_batch; batch <= end_batch && batch < p.batch; ++batch) {
+    const int seqlen = p.cache_seqlens[batch];
+    const int num_blocks = (seqlen + kBlockTokens - 1) / kBlockTokens;
+    const int lo = batch == begin_batch ? begin_block : 0;
+    const int hi = batch == end_batch ? end_block : num_blocks;
+    if (hi <= lo) continue;  // an empty sequence inside the part owns no split
+    const int kv_end = min(hi * kBlockTokens, seqlen);
+    const int split = batch == begin_batch ? begin_split : p.num_splits[batch];
+    attend_split<kFp8, kStages>(p, sm, batch, blockIdx.y, blockIdx.z, lo * kBlockTokens, kv_end, seqlen, split);
+  }
+}
+
+}  // namespace deepkernels::mla

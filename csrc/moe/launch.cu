@@ -1,0 +1,77 @@
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "launch.h"
+#include "layout.cuh"
+#include "permute.cuh"
+
+namespace deepkernels::moe {
+
+namespace {
+
+template <typename F>
+void dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    default: break;  // rejected on the host before launch
+  }
+}
+
+bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+dim3 row_grid(int64_t rows) { return dim3(static_cast<unsigned>(ceil_div<int64_t>(rows, kWarpsPerBlock))); }
+
+// 8 elements per lane as one or two 16-byte accesses: rows must be 16-byte aligned.
+bool vec8_ok(const void* a, const void* b, int64_t hidden, int elem_size) {
+  return hidden % kElemsPerLane == 0 && aligned(a, 16) && aligned(b, elem_size == 1 ? 8 : 16) &&
+         (hidden * elem_size) % 16 == 0;
+}
+
+}  // namespace
+
+void get_dispatch_layout(const LayoutParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.num_tokens, kLayoutThreads)));
+  const size_t smem = sizeof(int) * static_cast<size_t>(p.num_experts + p.num_ranks);
+  layout_kernel<<<grid, kLayoutThreads, smem, stream>>>(p);
+}
+
+void permute(const PermuteParams& p, cudaStream_t stream) {
+  if (p.num_out == 0 || p.row_bytes == 0) return;
+  const dim3 grid = row_grid(p.num_out);
+  if (p.row_bytes % 16 == 0 && aligned(p.x, 16) && aligned(p.out, 16)) {
+    permute_kernel<uint4><<<grid, kThreads, 0, stream>>>(p);
+  } else if (p.row_bytes % 4 == 0 && aligned(p.x, 4) && aligned(p.out, 4)) {
+    permute_kernel<unsigned int><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    permute_kernel<unsigned char><<<grid, kThreads, 0, stream>>>(p);
+  }
+}
+
+void permute_fp8(const PermuteFp8Params& p, cudaStream_t stream) {
+  if (p.num_out == 0 || p.hidden == 0) return;
+  const dim3 grid = row_grid(p.num_out);
+  dispatch_float(p.x_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // the fp8 output row of 8 elements is one 8-byte store
+    if (vec8_ok(p.x, p.out, p.hidden, static_cast<int>(sizeof(T))) && aligned(p.out, 8))
+      permute_fp8_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+    else
+      permute_fp8_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+  });
+}
+
+void unpermute_reduce(const UnpermuteReduceParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0 || p.hidden == 0) return;
+  const dim3 grid = row_grid(p.num_tokens);
+  dispatch_float(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (vec8_ok(p.y, p.out, p.hidden, static_cast<int>(sizeof(T))))
+      unpermute_reduce_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+    else
+      unpermute_reduce_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+  });
+}
+
+}  // namespace deepkernels::moe

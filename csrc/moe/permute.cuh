@@ -1,0 +1,189 @@
+#pragma once
+#include <cstdint>
+#include "../common/fp8.cuh"
+#include "config.h"
+#include "params.h"
+
+namespace deepkernels::moe {
+
+// ---------------------------------------------------------------------------------------------
+// Row gather: one warp per output row, V-wide copies (uint4 = 16 B when the row allows it),
+// four independent loads in flight per lane before their stores.
+template <typename V> __device__ __forceinline__ V load_nc(const V* p) { return __ldg(p); }
+
+template <typename V>
+__global__ void __launch_bounds__(kThreads) permute_kernel(PermuteParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.num_out) return;
+  const int32_t src = __ldg(p.src_idx + row);
+  const int64_t n = p.row_bytes / static_cast<int64_t>(sizeof(V));
+  V* __restrict__ dst = reinterpret_cast<V*>(static_cast<char*>(p.out) + row * p.row_bytes);
+  if (src < 0) {
+    for (int64_t i = lane; i < n; i += 32) dst[i] = V{};
+    return;
+  }
+  const V* __restrict__ s = reinterpret_cast<const V*>(static_cast<const char*>(p.x) + src * p.row_bytes);
+  constexpr int kUnroll = 4;
+  for (int64_t base = lane; base < n; base += 32 * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * 32 < n) v[u] = load_nc(s + base + u * 32);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * 32 < n) dst[base + u * 32] = v[u];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8 consecutive elements per lane. kVec: hidden % 8 == 0 and 16-byte aligned rows, so one uint4
+// (bf16/fp16) or two float4 (fp32) per lane; otherwise element loads with bounds checks.
+// A null row reads as zeros.
+template <typename T, bool kVec>
+__device__ __forceinline__ void load8(const T* row, int64_t col, int64_t hidden, float (&v)[kElemsPerLane]) {
+  if (row == nullptr || col >= hidden) {
+#pragma unroll
+    for (int i = 0; i < kElemsPerLane; ++i) v[i] = 0.0f;
+    return;
+  }
+  if constexpr (kVec) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 a = __ldg(reinterpret_cast<const float4*>(row + col));
+      const float4 b = __ldg(reinterpret_cast<const float4*>(row + col) + 1);
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(row + col));
+      const T* e = reinterpret_cast<const T*>(&q);
+#pragma unroll
+      for (int i = 0; i < kElemsPerLane; ++i) v[i] = to_float<T>(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElemsPerLane; ++i) v[i] = (col + i < hidden) ? to_float<T>(row[col + i]) : 0.0f;
+  }
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void store8(T* row, int64_t col, int64_t hidden, const float (&v)[kElemsPerLane]) {
+  if (col >= hidden) return;
+  if constexpr (kVec) {
+    if constexpr (sizeof(T) == 4) {
+      reinterpret_cast<float4*>(row + col)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(row + col)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      uint4 q;
+      T* e = reinterpret_cast<T*>(&q);
+#pragma unroll
+      for (int i = 0; i < kElemsPerLane; ++i) e[i] = from_float<T>(v[i]);
+      *reinterpret_cast<uint4*>(row + col) = q;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElemsPerLane; ++i)
+      if (col + i < hidden) row[col + i] = from_float<T>(v[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather + per-token fp8 quantisation: one warp per output row, 256-element slabs, each half-warp
+// owning one 128-group (amax reduced over 16 lanes). Two slabs are loaded before either is
+// quantised, so each lane keeps two 16-byte loads in flight. Same numerics as
+// per_token_cast_to_fp8: scale = max(amax, 1e-4) / 448, q = rne(x * (448 / amax)).
+template <bool kVec>
+__device__ __forceinline__ void quantize_store_slab(const float (&v)[kElemsPerLane], int64_t base, int lane,
+                                                    int64_t hidden, int64_t groups, uint8_t* out, float* scale) {
+  const int64_t col = base + lane * kElemsPerLane;
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kElemsPerLane; ++i) amax = nan_propagating_absmax(amax, v[i]);
+#pragma unroll
+  for (int offset = 8; offset > 0; offset >>= 1)
+    amax = nan_propagating_absmax(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  amax = isnan(amax) ? amax : fmaxf(amax, kFp8AmaxClamp);
+  const float inv_scale = kFp8E4m3Max / amax;
+  uint8_t q[kElemsPerLane];
+#pragma unroll
+  for (int i = 0; i < kElemsPerLane; ++i) q[i] = float_to_e4m3(v[i] * inv_scale);
+  if (col < hidden) {
+    if constexpr (kVec) {
+      uint2 packed;
+      packed.x = q[0] | (uint32_t(q[1]) << 8) | (uint32_t(q[2]) << 16) | (uint32_t(q[3]) << 24);
+      packed.y = q[4] | (uint32_t(q[5]) << 8) | (uint32_t(q[6]) << 16) | (uint32_t(q[7]) << 24);
+      *reinterpret_cast<uint2*>(out + col) = packed;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kElemsPerLane; ++i)
+        if (col + i < hidden) out[col + i] = q[i];
+    }
+  }
+  const int64_t group = (base + (lane / 16) * kGroup) / kGroup;
+  if (lane % 16 == 0 && group < groups) scale[group] = amax / kFp8E4m3Max;
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) permute_fp8_kernel(PermuteFp8Params p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.num_out) return;
+  const int32_t src = __ldg(p.src_idx + row);
+  const T* x = src >= 0 ? static_cast<const T*>(p.x) + static_cast<int64_t>(src) * p.hidden : nullptr;
+  uint8_t* out = p.out + row * p.hidden;
+  const int64_t groups = ceil_div<int64_t>(p.hidden, kGroup);
+  float* scale = p.scale + row * groups;
+
+  for (int64_t base = 0; base < p.hidden; base += 2 * kSlab) {
+    float v0[kElemsPerLane], v1[kElemsPerLane];
+    load8<T, kVec>(x, base + lane * kElemsPerLane, p.hidden, v0);
+    load8<T, kVec>(x, base + kSlab + lane * kElemsPerLane, p.hidden, v1);
+    quantize_store_slab<kVec>(v0, base, lane, p.hidden, groups, out, scale);
+    if (base + kSlab < p.hidden) quantize_store_slab<kVec>(v1, base + kSlab, lane, p.hidden, groups, out, scale);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Un-permute + reduce: one warp per token. Lane j < topk holds pos[t, j] / w[t, j]. For each slab the
+// warp walks j two at a time (both rows' loads issued before either is accumulated; warp-uniform
+// skips of pos < 0) and accumulates w * y in fp32 in j order with explicit mul-then-add (no FMA
+// contraction), exactly as the reference does.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) unpermute_reduce_kernel(UnpermuteReduceParams p) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (t >= p.num_tokens) return;
+  int my_pos = -1;
+  float my_w = 1.0f;
+  if (lane < p.topk) {
+    my_pos = __ldg(p.pos + t * p.topk + lane);
+    if (p.weights != nullptr) my_w = __ldg(p.weights + t * p.topk + lane);
+  }
+  const T* y = static_cast<const T*>(p.y);
+  T* out = static_cast<T*>(p.out) + t * p.hidden;
+  for (int64_t base = 0; base < p.hidden; base += kSlab) {
+    const int64_t col = base + lane * kElemsPerLane;
+    float acc[kElemsPerLane];
+#pragma unroll
+    for (int i = 0; i < kElemsPerLane; ++i) acc[i] = 0.0f;
+    for (int j = 0; j < p.topk; j += 2) {
+      const int p0 = __shfl_sync(0xffffffffu, my_pos, j);
+      const float w0 = __shfl_sync(0xffffffffu, my_w, j);
+      const int p1_raw = __shfl_sync(0xffffffffu, my_pos, (j + 1) & 31);
+      const float w1 = __shfl_sync(0xffffffffu, my_w, (j + 1) & 31);
+      const int p1 = j + 1 < p.topk ? p1_raw : -1;
+      float v0[kElemsPerLane], v1[kElemsPerLane];
+      load8<T, kVec>(p0 >= 0 ? y + static_cast<int64_t>(p0) * p.hidden : nullptr, col, p.hidden, v0);
+      load8<T, kVec>(p1 >= 0 ? y + static_cast<int64_t>(p1) * p.hidden : nullptr, col, p.hidden, v1);
+      if (p0 >= 0) {
+#pragma unroll
+        for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w0, v0[i]));
+      }
+      if (p1 >= 0) {
+#pragma unroll
+        for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w1, v1[i]));
+      }
+    }
+    store8<T, kVec>(out, col, p.hidden, acc);
+  }
+}
+
+}  // namespace deepkernels::moe

@@ -1,0 +1,345 @@
+"""MLA paged decode attention (DeepSeek-V3 Multi-head Latent Attention, absorbed form; anchor: FlashMLA).
+
+Shapes (b = batch, s_q = query tokens per sequence, h_q = query heads, h_kv = cache heads, d = 576):
+  * q           [b, s_q, h_q, 576]  bf16, unit stride in the last dim
+  * kv_cache    [num_blocks, page_size, h_kv, 576]  bf16, or float8_e4m3fn with ``kv_scale``
+                 (row = 512 latent dims, which are also V, then 64 rope dims). page_size % 16 == 0.
+  * kv_scale    [num_blocks, page_size, h_kv] fp32 (fp8 cache only): one scale per cached token and
+                 head, covering all 576 dims of the row; the value is ``kv_cache.float() * kv_scale``.
+  * block_table [b, max_blocks] int32: token ``t`` of sequence ``i`` lives in page
+                 ``block_table[i, t // page_size]`` at slot ``t % page_size``. Only the first
+                 ``ceil(cache_seqlens[i] / page_size)`` entries of a row are read; the others may hold
+                 anything (garbage, -1, huge values), and cache slots at or past the length are never read.
+  * cache_seqlens [b] int32 >= 0.
+  * out [b, s_q, h_q, 512] bf16 and lse [b, h_q, s_q] fp32, natural log:
+    lse = log(sum_j exp(scale * q.k_j)), out = sum_j softmax_j * v_j with v_j = k_j[:512].
+    A query row that sees no key (an empty sequence, or a causal row above the diagonal) gets out 0
+    and lse +inf (the combine step gives such a row weight 0).
+  * causal (s_q > 1, speculative decoding / MTP): query token i of a sequence of length L sees keys
+    0 .. L - s_q + i (the bottom-right aligned mask). With s_q == 1 causal changes nothing.
+  * query head h reads cache head h // (h_q // h_kv); h_q must be a multiple of h_kv.
+
+Split plan (``get_mla_decode_metadata``), computed with device tensor ops (no host sync, so the whole
+decode step can be captured in a CUDA graph). The key axis of every sequence is cut into work blocks of
+``BLOCK_TOKENS`` (64) tokens. Laying the sequences' blocks end to end (sequence 0 first) gives
+``T = sum_i ceil(L_i / 64)`` blocks; part p of ``num_sm_parts`` takes the global blocks
+``[p*P, min((p+1)*P, T))`` with ``P = max(1, ceil(T / num_sm_parts))``. A part that crosses a sequence
+boundary yields one split per sequence it touches. Outputs:
+  * tile_scheduler_metadata int32 [num_sm_parts, 8], row p:
+      [0] begin_batch   first sequence of part p (== b when the part is empty)
+      [1] begin_block   first work block (64 tokens) inside begin_batch
+      [2] end_batch     last sequence of part p (inclusive)
+      [3] end_block     one past the last work block inside end_batch
+      [4] begin_split   global index of the split that part p writes for begin_batch; every later
+                        sequence i of the part writes its first split, num_splits[i]
+      [5..7] 0 (reserved)
+  * num_splits int32 [b + 1]: exclusive prefix sum; sequence i owns splits
+    ``num_splits[i] .. num_splits[i+1]-1`` (none when L_i == 0). total splits <= b + num_sm_parts.
+
+CUDA (csrc/mla_decode/, sm_80+): grid (num_sm_parts, h_kv, ceil(s_q*h_q/h_kv / 32)); each CTA takes 32 query
+rows and walks its part's key ranges in 32-key tiles (bf16 mma.sync for Q K^T and P V, fp32 online softmax,
+1-3 stage cp.async pipeline through the block table, e4m3 rows converted to bf16 exactly with the token
+scale folded into the scores and P). A split's partial (output normalised by its own sum, fp32, and its lse)
+goes to a scratch buffer of b + num_sm_parts splits and a combine kernel merges them by lse; a sequence with
+a single split is written directly. Metadata, decode and combine launch without host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._ops import check_same_device, check_tensor, define_op
+
+HEAD_DIM_QK = 576
+HEAD_DIM_V = 512
+BLOCK_TOKENS = 64          # work-block granularity of the split plan (the CUDA kernel's multiple)
+METADATA_SIZE = 8          # int32 words per part in tile_scheduler_metadata
+PAGE_MULTIPLE = 16
+BLOCK_M = 32               # query rows (s_q * h_q / h_kv flattened) per CTA of the CUDA kernel
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_CLAMP = 1e-4
+_CACHE_DTYPES = (torch.bfloat16, FP8_DTYPE)
+
+
+def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """How many parts the key axis is split into: enough CTAs to fill the GPU once.
+
+    The CUDA grid is (num_sm_parts, h_kv, ceil(num_q_tokens_per_head_k / BLOCK_M)); we aim at one CTA
+    per SM. On the CPU (reference), 4 parts so the plan still exercises multi-split sequences.
+    """
+    if device.type != "cuda":
+        return 4
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    m_blocks = math.ceil(num_q_tokens_per_head_k / BLOCK_M)
+    return max(1, sms // max(1, num_heads_k * m_blocks))
+
+
+# ----------------------------------------------------------------------------------------------
+# references (the CPU kernels; also registered for CUDA where the extension lacks a kernel)
+
+def get_mla_decode_metadata_ref(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int,
+                                num_sm_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    device = cache_seqlens.device
+    b = cache_seqlens.numel()
+    lens = cache_seqlens.to(torch.int64)
+    blocks = (lens + BLOCK_TOKENS - 1) // BLOCK_TOKENS                      # [b]
+    ends = torch.cumsum(blocks, 0)                                           # inclusive end per sequence
+    starts = ends - blocks
+    total = ends[-1:] if b > 0 else torch.zeros(1, dtype=torch.int64, device=device)
+    per_part = torch.clamp((total + num_sm_parts - 1) // num_sm_parts, min=1)  # [1], stays on device
+
+    # splits per sequence: parts touching [start, start + blocks)
+    first_part = starts // per_part
+    last_part = (ends - 1).clamp(min=0) // per_part
+    count = torch.where(blocks > 0, last_part - first_part + 1, torch.zeros_like(blocks))
+    num_splits = torch.zeros(b + 1, dtype=torch.int64, device=device)
+    num_splits[1:] = torch.cumsum(count, 0)
+
+    parts = torch.arange(num_sm_parts, device=device, dtype=torch.int64)
+    begin = parts * per_part
+    end = torch.minimum(begin + per_part, total)
+    empty = begin >= total
+    begin_batch = torch.searchsorted(ends, begin, right=True)
+    end_batch = torch.searchsorted(ends, (end - 1).clamp(min=0), right=True)
+    begin_batch_c = begin_batch.clamp(max=max(b - 1, 0))
+    end_batch_c = end_batch.clamp(max=max(b - 1, 0))
+    if b > 0:
+        begin_block = begin - starts[begin_batch_c]
+        end_block = end - starts[end_batch_c]
+        begin_split = num_splits[begin_batch_c] + parts - first_part[begin_batch_c]
+    else:
+        begin_block = end_block = begin_split = torch.zeros_like(parts)
+    zero = torch.zeros_like(parts)
+    meta = torch.stack([
+        torch.where(empty, torch.full_like(parts, b), begin_batch_c),
+        torch.where(empty, zero, begin_block),
+        torch.where(empty, torch.full_like(parts, b), end_batch_c),
+        torch.where(empty, zero, end_block),
+        torch.where(empty, zero, begin_split),
+        zero, zero, zero,
+    ], dim=1)
+    return meta.to(torch.int32), num_splits.to(torch.int32)
+
+
+def _gather_sequence(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, block_table_row: torch.Tensor,
+                     length: int) -> torch.Tensor:
+    """The first ``length`` cached rows of one sequence, fp32 [length, h_kv, 576]; reads only those slots."""
+    page = kv_cache.size(1)
+    pos = torch.arange(length, device=kv_cache.device)
+    pages = block_table_row[: (length + page - 1) // page].long()[pos // page]
+    slots = pos % page
+    rows = kv_cache[pages, slots].float()
+    if kv_scale is not None:
+        rows = rows * kv_scale[pages, slots].unsqueeze(-1)
+    return rows
+
+
+def mla_decode_with_kvcache_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                                cache_seqlens: torch.Tensor, head_dim_v: int, tile_scheduler_metadata: torch.Tensor,
+                                num_splits: torch.Tensor, softmax_scale: float, causal: bool,
+                                kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # The split plan only schedules work; the maths is plain attention per sequence in fp32.
+    out, lse = mla_attention_fp32(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                                  kv_scale)
+    return out.to(torch.bfloat16), lse
+
+
+def mla_attention_fp32(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                       cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool,
+                       kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference maths with an fp32 output (any float q / cache dtype): out [b,s_q,h_q,dv], lse [b,h_q,s_q]."""
+    b, s_q, h_q, _ = q.shape
+    h_kv = kv_cache.size(2)
+    out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h_q, s_q), float("inf"), dtype=torch.float32, device=q.device)
+    for i, length in enumerate(cache_seqlens.tolist()):
+        if length == 0:
+            continue
+        kv = _gather_sequence(kv_cache, kv_scale, block_table[i], length)      # [L, h_kv, 576]
+        kv = kv.repeat_interleave(h_q // h_kv, dim=1).transpose(0, 1)          # [h_q, L, 576]
+        scores = torch.matmul(q[i].float().transpose(0, 1), kv.transpose(1, 2)) * softmax_scale  # [h_q, s_q, L]
+        if causal:
+            last_visible = length - s_q + torch.arange(s_q, device=q.device)  # per query token
+            hidden = torch.arange(length, device=q.device)[None, :] > last_visible[:, None]
+            scores = scores.masked_fill(hidden, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)                             # [h_q, s_q]
+        seen = torch.isfinite(row_lse)
+        probs = torch.exp(scores - torch.where(seen, row_lse, 0.0).unsqueeze(-1))
+        o = torch.matmul(probs, kv[..., :head_dim_v])                         # [h_q, s_q, dv]
+        out[i] = torch.where(seen.unsqueeze(-1), o, 0.0).transpose(0, 1)
+        lse[i] = torch.where(seen, row_lse, float("inf"))
+    return out, lse
+
+
+def write_mla_kv_cache_ref(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+    page = kv_cache.size(1)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    rows = kv[keep]
+    blocks, offsets = slots // page, slots % page
+    if kv_cache.dtype == FP8_DTYPE:
+        amax = rows.float().abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_CLAMP)
+        kv_cache[blocks, offsets] = (rows.float() * (FP8_MAX / amax)).to(FP8_DTYPE)
+        kv_scale[blocks, offsets] = (amax / FP8_MAX).squeeze(-1)
+    else:
+        kv_cache[blocks, offsets] = rows.to(kv_cache.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake kernels (shapes only)
+
+def _metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts):
+    return (cache_seqlens.new_empty((num_sm_parts, METADATA_SIZE), dtype=torch.int32),
+            cache_seqlens.new_empty((cache_seqlens.numel() + 1,), dtype=torch.int32))
+
+
+def _decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                 softmax_scale, causal, kv_scale=None):
+    b, s_q, h_q, _ = q.shape
+    return (q.new_empty((b, s_q, h_q, head_dim_v), dtype=torch.bfloat16),
+            q.new_empty((b, h_q, s_q), dtype=torch.float32))
+
+
+def _write_fake(kv_cache, kv_scale, kv, slot_mapping):
+    return None
+
+
+define_op("get_mla_decode_metadata",
+          "(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, int num_sm_parts) -> (Tensor, Tensor)",
+          get_mla_decode_metadata_ref, _metadata_fake)
+define_op("mla_decode_with_kvcache",
+          "(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+          "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, "
+          "Tensor? kv_scale=None) -> (Tensor, Tensor)",
+          mla_decode_with_kvcache_ref, _decode_fake)
+define_op("write_mla_kv_cache",
+          "(Tensor(a!) kv_cache, Tensor(b!)? kv_scale, Tensor kv, Tensor slot_mapping) -> ()",
+          write_mla_kv_cache_ref, _write_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+def get_mla_decode_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int,
+                            num_sm_parts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split plan for :func:`mla_decode_with_kvcache` (layout in the module docstring).
+
+    Args:
+        cache_seqlens: [b] int32 key lengths (on the device that will run the decode).
+        num_q_tokens_per_head_k: s_q * h_q // h_kv (query rows that share one cache head).
+        num_heads_k: h_kv.
+        num_sm_parts: parts of the key axis; default fills the device once (see default_num_sm_parts).
+    Returns:
+        (tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1]), on cache_seqlens' device.
+        Computed with device ops only (no host sync): safe inside CUDA-graph capture.
+    """
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
+    for name, v in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if num_sm_parts is None:
+        num_sm_parts = default_num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+    if not isinstance(num_sm_parts, int) or num_sm_parts < 1:
+        raise ValueError(f"num_sm_parts: expected a positive int, got {num_sm_parts!r}")
+    return torch.ops.deepkernels.get_mla_decode_metadata(cache_seqlens.contiguous(), num_q_tokens_per_head_k,
+                                                         num_heads_k, num_sm_parts)
+
+
+def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
+    check_tensor("kv_cache", kv_cache, dtypes=_CACHE_DTYPES, ndim=4, inner_contiguous=True)
+    if kv_cache.size(3) != HEAD_DIM_QK:
+        raise ValueError(f"kv_cache: expected last dim {HEAD_DIM_QK} (512 latent + 64 rope), got {kv_cache.size(3)}")
+    if kv_cache.size(1) % PAGE_MULTIPLE != 0 or kv_cache.size(1) == 0:
+        raise ValueError(f"kv_cache: page size (dim 1) must be a positive multiple of {PAGE_MULTIPLE}, "
+                         f"got {kv_cache.size(1)}")
+    align = 16 // kv_cache.element_size()  # rows are read in 16-byte vectors
+    if any(kv_cache.stride(d) % align for d in range(3)):  # (the binding also checks the base address)
+        raise ValueError(f"kv_cache: rows must start on 16-byte boundaries (strides multiples of {align} elements), "
+                         f"got strides {kv_cache.stride()}")
+    if kv_cache.dtype == FP8_DTYPE:
+        if kv_scale is None:
+            raise ValueError("kv_scale: required for a float8_e4m3fn kv_cache "
+                             f"(fp32 [num_blocks, page_size, h_kv] = {list(kv_cache.shape[:3])})")
+        check_tensor("kv_scale", kv_scale, dtypes=(torch.float32,), shape=tuple(kv_cache.shape[:3]),
+                     device=kv_cache.device, contiguous=True)
+    elif kv_scale is not None:
+        raise ValueError("kv_scale: only valid with a float8_e4m3fn kv_cache, got a bfloat16 cache and a scale")
+
+
+def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                            cache_seqlens: torch.Tensor, head_dim_v: int, tile_scheduler_metadata: torch.Tensor,
+                            num_splits: torch.Tensor, softmax_scale: float | None = None, causal: bool = False,
+                            kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged MLA decode attention (layouts, masks and edge cases in the module docstring).
+
+    Args:
+        q: [b, s_q, h_q, 576] bf16.  kv_cache: [num_blocks, page_size, h_kv, 576] bf16 or e4m3.
+        block_table: [b, max_blocks] int32.  cache_seqlens: [b] int32.
+        head_dim_v: 512 (V = first 512 dims of each cached row).
+        tile_scheduler_metadata, num_splits: from :func:`get_mla_decode_metadata` for these cache_seqlens
+            and num_q_tokens_per_head_k = s_q * h_q // h_kv.
+        softmax_scale: default 576 ** -0.5.  causal: bottom-right mask when s_q > 1.
+        kv_scale: [num_blocks, page_size, h_kv] fp32, required iff kv_cache is e4m3.
+    Returns:
+        (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32 natural log; +inf for rows that see no key).
+    Raises:
+        TypeError / ValueError naming the argument for wrong dtypes, shapes, devices or head ratios.
+    """
+    check_tensor("q", q, dtypes=(torch.bfloat16,), ndim=4, inner_contiguous=True)
+    if q.size(3) != HEAD_DIM_QK:
+        raise ValueError(f"q: expected last dim {HEAD_DIM_QK} (512 latent + 64 rope), got {q.size(3)}")
+    _check_cache(kv_cache, kv_scale)
+    b, s_q, h_q, _ = q.shape
+    h_kv = kv_cache.size(2)
+    if h_q % h_kv != 0:
+        raise ValueError(f"q: number of heads ({h_q}) must be a multiple of kv_cache heads ({h_kv})")
+    if head_dim_v != HEAD_DIM_V:
+        raise ValueError(f"head_dim_v: expected {HEAD_DIM_V} (the latent part of the 576-dim row), got {head_dim_v}")
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, inner_contiguous=True)
+    if block_table.size(0) != b:
+        raise ValueError(f"block_table: expected {b} rows (batch of q), got {block_table.size(0)}")
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(b,), contiguous=True)
+    check_tensor("tile_scheduler_metadata", tile_scheduler_metadata, dtypes=(torch.int32,),
+                 shape=(None, METADATA_SIZE), contiguous=True)
+    check_tensor("num_splits", num_splits, dtypes=(torch.int32,), shape=(b + 1,), contiguous=True)
+    check_same_device(q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                      tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits, kv_scale=kv_scale)
+    if softmax_scale is None:
+        softmax_scale = HEAD_DIM_QK ** -0.5
+    softmax_scale = float(softmax_scale)
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale}")
+    return torch.ops.deepkernels.mla_decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, head_dim_v,
+                                                         tile_scheduler_metadata, num_splits, softmax_scale,
+                                                         bool(causal), kv_scale)
+
+
+def write_mla_kv_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Write (and for an e4m3 cache, quantise) new rows into the paged cache, in place.
+
+    Args:
+        kv_cache: [num_blocks, page_size, h_kv, 576] bf16 or e4m3 (mutated).
+        kv_scale: [num_blocks, page_size, h_kv] fp32 for an e4m3 cache (mutated), else None.
+        kv: [t, h_kv, 576] bf16/fp32/fp16: 512 latent dims then 64 rope dims of each new token.
+        slot_mapping: [t] int64 or int32: token j goes to page slot_mapping[j] // page_size, slot
+            slot_mapping[j] % page_size; -1 skips the token (padding).
+    e4m3 rows: scale = max(amax over the 576 dims, 1e-4) / 448, stored value = rne(x * 448 / amax),
+    so the row reads back as kv_cache.float() * kv_scale (one scale per token and head).
+    """
+    _check_cache(kv_cache, kv_scale)
+    h_kv = kv_cache.size(2)
+    check_tensor("kv", kv, dtypes=(torch.bfloat16, torch.float32, torch.float16), shape=(None, h_kv, HEAD_DIM_QK),
+                 device=kv_cache.device, contiguous=True)
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64, torch.int32), shape=(kv.size(0),),
+                 device=kv_cache.device, contiguous=True)
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache: expected a contiguous tensor for writes")
+    torch.ops.deepkernels.write_mla_kv_cache(kv_cache, kv_scale, kv, slot_mapping)
+
+
+__all__ = ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_cache",
+           "get_mla_decode_metadata_ref", "mla_decode_with_kvcache_ref", "write_mla_kv_cache_ref"]

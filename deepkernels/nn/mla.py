@@ -1,0 +1,143 @@
+"""Paged MLA cache and absorbed-form MLA decode attention (DeepSeek-V3).
+
+Absorbed form: the cache holds, per token, the compressed kv latent c_kv (512 dims, after kv_a_layernorm)
+followed by the rotated rope key k_pe (64 dims): one 576-dim row shared by all heads (h_kv = 1).
+With kv_b_proj.weight viewed as [h, d_nope + d_v, 512]:
+    w_uk = weight[:, :d_nope, :]                  [h, d_nope, 512]
+    w_uv = weight[:, d_nope:, :].transpose(1, 2)  [h, 512, d_v]
+a head's score q_nope . (W_UK c) + q_pe . k_pe equals (q_nope W_UK) . c + q_pe . k_pe, so the query
+becomes [q_nope @ w_uk | q_pe] (576 dims) and the attention output over the latent is mapped back
+through w_uv.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import mla as _mla
+
+KV_LORA_RANK = _mla.HEAD_DIM_V     # 512
+ROPE_DIM = _mla.HEAD_DIM_QK - _mla.HEAD_DIM_V  # 64
+
+
+class PagedMLAKVCache(nn.Module):
+    """Paged latent cache for ``num_layers`` layers and a batch of ``batch_size`` sequences.
+
+    Storage per layer: ``kv_cache(layer)`` [num_blocks, page_size, 1, 576] (bf16, float32, or e4m3 with
+    ``kv_scale(layer)`` [num_blocks, page_size, 1] fp32). Sequence i owns pages
+    ``block_table[i, :max_blocks_per_seq]`` (a fixed assignment, shuffled when ``shuffle_blocks``), so
+    positions never need host-side allocation and every step is CUDA-graph friendly.
+
+    Lengths are tracked per layer (``seqlens[layer]`` [b] int32): ``append(layer, latent, k_pe)`` writes
+    the t new tokens of every sequence at that layer's current length and advances it by t. A decoder
+    layer appends then attends with ``layer_seqlens(layer)``; ``cache_seqlens`` is layer 0's lengths
+    (equal to every layer's once a step has run through all layers). Capacity (``max_seq_len``) is not
+    checked on the device: writing past it is undefined.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, page_size: int = 64,
+                 dtype: torch.dtype = torch.bfloat16, device=None, shuffle_blocks: bool = False,
+                 num_blocks: int | None = None):
+        super().__init__()
+        if page_size % _mla.PAGE_MULTIPLE != 0 or page_size <= 0:
+            raise ValueError(f"page_size: expected a positive multiple of {_mla.PAGE_MULTIPLE}, got {page_size}")
+        if dtype not in (torch.bfloat16, torch.float32, _mla.FP8_DTYPE):
+            raise ValueError(f"dtype: expected bfloat16, float32 or float8_e4m3fn, got {dtype}")
+        self.num_layers, self.batch_size, self.page_size, self.dtype = num_layers, batch_size, page_size, dtype
+        self.max_blocks_per_seq = -(-max_seq_len // page_size)
+        needed = batch_size * self.max_blocks_per_seq
+        self.num_blocks = num_blocks if num_blocks is not None else needed
+        if self.num_blocks < needed:
+            raise ValueError(f"num_blocks: need at least {needed} for {batch_size} x {max_seq_len} tokens, "
+                             f"got {self.num_blocks}")
+        order = torch.randperm(self.num_blocks)[:needed] if shuffle_blocks else torch.arange(needed)
+        self.register_buffer("block_table", order.view(batch_size, -1).to(device=device, dtype=torch.int32),
+                             persistent=False)
+        self.register_buffer("kv", torch.zeros(num_layers, self.num_blocks, page_size, 1, _mla.HEAD_DIM_QK,
+                                               dtype=dtype, device=device), persistent=False)
+        scale = (torch.ones(num_layers, self.num_blocks, page_size, 1, dtype=torch.float32, device=device)
+                 if dtype == _mla.FP8_DTYPE else None)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("seqlens", torch.zeros(num_layers, batch_size, dtype=torch.int32, device=device),
+                             persistent=False)
+
+    @property
+    def cache_seqlens(self) -> torch.Tensor:
+        return self.seqlens[0]
+
+    def layer_seqlens(self, layer: int) -> torch.Tensor:
+        return self.seqlens[layer]
+
+    def kv_cache(self, layer: int) -> torch.Tensor:
+        return self.kv[layer]
+
+    def kv_scale(self, layer: int) -> torch.Tensor | None:
+        return None if self.scale is None else self.scale[layer]
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+
+    def slot_mapping(self, layer: int, num_tokens: int) -> torch.Tensor:
+        """[b * t] int64 cache slots (page * page_size + offset) of the next t tokens of each sequence."""
+        pos = self.seqlens[layer].long()[:, None] + torch.arange(num_tokens, device=self.seqlens.device)
+        pages = self.block_table.long().gather(1, (pos // self.page_size).clamp(max=self.max_blocks_per_seq - 1))
+        return (pages * self.page_size + pos % self.page_size).reshape(-1)
+
+    def attend(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
+               softmax_scale: float, causal: bool = True,
+               metadata: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """:func:`mla_decode_absorbed` over this layer's cache (call after ``append`` of the same tokens)."""
+        return mla_decode_absorbed(q_nope, q_pe, w_uk, w_uv, self.kv_cache(layer), self.block_table,
+                                   self.layer_seqlens(layer), softmax_scale, causal, self.kv_scale(layer), metadata)
+
+    def append(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Write latent [b, t, 512] and k_pe [b, t, 64] at each sequence's current length; advance it by t."""
+        b, t = latent.shape[:2]
+        if latent.shape != (self.batch_size, t, KV_LORA_RANK) or k_pe.shape != (self.batch_size, t, ROPE_DIM):
+            raise ValueError(f"append: expected latent [{self.batch_size}, t, {KV_LORA_RANK}] and k_pe "
+                             f"[{self.batch_size}, t, {ROPE_DIM}], got {list(latent.shape)} and {list(k_pe.shape)}")
+        rows = torch.cat([latent, k_pe.to(latent.dtype)], dim=-1).reshape(b * t, 1, _mla.HEAD_DIM_QK)
+        slots = self.slot_mapping(layer, t)
+        if self.dtype == torch.float32:  # fp32 cache (CPU model checks): plain indexing, no rounding
+            flat = self.kv[layer].view(-1, 1, _mla.HEAD_DIM_QK)
+            flat[slots] = rows.float()
+        else:
+            src = rows.contiguous() if rows.dtype in (torch.bfloat16, torch.float32, torch.float16) else rows.float()
+            _mla.write_mla_kv_cache(self.kv[layer], self.kv_scale(layer), src.contiguous(), slots)
+        self.seqlens[layer] += t
+
+
+def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
+                        kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                        softmax_scale: float, causal: bool = True, kv_scale: torch.Tensor | None = None,
+                        metadata: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Absorbed MLA attention over a paged latent cache.
+
+    Args:
+        q_nope: [b, s, h, d_nope], q_pe: [b, s, h, 64] (rope already applied).
+        w_uk: [h, d_nope, 512], w_uv: [h, 512, d_v] (see the module docstring for the kv_b_proj views).
+        kv_cache: [num_blocks, page_size, 1, 576] bf16 / e4m3 (+ kv_scale) / float32 (float32: pure-torch path).
+        block_table [b, max_blocks] int32, cache_seqlens [b] int32: lengths INCLUDING the s new tokens.
+        softmax_scale: the model's (DeepSeek-V3 with YaRN: 192^-0.5 * mscale^2).
+        causal: bottom-right mask over the s new tokens (prefill chunks, MTP); no effect when s == 1.
+        metadata: optional precomputed (tile_scheduler_metadata, num_splits), shared across layers.
+    Returns:
+        [b, s, h, d_v] in q_nope's dtype. bf16/fp8 caches run ``mla_decode_with_kvcache`` (bf16 query);
+        a float32 cache runs the same maths in fp32 (for exact checks against the reference model).
+    """
+    b, s, h, _ = q_nope.shape
+    q_latent = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float())
+    q = torch.cat([q_latent, q_pe.float()], dim=-1)
+    if kv_cache.dtype == torch.float32:
+        out, _ = _mla.mla_attention_fp32(q, kv_cache, block_table, cache_seqlens, KV_LORA_RANK, softmax_scale,
+                                         causal, kv_scale)
+    else:
+        if metadata is None:
+            metadata = _mla.get_mla_decode_metadata(cache_seqlens, s * h // kv_cache.size(2), kv_cache.size(2))
+        out, _ = _mla.mla_decode_with_kvcache(q.to(torch.bfloat16), kv_cache, block_table, cache_seqlens,
+                                              KV_LORA_RANK, metadata[0], metadata[1], softmax_scale, causal,
+                                              kv_scale)
+    return torch.einsum("bshc,hcv->bshv", out.float(), w_uv.float()).to(q_nope.dtype)
+
+
+__all__ = ["PagedMLAKVCache", "mla_decode_absorbed"]

@@ -1,0 +1,212 @@
+"""DeepSeek-V3's MoE layer (routed + shared experts), optionally expert-parallel over an EPDispatcher.
+
+Numerics follow HF transformers' DeepseekV3MoE: router logits in fp32, sigmoid scores, the correction
+bias used for expert SELECTION only, group-limited top-k (top-2 sum per group, keep topk_group groups),
+weights = the selected sigmoid scores, normalised (norm_topk_prob) and scaled by routed_scaling_factor.
+Each token's output = sum_j w_j * expert_j(x) (fp32 accumulation) + shared_experts(x).
+
+State dict keys (HF DeepSeek-V3 ``mlp.*``): ``gate.weight`` [E, H], ``gate.e_score_correction_bias`` [E]
+(fp32), ``experts.{e}.{gate,up,down}_proj.weight`` (+ ``weight_scale_inv`` when fp8) for the LOCAL
+experts e only (global ids; rank r of R holds r*E/R .. (r+1)*E/R-1), ``shared_experts.{gate,up,down}_proj.weight``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import fp8 as _fp8
+from .._ops import ceil_div
+from ..moe import EPDispatcher
+from .mlp import MLP
+
+
+def grouped_gemm_ops():
+    """deepkernels.gemm when it provides the grouped FP8 GEMMs (FP8 GEMM family), else None."""
+    try:
+        from .. import gemm
+    except ImportError:
+        return None
+    names = ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+             "get_m_alignment_for_contiguous_layout")
+    return gemm if all(hasattr(gemm, n) for n in names) else None
+
+
+class MoEGate(nn.Module):
+    """DeepSeek-V3 router: ``weight`` [E, H] and ``e_score_correction_bias`` [E] fp32 (a buffer)."""
+
+    def __init__(self, hidden_size: int, n_routed_experts: int, num_experts_per_tok: int, n_group: int,
+                 topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool = True, device=None, dtype=None):
+        super().__init__()
+        if n_routed_experts % n_group != 0:
+            raise ValueError(f"n_routed_experts: expected a multiple of n_group={n_group}, got {n_routed_experts}")
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group: expected 1..n_group={n_group}, got {topk_group}")
+        if num_experts_per_tok > topk_group * (n_routed_experts // n_group):
+            raise ValueError(f"num_experts_per_tok: expected <= topk_group * experts per group = "
+                             f"{topk_group * (n_routed_experts // n_group)}, got {num_experts_per_tok}")
+        self.n_routed_experts, self.top_k = n_routed_experts, num_experts_per_tok
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size, device=device, dtype=dtype))
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_routed_experts, device=device,
+                                                                    dtype=torch.float32))
+        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_idx [T, k] int64, topk_weights [T, k] float32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        t = x.size(0)
+        grouped = choice.view(t, self.n_group, self.n_routed_experts // self.n_group)
+        group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1)[0].sum(-1)
+        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, self.n_routed_experts)
+        choice = choice.masked_fill(score_mask == 0, float("-inf"))
+        topk_idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return topk_idx, w * self.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    """DeepSeek-V3 MoE: forward(x [..., H]) -> [..., H] in x's dtype.
+
+    With ``group`` (a torch.distributed ProcessGroup of R ranks), this rank holds experts
+    r*E/R..(r+1)*E/R-1; tokens travel through :class:`deepkernels.moe.EPDispatcher` (every rank must
+    call forward, with its own tokens; the gate and shared experts are replicated). ``group=None``:
+    all experts local, same code path with one rank. ``fp8_dispatch`` quantises tokens to e4m3 while
+    packing (DeepEP's fp8 dispatch); the experts then see the dequantised tokens.
+    Experts: with ``fp8=True`` and ``use_grouped_gemm=True`` (or None = whenever ``deepkernels.gemm``
+    provides the grouped GEMMs; default False until that family has landed and been checked with this
+    path on a GPU), the local experts run as two grouped FP8 GEMMs
+    (``m_grouped_fp8_gemm_nt_contiguous`` in normal mode, ``..._masked`` in fixed-capacity mode) on
+    weights stacked [L, 2I, H] / [L, H, I] (DeepGEMM's layout); the per-expert Fp8Linear parameters are
+    then views into that storage, so the checkpoint keys and memory stay as they are. Otherwise one
+    ``deepkernels.nn.MLP`` per local expert over the contiguous expert layout.
+    """
+
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int, num_experts_per_tok: int,
+                 n_shared_experts: int, n_group: int, topk_group: int, routed_scaling_factor: float,
+                 norm_topk_prob: bool = True, fp8: bool = False, group=None, device=None, dtype=None,
+                 fp8_dispatch: bool = False, capacity: int | None = None, use_grouped_gemm: bool | None = False):
+        super().__init__()
+        self.fp8, self.intermediate_size, self.use_grouped_gemm = fp8, moe_intermediate_size, use_grouped_gemm
+        self._stacked = None
+        self.hidden_size = hidden_size
+        self.dispatcher = EPDispatcher(group, n_routed_experts, capacity=capacity)
+        self.fp8_dispatch = fp8_dispatch
+        self.gate = MoEGate(hidden_size, n_routed_experts, num_experts_per_tok, n_group, topk_group,
+                            routed_scaling_factor, norm_topk_prob, device=device, dtype=dtype)
+        r, nl = self.dispatcher.rank, self.dispatcher.num_local_experts
+        self.expert_offset = r * nl
+        self.experts = nn.ModuleDict({str(e): MLP(hidden_size, moe_intermediate_size, fp8, device, dtype)
+                                      for e in range(r * nl, (r + 1) * nl)})
+        self.shared_experts = MLP(hidden_size, moe_intermediate_size * n_shared_experts, fp8, device, dtype) \
+            if n_shared_experts > 0 else None
+
+    def local_experts(self) -> list[nn.Module]:
+        return [self.experts[str(e)] for e in range(self.expert_offset,
+                                                    self.expert_offset + self.dispatcher.num_local_experts)]
+
+    # -- grouped FP8 GEMM path -----------------------------------------------------------------
+    def _grouped_ops(self):
+        if not self.fp8 or self.use_grouped_gemm is False or self.intermediate_size % 128 != 0:
+            if self.use_grouped_gemm:
+                raise RuntimeError("use_grouped_gemm=True needs fp8=True and moe_intermediate_size % 128 == 0")
+            return None
+        ops = grouped_gemm_ops()
+        if ops is None and self.use_grouped_gemm:
+            raise RuntimeError("use_grouped_gemm=True but deepkernels.gemm has no grouped FP8 GEMMs")
+        return ops
+
+    def _expert_params(self):
+        return [p for e in self.local_experts() for lin in (e.gate_proj, e.up_proj, e.down_proj)
+                for p in (lin.weight, lin.weight_scale_inv)]
+
+    def stacked_expert_weights(self):
+        """(w13 [L, 2I, H] e4m3, s13 [L, 2I/128, H/128], w2 [L, H, I] e4m3, s2 [L, H/128, I/128]).
+
+        Built once; the experts' parameters are re-pointed at views of it (no second copy), so
+        load_state_dict (an in-place copy) updates both. Rebuilt if a parameter was replaced (.to())."""
+        ptrs = tuple(p.data_ptr() for p in self._expert_params())
+        if self._stacked is not None and self._stacked[0] == ptrs:
+            return self._stacked[1]
+        experts, i = self.local_experts(), self.intermediate_size
+        u8 = lambda t: t.view(torch.uint8)  # noqa: E731  (cat/stack of fp8 as bytes)
+        w13 = torch.stack([torch.cat([u8(e.gate_proj.weight), u8(e.up_proj.weight)]) for e in experts])
+        s13 = torch.stack([torch.cat([e.gate_proj.weight_scale_inv, e.up_proj.weight_scale_inv]) for e in experts])
+        w2 = torch.stack([u8(e.down_proj.weight) for e in experts])
+        s2 = torch.stack([e.down_proj.weight_scale_inv for e in experts])
+        w13, w2 = w13.view(_fp8.FP8_DTYPE), w2.view(_fp8.FP8_DTYPE)
+        gi = i // 128
+        for l, e in enumerate(experts):
+            e.gate_proj.weight.data, e.up_proj.weight.data = w13[l, :i], w13[l, i:]
+            e.gate_proj.weight_scale_inv.data, e.up_proj.weight_scale_inv.data = s13[l, :gi], s13[l, gi:]
+            e.down_proj.weight.data, e.down_proj.weight_scale_inv.data = w2[l], s2[l]
+        self._stacked = (tuple(p.data_ptr() for p in self._expert_params()), (w13, s13, w2, s2))
+        return self._stacked[1]
+
+    def _run_experts_grouped(self, ops, recv_x, handle, dtype) -> torch.Tensor:
+        w13, s13, w2, s2 = self.stacked_expert_weights()
+        i, h = self.intermediate_size, self.hidden_size
+        if not isinstance(recv_x, tuple):
+            recv_x = _fp8.per_token_cast_to_fp8(recv_x)
+        out_dtype = torch.bfloat16
+        if handle.num_recv_tokens_per_expert_list is not None:  # normal mode: contiguous layout
+            align = ops.get_m_alignment_for_contiguous_layout()
+            (xq, xs), m_idx = handle.to_contiguous(recv_x, align)
+            m = xq.size(0)
+            y = torch.empty(m, h, dtype=out_dtype, device=xq.device)
+            if m:
+                gu = torch.empty(m, 2 * i, dtype=out_dtype, device=xq.device)
+                ops.m_grouped_fp8_gemm_nt_contiguous(xq, xs, w13, s13, gu, m_idx)
+                aq, as_ = _fp8.per_token_cast_to_fp8(F.silu(gu[:, :i]) * gu[:, i:])
+                ops.m_grouped_fp8_gemm_nt_contiguous(aq, as_, w2, s2, y, m_idx)
+            return handle.expert_reduce(y, "contiguous", align)
+        (xq, xs), masked_m = handle.to_masked(recv_x)  # fixed capacity: masked layout, no host sync
+        nl, max_m = xq.shape[0], xq.shape[1]
+        expected_m = max(1, min(max_m, ceil_div(handle.num_recv * handle.recv_local_idx.size(1), max(nl, 1))))
+        gu = torch.empty(nl, max_m, 2 * i, dtype=out_dtype, device=xq.device)
+        ops.m_grouped_fp8_gemm_nt_masked(xq, xs, w13, s13, gu, masked_m, expected_m)
+        aq, as_ = _fp8.per_token_cast_to_fp8(F.silu(gu[..., :i]) * gu[..., i:])
+        y = torch.empty(nl, max_m, h, dtype=out_dtype, device=xq.device)
+        ops.m_grouped_fp8_gemm_nt_masked(aq, as_, w2, s2, y, masked_m, expected_m)
+        return handle.expert_reduce(y, "masked")
+
+    def _run_experts(self, recv_x, handle, dtype) -> torch.Tensor:
+        ops = self._grouped_ops()
+        if ops is not None:
+            return self._run_experts_grouped(ops, recv_x, handle, dtype)
+        if isinstance(recv_x, tuple):
+            from ..fp8 import per_token_cast_from_fp8
+
+            recv_x = per_token_cast_from_fp8(recv_x[0], recv_x[1], torch.float32 if dtype == torch.float32 else dtype)
+        experts = self.local_experts()
+        if handle.num_recv_tokens_per_expert_list is not None:
+            xc, _ = handle.to_contiguous(recv_x)
+            out = torch.empty(xc.shape, dtype=recv_x.dtype, device=xc.device)
+            start = 0
+            for expert, c in zip(experts, handle.num_recv_tokens_per_expert_list):
+                if c:
+                    out[start:start + c] = expert(xc[start:start + c])
+                start += c
+            return handle.expert_reduce(out, "contiguous", 1)
+        # fixed-capacity mode: masked layout, every expert runs on its whole (zero-padded) slab
+        xm, _ = handle.to_masked(recv_x)
+        out = torch.stack([expert(xm[i]) for i, expert in enumerate(experts)]) if experts else xm
+        return handle.expert_reduce(out, "masked")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.hidden_size)
+        topk_idx, topk_w = self.gate(x2)
+        recv_x, handle = self.dispatcher.dispatch(x2, topk_idx, topk_w, use_fp8=self.fp8_dispatch)
+        y = self._run_experts(recv_x, handle, x.dtype)
+        out = self.dispatcher.combine(y.to(x.dtype), handle)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x2)
+        return out.view(shape)

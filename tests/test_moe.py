@@ -1,0 +1,698 @@
+"""MoE family: layout / permute / un-permute ops vs plain Python, EPDispatcher round trips on 1 process and
+on real multi-process gloo groups (2, 3, 4 ranks), the MoE layer vs HF transformers and EP vs 1 process,
+the DeepEP-style Buffer, argument validation, opcheck, and CUDA kernels vs references."""
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+
+import deepkernels as dk
+from deepkernels import moe
+from deepkernels.fp8 import FP8_DTYPE, per_token_cast_from_fp8, per_token_cast_to_fp8
+from deepkernels.testing import calc_diff, opcheck, poison_
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the single- and multi-process checks
+
+
+def make_routing(t: int, k: int, e: int, seed: int, p_unused: float = 0.2, empty_rank: tuple | None = None):
+    """Random top-k ids without repeats per row, -1 with probability p_unused, every 5th row all -1.
+    empty_rank=(r, experts_per_rank): no token routes to rank r."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.int64)
+    if empty_rank is not None:
+        r, per = empty_rank
+        ids = torch.where((ids // per) == r, -1, ids)
+    drop = torch.rand(t, k, generator=g) < p_unused
+    ids = torch.where(drop, -1, ids)
+    ids[::5] = -1
+    w = torch.rand(t, k, generator=g)
+    return ids.to(torch.int64), w
+
+
+def make_tokens(rank: int, t: int, h: int, seed: int, dtype=torch.bfloat16):
+    """Rank-encoded rows: column 0 = source rank, column 1 = token index (exact in bf16), rest random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    if t:
+        x[:, 0] = rank
+        x[:, 1] = torch.arange(t, dtype=dtype)
+    return x
+
+
+def expected_recv(all_x, all_ids, all_w, rank: int, num_ranks: int, e: int):
+    """Plain-Python model of dispatch: rows for `rank`, by source rank then token; local ids and weights."""
+    per = e // num_ranks
+    rows, lids, ws = [], [], []
+    for s in range(num_ranks):
+        for t in range(all_ids[s].size(0)):
+            ids = all_ids[s][t].tolist()
+            if any(i >= 0 and i // per == rank for i in ids):
+                rows.append(all_x[s][t])
+                lids.append([i - rank * per if i >= 0 and i // per == rank else -1 for i in ids])
+                ws.append([float(all_w[s][t][j]) if lids[-1][j] >= 0 else 0.0 for j in range(len(ids))])
+    h = all_x[0].size(1)
+    k = all_ids[0].size(1)
+    x = torch.stack(rows) if rows else torch.empty(0, h, dtype=all_x[0].dtype)
+    return x, torch.tensor(lids, dtype=torch.int32).view(-1, k), torch.tensor(ws, dtype=torch.float32).view(-1, k)
+
+
+def reference_moe_out(x, ids, w, expert_fn):
+    """sum_j w_j * f_{e_j}(x) in fp32, the routed part of an MoE layer."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.size(0)):
+        for j in range(ids.size(1)):
+            e = int(ids[t, j])
+            if e >= 0:
+                out[t] += float(w[t, j]) * expert_fn(e, x[t:t + 1].float())[0]
+    return out
+
+
+def expert_fn(e, x):  # a distinct, exactly representable map per expert
+    return x * (e + 1) + 0.5 * e
+
+
+def run_experts_contiguous(handle, recv_x, num_local, offset, alignment=1):
+    xc, m_idx = handle.to_contiguous(recv_x, alignment)
+    y = torch.zeros(xc.shape, dtype=torch.float32)
+    for r in range(xc.size(0)):
+        if int(m_idx[r]) >= 0:
+            y[r] = expert_fn(offset + int(m_idx[r]), xc[r:r + 1].float())[0]
+    return handle.expert_reduce(y, "contiguous", alignment)
+
+
+def run_experts_masked(handle, recv_x, num_local, offset):
+    xm, masked_m = handle.to_masked(recv_x)
+    y = torch.zeros(xm.shape, dtype=torch.float32)
+    for l in range(num_local):
+        m = int(masked_m[l])
+        y[l, :m] = expert_fn(offset + l, xm[l, :m].float())
+    return handle.expert_reduce(y, "masked")
+
+
+def check_dispatch_combine(group, rank: int, num_ranks: int, seed: int, ts: list[int], e: int, k: int, h: int,
+                           capacity: int | None = None, empty_rank: int | None = None):
+    """Everything one rank checks for one routing scenario (all ranks regenerate all inputs from seeds)."""
+    per = e // num_ranks
+    er = (empty_rank, per) if empty_rank is not None else None
+    all_x = [make_tokens(s, ts[s], h, seed * 100 + s) for s in range(num_ranks)]
+    routing = [make_routing(ts[s], k, e, seed * 100 + 50 + s, empty_rank=er) for s in range(num_ranks)]
+    all_ids, all_w = [r[0] for r in routing], [r[1] for r in routing]
+    x, ids, w = all_x[rank], all_ids[rank], all_w[rank]
+    disp = moe.EPDispatcher(group, num_experts=e, capacity=capacity)
+    exp_x, exp_lid, exp_w = expected_recv(all_x, all_ids, all_w, rank, num_ranks, e)
+
+    # bf16 dispatch: rows, order, local ids, weights, counts
+    recv_x, hd = disp.dispatch(x, ids, w)
+    valid = torch.ones(recv_x.size(0), dtype=torch.bool) if capacity is None else (hd.recv_local_idx >= 0).any(1)
+    assert torch.equal(recv_x[valid], exp_x), f"rank {rank}: received rows differ (misrouted or misordered)"
+    assert torch.equal(hd.recv_local_idx[valid], exp_lid)
+    assert torch.equal(hd.recv_weights[valid], exp_w)
+    assert not (hd.recv_local_idx[~valid] >= 0).any() and bool((recv_x[~valid] == 0).all())
+    want_cnt = torch.bincount(exp_lid[exp_lid >= 0].long(), minlength=per)
+    assert torch.equal(hd.num_recv_tokens_per_expert.long(), want_cnt)
+
+    # exact bf16 round trip: combine sums the received rows back -> x * (number of ranks the token visited)
+    back = disp.combine(recv_x, hd)
+    visits = torch.zeros(ts[rank], dtype=torch.float32)
+    for t in range(ts[rank]):
+        visits[t] = len({int(i) // per for i in ids[t] if i >= 0})
+    assert torch.equal(back, (x.float() * visits[:, None]).to(x.dtype)), f"rank {rank}: bf16 round trip not exact"
+
+    # the full routed computation with weights applied on the expert side
+    want = reference_moe_out(x, ids, w, expert_fn)
+    if capacity is None:
+        got = disp.combine(run_experts_contiguous(hd, recv_x, per, rank * per, alignment=4), hd)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    got = disp.combine(run_experts_masked(hd, recv_x, per, rank * per), hd)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+    # fp8 dispatch (fused quant) == quantising the expected rows; and an (fp8, scale) pair passes through
+    (rq, rs), hq = disp.dispatch(x, ids, w, use_fp8=True)
+    eq, es = per_token_cast_to_fp8(exp_x)
+    vq = valid if capacity is None else (hq.recv_local_idx >= 0).any(1)
+    assert torch.equal(rq[vq].view(torch.uint8), eq.view(torch.uint8)) and torch.equal(rs[vq], es)
+    deq = per_token_cast_from_fp8(rq, rs, torch.float32)
+    back = disp.combine(deq, hq)
+    assert calc_diff(back, x.float() * visits[:, None]) < 1e-3
+    xq, xs = per_token_cast_to_fp8(x)
+    (pq, ps), _ = disp.dispatch((xq, xs), ids, w)
+    assert torch.equal(pq[vq].view(torch.uint8), eq.view(torch.uint8)) and torch.equal(ps[vq], es)
+
+
+SCENARIOS = [  # (seed, tokens per rank as a function of R, E per rank, k, H, capacity, empty rank)
+    (1, lambda r: [13 + 7 * i for i in range(r)], 4, 3, 256, None, None),
+    (2, lambda r: [9] * (r - 1) + [0], 2, 2, 128, None, None),            # T = 0 on the last rank
+    (3, lambda r: [11, 5, 8, 3][:r], 3, 4, 136, None, -1),                # no token to the last rank; H % 128 != 0
+    (4, lambda r: [6, 16, 1, 9][:r], 2, 2, 128, 16, None),                # fixed capacity (no host sync)
+]
+
+
+def _scenarios(group, rank, world):
+    for seed, tsf, per, k, h, cap, er in SCENARIOS:
+        if world == 1:
+            per, er = per * 4, None  # enough experts for k on one rank
+        check_dispatch_combine(group, rank, world, seed, tsf(world), per * world, k, h, capacity=cap,
+                               empty_rank=None if er is None else world + er)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-process harness (gloo over localhost, a FileStore: no port needed; bounded in time)
+
+def _worker(rank, world, store_path, fn_name, queue):
+    try:
+        import torch.distributed as dist
+
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.set_num_threads(1)
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        try:
+            globals()[fn_name](dist.group.WORLD, rank, world)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, None))
+    except BaseException:  # noqa: BLE001  (report any failure to the parent)
+        queue.put((rank, traceback.format_exc()))
+
+
+def run_group(world: int, fn_name: str, timeout: float = 90.0) -> None:
+    ctx = torch.multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as d:
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(d, "store"), fn_name, queue), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        results = {}
+        try:
+            for _ in range(world):
+                r, err = queue.get(timeout=timeout)
+                results[r] = err
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+    missing = [r for r in range(world) if r not in results]
+    assert not missing, f"ranks {missing} did not finish within {timeout}s"
+    errors = {r: e for r, e in results.items() if e}
+    assert not errors, "\n".join(f"--- rank {r} ---\n{e}" for r, e in errors.items())
+
+
+def _mp_scenarios(group, rank, world):
+    _scenarios(group, rank, world)
+
+
+def _mp_moe_layer(group, rank, world):
+    """MoE over the group == the same layer (same seed, all experts) on one process, per rank's tokens."""
+    from deepkernels.nn import MoE
+
+    cfg = dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+               n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    torch.manual_seed(123)
+    full = MoE(**cfg)
+    with torch.no_grad():
+        full.gate.e_score_correction_bias.normal_(0, 0.1)
+    ep = MoE(**cfg, group=group)
+    missing, unexpected = ep.load_state_dict(full.state_dict(), strict=False)
+    assert not missing, missing
+    assert all(n.startswith("experts.") for n in unexpected)
+    assert sorted(ep.experts.keys(), key=int) == [str(e) for e in range(rank * 8 // world, (rank + 1) * 8 // world)]
+    x = torch.randn(5 + 4 * rank, 64, generator=torch.Generator().manual_seed(rank))
+    torch.testing.assert_close(ep(x), full(x), rtol=1e-5, atol=1e-5)
+    if rank == world - 1:  # T = 0 on one rank still takes part in the collectives
+        x = x[:0]
+    torch.testing.assert_close(ep(x), full(x), rtol=1e-5, atol=1e-5)
+    ep_fixed = MoE(**cfg, group=group, capacity=16)
+    ep_fixed.load_state_dict(full.state_dict(), strict=False)
+    torch.testing.assert_close(ep_fixed(x), full(x), rtol=1e-5, atol=1e-5)
+
+
+def _mp_deep_ep(group, rank, world):
+    _check_deep_ep_buffer(group, rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_dispatch_combine_multiprocess(world):
+    run_group(world, "_mp_scenarios")
+
+
+def test_moe_layer_expert_parallel_matches_single_process():
+    run_group(2, "_mp_moe_layer")
+
+
+def test_deep_ep_buffer_multiprocess():
+    run_group(2, "_mp_deep_ep")
+
+
+def test_dispatch_combine_single_process():
+    _scenarios(None, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# ops vs plain Python
+
+
+LAYOUT_CASES = [(0, 2, 8, 2), (1, 4, 8, 4), (37, 8, 32, 4), (64, 3, 12, 3), (5, 1, 6, 1)]
+
+
+def python_layout(ids, e, r):
+    per = e // r
+    per_rank, per_expert = [0] * r, [0] * e
+    in_rank = [[False] * r for _ in ids]
+    for t, row in enumerate(ids):
+        for i in row:
+            if i >= 0:
+                per_expert[i] += 1
+                in_rank[t][i // per] = True
+        for rr in range(r):
+            per_rank[rr] += in_rank[t][rr]
+    return per_rank, per_expert, in_rank
+
+
+@pytest.mark.parametrize("t,k,e,r", LAYOUT_CASES)
+def test_layout_vs_python(t, k, e, r):
+    ids, _ = make_routing(t, k, e, seed=t)
+    pr, pe, inr = moe.get_dispatch_layout(ids, e, r)
+    assert pr.dtype == torch.int32 and pe.dtype == torch.int32 and inr.dtype == torch.bool
+    wr, we, wi = python_layout(ids.tolist(), e, r)
+    assert pr.tolist() == wr and pe.tolist() == we and inr.tolist() == (wi if t else [])
+
+
+def test_permute_and_unpermute_vs_python():
+    x = torch.randn(7, 40)
+    src = torch.tensor([3, -1, 0, 6, 6, -1], dtype=torch.int32)
+    out = moe.permute(x, src)
+    for i, s in enumerate(src.tolist()):
+        assert torch.equal(out[i], x[s] if s >= 0 else torch.zeros(40))
+    q, s = moe.permute_fp8(x.bfloat16(), src)
+    wq, ws = per_token_cast_to_fp8(moe.permute(x.bfloat16(), src))
+    assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8)) and torch.equal(s, ws)
+    pos = torch.tensor([[0, 3, -1], [-1, -1, -1], [5, 5, 1]], dtype=torch.int32)
+    w = torch.rand(3, 3)
+    y = torch.randn(6, 40)
+    got = moe.unpermute_reduce(y, pos, w)
+    for t in range(3):
+        want = sum((w[t, j] * y[pos[t, j]] for j in range(3) if pos[t, j] >= 0), torch.zeros(40))
+        torch.testing.assert_close(got[t], want)
+    torch.testing.assert_close(moe.unpermute_reduce(y, pos), moe.unpermute_reduce(y, pos, torch.ones(3, 3)))
+
+
+def test_positions_helpers():
+    inr = torch.tensor([[True, False], [True, True], [False, False], [False, True]])
+    pos = moe.dispatch_positions(inr)
+    assert pos.tolist() == [[0, -1], [1, 2], [-1, -1], [-1, 3]]
+    assert moe.positions_to_src_idx(pos, 4).tolist() == [0, 1, 1, 3]
+    assert moe.dispatch_positions(inr, capacity=5).tolist() == [[0, -1], [1, 5], [-1, -1], [-1, 6]]
+    lid = torch.tensor([[1, -1], [0, 1], [-1, -1]], dtype=torch.int32)
+    assert moe.expert_positions(lid, 2, torch.tensor([0, 4])).tolist() == [[4, -1], [0, 5], [-1, -1]]
+
+
+def test_opcheck():
+    ids, _ = make_routing(9, 3, 8, seed=0)
+    opcheck(torch.ops.deepkernels.moe_get_dispatch_layout, (ids, 8, 2))
+    x = torch.randn(9, 130, dtype=torch.bfloat16)
+    src = torch.tensor([2, -1, 8, 0], dtype=torch.int32)
+    opcheck(torch.ops.deepkernels.moe_permute, (x, src))
+    opcheck(torch.ops.deepkernels.moe_permute, (per_token_cast_to_fp8(x)[0], src))
+    opcheck(torch.ops.deepkernels.moe_permute_fp8, (x, src))
+    pos = torch.tensor([[0, 3], [-1, -1], [1, 1]], dtype=torch.int32)
+    opcheck(torch.ops.deepkernels.moe_unpermute_reduce, (x[:4], pos, torch.rand(3, 2)))
+    opcheck(torch.ops.deepkernels.moe_unpermute_reduce, (x[:4], pos, None))
+
+
+def test_torch_compile_fixed_capacity():
+    disp = moe.EPDispatcher(None, num_experts=8, capacity=8)
+
+    def step(x, ids, w):
+        recv, hd = disp.dispatch(x, ids, w)
+        return disp.combine(recv, hd)
+
+    ids, w = make_routing(6, 2, 8, seed=3)
+    x = torch.randn(6, 128)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, ids, w), step(x, ids, w))
+
+
+# ----------------------------------------------------------------------------------------------
+# the MoE layer vs HF transformers
+
+
+def _hf_moe_pair(dtype, fp8=False):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from deepkernels.nn import MoE
+
+    cfg = DeepseekV3Config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                           n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                           norm_topk_prob=True)
+    hf = DeepseekV3MoE(cfg).to(dtype)
+    m = MoE(64, 32, 16, 4, 1, 4, 2, 2.5, dtype=dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+        m.gate.e_score_correction_bias.normal_(0, 0.1)
+        hf.gate.weight.copy_(m.gate.weight)
+        hf.gate.e_score_correction_bias.copy_(m.gate.e_score_correction_bias)
+        for e in range(16):
+            ex = m.experts[str(e)]
+            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
+            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(hf.shared_experts, n).weight.copy_(getattr(m.shared_experts, n).weight)
+    return m, hf
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_matches_hf(dtype):
+    m, hf = _hf_moe_pair(dtype)
+    x = torch.randn(3, 7, 64).to(dtype)
+    with torch.no_grad():
+        a, b = m(x), hf(x)
+    assert a.dtype == dtype and a.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    else:  # HF rounds every expert's weighted output to bf16 before summing; we accumulate in fp32
+        assert calc_diff(a, b) < 1e-4
+    assert "gate.e_score_correction_bias" in m.state_dict()
+    assert "experts.15.down_proj.weight" in m.state_dict() and "shared_experts.up_proj.weight" in m.state_dict()
+
+
+def test_moe_fp8_state_dict_and_fp8_dispatch():
+    from deepkernels.nn import MoE
+
+    m = MoE(128, 128, 4, 2, 1, 2, 1, 1.0, fp8=True, fp8_dispatch=True)
+    keys = m.state_dict().keys()
+    assert {"experts.3.gate_proj.weight", "experts.3.gate_proj.weight_scale_inv",
+            "shared_experts.down_proj.weight_scale_inv"} <= set(keys)
+    for mod in m.modules():
+        if isinstance(mod, dk.nn.Fp8Linear):
+            w = torch.randn(mod.out_features, mod.in_features) * 0.05
+            mod.weight.data, mod.weight_scale_inv.data = dk.per_block_cast_to_fp8(w)
+    x = torch.randn(9, 128, dtype=torch.bfloat16)
+    y = m(x)
+    m.fp8_dispatch = False
+    assert calc_diff(y.float(), m(x).float()) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def test_bad_inputs():
+    ids = torch.tensor([[0, 9]])
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 8\)"):
+        moe.get_dispatch_layout(ids, 8, 2)
+    with pytest.raises(ValueError, match="topk_idx: expected expert ids"):
+        moe.get_dispatch_layout(torch.tensor([[-2, 1]]), 8, 2)
+    with pytest.raises(ValueError, match="num_experts: expected a multiple of num_ranks=3"):
+        moe.get_dispatch_layout(torch.tensor([[0, 1]]), 8, 3)
+    with pytest.raises(ValueError, match="topk_idx: expected dtype int64, got int32"):
+        moe.get_dispatch_layout(torch.tensor([[0, 1]], dtype=torch.int32), 8, 2)
+    disp = moe.EPDispatcher(None, num_experts=8)
+    x, w = torch.randn(1, 128), torch.rand(1, 2)
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 8\)"):
+        disp.dispatch(x, ids, w)
+    with pytest.raises(ValueError, match="x: expected dtype float32 or bfloat16 or float16, got int32"):
+        disp.dispatch(x.int(), torch.tensor([[0, 1]]), w)
+    with pytest.raises(ValueError, match="topk_idx: expected 1 rows"):
+        disp.dispatch(x, torch.tensor([[0, 1], [1, 2]]), w)
+    with pytest.raises(ValueError, match=r"topk_weights: expected shape \[1, 2\]"):
+        disp.dispatch(x, torch.tensor([[0, 1]]), torch.rand(1, 3))
+    with pytest.raises(ValueError, match="x: fixed-capacity mode holds at most capacity=0"):
+        moe.EPDispatcher(None, num_experts=8, capacity=0).dispatch(x, torch.tensor([[0, 1]]), w)
+    recv, hd = disp.dispatch(x, torch.tensor([[0, 1]]), w)
+    with pytest.raises(ValueError, match=r"y: expected shape \[1, \*\]"):
+        disp.combine(torch.randn(2, 128), hd)
+    with pytest.raises(ValueError, match="src_idx: expected dtype int32"):
+        moe.permute(x, torch.tensor([0]))
+    with pytest.raises(ValueError, match="x: expected dtype float32 or bfloat16 or float16"):
+        moe.permute_fp8(per_token_cast_to_fp8(x)[0], torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"weights: expected shape \[1, 1\]"):
+        moe.unpermute_reduce(x, torch.tensor([[0]], dtype=torch.int32), torch.rand(1, 2))
+    with pytest.raises(ValueError, match="num_experts: expected a positive int"):
+        moe.EPDispatcher(None, num_experts=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepEP-style Buffer
+
+
+def _check_deep_ep_buffer(group, rank, world):
+    from deepkernels.compat.deep_ep import Buffer
+
+    e, k, h = 4 * world, 3, 256
+    ts = [10 + 3 * s for s in range(world)]
+    all_x = [make_tokens(s, ts[s], h, 900 + s) for s in range(world)]
+    routing = [make_routing(ts[s], k, e, 950 + s) for s in range(world)]
+    x, (ids, w) = all_x[rank], routing[rank]
+    buf = Buffer(group)
+    pr, _, pe, inr, _ = buf.get_dispatch_layout(ids, e)
+    wr, we, wi = python_layout(ids.tolist(), e, world)
+    assert pr.tolist() == wr and pe.tolist() == we and inr.tolist() == wi
+    recv_x, recv_ids, recv_w, counts, handle, _ = buf.dispatch(
+        x, topk_idx=ids, topk_weights=w, num_tokens_per_rank=pr, is_token_in_rank=inr, num_tokens_per_expert=pe)
+    exp_x, exp_lid, exp_w = expected_recv(all_x, [r[0] for r in routing], [r[1] for r in routing], rank, world, e)
+    assert torch.equal(recv_x, exp_x) and torch.equal(recv_ids, exp_lid.long()) and torch.equal(recv_w, exp_w)
+    assert counts == torch.bincount(exp_lid[exp_lid >= 0].long(), minlength=e // world).tolist()
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    visits = torch.tensor([len({int(i) // (e // world) for i in row if i >= 0}) for row in ids], dtype=torch.float32)
+    assert torch.equal(combined, (x.float() * visits[:, None]).to(x.dtype))
+    torch.testing.assert_close(combined_w, torch.where(ids >= 0, w, 0.0))
+    # low-latency mode: expert-major buffers, weights applied in the combine
+    cap = max(ts)
+    packed, count, ll_handle, _, hook = buf.low_latency_dispatch(x, ids, cap, e, use_fp8=False,
+                                                                  return_recv_hook=True)
+    hook()
+    per = e // world
+    assert packed.shape == (per, world * cap, h)
+    assert count.tolist() == torch.bincount(exp_lid[exp_lid >= 0].long(), minlength=per).tolist()
+    for l in range(per):  # each local expert's rows: its tokens, by source rank then token
+        want_rows = exp_x[(exp_lid == l).any(1)]
+        assert torch.equal(packed[l, :int(count[l])], want_rows)
+    y = packed.float() * (torch.arange(per).view(per, 1, 1) + rank * per + 1)  # expert e scales by e + 1
+    combined, _, _ = buf.low_latency_combine(y, ids, w, ll_handle)
+    want = reference_moe_out(x, ids, w, lambda ex, v: v * (ex + 1))
+    torch.testing.assert_close(combined, want, rtol=1e-5, atol=1e-4)
+    (pq, ps), count8, _, _, _ = buf.low_latency_dispatch(x, ids, cap, e, use_fp8=True)
+    assert ps.shape == (per, world * cap, h // 128) and torch.equal(count8, count)
+    (rq, rs), *_ = buf.dispatch((per_token_cast_to_fp8(x)), handle=handle)
+    eq, es = per_token_cast_to_fp8(exp_x)
+    assert torch.equal(rq.view(torch.uint8), eq.view(torch.uint8)) and torch.equal(rs, es)
+
+
+def test_deep_ep_buffer_single_process():
+    _check_deep_ep_buffer(None, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels vs references (same cases)
+
+CUDA_CASES = [(0, 1, 8, 7168), (1, 8, 256, 7168), (37, 8, 32, 256), (4096, 8, 256, 7168), (128, 8, 256, 7168),
+              (300, 6, 64, 200)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t,k,e,h", CUDA_CASES)
+@pytest.mark.parametrize("r", [1, 8, 16])
+def test_cuda_layout(t, k, e, h, r):
+    if e % r:
+        pytest.skip("E % R != 0")
+    ids, _ = make_routing(t, k, e, seed=t)
+    ids = ids.cuda()
+    got = torch.ops.deepkernels.moe_get_dispatch_layout(ids, e, r)
+    want = moe.moe_get_dispatch_layout_ref(ids.cpu(), e, r)
+    for g, w_ in zip(got, want):
+        assert g.dtype == w_.dtype and torch.equal(g.cpu(), w_)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t,k,e,h", CUDA_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, FP8_DTYPE])
+def test_cuda_permute(t, k, e, h, dtype):
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    ids, _ = make_routing(t, k, e, seed=t)
+    _, _, inr = moe.get_dispatch_layout(ids, e, 8 if e % 8 == 0 else 1)
+    pos = moe.dispatch_positions(inr)
+    src = moe.positions_to_src_idx(pos, int(inr.sum()) + 3).cuda()  # + 3 zero rows
+    got = torch.ops.deepkernels.moe_permute(x, src)
+    want = moe.moe_permute_ref(x.cpu(), src.cpu())
+    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+    if dtype != FP8_DTYPE:
+        q, s = torch.ops.deepkernels.moe_permute_fp8(x, src)
+        wq, ws = moe.moe_permute_fp8_ref(x.cpu(), src.cpu())
+        assert torch.equal(s.cpu(), ws)
+        assert (q.cpu().view(torch.uint8) != wq.view(torch.uint8)).float().mean() < 1e-4  # rare 1-ulp ties
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t,k,e,h", CUDA_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_unpermute_reduce(t, k, e, h, dtype, weighted):
+    n = max(1, t * k // 2)
+    y = torch.randn(n, h, device="cuda").to(dtype)
+    pos = torch.randint(-1, n, (t, k), dtype=torch.int32, device="cuda")
+    w = torch.rand(t, k, device="cuda") if weighted else None
+    got = torch.ops.deepkernels.moe_unpermute_reduce(y, pos, w)
+    want = moe.moe_unpermute_reduce_ref(y.cpu(), pos.cpu(), None if w is None else w.cpu())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_dispatch_combine_and_moe():
+    disp = moe.EPDispatcher(None, num_experts=16)
+    ids, w = make_routing(64, 4, 16, seed=7)
+    x = torch.randn(64, 512, dtype=torch.bfloat16)
+    recv, hd = disp.dispatch(x.cuda(), ids.cuda(), w.cuda())
+    assert torch.equal(recv.cpu(), disp.dispatch(x, ids, w)[0])
+    back = disp.combine(poison_(torch.empty_like(recv)).copy_(recv), hd)
+    recv_c, hd_c = disp.dispatch(x, ids, w)
+    assert torch.equal(back.cpu(), disp.combine(recv_c, hd_c))
+    m, _ = _hf_moe_pair(torch.float32)
+    xx = torch.randn(2, 5, 64)
+    torch.testing.assert_close(m.cuda()(xx.cuda()).cpu(), m.cpu()(xx), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_fixed_capacity_graph_capture():
+    """Fixed-capacity dispatch -> masked layout -> weighted expert reduce -> combine has no host sync:
+    it captures into a CUDA graph and replays to the eager result."""
+    disp = moe.EPDispatcher(None, num_experts=16, capacity=64)
+    ids, w = make_routing(64, 4, 16, seed=11)
+    ids, w = ids.cuda(), w.cuda()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        recv, hd = disp.dispatch(x, ids, w)
+        xm, masked_m = hd.to_masked(recv)
+        y = xm.float() * (torch.arange(16, device="cuda").view(16, 1, 1) + 1)
+        return disp.combine(hd.expert_reduce(y, "masked").to(torch.bfloat16), hd)
+
+    want = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped FP8 GEMM expert path, against a reference implementation of the GEMM family's contract
+
+
+class _FakeGroupedGemm:
+    """torch implementation of deepkernels.gemm's grouped contract (DeepGEMM conventions)."""
+
+    @staticmethod
+    def get_m_alignment_for_contiguous_layout():
+        return 8
+
+    @staticmethod
+    def _dq(q, s, rows_per_scale):
+        return dk.per_block_cast_from_fp8(q, s, torch.float32) if rows_per_scale == 128 else \
+            per_token_cast_from_fp8(q, s, torch.float32)
+
+    @classmethod
+    def m_grouped_fp8_gemm_nt_contiguous(cls, a, a_scale, b, b_scale, out, m_indices):
+        x = cls._dq(a, a_scale, 1)
+        for r in range(a.size(0)):
+            g = int(m_indices[r])
+            if g >= 0:
+                out[r] = (x[r:r + 1] @ cls._dq(b[g], b_scale[g], 128).t())[0].to(out.dtype)
+
+    @classmethod
+    def m_grouped_fp8_gemm_nt_masked(cls, a, a_scale, b, b_scale, out, masked_m, expected_m):
+        for g in range(a.size(0)):
+            m = int(masked_m[g])
+            x = cls._dq(a[g, :m].contiguous(), a_scale[g, :m].contiguous(), 1)
+            out[g, :m] = (x @ cls._dq(b[g], b_scale[g], 128).t()).to(out.dtype)
+
+
+@pytest.mark.parametrize("capacity", [None, 32])
+def test_moe_grouped_gemm_path(monkeypatch, capacity):
+    import sys
+
+    from deepkernels.nn import MoE
+
+    monkeypatch.setitem(sys.modules, "deepkernels.gemm", _FakeGroupedGemm)
+    monkeypatch.setattr(dk, "gemm", _FakeGroupedGemm, raising=False)
+    m = MoE(128, 128, 4, 2, 1, 2, 1, 1.5, fp8=True, capacity=capacity, dtype=torch.bfloat16)
+    for mod in m.modules():
+        if isinstance(mod, dk.nn.Fp8Linear):
+            w = torch.randn(mod.out_features, mod.in_features) * 0.05
+            mod.weight.data, mod.weight_scale_inv.data = dk.per_block_cast_to_fp8(w)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(9, 128, dtype=torch.bfloat16)
+    m.use_grouped_gemm = False
+    want = m(x)
+    m.use_grouped_gemm = True
+    got = m(x)
+    assert calc_diff(got.float(), want.float()) < 1e-4
+    # the experts' parameters now view the stacked storage; state_dict keys and values unchanged
+    w13 = m.stacked_expert_weights()[0]
+    assert m.experts["1"].up_proj.weight.data_ptr() == w13[1, 128:].data_ptr()
+    sd2 = m.state_dict()
+    assert sd2.keys() == sd.keys() and all(torch.equal(sd2[k].view(torch.uint8) if sd2[k].dtype == FP8_DTYPE
+                                                       else sd2[k], sd[k].view(torch.uint8)
+                                                       if sd[k].dtype == FP8_DTYPE else sd[k]) for k in sd)
+    # loading new weights (in-place copy) reaches the stacked tensors
+    new_w, new_s = dk.per_block_cast_to_fp8(torch.randn(128, 128) * 0.05)
+    m.load_state_dict({"experts.0.down_proj.weight": new_w, "experts.0.down_proj.weight_scale_inv": new_s},
+                      strict=False)
+    assert torch.equal(m.stacked_expert_weights()[2][0].view(torch.uint8), new_w.view(torch.uint8))
+
+
+@pytest.mark.cuda
+def test_cuda_host_syncs():
+    """Normal mode: exactly one host sync (the counts) per dispatch, none in layouts/reduce/combine;
+    fixed-capacity mode: none at all."""
+    import warnings
+
+    ids, w = make_routing(64, 4, 16, seed=5)
+    ids, w, x = ids.cuda(), w.cuda(), torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def count_syncs(fn):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return result, sum("synchroniz" in str(c.message) for c in caught)
+
+    disp = moe.EPDispatcher(None, num_experts=16)
+    (recv, hd), n = count_syncs(lambda: disp.dispatch(x, ids, w))
+    assert n == 1
+    _, n = count_syncs(lambda: disp.combine(hd.expert_reduce(hd.to_contiguous(recv, 8)[0].float(),
+                                                             "contiguous", 8).bfloat16(), hd))
+    assert n == 0
+    fixed = moe.EPDispatcher(None, num_experts=16, capacity=64)
+
+    def fixed_step():
+        r, h = fixed.dispatch(x, ids, w, use_fp8=True)
+        xm, _ = h.to_masked(r)
+        q, s = xm
+        deq = per_token_cast_from_fp8(q.view(-1, 256), s.view(-1, 2), torch.float32).view(q.shape)
+        return fixed.combine(h.expert_reduce(deq, "masked").bfloat16(), h)
+
+    _, n = count_syncs(fixed_step)
+    assert n == 0
