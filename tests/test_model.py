@@ -149,17 +149,7 @@ def test_decode_two_tokens_per_step():
     assert err < 1e-5, f"2-token decode steps vs full forward: {err:.2e}"
 
 
-def _cache_dtypes() -> list:
-    dtypes = [torch.bfloat16]
-    try:
-        from deepkernels.nn import PagedMLAKVCache  # noqa: F401  (the fp8 cache needs the MLA family's cache)
-        dtypes.append(torch.float8_e4m3fn)
-    except ImportError:
-        pass
-    return dtypes
-
-
-@pytest.mark.parametrize("cache_dtype", _cache_dtypes(), ids=str)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
 def test_paged_decode_low_precision_cache(cache_dtype):
     """bf16 / fp8 latent caches take the decode-kernel path (mla_decode_with_kvcache, bf16 query)."""
     model = get_model("tiny")
@@ -344,15 +334,6 @@ def _ep_worker(rank: int, world: int, init_file: str, ckpt: str, result_dir: str
         dist.destroy_process_group()
 
 
-def _moe_supports_groups() -> bool:
-    try:
-        from deepkernels.nn import MoE  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _moe_supports_groups(), reason="deepkernels.nn.MoE (expert parallelism) not available")
 def test_expert_parallel_two_gloo_ranks_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 

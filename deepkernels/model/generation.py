@@ -8,10 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-try:  # the MLA family's paged latent cache (issue 5)
-    from ..nn import PagedMLAKVCache as _PagedCache
-except ImportError:  # pragma: no cover - until deepkernels.nn.mla lands
-    from ._fallback import _ReferencePagedMLAKVCache as _PagedCache
+from ..nn.mla import PagedMLAKVCache
 
 
 @dataclasses.dataclass
@@ -48,7 +45,7 @@ def make_cache(model, batch_size: int, max_seq_len: int, page_size: int = 64, dt
                          f"got {c.kv_lora_rank} and {c.qk_rope_head_dim}; use generate(..., use_cache=False)")
     if dtype is None:
         dtype = torch.float32 if model.dtype == torch.float32 else torch.bfloat16
-    return _PagedCache(c.num_hidden_layers, batch_size, max_seq_len, page_size=page_size, dtype=dtype,
+    return PagedMLAKVCache(c.num_hidden_layers, batch_size, max_seq_len, page_size=page_size, dtype=dtype,
                        device=model.device)
 
 

@@ -20,19 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..mla import get_mla_decode_metadata
 from ..nn.linear import Fp8Linear
 from ..nn.mlp import MLP, make_linear
+from ..nn.moe import MoE
 from .config import DeepseekV3Config, yarn_get_mscale
-
-try:  # the MoE family's module (issue 6)
-    from ..nn import MoE as _MoE
-except ImportError:  # pragma: no cover - until deepkernels.nn.MoE lands
-    from ._fallback import _ReferenceMoE as _MoE
-
-try:  # the MLA family's building block (issue 5)
-    from ..nn import mla_decode_absorbed
-except ImportError:  # pragma: no cover - until deepkernels.nn.mla lands
-    from ._fallback import _mla_decode_absorbed_ref as mla_decode_absorbed
 
 
 class RMSNorm(nn.Module):
@@ -186,9 +178,8 @@ class MLAttention(nn.Module):
             out = self._dense_attention(q_nope, q_pe, latent, k_pe)
         else:
             w_uk, w_uv = self.absorbed_weights()
-            out = mla_decode_absorbed(q_nope, q_pe, w_uk, w_uv, cache.kv_cache(self.layer_idx), cache.block_table,
-                                      cache.layer_seqlens(self.layer_idx), self.softmax_scale, causal=True,
-                                      kv_scale=cache.kv_scale(self.layer_idx), **decode_kwargs)
+            out = cache.attend(self.layer_idx, q_nope, q_pe, w_uk, w_uv, self.softmax_scale, causal=True,
+                               **decode_kwargs)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim).to(x.dtype))
 
     def _dense_attention(self, q_nope, q_pe, latent, k_pe):
@@ -211,7 +202,7 @@ class DecoderLayer(nn.Module):
         c = config
         self.self_attn = MLAttention(c, layer_idx, device, dtype)
         if c.is_moe_layer(layer_idx):
-            self.mlp = _MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
+            self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
                             c.n_shared_experts, c.n_group, c.topk_group, c.routed_scaling_factor,
                             norm_topk_prob=c.norm_topk_prob, fp8=c.is_fp8, group=group, device=device, dtype=dtype)
         else:
@@ -229,10 +220,6 @@ def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int) -> dict:
     compute it once per step (on the device, no host sync) and share it across layers."""
     kv = cache.kv_cache(0)
     if kv.dtype == torch.float32:  # fp32 caches run the pure-torch attention: no plan
-        return {}
-    try:
-        from ..mla import get_mla_decode_metadata
-    except ImportError:  # pragma: no cover - before the MLA family lands
         return {}
     lengths = cache.cache_seqlens + num_new_tokens
     return {"metadata": get_mla_decode_metadata(lengths, num_new_tokens * num_heads // kv.size(2), kv.size(2))}
