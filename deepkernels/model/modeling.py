@@ -6,7 +6,8 @@ safetensors state dict loads unchanged. Two attention paths:
     ``kv_b_proj`` into per-head K/V and attention runs causally over the chunk (as HF transformers does);
   * decode with a paged latent cache: the latent (512, after kv_a_layernorm) and the roped k_pe (64) are
     appended to the cache, and attention runs in the absorbed form -- q_nope absorbs W_UK, the output
-    absorbs W_UV -- through ``mla_decode_absorbed`` (-> ``mla_decode_with_kvcache``).
+    absorbs W_UV -- through ``PagedMLAKVCache.attend`` (``mla_decode_absorbed`` -> ``mla_decode_with_kvcache``,
+    one split plan per step shared by all layers).
 RoPE layout: with ``rope_interleave`` (the checkpoints' layout, HF's default) the rope dims are rotated in
 interleaved pairs (x0, x1), (x2, x3), ... and written out de-interleaved ([evens | odds]) as HF does; q_pe
 and k_pe share that layout, so the dot products -- and the cache contents -- match HF's.
@@ -161,8 +162,7 @@ class MLAttention(nn.Module):
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
-                cache=None, prefill: bool = False, decode_kwargs: dict | None = None) -> torch.Tensor:
-        decode_kwargs = decode_kwargs or {}
+                cache=None, prefill: bool = False, decode_metadata=None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, t, self.num_heads, self.qk_head_dim)
@@ -179,7 +179,7 @@ class MLAttention(nn.Module):
         else:
             w_uk, w_uv = self.absorbed_weights()
             out = cache.attend(self.layer_idx, q_nope, q_pe, w_uk, w_uv, self.softmax_scale, causal=True,
-                               **decode_kwargs)
+                               metadata=decode_metadata)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim).to(x.dtype))
 
     def _dense_attention(self, q_nope, q_pe, latent, k_pe):
@@ -203,26 +203,26 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLAttention(c, layer_idx, device, dtype)
         if c.is_moe_layer(layer_idx):
             self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
-                            c.n_shared_experts, c.n_group, c.topk_group, c.routed_scaling_factor,
-                            norm_topk_prob=c.norm_topk_prob, fp8=c.is_fp8, group=group, device=device, dtype=dtype)
+                           c.n_shared_experts, c.n_group, c.topk_group, c.routed_scaling_factor,
+                           norm_topk_prob=c.norm_topk_prob, fp8=c.is_fp8, group=group, device=device, dtype=dtype)
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, c.is_fp8, device, dtype)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device, dtype)
 
-    def forward(self, x, rope, cos, sin, cache=None, prefill=False, decode_kwargs=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, prefill, decode_kwargs)
+    def forward(self, x, rope, cos, sin, cache=None, prefill=False, decode_metadata=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, prefill, decode_metadata)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int) -> dict:
+def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int):
     """The decode kernel's split plan depends only on the lengths, equal in every layer after its append:
     compute it once per step (on the device, no host sync) and share it across layers."""
     kv = cache.kv_cache(0)
     if kv.dtype == torch.float32:  # fp32 caches run the pure-torch attention: no plan
-        return {}
+        return None
     lengths = cache.cache_seqlens + num_new_tokens
-    return {"metadata": get_mla_decode_metadata(lengths, num_new_tokens * num_heads // kv.size(2), kv.size(2))}
+    return get_mla_decode_metadata(lengths, num_new_tokens * num_heads // kv.size(2), kv.size(2))
 
 
 class DeepseekV3Model(nn.Module):
@@ -237,10 +237,10 @@ class DeepseekV3Model(nn.Module):
     def forward(self, input_ids, positions, cache=None, prefill=False):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)
-        decode_kwargs = _shared_decode_metadata(cache, input_ids.size(1), self.layers[0].self_attn.num_heads) \
-            if cache is not None and not prefill else {}
+        metadata = _shared_decode_metadata(cache, input_ids.size(1), self.layers[0].self_attn.num_heads) \
+            if cache is not None and not prefill else None
         for layer in self.layers:
-            x = layer(x, self.rotary_emb, cos, sin, cache, prefill, decode_kwargs)
+            x = layer(x, self.rotary_emb, cos, sin, cache, prefill, metadata)
         return self.norm(x)
 
 
