@@ -13,6 +13,7 @@ import time
 
 import torch
 
+_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -77,7 +78,8 @@ def cmd_generate(args) -> int:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     outs, stats = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, eos_token_id=eos, use_cache=not args.no_cache,
-                           page_size=args.page_size, generator=gen, return_stats=True,
+                           page_size=args.page_size, cache_dtype=_CACHE_DTYPES[args.cache_dtype], generator=gen,
+                           return_stats=True,
                            on_token=lambda step, tok: bar.update(step + 1))
     if stats.decode_steps + 1 < args.max_new_tokens:
         bar.update(args.max_new_tokens)
@@ -108,7 +110,9 @@ def main(argv=None) -> int:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="non-FP8 weights and activations (default: bfloat16 on cuda, float32 on cpu)")
-    g.add_argument("--page-size", type=int, default=64)
+    g.add_argument("--page-size", type=int, default=64, help="paged cache page size (a multiple of 16)")
+    g.add_argument("--cache-dtype", default="auto", choices=list(_CACHE_DTYPES),
+                   help="latent cache: auto = float32 for a float32 model, else bfloat16; fp8 = e4m3 + per-token scale")
     g.add_argument("--warmup", type=int, default=1, help="1: a short untimed generation first (default)")
     g.add_argument("--no-cache", action="store_true", help="recompute the full sequence every step (reference)")
     g.set_defaults(func=cmd_generate)
