@@ -78,7 +78,8 @@ def _transformers(hf, ids, steps, ctx):
 def run(ctx: Context) -> list[Row]:
     if ctx.is_cuda:
         config = DeepseekV3Config.from_dict({**DeepseekV3Config.from_pretrained("tiny").to_dict(), **GPU_CONFIG})
-        dtype, cases, steps, name = torch.bfloat16, [(1, 512), (8, 512), (32, 128)], 32, "random-2048x6"
+        dtype, cases, steps = torch.bfloat16, [(1, 512), (8, 512), (32, 128)], 32
+        name = f"random-h{config.hidden_size}-l{config.num_hidden_layers}-e{config.n_routed_experts}"
     else:
         config, dtype, cases, steps, name = DeepseekV3Config.from_pretrained("tiny"), torch.float32, [(4, 32)], 8, "tiny"
     model = DeepseekV3ForCausalLM(config, device=ctx.device, dtype=dtype).init_random_weights(0).eval()
