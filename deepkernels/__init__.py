@@ -10,6 +10,12 @@ from .fp8 import (
     per_token_cast_from_fp8,
     per_token_cast_to_fp8,
 )
+from .gemm import (  # noqa: E402
+    fp8_gemm_nt,
+    get_m_alignment_for_contiguous_layout,
+    m_grouped_fp8_gemm_nt_contiguous,
+    m_grouped_fp8_gemm_nt_masked,
+)
 from .mla import get_mla_decode_metadata, mla_decode_with_kvcache, write_mla_kv_cache
 
 from . import moe  # noqa: E402,F401  (MoE family: ops + EPDispatcher)
@@ -46,3 +52,5 @@ __all__ = [
 ]
 __all__ += ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_cache"]
 __all__ += ["moe", "EPDispatcher", "get_dispatch_layout"]
+__all__ += ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+            "get_m_alignment_for_contiguous_layout"]

@@ -1,5 +1,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "../common/dtype_dispatch.cuh"
 #include "launch.h"
 #include "layout.cuh"
 #include "permute.cuh"
@@ -7,16 +8,6 @@
 namespace deepkernels::moe {
 
 namespace {
-
-template <typename F>
-void dispatch_float(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    default: break;  // rejected on the host before launch
-  }
-}
 
 bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
@@ -52,7 +43,7 @@ void permute(const PermuteParams& p, cudaStream_t stream) {
 void permute_fp8(const PermuteFp8Params& p, cudaStream_t stream) {
   if (p.num_out == 0 || p.hidden == 0) return;
   const dim3 grid = row_grid(p.num_out);
-  dispatch_float(p.x_dtype, [&](auto tag) {
+  dispatch_float_dtype(p.x_dtype, [&](auto tag) {
     using T = decltype(tag);
     // the fp8 output row of 8 elements is one 8-byte store
     if (vec8_ok(p.x, p.out, p.hidden, static_cast<int>(sizeof(T))) && aligned(p.out, 8))
@@ -65,7 +56,7 @@ void permute_fp8(const PermuteFp8Params& p, cudaStream_t stream) {
 void unpermute_reduce(const UnpermuteReduceParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.hidden == 0) return;
   const dim3 grid = row_grid(p.num_tokens);
-  dispatch_float(p.dtype, [&](auto tag) {
+  dispatch_float_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (vec8_ok(p.y, p.out, p.hidden, static_cast<int>(sizeof(T))))
       unpermute_reduce_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);

@@ -1,19 +1,10 @@
+#include "../common/dtype_dispatch.cuh"
 #include "cast.cuh"
 #include "launch.h"
 
 namespace deepkernels::quant {
 
 namespace {
-
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    default: break;  // rejected on the host before launch
-  }
-}
 
 int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
@@ -31,7 +22,7 @@ void per_token_cast_to_fp8(const PerTokenCastParams& p, cudaStream_t stream) {
   const dim3 block(kWarpsPerBlock * 32);
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(groups, kWarpsPerBlock)));
   const bool vectorized = per_token_cast_is_vectorizable(p);
-  dispatch_dtype(p.x_dtype, [&](auto tag) {
+  dispatch_float_dtype(p.x_dtype, [&](auto tag) {
     using T = decltype(tag);
     if (vectorized) per_token_cast_to_fp8_kernel<T, true><<<grid, block, 0, stream>>>(p);
     else per_token_cast_to_fp8_kernel<T, false><<<grid, block, 0, stream>>>(p);
@@ -42,7 +33,7 @@ void per_block_cast_to_fp8(const PerBlockCastParams& p, cudaStream_t stream) {
   if (p.n == 0 || p.k == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.k, kGroup)),
                   static_cast<unsigned>(ceil_div<int64_t>(p.n, kGroup)));
-  dispatch_dtype(p.w_dtype, [&](auto tag) {
+  dispatch_float_dtype(p.w_dtype, [&](auto tag) {
     using T = decltype(tag);
     per_block_cast_to_fp8_kernel<T><<<grid, kBlockThreads, 0, stream>>>(p);
   });
@@ -54,7 +45,7 @@ void cast_from_fp8(const DequantParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t blocks = ceil_div<int64_t>(total, kThreads);
   const dim3 grid(static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8));
-  dispatch_dtype(p.out_dtype, [&](auto tag) {
+  dispatch_float_dtype(p.out_dtype, [&](auto tag) {
     using T = decltype(tag);
     cast_from_fp8_kernel<T><<<grid, kThreads, 0, stream>>>(p);
   });

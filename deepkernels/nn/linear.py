@@ -1,4 +1,4 @@
-"""Fp8Linear: a drop-in nn.Linear whose weight is e4m3 with 128x128 block scales."""
+"""Fp8Linear: a drop-in nn.Linear whose weight is e4m3 with 128x128 block scales, run by fp8_gemm_nt."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import fp8 as _fp8
 from .._ops import ceil_div
+from ..gemm import fp8_gemm_nt
 
 
 class Fp8Linear(nn.Module):
@@ -52,13 +53,13 @@ class Fp8Linear(nn.Module):
         return _fp8.per_block_cast_from_fp8(self.weight, self.weight_scale_inv, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Interim path (the FP8 GEMM family replaces it with fp8_gemm_nt): quantise x exactly as the
-        # GEMM would, then multiply the dequantised operands in fp32.
-        x_fp8, x_scale = _fp8.per_token_cast_to_fp8(x)
         lead = x.shape[:-1]
-        x_deq = _fp8.per_token_cast_from_fp8(x_fp8.reshape(-1, self.in_features),
-                                             x_scale.reshape(-1, x_scale.size(-1)), torch.float32)
-        y = F.linear(x_deq, self.dequantized_weight(torch.float32)).to(x.dtype)
+        x_fp8, x_scale = _fp8.per_token_cast_to_fp8(x.reshape(-1, self.in_features))
+        if self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            y = fp8_gemm_nt(x_fp8, x_scale, self.weight, self.weight_scale_inv).to(x.dtype)
+        else:  # shapes the GEMM kernels do not take: same quantisation, product of the dequantised operands
+            x_deq = _fp8.per_token_cast_from_fp8(x_fp8, x_scale, torch.float32)
+            y = F.linear(x_deq, self.dequantized_weight(torch.float32)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*lead, self.out_features)

@@ -1,0 +1,183 @@
+"""FP8 blockwise-scaled GEMMs (the contract of DeepGEMM), dense and grouped.
+
+Operands (all "NT": ``a`` row-major [M, K], ``b`` given as [N, K], i.e. out = a @ b^T):
+  * a        float8_e4m3fn [M, K], unit stride along K
+  * a_scale  float32 [M, ceil(K/128)]: one scale per 1x128 group of a row (per_token_cast_to_fp8).
+             Row-major, or DeepGEMM's column-major TMA-aligned layout (a view with stride(0) == 1,
+             see deepkernels.compat.deep_gemm.get_col_major_tma_aligned_tensor): both are read by strides.
+  * b        float8_e4m3fn [N, K] contiguous (grouped: [G, N, K])
+  * b_scale  float32 [ceil(N/128), ceil(K/128)]: one scale per 128x128 block (per_block_cast_to_fp8;
+             ``weight_scale_inv`` in DeepSeek-V3 checkpoints). Grouped: [G, ceil(N/128), ceil(K/128)].
+  * out      bfloat16 [M, N] contiguous (grouped masked: [G, Mmax, N]).
+out[m, n] = sum_k (a[m, k] * a_scale[m, k // 128]) * (b[n, k] * b_scale[n // 128, k // 128]),
+accumulated in fp32 with the scales applied per 128-wide K block, rounded once to bf16.
+
+Shapes: any M >= 0; N and K multiples of 16 (partial 128-tiles are handled, no padding needed).
+Errors: TypeError/ValueError naming the argument, the expectation and what was given, raised on the
+host before any launch (dtype, shape, scale shape, alignment, contiguity, device mismatch).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._ops import ceil_div, check_same_device, check_tensor, define_op
+from .fp8 import FP8_DTYPE, GROUP
+
+# Row segments of the contiguous grouped layout must start at multiples of this (the kernels' BLOCK_M).
+M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT = 128
+_NK_MULTIPLE = 16
+
+
+def get_m_alignment_for_contiguous_layout() -> int:
+    """Rows of each group in m_grouped_fp8_gemm_nt_contiguous must be padded to a multiple of this."""
+    return M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT
+
+
+# ----------------------------------------------------------------------------------------------
+# references (the CPU kernels)
+
+def _dequant_a(a: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+    k = a.size(-1)
+    return a.float() * a_scale.float().repeat_interleave(GROUP, dim=-1)[..., :k]
+
+
+def _dequant_b(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    n, k = b.shape[-2:]
+    expanded = b_scale.float().repeat_interleave(GROUP, dim=-2)[..., :n, :].repeat_interleave(GROUP, dim=-1)
+    return b.float() * expanded[..., :k]
+
+
+def fp8_gemm_nt_ref(a, a_scale, b, b_scale, out) -> None:
+    out.copy_(_dequant_a(a, a_scale) @ _dequant_b(b, b_scale).T)
+
+
+def m_grouped_fp8_gemm_nt_contiguous_ref(a, a_scale, b, b_scale, out, m_indices) -> None:
+    a_deq = _dequant_a(a, a_scale)
+    result = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    for g in range(b.size(0)):
+        rows = (m_indices == g).nonzero().squeeze(1)
+        if rows.numel():
+            result[rows] = a_deq[rows] @ _dequant_b(b[g], b_scale[g]).T
+    out.copy_(result)  # padding rows (m_indices == -1) are zero
+
+
+def m_grouped_fp8_gemm_nt_masked_ref(a, a_scale, b, b_scale, out, masked_m, expected_m) -> None:
+    result = torch.bmm(_dequant_a(a, a_scale), _dequant_b(b, b_scale).transpose(1, 2))
+    valid = torch.arange(out.size(1), device=out.device)[None, :] < masked_m.to(out.device)[:, None]
+    out.copy_(torch.where(valid[..., None], result.to(out.dtype), out))  # rows >= masked_m[g] untouched
+
+
+def _no_output(*args) -> None:
+    return None
+
+
+define_op("fp8_gemm_nt", "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor(a!) out) -> ()",
+          fp8_gemm_nt_ref, _no_output)
+define_op("m_grouped_fp8_gemm_nt_contiguous",
+          "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor(a!) out, Tensor m_indices) -> ()",
+          m_grouped_fp8_gemm_nt_contiguous_ref, _no_output)
+define_op("m_grouped_fp8_gemm_nt_masked",
+          "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor(a!) out, Tensor masked_m, int expected_m) -> ()",
+          m_grouped_fp8_gemm_nt_masked_ref, _no_output)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+def _check_nk(n: int, k: int) -> None:
+    for name, value in (("N", n), ("K", k)):
+        if value % _NK_MULTIPLE != 0:
+            raise ValueError(f"{name}: expected a multiple of {_NK_MULTIPLE}, got {value}")
+
+
+def _check_a(a, a_scale, lead: tuple) -> tuple[int, int]:
+    check_tensor("a", a, dtypes=(FP8_DTYPE,), ndim=len(lead) + 2, inner_contiguous=True)
+    m, k = a.shape[-2:]
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(*lead, m, ceil_div(k, GROUP)))
+    if m > 1 and a_scale.size(-1) > 1 and 1 not in a_scale.stride()[-2:]:
+        raise ValueError(f"a_scale: expected a row-major or column-major layout, got strides {a_scale.stride()}")
+    return m, k
+
+
+def _check_b(b, b_scale, lead: tuple, k: int) -> int:
+    check_tensor("b", b, dtypes=(FP8_DTYPE,), ndim=len(lead) + 2, contiguous=True)
+    if tuple(b.shape[:-2]) != lead:
+        raise ValueError(f"b: expected {lead[0]} groups (a's leading dim), got shape {list(b.shape)}")
+    n, kb = b.shape[-2:]
+    if kb != k:
+        raise ValueError(f"b: expected K = {k} (a's last dim), got shape {list(b.shape)}")
+    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(*lead, ceil_div(n, GROUP), ceil_div(k, GROUP)),
+                 contiguous=True)
+    return n
+
+
+def _check_out(out, shape: tuple) -> None:
+    check_tensor("out", out, dtypes=(torch.bfloat16,), shape=shape, contiguous=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[M, N] (bf16) = (a * a_scale) @ (b * b_scale)^T; see the module docstring for layouts.
+
+    ``out`` is allocated when None; returned either way.
+    """
+    m, k = _check_a(a, a_scale, ())
+    n = _check_b(b, b_scale, (), k)
+    _check_nk(n, k)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    _check_out(out, (m, n))
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
+    torch.ops.deepkernels.fp8_gemm_nt(a, a_scale, b, b_scale, out)
+    return out
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                                     b_scale: torch.Tensor, out: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM over rows of ``a`` sorted by group (MoE experts), in one launch.
+
+    a [M, K] with rows of group g in contiguous segments; ``m_indices`` int32 [M]: the group of each
+    row, -1 for padding rows (their output rows are written as zero). b [G, N, K], b_scale
+    [G, ceil(N/128), ceil(K/128)], out bf16 [M, N]. Segments should start at multiples of
+    get_m_alignment_for_contiguous_layout() (the CUDA kernel assigns a BLOCK_M tile to the group of
+    its first row); the reference accepts any order. Group ids >= G are not checked on the device.
+    """
+    m, k = _check_a(a, a_scale, ())
+    check_tensor("b", b, dtypes=(FP8_DTYPE,), ndim=3)
+    n = _check_b(b, b_scale, (b.size(0),), k) if b.dim() == 3 else 0
+    _check_nk(n, k)
+    _check_out(out, (m, n))
+    check_tensor("m_indices", m_indices, dtypes=(torch.int32,), shape=(m,), contiguous=True)
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, m_indices=m_indices)
+    torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, out, m_indices)
+    return out
+
+
+def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                                 out: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> torch.Tensor:
+    """Batched grouped GEMM where group g uses only its first ``masked_m[g]`` rows (MoE decode).
+
+    a [G, Mmax, K], a_scale [G, Mmax, ceil(K/128)], b [G, N, K], b_scale [G, ceil(N/128), ceil(K/128)],
+    out bf16 [G, Mmax, N]; ``masked_m`` int32 [G] on the device (read there: no host synchronisation,
+    so the call can be captured in a CUDA graph); ``expected_m`` is a hint for the tile heuristic.
+    Rows >= masked_m[g] of ``out`` are left untouched.
+    """
+    check_tensor("a", a, dtypes=(FP8_DTYPE,), ndim=3)
+    groups = a.size(0)
+    m, k = _check_a(a, a_scale, (groups,))
+    n = _check_b(b, b_scale, (groups,), k)
+    _check_nk(n, k)
+    _check_out(out, (groups, m, n))
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(groups,), contiguous=True)
+    if not isinstance(expected_m, int) or expected_m < 0:
+        raise ValueError(f"expected_m: expected a non-negative int, got {expected_m!r}")
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, masked_m=masked_m)
+    torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, out, masked_m, expected_m)
+    return out
+
+
+__all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+           "get_m_alignment_for_contiguous_layout", "M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT"]

@@ -1,0 +1,248 @@
+"""FP8 blockwise GEMMs: reference vs the unquantised product (calc_diff, DeepGEMM's metric) and vs an
+independent per-K-block formulation; grouped layouts; errors; opcheck; compile; CUDA vs reference."""
+import pytest
+import torch
+
+import deepkernels
+import deepkernels.compat.deep_gemm as deep_gemm
+from deepkernels import gemm
+from deepkernels.nn import Fp8Linear
+from deepkernels.testing import calc_diff, opcheck, poison_
+
+DSV3_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+ODD_MNK = [(1, 16, 16), (5, 48, 80), (37, 272, 400), (130, 144, 1040), (0, 64, 128)]
+
+
+def _operands(m, n, k, device="cpu", groups=None):
+    lead = () if groups is None else (groups,)
+    a = torch.randn(*lead, m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(*lead, n, k, device=device, dtype=torch.bfloat16)
+    a_fp8, a_scale = deepkernels.per_token_cast_to_fp8(a)
+    if groups is None:
+        b_fp8, b_scale = deepkernels.per_block_cast_to_fp8(b)
+    else:
+        pairs = [deepkernels.per_block_cast_to_fp8(b[g]) for g in range(groups)]
+        b_fp8, b_scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return a, b, (a_fp8, a_scale), (b_fp8, b_scale)
+
+
+def _per_k_block_product(a_fp8, a_scale, b_fp8, b_scale):
+    """Independent formulation: fp32 partial products per 128-wide K block, scaled and summed (DeepGEMM's promotion)."""
+    m, k = a_fp8.shape
+    n = b_fp8.shape[0]
+    acc = torch.zeros(m, n, dtype=torch.float64)
+    for kb in range(0, k, 128):
+        partial = a_fp8[:, kb:kb + 128].double() @ b_fp8[:, kb:kb + 128].double().T
+        sb = b_scale[:, kb // 128].double().repeat_interleave(128)[:n]
+        acc += partial * a_scale[:, kb // 128].double()[:, None] * sb[None, :]
+    return acc
+
+
+@pytest.mark.parametrize("n, k", DSV3_NK)
+def test_dense_deepseek_shapes_close_to_unquantised(n, k):
+    m = 8
+    a, b, (aq, sa), (bq, sb) = _operands(m, n, k)
+    out = deepkernels.fp8_gemm_nt(aq, sa, bq, sb)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    diff = calc_diff(out, a.float() @ b.float().T)
+    assert diff < 1e-3, f"m={m} n={n} k={k}: calc_diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("m, n, k", ODD_MNK)
+def test_dense_odd_shapes_match_per_k_block_formulation(m, n, k):
+    a, b, (aq, sa), (bq, sb) = _operands(m, n, k)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
+    returned = deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    assert returned is out
+    want = _per_k_block_product(aq, sa, bq, sb).to(torch.bfloat16)
+    torch.testing.assert_close(out, want, rtol=8e-3, atol=1e-2, msg=f"{(m, n, k)}")
+    if m:
+        assert calc_diff(out, a.float() @ b.float().T) < 1e-3
+
+
+def test_column_major_a_scale_gives_same_result():
+    _, _, (aq, sa), (bq, sb) = _operands(40, 256, 384)
+    col = deep_gemm.get_col_major_tma_aligned_tensor(sa)
+    assert col.stride(0) == 1 and col.stride(1) == 40 and torch.equal(col, sa)
+    torch.testing.assert_close(deepkernels.fp8_gemm_nt(aq, col, bq, sb), deepkernels.fp8_gemm_nt(aq, sa, bq, sb),
+                               rtol=0, atol=0)
+
+
+def _contiguous_case(group_rows, n=256, k=384, device="cpu"):
+    align = deepkernels.get_m_alignment_for_contiguous_layout()
+    segments = [((r + align - 1) // align) * align for r in group_rows]
+    m = sum(segments)
+    m_indices = torch.full((m,), -1, dtype=torch.int32)
+    start = 0
+    for g, (rows, seg) in enumerate(zip(group_rows, segments)):
+        m_indices[start:start + rows] = g
+        start += seg
+    a, b, (aq, sa), (bq, sb) = _operands(m, n, k, groups=None)
+    _, b, _, (bq, sb) = _operands(1, n, k, groups=len(group_rows))
+    return a, b, aq.to(device), sa.to(device), bq.to(device), sb.to(device), m_indices.to(device)
+
+
+@pytest.mark.parametrize("group_rows", [[128, 128, 128, 128], [5, 0, 130, 1], [0, 0, 3]])
+def test_contiguous_grouped_matches_dense_per_group(group_rows):
+    a, b, aq, sa, bq, sb, m_indices = _contiguous_case(group_rows)
+    out = poison_(torch.empty(aq.size(0), bq.size(1), dtype=torch.bfloat16))
+    deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_indices)
+    for g in range(len(group_rows)):
+        rows = (m_indices == g).nonzero().squeeze(1)
+        if rows.numel():
+            dense = deepkernels.fp8_gemm_nt(aq[rows], sa[rows], bq[g], sb[g])
+            torch.testing.assert_close(out[rows], dense, rtol=8e-3, atol=1e-2)  # 1 bf16 ulp
+            assert calc_diff(out[rows], a[rows].float() @ b[g].float().T) < 1e-3
+    padding = m_indices == -1
+    assert torch.all(out[padding] == 0), "padding rows (m_indices == -1) must be zero"
+
+
+@pytest.mark.parametrize("masked", [[0, 64, 3, 17], [64, 64, 64, 64], [0, 0, 0, 0]])
+def test_masked_grouped_valid_rows_and_untouched_rest(masked):
+    groups, mmax, n, k = 4, 64, 160, 256
+    a, b, (aq, sa), (bq, sb) = _operands(mmax, n, k, groups=groups)
+    out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16))
+    masked_m = torch.tensor(masked, dtype=torch.int32)
+    deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, expected_m=32)
+    for g, rows in enumerate(masked):
+        if rows:
+            dense = deepkernels.fp8_gemm_nt(aq[g, :rows], sa[g, :rows], bq[g], sb[g])
+            torch.testing.assert_close(out[g, :rows], dense, rtol=8e-3, atol=1e-2)  # 1 bf16 ulp
+        assert torch.isnan(out[g, rows:]).all(), f"group {g}: rows >= masked_m must stay untouched"
+
+
+def test_bad_inputs_raise_clear_errors():
+    _, _, (aq, sa), (bq, sb) = _operands(8, 256, 384)
+    with pytest.raises(ValueError, match="a: expected dtype float8_e4m3fn, got bfloat16"):
+        deepkernels.fp8_gemm_nt(aq.bfloat16(), sa, bq, sb)
+    with pytest.raises(ValueError, match=r"a_scale: expected shape \[8, 3\], got \[8, 2\]"):
+        deepkernels.fp8_gemm_nt(aq, sa[:, :2], bq, sb)
+    with pytest.raises(ValueError, match=r"b: expected K = 384"):
+        deepkernels.fp8_gemm_nt(aq, sa, bq[:, :256].contiguous(), sb)
+    with pytest.raises(ValueError, match=r"b_scale: expected shape \[2, 3\]"):
+        deepkernels.fp8_gemm_nt(aq, sa, bq, sb[:1])
+    with pytest.raises(ValueError, match="N: expected a multiple of 16, got 200"):
+        b200, s200 = deepkernels.per_block_cast_to_fp8(torch.randn(200, 384))
+        deepkernels.fp8_gemm_nt(aq, sa, b200, s200)
+    with pytest.raises(ValueError, match="out: expected dtype bfloat16, got float32"):
+        deepkernels.fp8_gemm_nt(aq, sa, bq, sb, torch.empty(8, 256))
+    with pytest.raises(ValueError, match=r"out: expected shape \[8, 256\]"):
+        deepkernels.fp8_gemm_nt(aq, sa, bq, sb, torch.empty(8, 128, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="b: expected a contiguous tensor"):
+        deepkernels.fp8_gemm_nt(aq, sa, bq.t().contiguous().t(), sb)
+    with pytest.raises(ValueError, match="expected all tensors on one device"):
+        deepkernels.fp8_gemm_nt(aq, sa.to("meta"), bq, sb)
+    _, _, aq3, sa3, bq3, sb3, m_idx = _contiguous_case([5, 7])
+    out = torch.empty(aq3.size(0), 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="m_indices: expected dtype int32, got int64"):
+        deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq3, sa3, bq3, sb3, out, m_idx.long())
+    _, _, (ag, sag), (bg, sbg) = _operands(16, 64, 128, groups=2)
+    outg = torch.empty(2, 16, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"masked_m: expected shape \[2\]"):
+        deepkernels.m_grouped_fp8_gemm_nt_masked(ag, sag, bg, sbg, outg, torch.zeros(3, dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="expected_m: expected a non-negative int"):
+        deepkernels.m_grouped_fp8_gemm_nt_masked(ag, sag, bg, sbg, outg, torch.zeros(2, dtype=torch.int32), -1)
+
+
+def _op_cases(device):
+    _, _, (aq, sa), (bq, sb) = _operands(24, 128, 256, device)
+    _, _, ac, sac, bc, sbc, m_idx = _contiguous_case([3, 130], n=64, k=128, device=device)
+    _, _, (ag, sag), (bg, sbg) = _operands(16, 64, 128, device, groups=2)
+    masked_m = torch.tensor([5, 16], dtype=torch.int32, device=device)
+    return [
+        (torch.ops.deepkernels.fp8_gemm_nt, (aq, sa, bq, sb, torch.zeros(24, 128, dtype=torch.bfloat16, device=device))),
+        (torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous,
+         (ac, sac, bc, sbc, torch.zeros(ac.size(0), 64, dtype=torch.bfloat16, device=device), m_idx)),
+        (torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked,
+         (ag, sag, bg, sbg, torch.zeros(2, 16, 64, dtype=torch.bfloat16, device=device), masked_m, 8)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_opcheck(index):
+    op, args = _op_cases("cpu")[index]
+    opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_gemm_and_fp8_linear():
+    _, _, (aq, sa), (bq, sb) = _operands(16, 128, 256)
+    compiled = torch.compile(deepkernels.fp8_gemm_nt, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(aq, sa, bq, sb), deepkernels.fp8_gemm_nt(aq, sa, bq, sb), rtol=0, atol=0)
+    layer = Fp8Linear.from_linear(torch.nn.Linear(256, 128, bias=True))
+    x = torch.randn(3, 5, 256)
+    compiled_layer = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled_layer(x), layer(x), rtol=0, atol=0)
+
+
+def test_deep_gemm_compat_entry_points():
+    _, _, (aq, sa), (bq, sb) = _operands(32, 128, 256)
+    out = torch.empty(32, 128, dtype=torch.bfloat16)
+    deep_gemm.gemm_fp8_fp8_bf16_nt((aq, deep_gemm.get_col_major_tma_aligned_tensor(sa)), (bq, sb), out)
+    torch.testing.assert_close(out, deepkernels.fp8_gemm_nt(aq, sa, bq, sb), rtol=0, atol=0)
+    assert deep_gemm.fp8_gemm_nt is deep_gemm.gemm_fp8_fp8_bf16_nt
+    assert deep_gemm.ceil_div(129, 128) == 2 and deep_gemm.get_tma_aligned_size(5, 4) == 8
+    assert deep_gemm.get_m_alignment_for_contiguous_layout() == gemm.M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT
+    _, _, aq3, sa3, bq3, sb3, m_idx = _contiguous_case([5, 7], n=64, k=128)
+    out3 = torch.empty(aq3.size(0), 64, dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((aq3, sa3), (bq3, sb3), out3, m_idx)
+    ref3 = torch.empty_like(out3)
+    deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq3, sa3, bq3, sb3, ref3, m_idx)
+    torch.testing.assert_close(out3, ref3, rtol=0, atol=0)
+    _, _, (ag, sag), (bg, sbg) = _operands(16, 64, 128, groups=2)
+    sag_col = deep_gemm.get_col_major_tma_aligned_tensor(sag)
+    assert sag_col.stride(-2) == 1 and torch.equal(sag_col, sag)
+    outg = torch.zeros(2, 16, 64, dtype=torch.bfloat16)
+    deep_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked((ag, sag_col), (bg, sbg), outg, torch.tensor([4, 16], dtype=torch.int32), 8)
+    assert calc_diff(outg[1], deepkernels.fp8_gemm_nt(ag[1], sag[1], bg[1], sbg[1])) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels vs the reference (skipped without a GPU; `pytest -m cuda` on the GPU machine)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m, n, k", ODD_MNK + [(4096, 7168, 2048), (64, 2112, 7168), (128, 24576, 1536), (1, 32768, 512)])
+def test_cuda_dense_matches_reference(m, n, k):
+    a, b, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    want = torch.empty(m, n, dtype=torch.bfloat16)
+    gemm.fp8_gemm_nt_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want)
+    assert not torch.isnan(out).any(), f"{(m, n, k)}: NaN left in the output"
+    if m:
+        assert calc_diff(out.cpu(), want) < 1e-5, f"{(m, n, k)}: vs reference {calc_diff(out.cpu(), want):.2e}"
+        assert calc_diff(out.float(), a.float() @ b.float().T) < 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group_rows", [[128, 128, 128, 128], [5, 0, 130, 1], [4000, 3000, 100, 0]])
+def test_cuda_contiguous_matches_reference(group_rows):
+    _, _, aq, sa, bq, sb, m_idx = _contiguous_case(group_rows, n=512, k=1024, device="cuda")
+    out = poison_(torch.empty(aq.size(0), 512, dtype=torch.bfloat16, device="cuda"))
+    deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_idx)
+    want = torch.empty(aq.size(0), 512, dtype=torch.bfloat16)
+    gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want, m_idx.cpu())
+    assert calc_diff(out.cpu(), want) < 1e-5 and torch.all(out[m_idx == -1] == 0)
+
+
+@pytest.mark.cuda
+def test_cuda_masked_graph_capture_no_host_sync():
+    groups, mmax, n, k = 4, 256, 512, 1024
+    _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, "cuda", groups=groups)
+    out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device="cuda"))
+    masked_m = torch.tensor([0, 256, 3, 100], dtype=torch.int32, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, 64)
+    masked_m.copy_(torch.tensor([7, 0, 256, 1], dtype=torch.int32))
+    graph.replay()
+    want = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16))
+    gemm.m_grouped_fp8_gemm_nt_masked_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want, masked_m.cpu(), 64)
+    for g, rows in enumerate([7, 0, 256, 1]):
+        assert calc_diff(out[g, :rows].cpu(), want[g, :rows]) < 1e-5 if rows else True
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(3))
+def test_cuda_opcheck(index):
+    op, args = _op_cases("cuda")[index]
+    opcheck(op, args)
