@@ -105,6 +105,109 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
 
 // ---------------------------------------------------------------------------------------------
 // fp8_gemm (issue 4): bindings and TORCH_LIBRARY_IMPL block go below this line.
+#include "fp8_gemm/launch.h"
+
+namespace fp8_gemm_binding {
+
+using deepkernels::fp8_gemm::Fp8GemmParams;
+using deepkernels::fp8_gemm::GemmMode;
+
+void check_fp8_operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat8_e4m3fn, name, ": expected float8_e4m3fn, got ", t.scalar_type());
+  TORCH_CHECK(t.size(-1) % 16 == 0, name, ": K must be a multiple of 16, got ", t.size(-1));
+  TORCH_CHECK(t.stride(-1) == 1 && t.stride(-2) % 16 == 0, name, ": rows must be unit-stride and 16-byte aligned, got strides ",
+              t.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, ": data pointer must be 16-byte aligned");
+}
+
+Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                          const at::Tensor& b_scale, const at::Tensor& out) {
+  check_fp8_operand(a, "a");
+  check_fp8_operand(b, "b");
+  TORCH_CHECK(b.is_contiguous(), "b: expected a contiguous tensor");
+  TORCH_CHECK(a_scale.is_cuda() && a_scale.scalar_type() == at::kFloat, "a_scale: expected a float32 CUDA tensor");
+  TORCH_CHECK(b_scale.is_cuda() && b_scale.scalar_type() == at::kFloat && b_scale.is_contiguous(),
+              "b_scale: expected a contiguous float32 CUDA tensor");
+  TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kBFloat16 && out.stride(-1) == 1,
+              "out: expected a bfloat16 CUDA tensor with unit stride along N");
+  TORCH_CHECK(a.size(-1) == b.size(-1), "a and b: K differs (", a.size(-1), " vs ", b.size(-1), ")");
+  TORCH_CHECK(b.size(-2) % 16 == 0, "b: N must be a multiple of 16, got ", b.size(-2));
+  const int64_t k_blocks = (a.size(-1) + 127) / 128;
+  TORCH_CHECK(a_scale.size(-1) == k_blocks && a_scale.size(-2) == a.size(-2), "a_scale: shape ", a_scale.sizes(),
+              " does not match a ", a.sizes());
+  TORCH_CHECK(b_scale.size(-1) == k_blocks && b_scale.size(-2) == (b.size(-2) + 127) / 128, "b_scale: shape ",
+              b_scale.sizes(), " does not match b ", b.sizes());
+  const bool grouped_a = mode == GemmMode::kGroupedMasked;
+  Fp8GemmParams p{};
+  p.mode = mode;
+  p.a = static_cast<const uint8_t*>(a.data_ptr());
+  p.a_row_stride = a.stride(-2);
+  p.a_group_stride = grouped_a ? a.stride(0) : 0;
+  p.a_scale = a_scale.data_ptr<float>();
+  p.a_scale_row_stride = a_scale.stride(-2);
+  p.a_scale_col_stride = a_scale.stride(-1);
+  p.a_scale_group_stride = grouped_a ? a_scale.stride(0) : 0;
+  p.b = static_cast<const uint8_t*>(b.data_ptr());
+  p.b_scale = b_scale.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.out_row_stride = out.stride(-2);
+  p.out_group_stride = grouped_a ? out.stride(0) : 0;
+  p.m = static_cast<int>(a.size(-2));
+  p.n = static_cast<int>(b.size(-2));
+  p.k = static_cast<int>(a.size(-1));
+  p.num_groups = b.dim() == 3 ? static_cast<int>(b.size(0)) : 1;
+  return p;
+}
+
+void launch(const Fp8GemmParams& p, const at::Tensor& a) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  deepkernels::fp8_gemm::fp8_gemm_nt(p, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
+                 const at::Tensor& out) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "fp8_gemm_nt: expected a [M, K] and b [N, K]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(0), "out: expected [M, N], got ",
+              out.sizes());
+  launch(make_params(GemmMode::kDense, a, a_scale, b, b_scale, out), a);
+}
+
+void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                      const at::Tensor& b_scale, const at::Tensor& out, const at::Tensor& m_indices) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 3, "expected a [M, K] and b [G, N, K]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(1), "out: expected [M, N], got ",
+              out.sizes());
+  TORCH_CHECK(m_indices.is_cuda() && m_indices.scalar_type() == at::kInt && m_indices.is_contiguous() &&
+                  m_indices.numel() == a.size(0),
+              "m_indices: expected a contiguous int32 CUDA tensor of length M");
+  auto p = make_params(GemmMode::kGroupedContiguous, a, a_scale, b, b_scale, out);
+  p.m_indices = m_indices.data_ptr<int>();
+  launch(p, a);
+}
+
+void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                  const at::Tensor& b_scale, const at::Tensor& out, const at::Tensor& masked_m,
+                                  int64_t expected_m) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0), "expected a [G, Mmax, K] and b [G, N, K]");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(1),
+              "out: expected [G, Mmax, N], got ", out.sizes());
+  TORCH_CHECK(masked_m.is_cuda() && masked_m.scalar_type() == at::kInt && masked_m.numel() == a.size(0),
+              "masked_m: expected an int32 CUDA tensor of length G");
+  (void)expected_m;  // the portable kernel's tiling does not depend on it
+  auto p = make_params(GemmMode::kGroupedMasked, a, a_scale, b, b_scale, out);
+  p.masked_m = masked_m.data_ptr<int>();
+  launch(p, a);
+}
+
+}  // namespace fp8_gemm_binding
+
+TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+  m.impl("fp8_gemm_nt", &fp8_gemm_binding::fp8_gemm_nt);
+  m.impl("m_grouped_fp8_gemm_nt_contiguous", &fp8_gemm_binding::m_grouped_fp8_gemm_nt_contiguous);
+  m.impl("m_grouped_fp8_gemm_nt_masked", &fp8_gemm_binding::m_grouped_fp8_gemm_nt_masked);
+}
 
 
 

@@ -37,7 +37,8 @@ def test_extension_built_and_loaded():
     info = deepkernels.build_info()
     assert info["extension_loaded"], f"deepkernels._C failed to load: {info['extension_error']}"
     assert info["CUDA_ARCHS"] == os.environ.get("DEEPKERNELS_CUDA_ARCHS", "80;89;90a").split(";")
-    for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8"):
+    for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
+                 "m_grouped_fp8_gemm_nt_masked"):
         assert _ops.has_cuda_kernel(name), f"{name} has no compiled CUDA kernel"
 
 
