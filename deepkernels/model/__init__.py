@@ -1,0 +1,14 @@
+"""DeepSeek-V3 (V2/R1 share the architecture) on deepkernels: config, model, HF checkpoint loading, generate.
+
+    from deepkernels.model import DeepseekV3Config, DeepseekV3ForCausalLM, load_model, generate
+    model = load_model("path/to/hf_dir" or "tiny", device="cpu", dtype=torch.float32)
+    logits = model(input_ids)                            # [B, T, vocab], full sequence, no cache
+    out = generate(model, input_ids, max_new_tokens=16)  # greedy by default; paged MLA cache
+"""
+from .config import DeepseekV3Config
+from .generation import GenerationStats, generate, sample_next_token
+from .loading import CheckpointError, load_model, load_tokenizer, save_pretrained
+from .modeling import DeepseekV3ForCausalLM
+
+__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "generate", "GenerationStats", "sample_next_token",
+           "load_model", "save_pretrained", "load_tokenizer", "CheckpointError"]

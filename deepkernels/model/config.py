@@ -1,0 +1,195 @@
+"""DeepSeek-V3 configuration, read from a Hugging Face ``config.json`` (V2/V3/R1 share the architecture)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+# The official config.json key -> our field (HF renamed a few; both spellings are accepted).
+_ALIASES = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
+
+@dataclasses.dataclass
+class DeepseekV3Config:
+    """Every field DeepSeek-V3's ``config.json`` uses, with DeepSeek-V3's values as defaults.
+
+    ``q_lora_rank=None`` means a plain ``q_proj`` (DeepSeek-V2-Lite). ``rope_scaling`` is the YaRN dict
+    (``type``/``rope_type`` "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow, mscale,
+    mscale_all_dim) or None. ``quantization_config`` is ``{"quant_method": "fp8", "weight_block_size":
+    [128, 128], ...}`` for FP8 checkpoints (their linear weights come with ``weight_scale_inv``).
+    ``rope_interleave``: True (the checkpoints' layout: rope dims in interleaved pairs, as HF's
+    ``rope_interleave=True``); False for checkpoints whose rope dims were permuted to the half-rotated layout.
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 1
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "noaux_tc"
+    n_group: int = 8
+    topk_group: int = 4
+    num_experts_per_tok: int = 8
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    quantization_config: dict | None = None
+    torch_dtype: str | None = None
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rs.setdefault("type", rs.get("rope_type", "default"))
+            rs.setdefault("rope_type", rs["type"])
+            self.rope_scaling = rs
+        if self.scoring_func != "sigmoid":
+            raise ValueError(f"scoring_func: expected 'sigmoid' (DeepSeek-V3), got {self.scoring_func!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act: expected 'silu', got {self.hidden_act!r}")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+        if self.quantization_config is not None:
+            qc = self.quantization_config
+            if qc.get("quant_method", "fp8") != "fp8" or list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
+                raise ValueError("quantization_config: only quant_method 'fp8' with weight_block_size [128, 128] "
+                                 f"is supported, got {qc}")
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.quantization_config is not None
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's rule: MoE from layer first_k_dense_replace on, every moe_layer_freq-th layer."""
+        return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
+
+    @property
+    def yarn(self) -> dict | None:
+        rs = self.rope_scaling
+        return rs if rs is not None and rs.get("rope_type") == "yarn" else None
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (the mscale correction)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.yarn
+        if rs is not None and rs.get("mscale_all_dim"):
+            m = yarn_get_mscale(rs["factor"], rs["mscale_all_dim"])
+            scale = scale * m * m
+        return scale
+
+    # ---- I/O ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DeepseekV3Config":
+        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs, extra = {}, {}
+        for key, value in d.items():
+            key = _ALIASES.get(key, key)
+            if key == "rope_parameters" and isinstance(value, dict):  # transformers 5.x spelling
+                value = dict(value)
+                kwargs.setdefault("rope_theta", value.pop("rope_theta", cls.rope_theta))
+                if value.get("rope_type", value.get("type", "default")) != "default":
+                    kwargs.setdefault("rope_scaling", value)
+                continue
+            (kwargs if key in fields else extra)[key] = value
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "DeepseekV3Config":
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "DeepseekV3Config":
+        """``"tiny"`` (the built-in test/demo config) or a directory / path to a ``config.json``."""
+        if name_or_path in PRESETS:
+            return PRESETS[name_or_path]()
+        return cls.from_json_file(name_or_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        d = {**extra, **d}
+        d.setdefault("model_type", "deepseek_v3")
+        d.setdefault("architectures", ["DeepseekV3ForCausalLM"])
+        return {k: v for k, v in d.items() if not (k == "quantization_config" and v is None)}
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    def to_hf(self):
+        """The equivalent ``transformers.DeepseekV3Config`` (for comparisons against transformers)."""
+        import transformers
+
+        if self.moe_layer_freq != 1:
+            raise ValueError("to_hf: transformers' DeepseekV3 has no moe_layer_freq (it must be 1)")
+        d = self.to_dict()
+        for k in ("extra", "quantization_config", "torch_dtype", "architectures", "model_type", "topk_method",
+                  "scoring_func", "moe_layer_freq", "rope_scaling", "rope_theta"):
+            d.pop(k, None)
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.yarn is not None:
+            rope = {**{k: v for k, v in self.yarn.items() if k != "type"}, "rope_theta": self.rope_theta}
+        d["rope_parameters"] = rope
+        d["num_mtp_layers"] = d.pop("num_nextn_predict_layers")
+        return transformers.DeepseekV3Config(**d)
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def tiny_config() -> DeepseekV3Config:
+    """A small DeepSeek-V3 that keeps the real MLA cache geometry (latent 512 + rope 64, the decode kernel's
+    576) and every feature: q LoRA, YaRN with mscale, one dense then MoE layers, group-limited routing."""
+    return DeepseekV3Config(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=3, num_nextn_predict_layers=0, num_attention_heads=8, num_key_value_heads=8,
+        n_shared_experts=1, n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=64,
+        qk_rope_head_dim=64, v_head_dim=64, qk_nope_head_dim=64, n_group=4, topk_group=2, num_experts_per_tok=4,
+        first_k_dense_replace=1, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        bos_token_id=0, eos_token_id=1)
+
+
+PRESETS = {"tiny": tiny_config}

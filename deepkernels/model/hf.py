@@ -1,0 +1,43 @@
+"""The same model in Hugging Face transformers (5.x), for comparisons in tests and benchmarks."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .modeling import DeepseekV3ForCausalLM
+
+_EXPERT_WEIGHT = re.compile(r"(.*mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official per-expert keys -> transformers 5.x's fused ``experts.gate_up_proj`` [E, 2I, H] and
+    ``experts.down_proj`` [E, H, I]; every other key is shared."""
+    out, experts = {}, {}
+    for k, v in state_dict.items():
+        m = _EXPERT_WEIGHT.match(k)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = v
+        else:
+            out[k] = v
+    for prefix, by_id in experts.items():
+        ids = sorted(by_id)
+        out[prefix + ".gate_up_proj"] = torch.stack([torch.cat([by_id[e]["gate"], by_id[e]["up"]]) for e in ids])
+        out[prefix + ".down_proj"] = torch.stack([by_id[e]["down"] for e in ids])
+    return out
+
+
+def to_transformers(model: DeepseekV3ForCausalLM, attn_implementation: str = "eager"):
+    """A ``transformers.DeepseekV3ForCausalLM`` with ``model``'s config and weights (non-FP8 models only)."""
+    import transformers
+
+    if model.config.is_fp8:
+        raise ValueError("to_transformers: FP8 models are not supported; load with dequantize_fp8=True")
+    hf_config = model.config.to_hf()
+    hf_config._attn_implementation = attn_implementation
+    with torch.device(model.device):
+        hf = transformers.DeepseekV3ForCausalLM(hf_config).to(model.dtype)
+    missing, unexpected = hf.load_state_dict(to_transformers_state_dict(model.state_dict()), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"to_transformers: missing {missing}, unexpected {unexpected}")
+    return hf.eval()

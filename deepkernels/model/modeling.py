@@ -1,0 +1,326 @@
+"""DeepSeek-V3 on deepkernels: MLA (q/kv LoRA, decoupled YaRN RoPE), dense MLP then MoE layers, LM head.
+
+Parameter names are the official checkpoint's (``model.layers.{i}.self_attn.q_a_proj.weight``, ...), so a
+safetensors state dict loads unchanged. Two attention paths:
+  * full sequence (``cache=None``, or a prefill into an empty cache): the latent is expanded through
+    ``kv_b_proj`` into per-head K/V and attention runs causally over the chunk (as HF transformers does);
+  * decode with a paged latent cache: the latent (512, after kv_a_layernorm) and the roped k_pe (64) are
+    appended to the cache, and attention runs in the absorbed form -- q_nope absorbs W_UK, the output
+    absorbs W_UV -- through ``PagedMLAKVCache.attend`` (``mla_decode_absorbed`` -> ``mla_decode_with_kvcache``,
+    one split plan per step shared by all layers).
+RoPE layout: with ``rope_interleave`` (the checkpoints' layout, HF's default) the rope dims are rotated in
+interleaved pairs (x0, x1), (x2, x3), ... and written out de-interleaved ([evens | odds]) as HF does; q_pe
+and k_pe share that layout, so the dot products -- and the cache contents -- match HF's.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mla import get_mla_decode_metadata
+from ..nn.linear import Fp8Linear
+from ..nn.mlp import MLP, make_linear
+from ..nn.moe import MoE
+from .config import DeepseekV3Config, yarn_get_mscale
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in fp32, cast back, times ``weight`` (HF's DeepseekV3RMSNorm order of operations)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE with YaRN
+
+def rope_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rope_dim/2] and the cos/sin scale (YaRN's mscale/mscale_all_dim ratio)."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rs = config.yarn
+    if rs is None:
+        return 1.0 / pos_freqs, 1.0
+    factor = rs.get("factor") or config.max_position_embeddings / rs["original_max_position_embeddings"]
+    original = rs.get("original_max_position_embeddings", config.max_position_embeddings)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    if rs.get("attention_factor") is not None:
+        attention_factor = float(rs["attention_factor"])
+    elif mscale and mscale_all_dim:
+        attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = yarn_get_mscale(factor)
+
+    def correction_dim(num_rotations):
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # high-frequency dims keep their original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: DeepseekV3Config, device=None):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.interleave = config.rope_interleave
+
+    def reset_parameters(self) -> None:
+        """Recompute inv_freq in place (after building on the meta device and ``to_empty``)."""
+        self.inv_freq.copy_(rope_inv_freq(self.config)[0])
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> (cos, sin) [B, T, rope_dim/2] in ``dtype``."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, heads, rope_dim]; cos/sin [B, T, rope_dim/2]."""
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (dequantised) weight [out, in] of an nn.Linear or Fp8Linear."""
+    if isinstance(linear, Fp8Linear):
+        return linear.dequantized_weight(dtype)
+    return linear.weight.to(dtype)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention with the official parameter names."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.q_lora_rank, self.kv_lora_rank = c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, \
+            c.v_head_dim
+        self.qk_head_dim = c.qk_head_dim
+        self.softmax_scale = c.softmax_scale
+        fp8, h = c.is_fp8, c.num_attention_heads
+
+        def linear(i, o, bias=False):
+            if bias:
+                if fp8:
+                    return Fp8Linear(i, o, bias=True, device=device, dtype=dtype or torch.bfloat16)
+                return nn.Linear(i, o, bias=True, device=device, dtype=dtype)
+            return make_linear(i, o, fp8, device, dtype)
+
+        if c.q_lora_rank is None:
+            self.q_proj = linear(c.hidden_size, h * self.qk_head_dim)
+        else:
+            self.q_a_proj = linear(c.hidden_size, c.q_lora_rank, c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, device, dtype)
+            self.q_b_proj = linear(c.q_lora_rank, h * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, device, dtype)
+        self.kv_b_proj = linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = linear(h * c.v_head_dim, c.hidden_size, c.attention_bias)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_uk [h, d_nope, kv_lora_rank], w_uv [h, kv_lora_rank, d_v]): views of kv_b_proj's weight; for an
+        FP8 kv_b_proj its dequantisation in the model dtype, cached until the parameters change."""
+        if isinstance(self.kv_b_proj, Fp8Linear):
+            key = tuple((p.data_ptr(), p._version) for p in self.kv_b_proj.parameters())
+            if getattr(self, "_dequantized_key", None) != key:
+                self._dequantized = dense_weight(self.kv_b_proj, self.kv_a_layernorm.weight.dtype)
+                self._dequantized_key = key
+            w = self._dequantized
+        else:
+            w = self.kv_b_proj.weight
+        w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
+                cache=None, prefill: bool = False, decode_metadata=None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = rope.apply(q_pe, cos, sin)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = rope.apply(k_pe.unsqueeze(2), cos, sin)  # [b, t, 1, rope]
+
+        if cache is not None:  # append advances this layer's lengths by t
+            cache.append(self.layer_idx, latent, k_pe.squeeze(2))
+        if cache is None or prefill:
+            out = self._dense_attention(q_nope, q_pe, latent, k_pe)
+        else:
+            w_uk, w_uv = self.absorbed_weights()
+            out = cache.attend(self.layer_idx, q_nope, q_pe, w_uk, w_uv, self.softmax_scale, causal=True,
+                               metadata=decode_metadata)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim).to(x.dtype))
+
+    def _dense_attention(self, q_nope, q_pe, latent, k_pe):
+        """Causal attention within the chunk, latent expanded to per-head K/V (MHA form)."""
+        b, t, h, _ = q_nope.shape
+        kv = self.kv_b_proj(latent).view(b, t, h, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe.expand(b, t, h, self.qk_rope_head_dim)], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# blocks
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekV3Config, layer_idx: int, group=None, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.self_attn = MLAttention(c, layer_idx, device, dtype)
+        if c.is_moe_layer(layer_idx):
+            self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
+                           c.n_shared_experts, c.n_group, c.topk_group, c.routed_scaling_factor,
+                           norm_topk_prob=c.norm_topk_prob, fp8=c.is_fp8, group=group, device=device, dtype=dtype)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, c.is_fp8, device, dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device, dtype)
+
+    def forward(self, x, rope, cos, sin, cache=None, prefill=False, decode_metadata=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, prefill, decode_metadata)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int):
+    """The decode kernel's split plan depends only on the lengths, equal in every layer after its append:
+    compute it once per step (on the device, no host sync) and share it across layers."""
+    kv = cache.kv_cache(0)
+    if kv.dtype == torch.float32:  # fp32 caches run the pure-torch attention: no plan
+        return None
+    lengths = cache.cache_seqlens + num_new_tokens
+    return get_mla_decode_metadata(lengths, num_new_tokens * num_heads // kv.size(2), kv.size(2))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, config: DeepseekV3Config, group=None, device=None, dtype=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, group, device, dtype)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.rotary_emb = RotaryEmbedding(config, device)
+
+    def forward(self, input_ids, positions, cache=None, prefill=False):
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        metadata = _shared_decode_metadata(cache, input_ids.size(1), self.layers[0].self_attn.num_heads) \
+            if cache is not None and not prefill else None
+        for layer in self.layers:
+            x = layer(x, self.rotary_emb, cos, sin, cache, prefill, metadata)
+        return self.norm(x)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """DeepSeek-V3 for next-token logits.
+
+    ``model(input_ids [B, T])`` -> logits [B, T, vocab] (full causal forward, no cache).
+    ``model(input_ids, cache=c)`` (a ``deepkernels.nn.PagedMLAKVCache``): the B sequences continue from
+    ``c.cache_seqlens`` (their positions); each layer appends its latents (advancing its lengths by T) and
+    attends through the paged cache in the absorbed form; ``prefill=True`` (cache empty) computes attention
+    within the chunk instead (MHA form, the cheaper one for long prompts). ``group``: a process group for expert
+    parallelism (each rank holds its slice of the routed experts; every rank must run every forward).
+    Layers' linear weights are Fp8Linear (weight + weight_scale_inv) when ``config.quantization_config``
+    is set, ``dtype`` nn.Linear otherwise; embeddings, norms, router and LM head stay in ``dtype``.
+    """
+
+    def __init__(self, config: DeepseekV3Config, group=None, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.group = group
+        self.model = DeepseekV3Model(config, group, device, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, cache=None, prefill: bool = False,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        b, t = input_ids.shape
+        if prefill and (cache is None or bool(cache.cache_seqlens.any())):
+            raise ValueError("prefill=True: expected an empty cache (attention runs within the chunk); "
+                             "continue a filled cache with prefill=False")
+        offset = cache.cache_seqlens.long()[:, None] if cache is not None else 0
+        positions = offset + torch.arange(t, device=input_ids.device)[None, :].expand(b, t)
+        hidden = self.model(input_ids, positions, cache, prefill)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def init_random_weights(self, seed: int = 0) -> "DeepseekV3ForCausalLM":
+        """Seeded random weights, scaled so activations stay O(1) and logits are well separated: linears
+        N(0, 1/in), embeddings N(0, 1), norms ~1, router N(0, 1/H), a small random correction bias. Each
+        tensor draws from its own generator seeded by (seed, name), so an expert-parallel rank that holds a
+        slice of the experts gets exactly the weights a single process has. FP8 linears get the per-block
+        quantisation of such a weight."""
+        from ..fp8 import per_block_cast_to_fp8
+
+        def randn(name, shape):
+            return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode())))
+
+        for name, module in self.named_modules():
+            if isinstance(module, Fp8Linear):
+                w = randn(name + ".weight", (module.out_features, module.in_features)) / math.sqrt(module.in_features)
+                q, s = per_block_cast_to_fp8(w.to(module.weight.device))
+                module.weight.copy_(q)
+                module.weight_scale_inv.copy_(s)
+            elif isinstance(module, nn.Linear):
+                module.weight.copy_(randn(name + ".weight", module.weight.shape) / math.sqrt(module.in_features))
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(randn(name + ".weight", module.weight.shape))
+            elif isinstance(module, RMSNorm):
+                module.weight.copy_(1 + 0.1 * randn(name + ".weight", module.weight.shape))
+            else:
+                continue
+            if getattr(module, "bias", None) is not None:
+                module.bias.copy_(0.02 * randn(name + ".bias", module.bias.shape))
+        for name, p in self.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(randn(name, p.shape) / math.sqrt(p.size(1)))
+        for name, buf in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.05 * randn(name, buf.shape))
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
