@@ -20,7 +20,8 @@ ROWS = {
                          ["tests/test_mla.py"]),
     "moe dispatch/combine": (["moe_get_dispatch_layout", "moe_permute", "moe_unpermute_reduce"],
                              ["deepkernels.moe:EPDispatcher", "deepkernels.nn:MoE"], ["tests/test_moe.py"]),
-    "deepseek-v3 model": ([], ["deepkernels.model:DeepseekV3ForCausalLM"], ["tests/test_model.py"]),
+    "deepseek-v3 model": ([], ["deepkernels.model:DeepseekV3ForCausalLM", "deepkernels.model:generate"],
+                          ["tests/test_model.py"]),
 }
 
 
