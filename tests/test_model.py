@@ -330,6 +330,7 @@ def _ep_worker(rank: int, world: int, init_file: str, ckpt: str, result_dir: str
         out = generate(model, ids[:, :5], max_new_tokens=6)
         torch.save({"experts": experts, "logits": logits, "generated": out},
                    os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
