@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see ../shared/GPU.md): build the extension from source against the
 # device's own torch, run the CUDA tests, compute-sanitizer on a small case, and the benchmark suite.
-# Logs and JSON go to $OUT (or build/gpu_check when unset). Exit status: non-zero if any step failed.
+# Logs and JSON go to $OUT (or build/gpu_check when unset; 8 files at most, the device tool's limit).
+# Exit status: non-zero if any step failed.
 #   bash bench/gpu_check.sh            # everything
 #   SKIP_BENCH=1 bash bench/gpu_check.sh
 set -uo pipefail
@@ -37,8 +38,12 @@ step "pytest -m cuda"
 $PY -m pytest -q -rs -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
+step "pytest -m cuda tests/test_gemm.py with the opt-in sm_90a wgmma GEMM"
+DEEPKERNELS_GEMM_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_gemm.py 2>&1 | tee "$OUT/pytest_gemm_sm90.log" | tail -15
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
 step "pytest (all, CPU + CUDA)"
-$PY -m pytest -q -x tests 2>&1 | tail -5 | tee "$OUT/pytest_all.log"
+$PY -m pytest -q -x tests 2>&1 | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "compute-sanitizer (memcheck) on small cases"
