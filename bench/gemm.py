@@ -31,16 +31,31 @@ def _operands(m, n, k, device, groups=None):
 
 
 def _scaled_mm_peer(aq, sa, bq, sb):
-    """torch._scaled_mm with blockwise scales when this torch/cuBLASLt supports it, else None."""
+    """(name, fn) for a torch._scaled_mm call that runs here and whose result agrees with the reference
+    (calc_diff < 1e-3), so a mis-laid-out scale never yields a bogus ratio; else None."""
     if aq.device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return None
+    from deepkernels.testing import calc_diff
+
+    want = torch.empty(aq.size(0), bq.size(0), dtype=torch.bfloat16, device=aq.device)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     scale_a = sa.t().contiguous().t()  # cuBLASLt wants the 1x128 scales outer-dim-major
-    try:
-        fn = lambda: torch._scaled_mm(aq, bq.t(), scale_a, sb, out_dtype=torch.bfloat16)  # noqa: E731
-        fn()
-        return fn
-    except (RuntimeError, TypeError, ValueError):
-        return None
+    one = torch.ones((), device=aq.device)
+    candidates = [
+        ("torch._scaled_mm blockwise", lambda: torch._scaled_mm(aq, bq.t(), scale_a, sb, out_dtype=torch.bfloat16), True),
+        ("torch._scaled_mm blockwise", lambda: torch._scaled_mm(aq, bq.t(), scale_a, sb.t(), out_dtype=torch.bfloat16), True),
+        ("torch._scaled_mm per-tensor (easier problem)",
+         lambda: torch._scaled_mm(aq, bq.t(), one, one, out_dtype=torch.bfloat16), False),
+    ]
+    for name, fn, same_maths in candidates:
+        try:
+            got = fn()
+            torch.cuda.synchronize()
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        if not same_maths or calc_diff(got.float(), want.float()) < 1e-3:
+            return name, fn
+    return None
 
 
 def _tflops(m, n, k, ms):
@@ -58,10 +73,10 @@ def run(ctx: Context) -> list[Row]:
             aq, sa, bq, sb = _operands(m, n, k, ctx.device)
             out = torch.empty(m, n, dtype=torch.bfloat16, device=ctx.device)
             ms = time_ms(lambda: deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out), ctx)
-            peer_fn = _scaled_mm_peer(aq, sa, bq, sb)
-            peer_ms = time_ms(peer_fn, ctx) if peer_fn else None
+            peer = _scaled_mm_peer(aq, sa, bq, sb)
+            peer_ms = time_ms(peer[1], ctx) if peer else None
             rows.append(Row(FAMILY, {"kind": "dense", "m": m, "n": n, "k": k}, "TFLOPS", _tflops(m, n, k, ms),
-                            "torch._scaled_mm blockwise" if peer_fn else None,
+                            peer[0] if peer else None,
                             _tflops(m, n, k, peer_ms) if peer_ms else None, ms,
                             extra={"compiled_kernel": gemm_kernel_compiled()}))
     for groups, m_per, n, k in grouped:
