@@ -10,6 +10,10 @@
 #include <torch/library.h>
 
 #include "common/dtype.h"
+#include "fp8_gemm/launch.h"
+#include "mla_decode/launch.h"
+#include "moe/config.h"
+#include "moe/launch.h"
 #include "quant/launch.h"
 
 namespace {
@@ -104,8 +108,7 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp8_gemm (issue 4): bindings and TORCH_LIBRARY_IMPL block go below this line.
-#include "fp8_gemm/launch.h"
+// fp8_gemm: dense and grouped FP8 blockwise GEMMs
 
 namespace fp8_gemm_binding {
 
@@ -163,7 +166,7 @@ Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& 
 void launch(const Fp8GemmParams& p, const at::Tensor& a) {
   const c10::cuda::CUDAGuard guard(a.device());
   deepkernels::fp8_gemm::fp8_gemm_nt(p, at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
 }
 
 void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
@@ -209,11 +212,8 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
   m.impl("m_grouped_fp8_gemm_nt_masked", &fp8_gemm_binding::m_grouped_fp8_gemm_nt_masked);
 }
 
-
-
 // ---------------------------------------------------------------------------------------------
-// mla_decode (issue 5): bindings and TORCH_LIBRARY_IMPL block go below this line.
-#include "mla_decode/launch.h"
+// mla_decode: split plan, paged decode, cache write
 
 namespace mla_decode_binding {
 
@@ -361,13 +361,8 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
   m.impl("write_mla_kv_cache", &mla_decode_binding::write_mla_kv_cache);
 }
 
-
-
 // ---------------------------------------------------------------------------------------------
-// moe (issue 6): bindings and TORCH_LIBRARY_IMPL block go below this line.
-
-#include "moe/config.h"
-#include "moe/launch.h"
+// moe: dispatch layout, permute (+fp8), un-permute + reduce
 
 namespace moe_binding {
 
@@ -468,8 +463,6 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
   m.impl("moe_permute_fp8", &moe_binding::moe_permute_fp8);
   m.impl("moe_unpermute_reduce", &moe_binding::moe_unpermute_reduce);
 }
-
-
 
 // ---------------------------------------------------------------------------------------------
 // The extension module itself carries no Python functions: importing it runs the registrations.

@@ -147,7 +147,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: 
     """
     m, k = _check_a(a, a_scale, ())
     check_tensor("b", b, dtypes=(FP8_DTYPE,), ndim=3)
-    n = _check_b(b, b_scale, (b.size(0),), k) if b.dim() == 3 else 0
+    n = _check_b(b, b_scale, (b.size(0),), k)
     _check_nk(n, k)
     _check_out(out, (m, n))
     check_tensor("m_indices", m_indices, dtypes=(torch.int32,), shape=(m,), contiguous=True)
