@@ -1,4 +1,4 @@
-"""python -m bench <family|all|plot> [--quick] [--device cuda|cpu] [--out PATH]
+"""python -m bench <family|all|plot|report> [--quick] [--device cuda|cpu] [--out PATH]
 
 Every module bench/<family>.py that defines FAMILY and run(ctx) -> list[Row] is a suite.
 Prints one table and writes JSON (bench/results/<device>-<date>.json on GPU).
@@ -19,7 +19,7 @@ from bench import common
 def discover() -> dict:
     suites = {}
     for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
-        if info.name in ("common", "plot") or info.name.startswith("_"):
+        if info.name in ("common", "plot", "report") or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"bench.{info.name}")
         if hasattr(module, "FAMILY") and hasattr(module, "run"):
@@ -33,10 +33,15 @@ def main(argv=None) -> int:
         from bench import plot
 
         return plot.main(argv[1:])
+    if argv[:1] == ["report"]:  # python -m bench report [--ingest FILE] (bench/report.py)
+        from bench import report
+
+        return report.main(argv[1:])
     suites = discover()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=[*suites, "all", "plot"], help="suite to run, or plot (bench/plot.py)")
+    parser.add_argument("name", choices=[*suites, "all", "plot", "report"],
+                        help="suite to run, or plot (bench/plot.py), or report (bench/report.py)")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)")

@@ -62,3 +62,58 @@ def test_quant_cpu_json_schema(tmp_path):
         for key in ROW_KEYS:
             assert key in row, key
         assert row["family"] == "quant" and isinstance(row["case"], dict)
+
+
+def test_report_ingest_plots_and_targets(tmp_path):
+    from bench import report
+
+    data = _synthetic()
+    data["results"].append({"family": "gemm", "case": {"kind": "dense", "m": 4096, "n": 7168, "k": 2048},
+                            "metric": "TFLOPS", "ours": 800.0, "peer": "torch._scaled_mm", "peer_value": 800.0,
+                            "ratio": 1.0, "ms": 0.2})
+    data["results"].append({"family": "gemm", "case": {"kind": "contiguous", "groups": 4, "m": 1024, "n": 7168,
+                                                       "k": 2048}, "metric": "TFLOPS", "ours": 760.0, "peer": None,
+                            "peer_value": None, "ratio": None, "ms": 0.2})
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(data))
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# head\n\nkept\n\n{report.BEGIN}\nold text\n{report.END}\n\ntail kept\n")
+    res, img = tmp_path / "results", tmp_path / "img"
+    assert report.main(["--ingest", str(src), "--results", str(res), "--doc", str(doc), "--img", str(img)]) == 0
+    assert sorted(p.name for p in res.iterdir()) == ["nvidia-h100-80gb-hbm3-2026-01-01.json"]
+    text = doc.read_text()
+    assert text.startswith("# head\n\nkept\n") and text.endswith("tail kept\n") and "old text" not in text
+    for needle in ("| NVIDIA H100 80GB HBM3 | 570.0 | 2.x | 13.0 | abc |", "#### gemm", "#### mla",
+                   "![gemm on NVIDIA H100 80GB HBM3](img/nvidia-h100-80gb-hbm3-2026-01-01-gemm.png)",
+                   "| GEMM dense >= 1.2x torch._scaled_mm | kind=dense m=128 n=7168 k=2048 | 1.11x | **no** |",
+                   "| GEMM dense >= 1.1x torch._scaled_mm | kind=dense m=4096 n=7168 k=2048 | 1.00x | **no** |",
+                   "| GEMM grouped within 10% of dense at equal total M | kind=contiguous groups=4 m=1024 n=7168 "
+                   "k=2048 | 0.95x dense | yes |"):
+        assert needle in text, (needle, text)
+    again = doc.read_text()
+    report.main(["--results", str(res), "--doc", str(doc), "--img", str(img)])
+    assert doc.read_text() == again, "report is not idempotent"
+
+
+def test_report_refuses_cpu_runs_and_missing_markers(tmp_path):
+    from bench import report
+
+    cpu = dict(_synthetic(), device="cpu (x86_64, 2 cores)")
+    (tmp_path / "cpu.json").write_text(json.dumps(cpu))
+    with pytest.raises(ValueError, match="CPU run"):
+        report.ingest(str(tmp_path / "cpu.json"), str(tmp_path / "res"))
+    (tmp_path / "bad.json").write_text(json.dumps({"device": "x"}))
+    with pytest.raises(ValueError, match="not a bench result"):
+        report.ingest(str(tmp_path / "bad.json"), str(tmp_path / "res"))
+    doc = tmp_path / "p.md"
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        report.update_doc(str(doc), "x")
+
+
+def test_performance_page_has_report_markers():
+    from bench import report
+
+    text = open(os.path.join(ROOT, "docs", "performance.md")).read()
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert text.index(report.BEGIN) < text.index(report.END)

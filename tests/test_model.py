@@ -47,6 +47,8 @@ CONFIGS = {
                           "tie_word_embeddings": True, "num_hidden_layers": 3,
                           "first_k_dense_replace": 0, "n_shared_experts": 2, "norm_topk_prob": False,
                           "attention_bias": True},
+    # all layers dense: no top-k routing whose choice a low-precision perturbation could flip
+    "dense": {"first_k_dense_replace": 3},
 }
 
 _MODELS: dict = {}
@@ -151,16 +153,18 @@ def test_decode_two_tokens_per_step():
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
 def test_paged_decode_low_precision_cache(cache_dtype):
-    """bf16 / fp8 latent caches take the decode-kernel path (mla_decode_with_kvcache, bf16 query)."""
-    model = get_model("tiny")
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    """bf16 / fp8 latent caches take the decode-kernel path (mla_decode_with_kvcache, bf16 query). The model
+    is all-dense: with MoE layers a perturbation this size can flip a near-tied expert choice, which moves
+    the logits by far more than the cache precision does."""
+    model = get_model("dense")
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(input_ids)
         cache = make_cache(model, 2, 16, page_size=16, dtype=cache_dtype)
         steps = [model(input_ids[:, :6], cache=cache, prefill=True)]
         steps += [model(input_ids[:, t:t + 1], cache=cache) for t in range(6, 12)]
     paged = torch.cat(steps, 1)[:, 6:]
-    tol = 2e-3 if cache_dtype == torch.bfloat16 else 2e-2
+    tol = 2e-5 if cache_dtype == torch.bfloat16 else 2e-3
     diff = calc_diff(paged, full[:, 6:])
     assert diff < tol, f"{cache_dtype} cache: decode logits vs full forward calc_diff {diff:.2e} (tol {tol})"
 
@@ -174,7 +178,7 @@ def test_cuda_bf16_model_decode_and_generation():
     model.load_state_dict(cpu.state_dict())
     model.model.rotary_emb.reset_parameters()
     model.eval()
-    input_ids = torch.randint(0, cpu.config.vocab_size, (3, 40))
+    input_ids = torch.randint(0, cpu.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = cpu(input_ids)
         full = model(input_ids.cuda()).float()
