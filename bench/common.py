@@ -5,6 +5,7 @@ median of the repeats. CPU: wall-clock medians. The same warm-up, flush and repe
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -90,6 +91,41 @@ def time_ms(fn: Callable[[], object], ctx: Context, flush_l2: bool = True) -> fl
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def copy_gbps(nbytes: int, ctx: Context) -> float:
+    """Measured copy bandwidth (bytes read + written per second, GB/s) of a device-to-device copy that
+    moves nbytes in all: the ceiling a memory-bound kernel is compared with."""
+    a = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=ctx.device)
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), ctx)
+    return 2 * a.numel() / 1e9 / (ms / 1e3)
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Set (or, with None, unset) one environment variable for the duration of the block."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def kernel_variants(ctx: Context, flag: str) -> list[tuple[str, str | None]]:
+    """(label, value of flag) for every kernel of a family to time on this device: the default kernel,
+    plus the opt-in Hopper one (flag=1) on sm_90, where it exists; the launch code reads flag per call."""
+    variants = [("default", None)]
+    if ctx.is_cuda and torch.cuda.get_device_capability(ctx.device) == (9, 0):
+        variants.append(("sm90", "1"))
+    return variants
 
 
 def git_commit() -> str:

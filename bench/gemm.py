@@ -7,7 +7,7 @@ import torch
 import deepkernels
 from deepkernels import gemm
 
-from .common import Context, Row, time_ms
+from .common import Context, Row, env_var, kernel_variants, time_ms
 
 FAMILY = "gemm"
 
@@ -58,8 +58,37 @@ def _scaled_mm_peer(aq, sa, bq, sb):
     return None
 
 
-def _tflops(m, n, k, ms):
-    return 2 * m * n * k / (ms * 1e-3) / 1e12
+def _into(reference, out, a, a_scale, b, b_scale, **rest):
+    reference(a, a_scale, b, b_scale, out, **rest)
+    return out
+
+
+def _timed(ctx: Context, case: dict, flops: int, call, reference, peer=None) -> list[Row]:
+    """One row per kernel variant (the default, and the opt-in sm_90a kernel on Hopper): the result is
+    first checked against the reference (calc_diff < 1e-4 on the same quantised inputs) so a wrong kernel
+    never gets a speed; peer = (name, fn) timed once beside the default kernel."""
+    from deepkernels.testing import calc_diff
+
+    rows = []
+    want = reference()
+    for label, flag in kernel_variants(ctx, "DEEPKERNELS_GEMM_SM90"):
+        with env_var("DEEPKERNELS_GEMM_SM90", flag):
+            got = call()
+            extra = {"kernel": label, "compiled_kernel": gemm_kernel_compiled()}
+            diff = calc_diff(got.float(), want.float())
+            extra["calc_diff_vs_reference"] = diff
+            if not diff < 1e-4:
+                rows.append(Row(FAMILY, {**case, "kernel": label}, "TFLOPS", 0.0, None, None, None,
+                                {**extra, "error": f"wrong result: calc_diff {diff:.2e} vs the reference"}))
+                continue
+            ms = time_ms(call, ctx)
+        peer_name, peer_ms = None, None
+        if peer is not None and label == "default":
+            peer_name, peer_ms = peer[0], time_ms(peer[1], ctx)
+        rows.append(Row(FAMILY, {**case, "kernel": label} if label != "default" else case, "TFLOPS",
+                        flops / (ms * 1e-3) / 1e12, peer_name,
+                        flops / (peer_ms * 1e-3) / 1e12 if peer_ms else None, ms, extra))
+    return rows
 
 
 def run(ctx: Context) -> list[Row]:
@@ -72,13 +101,10 @@ def run(ctx: Context) -> list[Row]:
         for n, k in nk:
             aq, sa, bq, sb = _operands(m, n, k, ctx.device)
             out = torch.empty(m, n, dtype=torch.bfloat16, device=ctx.device)
-            ms = time_ms(lambda: deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out), ctx)
-            peer = _scaled_mm_peer(aq, sa, bq, sb)
-            peer_ms = time_ms(peer[1], ctx) if peer else None
-            rows.append(Row(FAMILY, {"kind": "dense", "m": m, "n": n, "k": k}, "TFLOPS", _tflops(m, n, k, ms),
-                            peer[0] if peer else None,
-                            _tflops(m, n, k, peer_ms) if peer_ms else None, ms,
-                            extra={"compiled_kernel": gemm_kernel_compiled()}))
+            rows += _timed(ctx, {"kind": "dense", "m": m, "n": n, "k": k}, 2 * m * n * k,
+                           lambda: deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out),
+                           lambda: _into(gemm.fp8_gemm_nt_ref, torch.empty_like(out), aq, sa, bq, sb),
+                           _scaled_mm_peer(aq, sa, bq, sb))
     for groups, m_per, n, k in grouped:
         align = deepkernels.get_m_alignment_for_contiguous_layout()
         m = groups * ((m_per + align - 1) // align) * align
@@ -86,16 +112,19 @@ def run(ctx: Context) -> list[Row]:
         _, _, bq, sb = _operands(1, n, k, ctx.device, groups=groups)
         m_indices = torch.arange(groups, device=ctx.device, dtype=torch.int32).repeat_interleave(m // groups)
         out = torch.empty(m, n, dtype=torch.bfloat16, device=ctx.device)
-        ms = time_ms(lambda: deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_indices), ctx)
-        rows.append(Row(FAMILY, {"kind": "contiguous", "groups": groups, "m": m_per, "n": n, "k": k}, "TFLOPS",
-                        _tflops(m, n, k, ms), None, None, ms))
+        rows += _timed(ctx, {"kind": "contiguous", "groups": groups, "m": m_per, "n": n, "k": k}, 2 * m * n * k,
+                       lambda: deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_indices),
+                       lambda: _into(gemm.m_grouped_fp8_gemm_nt_contiguous_ref, torch.empty_like(out),
+                                     aq, sa, bq, sb, m_indices=m_indices))
     for groups, m_per, n, k in masked:
         aq, sa, bq, sb = _operands(m_per, n, k, ctx.device, groups=groups)
         out = torch.empty(groups, m_per, n, dtype=torch.bfloat16, device=ctx.device)
         masked_m = torch.full((groups,), m_per, dtype=torch.int32, device=ctx.device)
-        ms = time_ms(lambda: deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, m_per), ctx)
-        rows.append(Row(FAMILY, {"kind": "masked", "groups": groups, "m": m_per, "n": n, "k": k}, "TFLOPS",
-                        _tflops(groups * m_per, n, k, ms), None, None, ms))
+        rows += _timed(ctx, {"kind": "masked", "groups": groups, "m": m_per, "n": n, "k": k},
+                       2 * groups * m_per * n * k,
+                       lambda: deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, m_per),
+                       lambda: _into(gemm.m_grouped_fp8_gemm_nt_masked_ref, torch.empty_like(out),
+                                     aq, sa, bq, sb, masked_m=masked_m, expected_m=m_per))
     return rows
 
 

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import deepkernels
 from deepkernels import mla
 
-from .common import Context, Row, time_ms
+from deepkernels.testing import calc_diff
+
+from .common import Context, Row, copy_gbps, env_var, kernel_variants, time_ms
 
 FAMILY = "mla"
 
@@ -99,6 +101,8 @@ def _flashinfer_runner(q, kv, block_table, lens, h_q, causal):
 
 def run(ctx: Context) -> list[Row]:
     rows = []
+    # the memory-bound target is a fraction of this device's measured copy bandwidth (2 GiB moved)
+    copy = round(copy_gbps(2 << 30, ctx), 1) if ctx.is_cuda else None
     if ctx.quick or not ctx.is_cuda:
         grid = [(2, 1, 16, 128, torch.bfloat16), (2, 2, 16, 128, torch.bfloat16), (2, 1, 16, 128, torch.float8_e4m3fn)]
     else:
@@ -116,22 +120,37 @@ def run(ctx: Context) -> list[Row]:
             return deepkernels.mla_decode_with_kvcache(q, kv, block_table, lens, 512, meta, splits, SCALE, True,
                                                        kv_scale)
 
-        t_ours = time_ms(ours, ctx)
-        peer, t_peer = None, None
-        if cache_dtype == torch.bfloat16:
-            runner = _flashinfer_runner(q, kv, block_table, lens, h_q, True) if ctx.is_cuda else None
-            if runner is not None:
-                peer, t_peer = "flashinfer", time_ms(runner, ctx)
-            else:
-                peer, t_peer = "torch gather+SDPA", time_ms(lambda: torch_reference(q, kv, block_table, lens_host, s_q),
-                                                            ctx)
         compute_bound = h_q >= 128
         metric = "TFLOPS" if compute_bound else "GB/s"
         value = (lambda t: tflop / (t / 1e3)) if compute_bound else (lambda t: gbytes / (t / 1e3))
         case = {"b": b, "s_q": s_q, "h_q": h_q, "mean_sk": mean_sk, "page": PAGE,
                 "cache": "e4m3" if kv_scale is not None else "bf16", "causal": True}
-        rows.append(Row(FAMILY, case, metric, value(t_ours), peer, None if t_peer is None else value(t_peer), t_ours,
-                        extra={"GB/s": gbytes / (t_ours / 1e3), "TFLOPS": tflop / (t_ours / 1e3)}))
+        default_out = None
+        for label, flag in kernel_variants(ctx, "DEEPKERNELS_MLA_SM90"):
+            with env_var("DEEPKERNELS_MLA_SM90", flag):
+                extra = {"kernel": label, **({"copy_GB/s": copy} if copy else {})}
+                got = ours()[0]
+                if default_out is None:
+                    default_out = got
+                else:  # the opt-in kernel must agree with the tested default one before it gets a speed
+                    diff = calc_diff(got.float(), default_out.float())
+                    extra["calc_diff_vs_default"] = diff
+                    if not diff < 1e-5:
+                        rows.append(Row(FAMILY, {**case, "kernel": label}, metric, 0.0, None, None, None,
+                                        {**extra, "error": f"wrong result: calc_diff {diff:.2e} vs the default kernel"}))
+                        continue
+                t_ours = time_ms(ours, ctx)
+            peer, t_peer = None, None
+            if cache_dtype == torch.bfloat16 and label == "default":
+                runner = _flashinfer_runner(q, kv, block_table, lens, h_q, True) if ctx.is_cuda else None
+                if runner is not None:
+                    peer, t_peer = "flashinfer", time_ms(runner, ctx)
+                else:
+                    peer, t_peer = "torch gather+SDPA", time_ms(
+                        lambda: torch_reference(q, kv, block_table, lens_host, s_q), ctx)
+            rows.append(Row(FAMILY, case if label == "default" else {**case, "kernel": label}, metric, value(t_ours),
+                            peer, None if t_peer is None else value(t_peer), t_ours,
+                            extra={"GB/s": gbytes / (t_ours / 1e3), "TFLOPS": tflop / (t_ours / 1e3), **extra}))
         del q, kv, kv_scale
         if ctx.is_cuda:
             torch.cuda.empty_cache()

@@ -71,6 +71,9 @@ def test_report_ingest_plots_and_targets(tmp_path):
     data["results"].append({"family": "gemm", "case": {"kind": "dense", "m": 4096, "n": 7168, "k": 2048},
                             "metric": "TFLOPS", "ours": 800.0, "peer": "torch._scaled_mm", "peer_value": 800.0,
                             "ratio": 1.0, "ms": 0.2})
+    data["results"].append({"family": "gemm", "case": {"kind": "dense", "m": 4096, "n": 7168, "k": 2048,
+                                                       "kernel": "sm90"}, "metric": "TFLOPS", "ours": 900.0,
+                            "peer": None, "peer_value": None, "ratio": None, "ms": 0.18})
     data["results"].append({"family": "gemm", "case": {"kind": "contiguous", "groups": 4, "m": 1024, "n": 7168,
                                                        "k": 2048}, "metric": "TFLOPS", "ours": 760.0, "peer": None,
                             "peer_value": None, "ratio": None, "ms": 0.2})
@@ -87,6 +90,7 @@ def test_report_ingest_plots_and_targets(tmp_path):
                    "![gemm on NVIDIA H100 80GB HBM3](img/nvidia-h100-80gb-hbm3-2026-01-01-gemm.png)",
                    "| GEMM dense >= 1.2x torch._scaled_mm | kind=dense m=128 n=7168 k=2048 | 1.11x | **no** |",
                    "| GEMM dense >= 1.1x torch._scaled_mm | kind=dense m=4096 n=7168 k=2048 | 1.00x | **no** |",
+                   "| GEMM dense >= 1.1x torch._scaled_mm | kind=dense m=4096 n=7168 k=2048 kernel=sm90 | 1.12x | yes |",
                    "| GEMM grouped within 10% of dense at equal total M | kind=contiguous groups=4 m=1024 n=7168 "
                    "k=2048 | 0.95x dense | yes |"):
         assert needle in text, (needle, text)
@@ -117,3 +121,23 @@ def test_performance_page_has_report_markers():
     text = open(os.path.join(ROOT, "docs", "performance.md")).read()
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     assert text.index(report.BEGIN) < text.index(report.END)
+
+
+def test_gemm_bench_refuses_to_time_a_wrong_kernel(monkeypatch):
+    """Each kernel variant's result is checked against the reference before it is timed."""
+    import torch
+
+    from bench import common, gemm
+
+    monkeypatch.setattr(gemm, "kernel_variants", lambda ctx, flag: [("default", None), ("broken", "1")])
+    ctx = common.Context(device=torch.device("cpu"), quick=True, warmup=0, repeats=1)
+    good = torch.randn(16, 32)
+
+    def call():
+        return good + 1 if os.environ.get("DEEPKERNELS_GEMM_SM90") == "1" else good
+
+    rows = gemm._timed(ctx, {"kind": "dense", "m": 16, "n": 32, "k": 16}, 2 * 16 * 32 * 16, call, lambda: good)
+    assert [r.case.get("kernel") for r in rows] == [None, "broken"]
+    assert rows[0].ours > 0 and rows[0].extra["calc_diff_vs_reference"] == 0
+    assert rows[1].ours == 0 and "wrong result" in rows[1].extra["error"] and rows[1].ms is None
+    assert "DEEPKERNELS_GEMM_SM90" not in os.environ
