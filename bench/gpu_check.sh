@@ -60,4 +60,5 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   $PY -m bench all --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
 fi
 echo "=== gpu_check exit status $status"
+echo "=== next, on the development machine: python -m bench report --ingest <files_at>/bench.json; commit bench/results docs"
 exit $status
