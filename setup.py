@@ -1,7 +1,8 @@
 """Build deepkernels: a torch CUDAExtension when torch has CUDA and a toolkit is found, else pure Python.
 
 Environment:
-  DEEPKERNELS_CUDA_ARCHS   ";"-separated list, default "80;89;90a" (90a -> sm_90a: wgmma/TMA code)
+  DEEPKERNELS_CUDA_ARCHS   ";"-separated list, default "80;89+PTX;90a" (90a -> sm_90a: wgmma/TMA code;
+                           "+PTX" also embeds that arch's PTX, which newer GPUs (sm_100, sm_120) JIT-compile)
   DEEPKERNELS_SKIP_CUDA=1  pure-Python install (ops run on the torch references)
   DEEPKERNELS_REQUIRE_CUDA=1  fail instead of falling back when no toolkit is found (CI, make)
   CUDA_HOME                toolkit to use; else torch's pip toolchain (site-packages/nvidia/cu13), else /usr/local/cuda
@@ -14,7 +15,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "80;89;90a"
+DEFAULT_ARCHS = "80;89+PTX;90a"
 
 
 def log(msg):
@@ -45,13 +46,22 @@ def resolve_cuda_home():
     return None, "none found"
 
 
-def gencode_flags(archs):
-    flags = []
-    for arch in archs:
+def parse_archs(spec):
+    """"80;89+PTX;90a" -> (cubin archs, PTX archs) = (["80", "89", "90a"], ["89"])."""
+    cubins, ptx = [], []
+    for arch in spec.split(";"):
         arch = arch.strip()
+        if arch.endswith("+PTX"):
+            arch = arch[: -len("+PTX")]
+            ptx.append(arch)
         if arch:
-            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    return flags
+            cubins.append(arch)
+    return cubins, ptx
+
+
+def gencode_flags(cubins, ptx):
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cubins]
+    return flags + [f"-gencode=arch=compute_{a},code=compute_{a}" for a in ptx]
 
 
 def cuda_extension():
@@ -94,16 +104,16 @@ def cuda_extension():
                 os.remove(link)
             os.symlink(versioned[-1], link)
             library_dirs.append(link_dir)
-    archs = os.environ.get("DEEPKERNELS_CUDA_ARCHS", DEFAULT_ARCHS).split(";")
+    archs, ptx_archs = parse_archs(os.environ.get("DEEPKERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
     nvcc_flags = [
         "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
         "-Xptxas=-v,--warn-on-spills", "-Werror", "all-warnings",
         f"--threads={os.environ.get('NVCC_THREADS', '1')}",
-    ] + gencode_flags(archs)
+    ] + gencode_flags(archs, ptx_archs)
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     sources.append(os.path.join("csrc", "torch_bindings.cpp"))
-    write_build_info(archs, cuda_home, torch)
-    log(f"archs {archs}; {len(sources)} sources")
+    write_build_info(archs, ptx_archs, cuda_home, torch)
+    log(f"archs {archs} (+PTX {ptx_archs}); {len(sources)} sources")
     return CUDAExtension(
         name="deepkernels._C",
         sources=sources,
@@ -113,10 +123,11 @@ def cuda_extension():
     )
 
 
-def write_build_info(archs, cuda_home, torch):
+def write_build_info(archs, ptx_archs, cuda_home, torch):
     with open(os.path.join(ROOT, "deepkernels", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
-        f.write(f"CUDA_ARCHS = {[a.strip() for a in archs if a.strip()]!r}\n")
+        f.write(f"CUDA_ARCHS = {archs!r}\n")
+        f.write(f"CUDA_PTX_ARCHS = {ptx_archs!r}\n")
         f.write(f"CUDA_HOME = {cuda_home!r}\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")

@@ -38,9 +38,12 @@ def build_info() -> dict:
     try:
         from . import _build_info as b
 
-        info = {k: getattr(b, k) for k in ("CUDA_ARCHS", "CUDA_HOME", "TORCH_VERSION", "TORCH_CUDA_VERSION")}
+        info = {k: getattr(b, k, None) for k in ("CUDA_ARCHS", "CUDA_PTX_ARCHS", "CUDA_HOME", "TORCH_VERSION",
+                                                  "TORCH_CUDA_VERSION")}
     except ImportError:
-        info = {"CUDA_ARCHS": [], "CUDA_HOME": None, "TORCH_VERSION": None, "TORCH_CUDA_VERSION": None}
+        info = {"CUDA_ARCHS": [], "CUDA_PTX_ARCHS": [], "CUDA_HOME": None, "TORCH_VERSION": None,
+                "TORCH_CUDA_VERSION": None}
+    info["CUDA_PTX_ARCHS"] = info["CUDA_PTX_ARCHS"] or []
     info["extension_loaded"] = _ops.extension_loaded()
     info["extension_error"] = _ops.extension_error()
     return info

@@ -36,7 +36,8 @@ def test_import_exposes_ops_and_build_info():
 def test_extension_built_and_loaded():
     info = deepkernels.build_info()
     assert info["extension_loaded"], f"deepkernels._C failed to load: {info['extension_error']}"
-    assert info["CUDA_ARCHS"] == os.environ.get("DEEPKERNELS_CUDA_ARCHS", "80;89;90a").split(";")
+    spec = os.environ.get("DEEPKERNELS_CUDA_ARCHS", "80;89+PTX;90a")
+    assert info["CUDA_ARCHS"] == [a.strip().removesuffix("+PTX") for a in spec.split(";") if a.strip()]
     for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
                  "m_grouped_fp8_gemm_nt_masked"):
         assert _ops.has_cuda_kernel(name), f"{name} has no compiled CUDA kernel"
@@ -63,6 +64,19 @@ def test_extension_carries_cubins_for_every_arch():
     listing = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True, check=True).stdout
     for arch in deepkernels.build_info()["CUDA_ARCHS"]:
         assert f"sm_{arch}" in listing, f"no sm_{arch} cubin in {so.name}:\n{listing}"
+    ptx = subprocess.run([tool, "--list-ptx", str(so)], capture_output=True, text=True, check=True).stdout
+    for arch in deepkernels.build_info()["CUDA_PTX_ARCHS"]:  # what newer GPUs (sm_100, sm_120) JIT-compile
+        assert f"sm_{arch}" in ptx, f"no compute_{arch} PTX in {so.name}:\n{ptx}"
+
+
+def test_arch_list_parsing():
+    setup_py = Path(__file__).parents[1] / "setup.py"
+    namespace: dict = {"__file__": str(setup_py)}  # setup.py's helpers, without running setup()
+    exec(compile(setup_py.read_text().split("\next = cuda_extension()")[0], str(setup_py), "exec"), namespace)
+    assert namespace["parse_archs"]("80;89+PTX;90a") == (["80", "89", "90a"], ["89"])
+    assert namespace["parse_archs"](" 90a ;") == (["90a"], [])
+    assert namespace["gencode_flags"](["90a"], ["89"]) == ["-gencode=arch=compute_90a,code=sm_90a",
+                                                           "-gencode=arch=compute_89,code=compute_89"]
 
 
 def test_reference_fallback_prints_one_notice_and_ops_work():
