@@ -17,19 +17,12 @@ import re
 import shutil
 
 from bench import plot as _plot
+from bench.common import _fmt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DOC = os.path.join(ROOT, "docs", "performance.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 ENV_KEYS = ("device", "driver", "torch", "cuda", "commit", "date")
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    return str(v)
 
 
 def _case(case: dict) -> str:
