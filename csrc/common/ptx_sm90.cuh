@@ -1,0 +1,203 @@
+#pragma once
+// Hopper (sm_90a) PTX wrappers: mbarrier, TMA tensor loads, fp8 wgmma, setmaxnreg. The bodies exist only
+// in the sm_90a device pass (wgmma and setmaxnreg are arch-conditional features); in every other pass they
+// are empty, so a kernel that calls them still compiles for sm_80/sm_89 (its body is guarded the same way
+// and never runs there). CUDA headers only; cuda.h is included for the CUtensorMap type, nothing is linked.
+#include <cuda.h>
+#include <cstdint>
+
+#include "ptx.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DEEPKERNELS_SM90A 1
+#else
+#define DEEPKERNELS_SM90A 0
+#endif
+
+namespace deepkernels::ptx::sm90 {
+
+// ---- mbarrier (a 64-bit object in shared memory: pending-arrival count + transaction byte count + phase)
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+#if DEEPKERNELS_SM90A
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
+#else
+  (void)bar; (void)arrivals;
+#endif
+}
+
+// Makes the initialised barriers visible to other threads and to the async proxy (the TMA unit).
+__device__ __forceinline__ void fence_barrier_init() {
+#if DEEPKERNELS_SM90A
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// One arrival that also raises the phase's expected transaction count by `bytes` (what the TMA loads
+// signalling this barrier will deliver).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if DEEPKERNELS_SM90A
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+#else
+  (void)bar; (void)bytes;
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#if DEEPKERNELS_SM90A
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#else
+  (void)bar;
+#endif
+}
+
+// Blocks until the phase of parity `parity` has completed. A fresh barrier is in phase 0, so waiting
+// for parity 1 returns at once (the "preceding" phase counts as complete): producers wait on their
+// empty barriers with the flipped parity so the first pass through the ring does not block.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if DEEPKERNELS_SM90A
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#else
+  (void)bar; (void)parity;
+#endif
+}
+
+// ---- TMA (cp.async.bulk.tensor): tensor maps are built on the host and passed as __grid_constant__
+// kernel parameters; the generic address of that parameter is what the instructions take.
+
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+#if DEEPKERNELS_SM90A
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#else
+  (void)map;
+#endif
+}
+
+// Box at coordinates (c0 innermost, c1, c2) of a 3-D tensor map -> shared memory at `dst`; completion
+// (the box's full byte count, out-of-bounds elements zero-filled) is signalled on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            int c2) {
+#if DEEPKERNELS_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "[%2];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+#else
+  (void)dst; (void)map; (void)bar; (void)c0; (void)c1; (void)c2;
+#endif
+}
+
+// ---- register reconfiguration: a warpgroup gives registers back to / takes them from the SM pool.
+// Needs a register cap at kernel entry (__launch_bounds__(threads, 1)); all 4 warps execute it.
+
+template <uint32_t kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if DEEPKERNELS_SM90A
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
+template <uint32_t kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if DEEPKERNELS_SM90A
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
+// ---- wgmma (warpgroup MMA, asynchronous)
+
+__device__ __forceinline__ void wgmma_fence() {
+#if DEEPKERNELS_SM90A
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if DEEPKERNELS_SM90A
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if DEEPKERNELS_SM90A
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Compiler-only fence on accumulator registers: the asm "redefines" them, so reads cannot be hoisted
+// above a wgmma_wait (nor writes sunk below a wgmma_fence) -- the hardware writes them asynchronously.
+template <int kN>
+__device__ __forceinline__ void register_fence(float (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor for a K-major operand stored with the 128-byte swizzle (what a TMA
+// load with CU_TENSOR_MAP_SWIZZLE_128B writes): rows of 128 bytes, 8-row atoms 1024 bytes apart (SBO),
+// leading offset unused for K-major swizzled layouts. The atom base must be 1024-byte aligned; moving
+// along K inside the 128-byte row is done by adding the byte offset to the start address.
+//   bits 0-13 start >> 4 | 16-29 LBO >> 4 | 32-45 SBO >> 4 | 49-51 base offset (0) | 62-63 swizzle (1 = 128B)
+__device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* smem) {
+  const uint64_t start = (smem_addr(smem) & 0x3FFFFu) >> 4;
+  constexpr uint64_t kSbo = 1024 >> 4;
+  return start | (kSbo << 32) | (uint64_t{1} << 62);
+}
+
+// d[64 x 64] (+)= a[64 x 32] * b[64 x 32]^T, e4m3 operands K-major in shared memory (descriptors),
+// fp32 accumulators: 32 per thread. `accumulate` = 0 overwrites d (scale-d).
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
+#if DEEPKERNELS_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+#endif
+}
+
+// d[64 x 128] (+)= a[64 x 32] * b[128 x 32]^T, e4m3 operands K-major in shared memory (descriptors),
+// fp32 accumulators: 64 per thread. `accumulate` = 0 overwrites d (scale-d).
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
+#if DEEPKERNELS_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+#endif
+}
+
+}  // namespace deepkernels::ptx::sm90
