@@ -4,6 +4,8 @@
 // guard for callers that reach torch.ops.deepkernels directly.
 #include <Python.h>
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -119,8 +121,11 @@ void check_fp8_operand(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat8_e4m3fn, name, ": expected float8_e4m3fn, got ", t.scalar_type());
   TORCH_CHECK(t.size(-1) % 16 == 0, name, ": K must be a multiple of 16, got ", t.size(-1));
-  TORCH_CHECK(t.stride(-1) == 1 && t.stride(-2) % 16 == 0, name, ": rows must be unit-stride and 16-byte aligned, got strides ",
-              t.strides());
+  TORCH_CHECK(t.stride(-1) == 1, name, ": expected unit stride along K, got strides ", t.strides());
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    TORCH_CHECK(t.stride(d) % 16 == 0, name, ": rows (and groups) must start 16-byte aligned, got strides ",
+                t.strides());
+  }
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, ": data pointer must be 16-byte aligned");
 }
 
@@ -134,6 +139,10 @@ Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& 
               "b_scale: expected a contiguous float32 CUDA tensor");
   TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kBFloat16 && out.stride(-1) == 1,
               "out: expected a bfloat16 CUDA tensor with unit stride along N");
+  // The kernels store bf16 pairs: 4-byte aligned rows.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(-2) % 2 == 0 &&
+                  (out.dim() < 3 || out.stride(0) % 2 == 0),
+              "out: expected a 4-byte aligned data pointer and even row strides, got strides ", out.strides());
   TORCH_CHECK(a.size(-1) == b.size(-1), "a and b: K differs (", a.size(-1), " vs ", b.size(-1), ")");
   TORCH_CHECK(b.size(-2) % 16 == 0, "b: N must be a multiple of 16, got ", b.size(-2));
   const int64_t k_blocks = (a.size(-1) + 127) / 128;
@@ -165,7 +174,8 @@ Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& 
 
 void launch(const Fp8GemmParams& p, const at::Tensor& a) {
   const c10::cuda::CUDAGuard guard(a.device());
-  deepkernels::fp8_gemm::fp8_gemm_nt(p, at::cuda::getCurrentCUDAStream());
+  const char* error = deepkernels::fp8_gemm::fp8_gemm_nt(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == nullptr, error);
   check_launch();
 }
 
@@ -198,9 +208,10 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& a_scale
               "out: expected [G, Mmax, N], got ", out.sizes());
   TORCH_CHECK(masked_m.is_cuda() && masked_m.scalar_type() == at::kInt && masked_m.numel() == a.size(0),
               "masked_m: expected an int32 CUDA tensor of length G");
-  (void)expected_m;  // the portable kernel's tiling does not depend on it
+  TORCH_CHECK(expected_m >= 0, "expected_m: expected a non-negative int, got ", expected_m);
   auto p = make_params(GemmMode::kGroupedMasked, a, a_scale, b, b_scale, out);
   p.masked_m = masked_m.data_ptr<int>();
+  p.expected_m = static_cast<int>(std::min<int64_t>(expected_m, a.size(1)));  // tile-shape hint (sm_90a kernel)
   launch(p, a);
 }
 

@@ -24,6 +24,7 @@ struct Fp8GemmParams {
   void* out;
   int64_t out_row_stride, out_group_stride;
   int m, n, k, num_groups;
+  int expected_m;  // masked: typical rows per group (tile-shape hint only, 0 = unknown)
   const int* m_indices;
   const int* masked_m;
 };

@@ -1,151 +1,407 @@
 #pragma once
-// Hopper (sm_90a) step 1, OFF by default (DEEPKERNELS_GEMM_SM90=1 enables it; not yet run on a GPU):
-// the portable kernel's 64x64 tiling with 64-wide K steps and cp.async double buffering, but the e4m3 tiles are stored in the
-// wgmma "no-swizzle" core-matrix layout and multiplied with fp8 wgmma m64n64k32 by one warpgroup.
-// TODO(next): TMA + mbarrier ring, producer warp + 2 math warpgroups, persistent L2-swizzled scheduler.
+// Hopper (sm_90a) FP8 blockwise GEMM -- OPT-IN (DEEPKERNELS_GEMM_SM90=1), NOT YET RUN ON A GPU.
+//
+// Persistent, warp-specialised (the DeepGEMM design, written from the PTX ISA):
+//   * grid = #SMs; every CTA walks tiles blockIdx.x, +gridDim.x, ... in an L2-friendly order (bands of
+//     kGroupM M-blocks, N-blocks inside a band); grouped modes resolve a tile's group on the device.
+//   * warpgroup kMathWarpgroups (the last): producer. setmaxnreg.dec to 40; one thread issues, per 128-wide
+//     K block, two TMA loads (A [BLOCK_M x 128], B [BLOCK_N x 128] e4m3, 128B-swizzled) into the next
+//     stage of a shared-memory ring, guarded by full/empty mbarriers.
+//   * warpgroups 0..kMathWarpgroups-1: math. setmaxnreg.inc to 232; WG w owns tile rows 64w..64w+63 and
+//     runs 4 x wgmma m64nBLOCK_Nk32 e4m3 per K block into fp32 `partial`, releases the stage, then
+//     promotes on CUDA cores: total += partial * a_scale[row, kb] * b_scale[n/128, kb]. Epilogue: bf16
+//     pairs straight from registers to global memory with row/column bounds (masked rows untouched,
+//     contiguous padding rows zero).
+// Partial tiles: TMA zero-fills out-of-bounds rows/columns (still counted in the transaction bytes), so
+// any M >= 1 and N, K multiples of 16 need no special path; only the stores are bounded.
+#include <cuda.h>
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
-#include "config.h"
+#include "../common/fp8.cuh"
+#include "../common/ptx_sm90.cuh"
 #include "params.h"
-#include "../common/ptx.cuh"
 
 namespace deepkernels::fp8_gemm::sm90 {
 
-using ptx::cp_async_16;
-using ptx::cp_async_commit;
-constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 64, kThreads = 128, kStages = 2;
-// Core matrix: 8 rows x 16 bytes, stored as 128 contiguous bytes. Tile layout [row/8][k/16][row%8][16 B]:
-// neighbouring core matrices along K are kCoreK bytes apart (LBO), along M/N kCoreMN bytes (SBO).
-constexpr int kCoreK = 128, kCoreMN = (kBlockK / 16) * 128;
-constexpr int kTileBytes = kBlockM * kBlockK;
+// NOTE: BLOCK_K = 128 is both the scale granularity (one promotion per K block) and, for e4m3, exactly one
+// 128-byte swizzle row -- the widest box row a CU_TENSOR_MAP_SWIZZLE_128B tensor map allows.
+constexpr int kBlockK = 128;
+// NOTE: 227 KiB is the sm_90 per-block dynamic shared memory maximum (opt-in attribute).
+constexpr int kSmemBudget = 232448;
+constexpr int kMaxStages = 8;
+// L2 order: 8 M-blocks x all N-blocks per band, so the ~132 resident tiles share a few A row-panels and
+// ~16 B column-panels.
+constexpr int kGroupM = 8;
+// NOTE: 128 * 40 + 256 * 232 = 64512 <= 65536 registers per SM for the 384-thread configuration.
+constexpr uint32_t kProducerRegs = 40, kMathRegs = 232;
 
-__device__ __forceinline__ int core_offset(int row, int k_byte) {
-  return (row / 8) * kCoreMN + (k_byte / 16) * kCoreK + (row % 8) * 16 + (k_byte % 16);
-}
+template <int kBM, int kBN>
+struct Config {
+  static_assert(kBM == 64 || kBM == 128, "BLOCK_M: one or two 64-row math warpgroups");
+  static_assert(kBN == 64 || kBN == 128, "BLOCK_N divides 128, so a tile needs one b_scale per K block");
+  static constexpr int kMathWarpgroups = kBM / 64;
+  static constexpr int kMathThreads = 128 * kMathWarpgroups;
+  static constexpr int kThreads = kMathThreads + 128;
+  static constexpr int kSmemA = kBM * kBlockK, kSmemB = kBN * kBlockK;  // both multiples of 1024
+  static constexpr int kStageBytes = kSmemA + kSmemB;
+  static constexpr int kAlignSlack = 1024;  // the dynamic smem base is re-aligned to 1024 in the kernel
+  static constexpr int kFit = (kSmemBudget - kAlignSlack - 16 * kMaxStages) / kStageBytes;
+  static constexpr int kStages = kFit < kMaxStages ? kFit : kMaxStages;
+  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes + 16 * kStages;  // + full/empty
+  static constexpr int kAccum = kBN / 2;  // fp32 accumulators per thread of an m64nBNk32 wgmma
+  static_assert(kStages >= 2, "the ring needs at least two stages");
+};
 
-// Shared-memory matrix descriptor, no swizzle: start, LBO and SBO in 16-byte units.
-__device__ __forceinline__ uint64_t smem_desc(const void* p) {
-  const uint64_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  return ((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(kCoreK >> 4) << 16) |
-         (static_cast<uint64_t>(kCoreMN >> 4) << 32);
-}
+// One output tile and the problem it belongs to.
+struct Tile {
+  int m0, n0;
+  int rows;     // valid rows of its problem: M, or masked_m[g] clamped to [0, Mmax]
+  int a_group;  // masked: group of a / a_scale / out; 0 otherwise
+  int b_group;  // group of b / b_scale; -1 = contiguous padding tile (written as zeros, nothing loaded)
+};
 
-__device__ __forceinline__ void load_tile(uint8_t* dst, const uint8_t* src, int64_t row_stride, int rows_valid,
-                                          int k, int k0) {
-  for (int c = threadIdx.x; c < kBlockM * (kBlockK / 16); c += kThreads) {
-    const int row = c / (kBlockK / 16), col = (c % (kBlockK / 16)) * 16;
-    const bool valid = row < rows_valid && k0 + col < k;
-    cp_async_16(dst + core_offset(row, col), valid ? src + row * row_stride + k0 + col : src, valid);
+// Walks this CTA's tiles. Producer and math warpgroups each own a copy and see the same sequence (all
+// inputs are read-only for the launch), which keeps their ring stages and mbarrier phases in step.
+template <int kBM, int kBN>
+class Scheduler {
+ public:
+  __device__ explicit Scheduler(const Fp8GemmParams& p)
+      : mode_(p.mode), m_(p.m), num_groups_(p.num_groups), n_blocks_(ceil_div(p.n, kBN)), m_indices_(p.m_indices),
+        masked_m_(p.masked_m), next_(static_cast<int>(blockIdx.x)) {
+    if (mode_ == GemmMode::kGroupedMasked) {
+      load_group();
+    } else {
+      rows_ = m_;
+      tiles_ = ceil_div(m_, kBM) * n_blocks_;
+    }
   }
-}
 
-// d[64x64] (+)= a[64x32] * b[64x32]^T, both K-major e4m3 in shared memory; accumulate when `accumulate`.
-__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(a), "l"(b), "r"(accumulate));
-#else
-  (void)d; (void)a; (void)b; (void)accumulate;
-#endif
-}
-
-template <GemmMode kMode>
-__global__ void __launch_bounds__(kThreads) fp8_gemm_sm90_kernel(const Fp8GemmParams p) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __shared__ __align__(128) uint8_t smem_a[kStages][kTileBytes];
-  __shared__ __align__(128) uint8_t smem_b[kStages][kTileBytes];
-  const int group = kMode == GemmMode::kGroupedMasked ? static_cast<int>(blockIdx.z) : 0;
-  const int m0 = static_cast<int>(blockIdx.y) * kBlockM, n0 = static_cast<int>(blockIdx.x) * kBlockN;
-  const int m_valid = kMode == GemmMode::kGroupedMasked ? min(p.masked_m[group], p.m) : p.m;
-  if (m0 >= m_valid) return;
-  int b_group = group;
-  if constexpr (kMode == GemmMode::kGroupedContiguous) {
-    b_group = -1;
-    for (int i = m0; i < min(m0 + kBlockM, p.m) && b_group < 0; ++i) b_group = p.m_indices[i];
-    if (b_group >= p.num_groups) b_group = -1;  // out-of-range ids: zero rows, as the portable kernel
+  __device__ bool next(Tile& t) {
+    const int tile = next_;
+    next_ += static_cast<int>(gridDim.x);
+    // Masked: tiles are numbered group after group; masked_m is read here, on the device (no host sync).
+    while (tile >= start_ + tiles_) {
+      if (mode_ != GemmMode::kGroupedMasked || group_ + 1 >= num_groups_) return false;
+      start_ += tiles_;
+      ++group_;
+      load_group();
+    }
+    const int local = tile - start_, m_blocks = ceil_div(rows_, kBM);
+    const int band = local / (kGroupM * n_blocks_), first_m = band * kGroupM;
+    const int band_m = min(kGroupM, m_blocks - first_m), in_band = local - band * kGroupM * n_blocks_;
+    t.m0 = (first_m + in_band % band_m) * kBM;
+    t.n0 = (in_band / band_m) * kBN;
+    t.rows = rows_;
+    t.a_group = mode_ == GemmMode::kGroupedMasked ? group_ : 0;
+    t.b_group = group_;
+    if (mode_ == GemmMode::kGroupedContiguous) {
+      // NOTE: group segments start at multiples of 128 (>= BLOCK_M), so a tile never spans two groups and
+      // its first row names its group; -1 (padding) or an id >= G makes the whole tile zeros.
+      const int g = __ldg(m_indices_ + t.m0);
+      t.b_group = (g >= 0 && g < num_groups_) ? g : -1;
+    }
+    return true;
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(group) * p.out_group_stride;
-  // Accumulator layout of m64nNk32: warp w owns rows 16w..16w+15; d[4i + 2h + j] is row 16w + g + 8h,
-  // column 8i + 2t + j.
-  float acc[32] = {};
-  if (b_group >= 0) {
-    const uint8_t* a = p.a + static_cast<int64_t>(group) * p.a_group_stride + static_cast<int64_t>(m0) * p.a_row_stride;
-    const uint8_t* b = p.b + static_cast<int64_t>(b_group) * p.n * p.k + static_cast<int64_t>(n0) * p.k;
-    const int k_groups = (p.k + 127) / 128;
-    const float* b_scale = p.b_scale + (static_cast<int64_t>(b_group) * ((p.n + 127) / 128) + n0 / 128) * k_groups;
-    const float* a_scale = p.a_scale + static_cast<int64_t>(group) * p.a_scale_group_stride;
-    const int rows_a = min(kBlockM, m_valid - m0), rows_b = min(kBlockN, p.n - n0);
-    const int k_tiles = (p.k + kBlockK - 1) / kBlockK;
-    float part[32];
-    load_tile(smem_a[0], a, p.a_row_stride, rows_a, p.k, 0);
-    load_tile(smem_b[0], b, p.k, rows_b, p.k, 0);
-    cp_async_commit();
-    bool fresh = true;  // the first wgmma of each 128-K group overwrites `part`
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int stage = kt % kStages;
-      if (kt + 1 < k_tiles) {
-        load_tile(smem_a[stage ^ 1], a, p.a_row_stride, rows_a, p.k, (kt + 1) * kBlockK);
-        load_tile(smem_b[stage ^ 1], b, p.k, rows_b, p.k, (kt + 1) * kBlockK);
+
+ private:
+  __device__ void load_group() {
+    rows_ = min(max(__ldg(masked_m_ + group_), 0), m_);
+    tiles_ = ceil_div(rows_, kBM) * n_blocks_;
+  }
+
+  GemmMode mode_;
+  int m_, num_groups_, n_blocks_;
+  const int* m_indices_;
+  const int* masked_m_;
+  int next_;
+  int group_ = 0, start_ = 0, rows_ = 0, tiles_ = 0;
+};
+
+template <int kBM, int kBN>
+__global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
+    fp8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
+                         const __grid_constant__ Fp8GemmParams p) {
+#if DEEPKERNELS_SM90A
+  using C = Config<kBM, kBN>;
+  using namespace deepkernels::ptx::sm90;
+  extern __shared__ uint8_t smem_raw[];
+  // NOTE: TMA's 128B swizzle and the wgmma descriptors assume every 8-row atom starts on a 1024-byte boundary.
+  uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::kStages * C::kStageBytes);
+  uint64_t* empty = full + C::kStages;
+  const int num_k_blocks = ceil_div(p.k, kBlockK);
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < C::kStages; ++s) {
+      mbarrier_init(full + s, 1);                      // the producer's arrive.expect_tx (+ TMA bytes)
+      mbarrier_init(empty + s, C::kMathThreads / 32);  // lane 0 of every math warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= C::kMathThreads) {
+    // ---------------- producer warpgroup: one thread issues all TMA loads
+    if constexpr (C::kMathWarpgroups == 2) setmaxnreg_dec<kProducerRegs>();
+    if (threadIdx.x == C::kMathThreads) {
+      prefetch_tensor_map(&tmap_a);
+      prefetch_tensor_map(&tmap_b);
+      Scheduler<kBM, kBN> scheduler(p);
+      Tile t;
+      int stage = 0;
+      uint32_t phase = 0;
+      while (scheduler.next(t)) {
+        if (t.b_group < 0) continue;  // padding tile: the math warpgroups write zeros, nothing to load
+        for (int kb = 0; kb < num_k_blocks; ++kb) {
+          mbarrier_wait(empty + stage, phase ^ 1u);  // the math warps released this stage
+          uint8_t* stage_a = smem + stage * C::kStageBytes;
+          mbarrier_arrive_expect_tx(full + stage, C::kStageBytes);
+          tma_load_3d(stage_a, &tmap_a, full + stage, kb * kBlockK, t.m0, t.a_group);
+          tma_load_3d(stage_a + C::kSmemA, &tmap_b, full + stage, kb * kBlockK, t.n0, t.b_group);
+          if (++stage == C::kStages) stage = 0, phase ^= 1u;
+        }
       }
-      cp_async_commit();
-      ptx::cp_async_wait_group<1>();
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async writes -> wgmma reads
-      __syncthreads();
-      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    }
+  } else {
+    // ---------------- math warpgroups
+    if constexpr (C::kMathWarpgroups == 2) setmaxnreg_inc<kMathRegs>();
+    const int wg = static_cast<int>(threadIdx.x) / 128, warp = (static_cast<int>(threadIdx.x) / 32) % 4;
+    const int lane = static_cast<int>(threadIdx.x) % 32;
+    // m64nNk32 accumulator layout: warp w of the warpgroup owns rows 16w..16w+15; d[4i + 2h + j] is
+    // row 16w + lane/4 + 8h, column 8i + 2*(lane%4) + j.
+    const int row_in_tile = wg * 64 + warp * 16 + lane / 4, col_in_tile = 2 * (lane % 4);
+    const int scale_n_blocks = ceil_div(p.n, 128);
+    float partial[C::kAccum], total[C::kAccum];
 #pragma unroll
-      for (int kk = 0; kk < kBlockK / 32; ++kk) {
-        wgmma_m64n64k32_e4m3(part, smem_desc(smem_a[stage] + kk * 2 * kCoreK),
-                             smem_desc(smem_b[stage] + kk * 2 * kCoreK), fresh ? 0 : 1);
-        fresh = false;
-      }
-      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-      __syncthreads();
-      if (((kt + 1) * kBlockK) % 128 == 0 || kt + 1 == k_tiles) {
-        const int kb = (kt * kBlockK) / 128;
-        const float sb = b_scale[kb];
+    for (int i = 0; i < C::kAccum; ++i) partial[i] = 0.0f;
+
+    Scheduler<kBM, kBN> scheduler(p);
+    Tile t;
+    int stage = 0;
+    uint32_t phase = 0;
+    while (scheduler.next(t)) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = min(m0 + warp * 16 + g + h * 8, p.m - 1);
-          const float s = sb * a_scale[static_cast<int64_t>(row) * p.a_scale_row_stride + kb * p.a_scale_col_stride];
+      for (int i = 0; i < C::kAccum; ++i) total[i] = 0.0f;
+      if (t.b_group >= 0) {
+        // Rows past the problem (zero-filled by TMA, never stored) read a clamped, valid scale address.
+        const float* a_scale = p.a_scale + static_cast<int64_t>(t.a_group) * p.a_scale_group_stride;
+        const int row_0 = min(t.m0 + row_in_tile, p.m - 1), row_1 = min(t.m0 + row_in_tile + 8, p.m - 1);
+        const float* a_scale_0 = a_scale + static_cast<int64_t>(row_0) * p.a_scale_row_stride;
+        const float* a_scale_1 = a_scale + static_cast<int64_t>(row_1) * p.a_scale_row_stride;
+        const float* b_scale =
+            p.b_scale + (static_cast<int64_t>(t.b_group) * scale_n_blocks + t.n0 / 128) * num_k_blocks;
+        for (int kb = 0; kb < num_k_blocks; ++kb) {
+          // Scales first: their global-load latency hides behind the barrier wait and the wgmmas.
+          const float scale_a_0 = __ldg(a_scale_0 + kb * p.a_scale_col_stride);
+          const float scale_a_1 = __ldg(a_scale_1 + kb * p.a_scale_col_stride);
+          const float scale_b = __ldg(b_scale + kb);
+          mbarrier_wait(full + stage, phase);
+          const uint8_t* stage_a = smem + stage * C::kStageBytes;
+          const uint64_t desc_a = smem_desc_k_major_sw128(stage_a + wg * 64 * kBlockK);
+          const uint64_t desc_b = smem_desc_k_major_sw128(stage_a + C::kSmemA);
+          register_fence(partial);
+          wgmma_fence();
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            acc[4 * i + 2 * h] += part[4 * i + 2 * h] * s;
-            acc[4 * i + 2 * h + 1] += part[4 * i + 2 * h + 1] * s;
+          for (int kk = 0; kk < kBlockK / 32; ++kk) {
+            // +32 bytes along K inside the swizzled 128-byte rows = +2 in the descriptor's start field.
+            if constexpr (kBN == 128) {
+              wgmma_m64n128k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+            } else {
+              wgmma_m64n64k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+            }
+          }
+          wgmma_commit();
+          register_fence(partial);
+          wgmma_wait<0>();
+          register_fence(partial);
+          if (lane == 0) mbarrier_arrive(empty + stage);  // smem of this stage no longer read
+          if (++stage == C::kStages) stage = 0, phase ^= 1u;
+          // Promotion on CUDA cores: the fp32 partial of one 128-wide K block times its two scales.
+          const float s0 = scale_a_0 * scale_b, s1 = scale_a_1 * scale_b;
+#pragma unroll
+          for (int i = 0; i < C::kAccum / 4; ++i) {
+            total[4 * i + 0] = fmaf(partial[4 * i + 0], s0, total[4 * i + 0]);
+            total[4 * i + 1] = fmaf(partial[4 * i + 1], s0, total[4 * i + 1]);
+            total[4 * i + 2] = fmaf(partial[4 * i + 2], s1, total[4 * i + 2]);
+            total[4 * i + 3] = fmaf(partial[4 * i + 3], s1, total[4 * i + 3]);
           }
         }
-        fresh = true;
+      }
+
+      // Epilogue: bf16 pairs (n % 16 == 0, so a pair never straddles the N edge).
+      __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(t.a_group) * p.out_group_stride;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = t.m0 + row_in_tile + 8 * h;
+        if (row >= t.rows) continue;  // masked: rows >= masked_m[g] stay untouched
+        bool zero = t.b_group < 0;
+        if (p.mode == GemmMode::kGroupedContiguous && !zero) zero = __ldg(p.m_indices + row) != t.b_group;
+        __nv_bfloat16* dst = out + static_cast<int64_t>(row) * p.out_row_stride;
+#pragma unroll
+        for (int i = 0; i < kBN / 8; ++i) {
+          const int col = t.n0 + 8 * i + col_in_tile;
+          if (col >= p.n) continue;
+          const float v0 = zero ? 0.0f : total[4 * i + 2 * h], v1 = zero ? 0.0f : total[4 * i + 2 * h + 1];
+          *reinterpret_cast<__nv_bfloat162*>(dst + col) = __floats2bfloat162_rn(v0, v1);
+        }
       }
     }
   }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = m0 + warp * 16 + g + h * 8;
-    if (row >= m_valid) continue;
-    bool zero_row = b_group < 0;
-    if constexpr (kMode == GemmMode::kGroupedContiguous) zero_row = p.m_indices[row] != b_group;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int col = n0 + 8 * i + 2 * t;
-      if (col >= p.n) continue;
-      const __nv_bfloat162 v = zero_row ? __floats2bfloat162_rn(0.f, 0.f)
-                                        : __floats2bfloat162_rn(acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
-      *reinterpret_cast<__nv_bfloat162*>(out + static_cast<int64_t>(row) * p.out_row_stride + col) = v;
+#else
+  (void)tmap_a; (void)tmap_b; (void)p;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: block-size heuristic, tensor maps, launch.
+
+struct BlockShape {
+  int block_m, block_n;
+};
+
+// BLOCK_M: 64 when the (expected) rows per problem fit one 64-row warpgroup, else 128 (two). BLOCK_N: the
+// candidate with the least work on the busiest SM, waves x BLOCK_N (tile time ~ BLOCK_N at fixed BLOCK_M);
+// ties go to 128 (half the A re-reads). E.g. M=64, N=2112 on 132 SMs: 33 tiles of 64 beat 17 of 128.
+inline BlockShape select_block_shape(int m_per_problem, int n, int problems, int num_sms) {
+  BlockShape best{m_per_problem <= 64 ? 64 : 128, 128};
+  int64_t best_cost = -1;
+  for (const int block_n : {128, 64}) {
+    const int64_t tiles = static_cast<int64_t>(problems) * ceil_div(m_per_problem, best.block_m) * ceil_div(n, block_n);
+    const int64_t cost = ceil_div<int64_t>(tiles, num_sms) * block_n;
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best.block_n = block_n;
+  }
+  return best;
+}
+
+enum class LaunchResult { kLaunched, kUnsupported, kError };
+
+// TMA requirements (cuTensorMapEncodeTiled): 16-byte aligned global address, strides multiples of 16 bytes
+// and < 2^40. The portable kernel handles what this rejects (broadcast views with stride 0, for instance).
+inline bool tma_compatible(const Fp8GemmParams& p) {
+  constexpr int64_t kMaxStride = int64_t{1} << 40;
+  const auto aligned = [](const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
+  if (p.k <= 0 || p.num_groups <= 0 || !aligned(p.a, 16) || !aligned(p.b, 16) || !aligned(p.out, 4)) return false;
+  if (p.a_row_stride < p.k || p.a_row_stride % 16 != 0 || p.a_row_stride >= kMaxStride) return false;
+  if (p.mode == GemmMode::kGroupedMasked && p.num_groups > 1 &&
+      (p.a_group_stride < p.m * p.a_row_stride || p.a_group_stride % 16 != 0 || p.a_group_stride >= kMaxStride)) {
+    return false;
+  }
+  if (p.out_row_stride % 2 != 0 || p.out_group_stride % 2 != 0) return false;  // bf16x2 stores
+  return static_cast<int64_t>(p.n) * p.k < kMaxStride;
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point: no link against libcuda, so the
+// extension builds and imports on machines without a driver.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// 3-D map over e4m3 [groups, rows, k] (strides in bytes), box 128 (K) x box_rows x 1, 128-byte swizzle,
+// out-of-bounds elements read as zero.
+inline bool encode_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, const void* base, int k,
+                               int rows, int groups, int64_t row_stride, int64_t group_stride, int box_rows) {
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(groups)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_stride), static_cast<cuuint64_t>(group_stride)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(kBlockK), static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int kBM, int kBN>
+LaunchResult launch_shape(const Fp8GemmParams& p, int device, int num_sms, cudaStream_t stream, const char** error) {
+  using C = Config<kBM, kBN>;
+  const auto kernel = fp8_gemm_sm90_kernel<kBM, kBN>;
+  // The sm_90a image must be the one the device runs; an sm_80/89 image of this kernel is an empty body.
+  static const cudaError_t image_status = [&] {
+    cudaFuncAttributes attr{};
+    const cudaError_t status = cudaFuncGetAttributes(&attr, kernel);
+    if (status != cudaSuccess) return status;
+    return (attr.binaryVersion >= 90 && attr.ptxVersion >= 90) ? cudaSuccess : cudaErrorNoKernelImageForDevice;
+  }();
+  if (image_status != cudaSuccess) {
+    *error = "DEEPKERNELS_GEMM_SM90=1 but the extension has no sm_90a image of the GEMM (build with "
+             "DEEPKERNELS_CUDA_ARCHS containing 90a)";
+    return LaunchResult::kError;
+  }
+  int smem_optin = 0;
+  if (cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      smem_optin < C::kSmemBytes) {
+    *error = "DEEPKERNELS_GEMM_SM90=1: the device offers less shared memory per block than the kernel's ring needs";
+    return LaunchResult::kError;
+  }
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) {
+    *error = "DEEPKERNELS_GEMM_SM90=1: cuTensorMapEncodeTiled not found in the driver";
+    return LaunchResult::kError;
+  }
+  const bool masked = p.mode == GemmMode::kGroupedMasked;
+  const int a_groups = masked ? p.num_groups : 1;
+  const int64_t a_group_stride = masked && p.num_groups > 1 ? p.a_group_stride : int64_t{p.m} * p.a_row_stride;
+  CUtensorMap tmap_a, tmap_b;
+  if (!encode_operand_map(&tmap_a, encode, p.a, p.k, p.m, a_groups, p.a_row_stride, a_group_stride, kBM) ||
+      !encode_operand_map(&tmap_b, encode, p.b, p.k, p.n, p.num_groups, p.k, int64_t{p.n} * p.k, kBN)) {
+    *error = "DEEPKERNELS_GEMM_SM90=1: cuTensorMapEncodeTiled rejected an operand that passed the TMA checks";
+    return LaunchResult::kError;
+  }
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) != cudaSuccess) {
+    *error = "DEEPKERNELS_GEMM_SM90=1: cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed";
+    return LaunchResult::kError;
+  }
+  const int64_t tiles = static_cast<int64_t>(a_groups) * ceil_div(p.m, kBM) * ceil_div(p.n, kBN);
+  const unsigned grid = static_cast<unsigned>(tiles < num_sms ? tiles : num_sms);
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(tmap_a, tmap_b, p);
+  return LaunchResult::kLaunched;
+}
+
+// Runs the GEMM on the sm_90a kernel. kUnsupported: a layout TMA cannot describe (use the portable kernel);
+// kError: the opt-in kernel cannot run here at all (*error says why).
+inline LaunchResult launch(const Fp8GemmParams& p, cudaStream_t stream, const char** error) {
+  if (!tma_compatible(p)) return LaunchResult::kUnsupported;
+  int device = 0, num_sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || num_sms <= 0) {
+    *error = "DEEPKERNELS_GEMM_SM90=1: cannot query the device";
+    return LaunchResult::kError;
+  }
+  const bool masked = p.mode == GemmMode::kGroupedMasked;
+  const int m_per_problem = masked && p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m;
+  BlockShape shape = select_block_shape(m_per_problem, p.n, masked ? p.num_groups : 1, num_sms);
+  // DEEPKERNELS_GEMM_SM90_BLOCKS=64x64|64x128|128x64|128x128 overrides the heuristic (tests run every shape).
+  if (const char* forced = std::getenv("DEEPKERNELS_GEMM_SM90_BLOCKS")) {
+    constexpr BlockShape kShapes[] = {{64, 64}, {64, 128}, {128, 64}, {128, 128}};
+    for (const BlockShape candidate : kShapes) {
+      char name[16];
+      std::snprintf(name, sizeof(name), "%dx%d", candidate.block_m, candidate.block_n);
+      if (std::strcmp(forced, name) == 0) shape = candidate;
     }
   }
-#else
-  (void)p;
-#endif
+  if (shape.block_m == 64) {
+    return shape.block_n == 64 ? launch_shape<64, 64>(p, device, num_sms, stream, error)
+                               : launch_shape<64, 128>(p, device, num_sms, stream, error);
+  }
+  return shape.block_n == 64 ? launch_shape<128, 64>(p, device, num_sms, stream, error)
+                             : launch_shape<128, 128>(p, device, num_sms, stream, error);
 }
 
 }  // namespace deepkernels::fp8_gemm::sm90
