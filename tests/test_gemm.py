@@ -259,15 +259,151 @@ def test_contiguous_all_padding_and_no_groups_write_zeros(device):
         assert (out == 0).all()
 
 
+# ---------------------------------------------------------------------------------------------
+# The opt-in sm_90a kernel (DEEPKERNELS_GEMM_SM90=1; csrc/fp8_gemm/sm90.cuh, not yet run on a GPU):
+# TMA ring + warp-specialised wgmma + persistent scheduler. Cases aimed at its edges: partial BLOCK_M /
+# BLOCK_N / K tiles (TMA zero-fill, bounded stores), more tiles than SMs with K blocks enough to wrap the
+# ring's mbarrier phases, both BLOCK_M choices of the heuristic, grouped modes resolved on the device,
+# and layouts TMA cannot describe (portable fallback). References are computed on the GPU (pure torch).
+# If these fail while the portable CUDA tests pass, suspect in order: the 128B-swizzle descriptor /
+# tensor-map pairing, the mbarrier parities, the accumulator row/column mapping of the epilogue.
+
+def _use_sm90_kernel(monkeypatch):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the TMA/wgmma kernel is built for sm_90a only")
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+
+
+def _check_against_reference(out, want, case, valid=None):
+    """out/want [.., M, N] on the GPU; every valid element written (no NaN left) and calc_diff tiny."""
+    got = out if valid is None else out[valid]
+    ref = want if valid is None else want[valid]
+    assert not got.isnan().any(), f"{case}: NaN left in the output (tile not written)"
+    if got.numel():
+        diff = calc_diff(got.float(), ref.float())
+        assert diff < 1e-5, f"{case}: calc_diff vs reference {diff:.2e}"
+
+
+SM90_DENSE = [
+    (1, 16, 16),         # one row, one 16-wide N tile, K = 16 inside a 128-wide TMA box
+    (65, 48, 144),       # M just over BLOCK_M = 64, partial last K block
+    (129, 272, 400),     # M just over BLOCK_M = 128, N not a multiple of 64
+    (64, 2112, 7168),    # decode shape: BLOCK_N = 64 by the heuristic, 56 K blocks through the ring
+    (2048, 2048, 1024),  # 256 tiles > #SMs: persistent loop, ring phases wrap several times
+    (300, 7168, 512),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m, n, k", SM90_DENSE)
+@pytest.mark.parametrize("col_major_scale", [False, True])
+def test_cuda_sm90_dense_edges(m, n, k, col_major_scale, monkeypatch):
+    _use_sm90_kernel(monkeypatch)
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
+    if col_major_scale:
+        sa = deep_gemm.get_col_major_tma_aligned_tensor(sa)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    want = torch.empty_like(out)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    _check_against_reference(out, want, (m, n, k, col_major_scale))
+
+
+SM90_BLOCKS = ["64x64", "64x128", "128x64", "128x128"]  # every instantiation, whatever the heuristic picks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("blocks", SM90_BLOCKS)
+@pytest.mark.parametrize("m, n, k", [(1, 16, 16), (129, 272, 400), (1000, 1024, 2048)])
+def test_cuda_sm90_every_block_shape(blocks, m, n, k, monkeypatch):
+    _use_sm90_kernel(monkeypatch)
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90_BLOCKS", blocks)
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    want = torch.empty_like(out)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    _check_against_reference(out, want, (blocks, m, n, k))
+    # grouped modes on the same shape: masked (groups of m, 0 and m // 2 rows), contiguous (-1 tail rows)
+    out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device="cuda"))
+    masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device="cuda")
+    deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
+                                             torch.stack([sb] * 3), out3, masked_m, m)
+    _check_against_reference(out3[0], want, (blocks, "masked group 0"))
+    _check_against_reference(out3[2, :m // 2], want[:m // 2], (blocks, "masked group 2"))
+    assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all(), f"{blocks}: rows >= masked_m written"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group_rows", [[5, 0, 130, 1], [128, 128, 128, 128], [300, 3], [0, 0]])
+def test_cuda_sm90_contiguous_edges(group_rows, monkeypatch):
+    _use_sm90_kernel(monkeypatch)
+    _, _, aq, sa, bq, sb, m_idx = _contiguous_case(group_rows, n=144, k=272, device="cuda")
+    out = poison_(torch.empty(aq.size(0), 144, dtype=torch.bfloat16, device="cuda"))
+    deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_idx)
+    want = torch.empty_like(out)
+    gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq, sa, bq, sb, want, m_idx)
+    _check_against_reference(out, want, group_rows)
+    assert torch.all(out[m_idx == -1] == 0), f"{group_rows}: padding rows must be zero"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("masked, expected_m", [
+    ([0, 5, 64, 1], 16),       # BLOCK_M = 64, an empty group first
+    ([0, 0, 0, 0], 8),         # nothing to do: no tile, output untouched
+    ([300, 0, 257, 128], 256),  # BLOCK_M = 128, a full group, partial tiles
+    ([7, 300, 0, 65], 0),      # no hint: the tile shape comes from Mmax
+])
+def test_cuda_sm90_masked_edges(masked, expected_m, monkeypatch):
+    _use_sm90_kernel(monkeypatch)
+    groups, mmax, n, k = 4, 300, 272, 400
+    _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, "cuda", groups=groups)
+    out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device="cuda"))
+    masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
+    deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, expected_m)
+    want = poison_(torch.empty_like(out))
+    gemm.m_grouped_fp8_gemm_nt_masked_ref(aq, sa, bq, sb, want, masked_m, expected_m)
+    valid = torch.arange(mmax, device="cuda")[None, :] < masked_m[:, None]
+    _check_against_reference(out, want, (masked, expected_m), valid)
+    assert out[~valid].isnan().all(), f"{masked}: rows >= masked_m[g] must stay untouched"
+
+
+@pytest.mark.cuda
+def test_cuda_sm90_views_and_fallback(monkeypatch):
+    """A 16-byte (not 128-byte) aligned view with a padded row stride goes through TMA; a broadcast
+    (stride-0) group dim that no tensor map can describe falls back to the portable kernel; an 8-byte
+    offset is refused on the host, naming the argument, before anything is launched."""
+    _use_sm90_kernel(monkeypatch)
+    m, n, k = 100, 144, 272
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
+    want = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    wide = torch.zeros(m, k + 64, dtype=aq.dtype, device="cuda")
+    wide[:, 16:16 + k] = aq
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    deepkernels.fp8_gemm_nt(wide[:, 16:16 + k], sa, bq, sb, out)
+    _check_against_reference(out, want, "a view at +16 bytes, row stride k + 64")
+
+    groups = 3
+    a_bcast, sa_bcast = aq[None].expand(groups, m, k), sa[None].expand(groups, m, sa.size(1))
+    b_g, sb_g = torch.stack([bq] * groups), torch.stack([sb] * groups)
+    out3 = poison_(torch.empty(groups, m, n, dtype=torch.bfloat16, device="cuda"))
+    masked_m = torch.tensor([m, 0, m // 3], dtype=torch.int32, device="cuda")
+    deepkernels.m_grouped_fp8_gemm_nt_masked(a_bcast, sa_bcast, b_g, sb_g, out3, masked_m, m)
+    _check_against_reference(out3[0], want, "broadcast a, group 0")
+    _check_against_reference(out3[2, :m // 3], want[:m // 3], "broadcast a, group 2")
+    assert out3[1].isnan().all() and out3[2, m // 3:].isnan().all()
+
+    with pytest.raises(RuntimeError, match="a: data pointer must be 16-byte aligned"):
+        deepkernels.fp8_gemm_nt(wide[:, 8:8 + k], sa, bq, sb, out)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("m, n, k", [(1, 2112, 7168), (77, 144, 400), (4096, 7168, 2048)])
 def test_cuda_sm90_wgmma_kernel_opt_in(m, n, k, monkeypatch):
-    """DEEPKERNELS_GEMM_SM90=1 routes all three ops to the sm_90a wgmma kernel (not yet run on a GPU).
-    If this fails while the portable tests pass, suspect first the no-swizzle smem descriptor
-    (LBO/SBO in csrc/fp8_gemm/sm90.cuh), then the accumulator row/column mapping in its epilogue."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma kernel is built for sm_90a only")
-    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+    """DEEPKERNELS_GEMM_SM90=1 routes the dense and masked ops to the sm_90a kernel (not yet run on a GPU)
+    on DeepSeek-V3-like shapes, checked against the independent per-K-block formulation."""
+    _use_sm90_kernel(monkeypatch)
     _, _, (aq, sa), (bq, sb) = _operands(m, n, k, device="cuda")
     out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
     deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
