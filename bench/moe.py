@@ -3,9 +3,18 @@ fused fp8 quant), and the un-permute + reduce (combine, and the expert-side weig
 plain PyTorch index_select / index_add implementation in the same run, plus a same-size copy as the
 bandwidth ceiling (extra["copy_GB/s"], extra["frac_of_copy"]).
 
+Low-latency mode (DeepEP's decode case: 128 tokens, hidden 7168, top-8 of 256 experts, fp8 dispatch,
+bf16 combine with the weights applied in the combine) on one process: ``Buffer.low_latency_dispatch`` /
+``low_latency_combine`` end to end (pack into the one byte buffer, the exchange (a copy with one rank),
+unpack into the expert-major masked layout; the combine's gather, exchange and weighted reduce) vs a
+plain PyTorch implementation (quantise, index_copy into [E, T, H]; index_select + index_add back).
+Bytes counted as DeepEP reports low-latency bandwidth: per (token, expert) pair, the fp8 row + scales
+(dispatch) or the bf16 row (combine); extra["wire_MB"] is what our fixed-capacity buffer moves.
+
 With >= 2 GPUs (and not --quick) it also runs the end-to-end expert-parallel step over NCCL, one
-process per GPU: dispatch (fp8) and combine (bf16) algorithm bandwidth (bytes of the received /
-returned rows per second, as DeepEP reports it) vs all_to_all_single alone on the same bytes and splits.
+process per GPU, in both modes: dispatch (fp8) and combine (bf16) algorithm bandwidth (bytes of the
+received / returned rows per second, as DeepEP reports it) vs all_to_all_single alone on the same bytes
+and splits.
 
 Shapes follow DeepEP's benchmarks: 4096 tokens, hidden 7168, top-8 of 256 experts over 8 ranks
 (normal mode: fp8 dispatch, bf16 combine) and 128 tokens (low-latency). Bytes counted: every byte read
@@ -21,28 +30,25 @@ import time
 import torch
 
 from deepkernels import moe
+from deepkernels.compat.deep_ep import Buffer
 from deepkernels.fp8 import per_token_cast_to_fp8_ref
 
-from .common import Context, Row, time_ms
+from .common import Context, Row, copy_gbps, time_ms
 
 FAMILY = "moe"
 
 # (tokens, hidden, top-k, experts, ranks)
 GPU_CASES = [(4096, 7168, 8, 256, 8), (128, 7168, 8, 256, 8)]
 CPU_CASES = [(64, 256, 4, 16, 4)]
+# low-latency mode, one process: (tokens, hidden, top-k, experts)
+LL_GPU_CASE = (128, 7168, 8, 256)
+LL_CPU_CASE = (16, 256, 4, 16)
 
 
 def _routing(t: int, k: int, e: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.rand(t, e, generator=g).topk(k, dim=1).indices
     return ids.to(device), torch.rand(t, k, generator=g).to(device)
-
-
-def _copy_gbps(nbytes: int, ctx: Context) -> float:
-    a = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=ctx.device)
-    b = torch.empty_like(a)
-    ms = time_ms(lambda: b.copy_(a), ctx)
-    return 2 * a.numel() / 1e9 / (ms / 1e3)
 
 
 def _row(case: dict, ctx: Context, nbytes: int, ours, peer, peer_name: str, copy: float | None) -> Row:
@@ -74,7 +80,7 @@ def _run_single(ctx: Context) -> list[Row]:
         n = int(in_rank.sum())
         src = moe.positions_to_src_idx(pos, n)
         src_l = src.long()
-        copy = _copy_gbps(n * h * 2 * 2, ctx) if ctx.is_cuda else None
+        copy = copy_gbps(n * h * 2 * 2, ctx) if ctx.is_cuda else None
 
         # dispatch pack, bf16: gather N rows
         rows.append(_row({**base, "op": "permute", "rows": n, "dtype": "bf16"}, ctx, 2 * n * h * 2,
@@ -121,10 +127,72 @@ def _run_single(ctx: Context) -> list[Row]:
     return rows
 
 
+def _ll_wire_bytes(hd, k: int, h: int) -> tuple[int, int]:
+    """Bytes our low-latency dispatch / combine buffers move per rank (fp8 rows, no weights; bf16 back)."""
+    fmt = moe.EPDispatcher.row_format(moe.FP8_DTYPE, h, k, fp8_scales=True, weights=False)
+    r, c = hd.num_ranks, hd.capacity
+    return r * (moe.SLOT_HEADER_BYTES + c * fmt.row_bytes), r * c * min(k, hd.num_local_experts) * h * 2
+
+
+def _run_low_latency(ctx: Context) -> list[Row]:
+    t, h, k, e = LL_GPU_CASE if ctx.is_cuda else LL_CPU_CASE
+    dev = ctx.device
+    base = {"tokens": t, "hidden": h, "topk": k, "experts": e, "ranks": 1, "mode": "low_latency"}
+    ids, w = _routing(t, k, e, dev)
+    x = torch.randn(t, h, dtype=torch.bfloat16, device=dev)
+    buf = Buffer(None)
+    (q, _), _, handle, _, _ = buf.low_latency_dispatch(x, ids, t, e, use_fp8=True)
+    y = torch.randn(q.shape, dtype=torch.bfloat16, device=dev)
+    pairs = int((ids >= 0).sum())
+    wire_d, wire_c = _ll_wire_bytes(handle[1], k, h)
+
+    # the plain PyTorch peer: the same routing maths, quantisation, and expert-major placement
+    flat = ids.reshape(-1)
+    key = torch.where(flat >= 0, flat, e)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+
+    def peer_positions():
+        counts = torch.bincount(key, minlength=e + 1)
+        start = torch.cumsum(counts, 0) - counts
+        rank_in = torch.arange(flat.numel(), device=dev) - start[sorted_key]
+        keep = sorted_key < e
+        return (sorted_key * t + rank_in)[keep], (order // k)[keep], order[keep], counts[:e]
+
+    def peer_dispatch():
+        dst, tok, _, counts = peer_positions()
+        xq, xs = per_token_cast_to_fp8_ref(x)
+        out_q = torch.zeros(e * t, h, dtype=torch.uint8, device=dev)
+        out_s = torch.zeros(e * t, xs.size(1), dtype=torch.float32, device=dev)
+        out_q.index_copy_(0, dst, xq.view(torch.uint8).index_select(0, tok))
+        out_s.index_copy_(0, dst, xs.index_select(0, tok))
+        return out_q, out_s, counts
+
+    dst, tok, slot, _ = peer_positions()
+
+    def peer_combine():
+        rows = y.view(e * t, h).index_select(0, dst).float() * w.reshape(-1)[slot].unsqueeze(1)
+        acc = torch.zeros(t, h, dtype=torch.float32, device=dev)
+        acc.index_add_(0, tok, rows)
+        return acc.to(torch.bfloat16)
+
+    rows = []
+    for op, nbytes, wire, ours, peer in (
+            ("ll_dispatch_fp8", pairs * (h + h // 128 * 4), wire_d,
+             lambda: buf.low_latency_dispatch(x, ids, t, e, use_fp8=True), peer_dispatch),
+            ("ll_combine_bf16", pairs * h * 2, wire_c, lambda: buf.low_latency_combine(y, ids, w, handle),
+             peer_combine)):
+        row = _row({**base, "op": op}, ctx, nbytes, ours, peer, "torch index_copy/index_add", None)
+        row.extra.update({"wire_MB": round(wire / 1e6, 3), "collectives": 1})
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # multi-GPU end-to-end (one process per device; also runs with gloo on CPU for a smoke test)
 
-def _ep_worker(rank: int, world: int, store_path: str, backend: str, cfg: tuple, repeats: int, queue) -> None:
+def _ep_worker(rank: int, world: int, store_path: str, backend: str, cfg: tuple, repeats: int, queue,
+               mode: str = "normal") -> None:
     import torch.distributed as dist
 
     t, h, k, e = cfg
@@ -153,19 +221,36 @@ def _ep_worker(rank: int, world: int, store_path: str, backend: str, cfg: tuple,
                     samples.append(time.perf_counter() - t0)
             return statistics.median(samples)
 
-        recv, hd = disp.dispatch(x, ids, w, use_fp8=True)
-        y = torch.randn(hd.num_recv, h, device=dev).to(torch.bfloat16)
-        t_disp = timed(lambda: disp.dispatch(x, ids, w, use_fp8=True))
-        t_comb = timed(lambda: disp.combine(y, hd))
-        # all_to_all alone on the same rows and splits (fp8 rows + scales; bf16 rows back)
-        send8 = torch.empty(sum(hd.send_counts), h + h // 128 * 4, dtype=torch.uint8, device=dev)
-        recv8 = torch.empty(hd.num_recv, send8.size(1), dtype=torch.uint8, device=dev)
-        back = torch.empty(sum(hd.send_counts), h, dtype=torch.bfloat16, device=dev)
-        a2a = lambda o, i_, os_, is_: dist.all_to_all_single(o, i_, os_, is_)  # noqa: E731
-        t_a2a_d = timed(lambda: a2a(recv8, send8, hd.recv_counts, hd.send_counts))
-        t_a2a_c = timed(lambda: a2a(back.view(torch.uint8), y.view(torch.uint8), hd.send_counts, hd.recv_counts))
-        disp_bytes = hd.num_recv * (h + h // 128 * 4)
-        comb_bytes = hd.num_recv * h * 2
+        a2a = lambda o, i_, os_=None, is_=None: dist.all_to_all_single(o, i_, os_, is_)  # noqa: E731
+        if mode == "low_latency":
+            buf = Buffer(dist.group.WORLD)
+            (q, _), count, handle, _, _ = buf.low_latency_dispatch(x, ids, t, e, use_fp8=True)
+            y = torch.randn(q.shape, device=dev).to(torch.bfloat16)
+            t_disp = timed(lambda: buf.low_latency_dispatch(x, ids, t, e, use_fp8=True))
+            t_comb = timed(lambda: buf.low_latency_combine(y, ids, w, handle))
+            # all_to_all_single alone on the same (fixed-size) buffers
+            wire_d, wire_c = _ll_wire_bytes(handle[1], k, h)
+            sd, sc = (torch.empty(n, dtype=torch.uint8, device=dev) for n in (wire_d, wire_c))
+            rd, rc = torch.empty_like(sd), torch.empty_like(sc)
+            t_a2a_d = timed(lambda: a2a(rd, sd))
+            t_a2a_c = timed(lambda: a2a(rc, sc))
+            pairs = int(count.sum())  # (token, expert) pairs received, as DeepEP counts low-latency bytes
+            disp_bytes = pairs * (h + h // 128 * 4)
+            comb_bytes = pairs * h * 2
+        else:
+            recv, hd = disp.dispatch(x, ids, w, use_fp8=True)
+            y = torch.randn(hd.num_recv, h, device=dev).to(torch.bfloat16)
+            t_disp = timed(lambda: disp.dispatch(x, ids, w, use_fp8=True))
+            t_comb = timed(lambda: disp.combine(y, hd))
+            # all_to_all alone on the same rows and splits (fp8 rows + scales; bf16 rows back)
+            send8 = torch.empty(sum(hd.send_counts), h + h // 128 * 4, dtype=torch.uint8, device=dev)
+            recv8 = torch.empty(hd.num_recv, send8.size(1), dtype=torch.uint8, device=dev)
+            back = torch.empty(sum(hd.send_counts), h, dtype=torch.bfloat16, device=dev)
+            t_a2a_d = timed(lambda: a2a(recv8, send8, hd.recv_counts, hd.send_counts))
+            t_a2a_c = timed(lambda: a2a(back.view(torch.uint8), y.view(torch.uint8), hd.send_counts,
+                                        hd.recv_counts))
+            disp_bytes = hd.num_recv * (h + h // 128 * 4)
+            comb_bytes = hd.num_recv * h * 2
         res = torch.tensor([disp_bytes / t_disp, disp_bytes / t_a2a_d, comb_bytes / t_comb, comb_bytes / t_a2a_c,
                             t_disp * 1e3, t_comb * 1e3], dtype=torch.float64)
         gathered = [torch.zeros_like(res) for _ in range(world)]
@@ -176,12 +261,15 @@ def _ep_worker(rank: int, world: int, store_path: str, backend: str, cfg: tuple,
         dist.destroy_process_group()
 
 
-def run_multi_device(world: int, backend: str, cfg: tuple, repeats: int = 10, timeout: float = 300) -> list[Row]:
+def run_multi_device(world: int, backend: str, cfg: tuple, repeats: int = 10, timeout: float = 300,
+                     mode: str = "normal") -> list[Row]:
+    """End-to-end dispatch/combine over ``world`` processes (NCCL: one per GPU; gloo: CPU smoke run);
+    mode "normal" (EPDispatcher) or "low_latency" (Buffer.low_latency_*, capacity = tokens)."""
     ctx = torch.multiprocessing.get_context("spawn" if backend == "nccl" else "fork")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         procs = [ctx.Process(target=_ep_worker, args=(r, world, os.path.join(d, "store"), backend, cfg, repeats,
-                                                       queue), daemon=True) for r in range(world)]
+                                                       queue, mode), daemon=True) for r in range(world)]
         for p in procs:
             p.start()
         try:
@@ -193,14 +281,16 @@ def run_multi_device(world: int, backend: str, cfg: tuple, repeats: int = 10, ti
                     p.kill()
     t, h, k, e = cfg
     case = {"tokens": t, "hidden": h, "topk": k, "experts": e, "ranks": world, "backend": backend}
-    return [Row(FAMILY, {**case, "op": "ep_dispatch_fp8"}, "GB/s", d_alg / 1e9, "all_to_all_single alone",
+    prefix = "ep_ll" if mode == "low_latency" else "ep"
+    return [Row(FAMILY, {**case, "op": f"{prefix}_dispatch_fp8"}, "GB/s", d_alg / 1e9, "all_to_all_single alone",
                 d_a2a / 1e9, d_ms),
-            Row(FAMILY, {**case, "op": "ep_combine_bf16"}, "GB/s", c_alg / 1e9, "all_to_all_single alone",
+            Row(FAMILY, {**case, "op": f"{prefix}_combine_bf16"}, "GB/s", c_alg / 1e9, "all_to_all_single alone",
                 c_a2a / 1e9, c_ms)]
 
 
 def run(ctx: Context) -> list[Row]:
-    rows = _run_single(ctx)
+    rows = _run_single(ctx) + _run_low_latency(ctx)
     if ctx.is_cuda and not ctx.quick and torch.cuda.device_count() >= 2:
         rows += run_multi_device(torch.cuda.device_count(), "nccl", GPU_CASES[0][:4])
+        rows += run_multi_device(torch.cuda.device_count(), "nccl", LL_GPU_CASE, mode="low_latency")
     return rows

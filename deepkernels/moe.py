@@ -29,6 +29,13 @@ side: :meth:`DispatchHandle.expert_reduce` (or your own code) forms, for each re
 weighted sum of its LOCAL experts' outputs ``sum_j w[j] * expert_j(x)``; combine then adds those
 partial sums across ranks. So ``combine(handle.expert_reduce(f(handle.contiguous_x)))`` =
 ``sum_j w_j * expert_j(x)`` over all k experts of each token.
+Weights at combine (DeepEP low-latency convention): :meth:`EPDispatcher.combine_experts` takes the
+experts' outputs unreduced and applies the SOURCE rank's weights there; dispatch then needs no weights.
+
+Wire format: each send row carries payload, source token index, local expert ids and weights in one byte
+buffer (:class:`RowFormat`), so a dispatch is ONE all_to_all_single (plus the counts exchange in normal
+mode) and a combine is ONE. Fixed-capacity (low-latency) mode adds a 16-byte count header per
+destination slot and has static shapes and no host sync (see :class:`EPDispatcher`).
 """
 from __future__ import annotations
 
@@ -228,10 +235,12 @@ def _count_ids(key: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_start: torch.Tensor,
-                     counts: torch.Tensor | None = None) -> torch.Tensor:
+                     counts: torch.Tensor | None = None, limit: int | None = None) -> torch.Tensor:
     """pos [N, k] int32 of each (row, slot) with a local expert in an expert-grouped buffer.
 
-    Entries of expert l are placed at segment_start[l] + (their order by row, then slot); -1 stays -1."""
+    Entries of expert l are placed at segment_start[l] + (their order by row, then slot); -1 stays -1.
+    With ``limit``, entries of an expert beyond its first ``limit`` get -1 (dropped): a segment never
+    spills into the next one or past the buffer, whatever the routing."""
     n, k = local_ids.shape
     flat = local_ids.reshape(-1)
     key = torch.where(flat >= 0, flat, num_local_experts)
@@ -244,10 +253,86 @@ def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_st
     rank_in = torch.arange(n * k, device=local_ids.device) - torch.cat(
         [cstart, cstart.new_zeros(1)])[sorted_key]
     seg = torch.cat([segment_start.to(torch.int64), segment_start.new_zeros(1, dtype=torch.int64)])
-    val = torch.where(sorted_key < num_local_experts, seg[sorted_key] + rank_in, -1)
+    keep = sorted_key < num_local_experts
+    if limit is not None:
+        keep = keep & (rank_in < limit)
+    val = torch.where(keep, seg[sorted_key] + rank_in, -1)
     pos = torch.empty(n * k, dtype=torch.int64, device=local_ids.device)
     pos.scatter_(0, order, val)
     return pos.view(n, k).to(torch.int32)
+
+
+def local_slot_rows(local_idx: torch.Tensor, expert_pos: torch.Tensor, slots: int) -> torch.Tensor:
+    """[N, slots] int32: for each received row, the expert-buffer row (``expert_pos``) of its c-th local
+    slot (slots with ``local_idx >= 0``, in slot order), -1 where the row has fewer local slots (or the
+    entry was dropped). Local slots beyond ``slots`` are left out (only possible with repeated ids)."""
+    n = local_idx.size(0)
+    local = local_idx >= 0
+    c = torch.cumsum(local.to(torch.int32), 1) - 1
+    col = torch.where(local & (c < slots), c, slots).long()  # column `slots` collects what is left out
+    out = torch.full((n, slots + 1), -1, dtype=torch.int32, device=local_idx.device)
+    out.scatter_(1, col, torch.where(local, expert_pos, -1).to(torch.int32))
+    return out[:, :slots].contiguous()
+
+
+def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts: int, num_local_experts: int,
+                          slots: int) -> torch.Tensor:
+    """[T, k] int32 row of (token t, slot j) in the buffer :meth:`EPDispatcher.combine_experts` returns:
+    ``pos[t, r] * slots + c`` with r the rank of expert ``topk_idx[t, j]`` and c the number of earlier
+    slots of t on that rank (the order :func:`local_slot_rows` packs them in); -1 for unused slots."""
+    k = topk_idx.size(1)
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
+    rank = torch.where(valid, topk_idx // num_local_experts, 0)
+    same = (rank.unsqueeze(2) == rank.unsqueeze(1)) & valid.unsqueeze(1)  # [T, j, j'] slot j' on j's rank
+    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_idx.device).tril(-1)  # j' < j
+    c = (same & earlier).sum(-1)
+    row = pos.long().gather(1, rank)
+    ok = valid & (c < slots) & (row >= 0)
+    return torch.where(ok, row * slots + c, -1).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# packed rows: every per-row field in one byte buffer, so one collective moves them all
+
+SLOT_HEADER_BYTES = 16  # fixed-capacity slot header: int32 [rows for this rank, source tokens, 0, 0]
+
+
+class RowFormat:
+    """Byte layout of one packed row: named fields, each ``width`` elements of ``dtype`` at a 4-byte
+    aligned offset (so each can be viewed in its dtype), the row padded to a multiple of 16 bytes.
+    Alignment gaps are zeroed when packing, so no stale memory travels."""
+
+    def __init__(self, fields):
+        self.fields: dict[str, tuple[int, int, torch.dtype, int]] = {}
+        off = 0
+        for name, dtype, width in fields:
+            nbytes = width * dtype.itemsize
+            self.fields[name] = (off, nbytes, dtype, width)
+            off += ceil_div(nbytes, 4) * 4
+        self.row_bytes = ceil_div(max(off, 1), 16) * 16
+        self.gaps, cur = [], 0
+        for o, n, _, _ in self.fields.values():
+            if o > cur:
+                self.gaps.append((cur, o))
+            cur = o + n
+        if cur < self.row_bytes:
+            self.gaps.append((cur, self.row_bytes))
+
+    def pack(self, rows: torch.Tensor, **tensors: torch.Tensor) -> None:
+        """rows [..., row_bytes] uint8 (any leading shape, last dim contiguous) <- fields [rows, width]."""
+        lead = rows.shape[:-1]
+        for name, t in tensors.items():
+            off, nbytes, dtype, _ = self.fields[name]
+            if t.dtype != dtype:
+                raise RuntimeError(f"RowFormat.pack: field {name} expects {dtype}, got {t.dtype}")
+            rows[..., off:off + nbytes].copy_(t.contiguous().view(torch.uint8).reshape(*lead, nbytes))
+        for a, b in self.gaps:
+            rows[..., a:b].zero_()
+
+    def unpack(self, rows: torch.Tensor, name: str, num_rows: int) -> torch.Tensor:
+        """Field ``name`` of every row of ``rows`` [..., row_bytes], as a contiguous [num_rows, width]."""
+        off, nbytes, dtype, width = self.fields[name]
+        return rows[..., off:off + nbytes].view(dtype).reshape(num_rows, width).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,10 +353,13 @@ class DispatchHandle:
     Attributes:
         pos: [T, R] int32 send-buffer row of each source token per destination rank (-1 = not sent).
         send_counts / recv_counts: per-rank row counts (host lists; None in fixed-capacity mode).
-        num_recv: rows received (R * capacity in fixed-capacity mode).
+        num_send / num_recv: rows sent / received (both R * capacity in fixed-capacity mode).
         recv_local_idx: [num_recv, k] int32 local expert id of each slot (-1 = not local / padding row).
-        recv_weights: [num_recv, k] float32 top-k weights (0 where not local).
+        recv_weights: [num_recv, k] float32 top-k weights (0 where not local); None when dispatch got none.
+        recv_src_token: [num_recv] int32 token index of each received row on its source rank (-1 = padding).
+        num_recv_tokens_per_rank: [R] int32 device tensor, rows received from each rank.
         num_recv_tokens_per_expert: [L] int32 device tensor; also ``..._list`` on host (normal mode).
+        topk_idx / topk_weights: the source side's routing as given to dispatch (for combine_experts).
     """
     rank: int
     num_ranks: int
@@ -280,7 +368,7 @@ class DispatchHandle:
     num_tokens: int
     num_recv: int
     recv_local_idx: torch.Tensor
-    recv_weights: torch.Tensor
+    recv_weights: torch.Tensor | None
     num_recv_tokens_per_expert: torch.Tensor
     num_recv_tokens_per_expert_list: list[int] | None
     send_counts: list[int] | None
@@ -289,6 +377,11 @@ class DispatchHandle:
     hidden: int
     src_idx: torch.Tensor | None = None
     send_local: torch.Tensor | None = None  # [num_send, k] bool: slot's expert lives on the row's destination
+    num_send: int = 0
+    recv_src_token: torch.Tensor | None = None
+    num_recv_tokens_per_rank: torch.Tensor | None = None
+    topk_idx: torch.Tensor | None = None
+    topk_weights: torch.Tensor | None = None
     _layout_cache: dict = field(default_factory=dict, repr=False)
 
     # -- expert-side layouts ------------------------------------------------------------------
@@ -320,16 +413,34 @@ class DispatchHandle:
 
     def masked_layout(self, max_m: int | None = None):
         """(expert_pos [N,k] int32 into a [L*max_m] row space, masked_m [L] int32, max_m) for the masked
-        grouped-GEMM layout [L, max_m, H]. Sync-free; default max_m = num_recv (always enough)."""
+        grouped-GEMM layout [L, max_m, H]. Sync-free; default max_m = num_recv (always enough unless a
+        token repeats an expert id). Overflow: an expert's entries beyond its first max_m (by received
+        row, then slot) are DROPPED — expert_pos -1, never written, contributing 0 to the combine — and
+        counted in :meth:`num_dropped`; masked_m = min(count, max_m)."""
         max_m = self.num_recv if max_m is None else max_m
+        if not isinstance(max_m, int) or max_m < 0:
+            raise ValueError(f"max_m: expected a non-negative int, got {max_m!r}")
         key = ("masked", max_m)
         if key not in self._layout_cache:
             dev = self.recv_local_idx.device
             seg = torch.arange(self.num_local_experts, dtype=torch.int64, device=dev) * max_m
             pos = expert_positions(self.recv_local_idx, self.num_local_experts, seg,
-                                   self.num_recv_tokens_per_expert)
-            self._layout_cache[key] = (pos, self.num_recv_tokens_per_expert.to(torch.int32), max_m)
+                                   self.num_recv_tokens_per_expert, limit=max_m)
+            masked_m = self.num_recv_tokens_per_expert.clamp(max=max_m).to(torch.int32)
+            self._layout_cache[key] = (pos, masked_m, max_m)
         return self._layout_cache[key]
+
+    def num_dropped(self, max_m: int | None = None) -> torch.Tensor:
+        """[L] int32 device tensor: entries per local expert dropped by ``masked_layout(max_m)`` (no sync)."""
+        return (self.num_recv_tokens_per_expert - self.masked_layout(max_m)[1]).to(torch.int32)
+
+    def check_overflow(self, max_m: int | None = None) -> None:
+        """Raise RuntimeError if ``masked_layout(max_m)`` dropped anything. A host sync: call it only
+        where one is allowed (not inside a CUDA graph)."""
+        dropped = self.num_dropped(max_m).tolist()
+        if any(dropped):
+            raise RuntimeError(f"max_m: expected room for every entry, got {sum(dropped)} dropped entries "
+                               f"(per local expert: {dropped}); raise max_m")
 
     def to_contiguous(self, recv_x, alignment: int = 1):
         """recv_x [N, H] (or an (fp8, scale) pair) -> the rows in contiguous layout (+ m_indices)."""
@@ -340,7 +451,8 @@ class DispatchHandle:
         return permute(recv_x, src), m_idx
 
     def to_masked(self, recv_x, max_m: int | None = None):
-        """recv_x [N, H] (or (fp8, scale)) -> [L, max_m, H] (or a pair) and masked_m [L]."""
+        """recv_x [N, H] (or (fp8, scale)) -> [L, max_m, H] (or a pair) and masked_m [L]. Rows of an
+        expert from masked_m on are zero (fp8: zero with scale 1e-4/448)."""
         pos, masked_m, max_m = self.masked_layout(max_m)
         src = positions_to_src_idx(pos, self.num_local_experts * max_m)
         view = lambda t: t.view(self.num_local_experts, max_m, t.size(1))  # noqa: E731
@@ -348,18 +460,21 @@ class DispatchHandle:
             return (view(permute(recv_x[0], src)), view(permute(recv_x[1], src))), masked_m
         return view(permute(recv_x, src)), masked_m
 
+    def _expert_pos(self, expert_out: torch.Tensor, layout: str, alignment_or_max_m):
+        """(expert_pos [N, k], expert_out as [rows, H]) for an expert-output tensor in ``layout``."""
+        if layout == "contiguous":
+            check_tensor("expert_out", expert_out, ndim=2)
+            return self.contiguous_layout(alignment_or_max_m or 1)[0], expert_out
+        if layout == "masked":
+            return self.masked_layout(alignment_or_max_m)[0], expert_out.reshape(-1, expert_out.size(-1))
+        raise ValueError(f"layout: expected 'contiguous' or 'masked', got {layout!r}")
+
     def expert_reduce(self, expert_out: torch.Tensor, layout: str = "contiguous", alignment_or_max_m=None):
         """Weighted sum over each received row's local experts: [M, H] (contiguous) or [L, max_m, H]
         (masked) expert outputs -> [num_recv, H] in expert_out's dtype (fp32 accumulation). This is
-        where the top-k weights are applied."""
-        if layout == "contiguous":
-            pos = self.contiguous_layout(alignment_or_max_m or 1)[0]
-        elif layout == "masked":
-            pos = self.masked_layout(alignment_or_max_m)[0]
-            expert_out = expert_out.reshape(-1, expert_out.size(-1))
-        else:
-            raise ValueError(f"layout: expected 'contiguous' or 'masked', got {layout!r}")
-        return unpermute_reduce(expert_out, pos, self.recv_weights)
+        where the top-k weights given to dispatch are applied (none given: a plain sum)."""
+        pos, rows = self._expert_pos(expert_out, layout, alignment_or_max_m)
+        return unpermute_reduce(rows, pos, self.recv_weights)
 
 
 class EPDispatcher:
@@ -369,8 +484,20 @@ class EPDispatcher:
         group: a ProcessGroup (NCCL on GPUs, gloo on CPU) or None for one process (no torch.distributed).
         num_experts: E (global); rank r holds experts r*E/R .. (r+1)*E/R - 1.
         capacity: None = normal mode (exact sizes; host syncs, see below). An int = fixed-capacity mode
-            (like DeepEP low-latency): every rank sends ``capacity`` rows to every rank, so all shapes are
-            static, there is no host sync, and the step is CUDA-graph capturable; needs T <= capacity.
+            (DeepEP's low-latency mode, ``capacity`` = num_max_dispatch_tokens_per_rank): every rank sends
+            ``capacity`` rows to every rank, so all shapes are static, there is no host sync, and the
+            step is CUDA-graph capturable; needs T <= capacity (checked on the host from the shape).
+
+    Wire format: every row a rank sends carries, in ONE byte buffer (see :class:`RowFormat`), the token
+    payload (x's dtype, or e4m3 + fp32 per-128 scales), its source token index, its k local expert ids
+    (int32, -1 where the expert is not on the destination) and, when dispatch got weights, its k fp32
+    weights. Fixed-capacity mode: the buffer is [R, SLOT_HEADER_BYTES + capacity * row_bytes], one slot
+    per destination, each led by a 16-byte header (int32 rows for that rank, source token count, 0, 0),
+    then the rows for that rank in token order, zero rows after them.
+
+    Collectives per step (all ``all_to_all_single`` on uint8 views, so any dtype works with gloo and NCCL):
+    fixed-capacity mode: dispatch 1, combine 1, combine_experts 1; normal mode: dispatch 2 (counts, rows),
+    combine 1, combine_experts 1.
 
     Host syncs per step. Normal mode: ONE in dispatch (the counts all_to_all result, per-rank and
     per-local-expert counts and the id check, fetched in one D2H copy: the split sizes of the data
@@ -379,9 +506,10 @@ class EPDispatcher:
     Fixed-capacity mode: none (no id check either; ids outside [0, E) are treated as unused).
     (The gloo backend itself works on host memory; the sync count is about CUDA tensors with NCCL.)
 
-    Collectives per step: dispatch = 1 counts all_to_all (normal mode only) + 1 data all_to_all (+1
-    for the fp8 scales) + 1 for the metadata; combine = 1 all_to_all. Tensors go as raw bytes (uint8
-    views), so any dtype works with gloo and NCCL.
+    Overflow (fixed capacity): T > capacity raises ValueError on the host (a shape, no sync). A token
+    takes one row per destination rank, so a slot never overflows. The expert-side masked layout
+    [L, max_m, H] drops entries beyond max_m (only possible with max_m < num_recv or repeated expert ids
+    in a row) and counts them: see :meth:`DispatchHandle.masked_layout`.
     """
 
     def __init__(self, group=None, num_experts: int = 0, capacity: int | None = None):
@@ -414,17 +542,56 @@ class EPDispatcher:
                                group=self.group)
         return out
 
+    @staticmethod
+    def row_format(payload_dtype: torch.dtype, hidden: int, topk: int, fp8_scales: bool, weights: bool) -> RowFormat:
+        """The packed row of a dispatch: x [hidden] (+ scale [ceil(hidden/128)] fp32), src int32,
+        local ids int32 [topk] (+ weights fp32 [topk]); topk = 0: payload only (cached dispatch)."""
+        fields = [("x", payload_dtype, hidden)]
+        if fp8_scales:
+            fields.append(("scale", torch.float32, ceil_div(hidden, 128)))
+        if topk:
+            fields += [("src", torch.int32, 1), ("lid", torch.int32, topk)]
+            if weights:
+                fields.append(("w", torch.float32, topk))
+        return RowFormat(fields)
+
+    def _exchange(self, fmt: RowFormat, fields: dict, num_send: int, num_recv: int, send_counts, recv_counts,
+                  header: torch.Tensor | None = None):
+        """Pack the row fields (each [num_send, width]) into one byte buffer, move it with ONE
+        all_to_all_single and unpack: ({name: [num_recv, width]}, received slot headers [R, 4] int32 in
+        fixed-capacity mode, else None)."""
+        dev = next(iter(fields.values())).device
+        rb, r = fmt.row_bytes, self.num_ranks
+        if self.capacity is None:
+            send = torch.empty((num_send, rb), dtype=torch.uint8, device=dev)
+            fmt.pack(send, **fields)
+            rows, hdr = self._a2a(send, num_recv, send_counts, recv_counts), None
+        else:
+            c, hb = self.capacity, SLOT_HEADER_BYTES
+            send = torch.empty((r, hb + c * rb), dtype=torch.uint8, device=dev)
+            if header is None:
+                header = torch.zeros((r, hb // 4), dtype=torch.int32, device=dev)
+            send[:, :hb].copy_(header.to(torch.int32).contiguous().view(torch.uint8))
+            fmt.pack(send[:, hb:].view(r, c, rb), **fields)
+            recv = self._a2a(send, r)
+            hdr = recv[:, :hb].view(torch.int32)
+            rows = recv[:, hb:].view(r, c, rb)
+        return {name: fmt.unpack(rows, name, num_recv) for name in fields}, hdr
+
     # -- dispatch -------------------------------------------------------------------------------
-    def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, use_fp8: bool = False):
-        """Send each token to the ranks that hold its experts.
+    def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None = None, use_fp8: bool = False):
+        """Send each token to the ranks that hold its experts (one row per token and destination rank).
 
         Args:
             x: [T, H] bf16/fp16/fp32, or a pair (x_fp8 [T, H] e4m3, scale [T, ceil(H/128)] fp32).
-            topk_idx: [T, k] int64 global expert ids (-1 = unused). topk_weights: [T, k] float32.
+            topk_idx: [T, k] int64 global expert ids (-1 = unused).
+            topk_weights: [T, k] float32, sent along for :meth:`DispatchHandle.expert_reduce`; None = no
+                weights on the wire (apply them at :meth:`combine_experts` instead, DeepEP low-latency style).
             use_fp8: quantise a float x to e4m3 + per-token scales while packing (fused).
         Returns:
             (recv_x, handle): recv_x [N, H] (or an (e4m3, scale) pair) with the received rows ordered by
-            source rank then source token index; ``handle.recv_local_idx`` / ``recv_weights`` /
+            source rank then source token index (fixed capacity: N = R * capacity, source rank s's rows at
+            s*capacity.., zero rows after them); ``handle.recv_local_idx`` / ``recv_weights`` /
             ``num_recv_tokens_per_expert`` describe them (see :class:`DispatchHandle`).
         """
         is_pair = isinstance(x, (tuple, list))
@@ -441,7 +608,8 @@ class EPDispatcher:
         if topk_idx.size(0) != t:
             raise ValueError(f"topk_idx: expected {t} rows (one per token of x), got {topk_idx.size(0)}")
         k = topk_idx.size(1)
-        check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(t, k))
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(t, k))
         check_same_device(x=ref, topk_idx=topk_idx, topk_weights=topk_weights)
         fixed = self.capacity is not None
         if fixed and t > self.capacity:
@@ -452,19 +620,16 @@ class EPDispatcher:
         dev, R, L = ref.device, self.num_ranks, self.num_local_experts
 
         per_rank, per_expert, in_rank = torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx, self.num_experts, R)
-
-        # per-row metadata: local expert ids (-1 not on the destination) and weights, as raw 4-byte words
         pos = dispatch_positions(in_rank, self.capacity)
-        num_send = R * self.capacity if fixed else None
         if fixed:
-            send_counts = recv_counts = None
-            recv_expert = None
+            num_send = num_recv = R * self.capacity
+            send_counts = recv_counts = recv_expert = rcnt = None
         else:
             # counts exchange: [R, 1 + L] (rows per destination, then per-local-expert counts) + id check
             bad = ((topk_idx < -1) | (topk_idx >= self.num_experts)).any().to(torch.int64).view(1) \
                 if t > 0 else torch.zeros(1, dtype=torch.int64, device=dev)
             cnt = torch.cat([per_rank.view(R, 1), per_expert.view(R, L)], 1).to(torch.int64)
-            rcnt = self._a2a(cnt, R)
+            rcnt = self._a2a(cnt, R).view(R, 1 + L)
             host = torch.cat([cnt[:, 0], rcnt.view(-1), bad]).cpu()  # the one host sync
             if int(host[-1]) != 0:
                 lo, hi = int(topk_idx.min()), int(topk_idx.max())
@@ -474,18 +639,18 @@ class EPDispatcher:
             rc = host[R:R + R * (1 + L)].view(R, 1 + L)
             recv_counts = rc[:, 0].tolist()
             recv_expert = rc[:, 1:].sum(0).tolist()
-            num_send = sum(send_counts)
+            num_send, num_recv = sum(send_counts), sum(recv_counts)
         src = positions_to_src_idx(pos, num_send)
-        num_recv = num_send if fixed else sum(recv_counts)
 
-        # data
+        # payload of each send row
         if is_pair:
-            send_x = (permute(x_q, src), permute(x_s, src))
+            fields = {"x": permute(x_q, src), "scale": permute(x_s, src)}
         elif use_fp8:
-            send_x = permute_fp8(x, src)
+            q, s = permute_fp8(x, src)
+            fields = {"x": q, "scale": s}
         else:
-            send_x = permute(x, src)
-        # metadata of each send row: destination rank, then local ids / weights
+            fields = {"x": permute(x, src)}
+        # metadata of each send row: source token, local ids (-1 not on the destination), weights
         dest = torch.arange(R, device=dev, dtype=torch.int64)
         if fixed:
             row_rank = dest.repeat_interleave(self.capacity)
@@ -495,33 +660,40 @@ class EPDispatcher:
         gid = topk_idx.index_select(0, srcl) if t > 0 else torch.full((num_send, k), -1, dtype=torch.int64, device=dev)
         lid = gid - (row_rank * L).unsqueeze(1)
         local = (gid >= 0) & (lid >= 0) & (lid < L) & (src >= 0).unsqueeze(1)
-        lid = torch.where(local, lid, -1).to(torch.int32)
-        w = topk_weights.index_select(0, srcl) if t > 0 else torch.zeros(num_send, k, device=dev)
-        w = torch.where(local, w, 0.0)
-        meta = torch.cat([lid, w.view(torch.int32)], 1)
-        recv_meta = self._a2a(meta, num_recv, send_counts, recv_counts)
-        if is_pair or use_fp8:
-            recv_x = (self._a2a(send_x[0], num_recv, send_counts, recv_counts),
-                      self._a2a(send_x[1], num_recv, send_counts, recv_counts))
-        else:
-            recv_x = self._a2a(send_x, num_recv, send_counts, recv_counts)
-        recv_lid = recv_meta[:, :k].contiguous()
-        recv_w = recv_meta[:, k:].contiguous().view(torch.float32)
-        if recv_expert is None:
+        fields["src"] = src.view(-1, 1)
+        fields["lid"] = torch.where(local, lid, -1).to(torch.int32)
+        if topk_weights is not None:
+            w = topk_weights.index_select(0, srcl) if t > 0 else torch.zeros(num_send, k, device=dev)
+            fields["w"] = torch.where(local, w, 0.0)
+        fmt = self.row_format(fields["x"].dtype, h, k, "scale" in fields, topk_weights is not None)
+        header = None
+        if fixed:
+            zero = torch.zeros_like(per_rank)
+            header = torch.stack([per_rank, torch.full_like(per_rank, t), zero, zero], 1)
+        got, hdr = self._exchange(fmt, fields, num_send, num_recv, send_counts, recv_counts, header)
+
+        recv_x = (got["x"], got["scale"]) if "scale" in got else got["x"]
+        recv_lid = got["lid"]
+        if fixed:
             cnt_dev = _count_ids(torch.where(recv_lid >= 0, recv_lid, L).view(-1).long(), L).to(torch.int32)
+            per_src = hdr[:, 0].contiguous()
         else:
-            cnt_dev = rcnt.view(R, 1 + L)[:, 1:].sum(0).to(torch.int32)  # device copy of the counts: no H2D
+            cnt_dev = rcnt[:, 1:].sum(0).to(torch.int32)  # device copy of the counts: no H2D
+            per_src = rcnt[:, 0].to(torch.int32)
         handle = DispatchHandle(rank=self.rank, num_ranks=R, num_local_experts=L, pos=pos, num_tokens=t,
-                                num_recv=num_recv, recv_local_idx=recv_lid, recv_weights=recv_w,
+                                num_recv=num_recv, recv_local_idx=recv_lid, recv_weights=got.get("w"),
                                 num_recv_tokens_per_expert=cnt_dev, num_recv_tokens_per_expert_list=recv_expert,
                                 send_counts=send_counts, recv_counts=recv_counts, capacity=self.capacity, hidden=h,
-                                src_idx=src, send_local=local)
+                                src_idx=src, send_local=local, num_send=num_send,
+                                recv_src_token=got["src"].view(-1), num_recv_tokens_per_rank=per_src,
+                                topk_idx=topk_idx, topk_weights=topk_weights)
         return recv_x, handle
 
     def exchange_weights(self, topk_weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """Send new top-k weights [T, k] fp32 along a previous dispatch (e.g. weights known only at
-        combine time, as in DeepEP's low-latency combine): returns the receiver-side [num_recv, k]
-        weights (0 where the slot's expert is not local), like ``handle.recv_weights``. No host sync."""
+        """Send new top-k weights [T, k] fp32 along a previous dispatch (one all_to_all_single): returns
+        the receiver-side [num_recv, k] weights (0 where the slot's expert is not local), like
+        ``handle.recv_weights``. No host sync. (:meth:`combine_experts` applies weights on the source
+        instead, without this extra collective.)"""
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(handle.num_tokens, None))
         src = handle.src_idx.long().clamp(min=0)
         k = handle.send_local.size(1)
@@ -531,34 +703,80 @@ class EPDispatcher:
         return self._a2a(w, handle.num_recv, handle.send_counts, handle.recv_counts)
 
     def dispatch_cached(self, x, handle: DispatchHandle, use_fp8: bool = False):
-        """Dispatch new data along a previous dispatch's routing (no counts exchange, no host sync):
-        x [T, H] float (optionally quantised while packing) or an (e4m3, scale) pair -> recv_x."""
+        """Dispatch new data along a previous dispatch's routing (no counts exchange, no host sync, one
+        all_to_all_single): x [T, H] float (optionally quantised while packing) or an (e4m3, scale)
+        pair -> recv_x."""
         ref = x[0] if isinstance(x, (tuple, list)) else x
         check_tensor("x[0]" if ref is not x else "x", ref, ndim=2, shape=(handle.num_tokens, None))
-        src, n = handle.src_idx, handle.num_recv
+        src = handle.src_idx
         if isinstance(x, (tuple, list)):
-            send = (permute(x[0], src), permute(x[1], src))
+            fields = {"x": permute(x[0], src), "scale": permute(x[1], src)}
         elif use_fp8:
-            send = permute_fp8(x, src)
+            q, s = permute_fp8(x, src)
+            fields = {"x": q, "scale": s}
         else:
-            send = permute(x, src)
-        if isinstance(send, tuple):
-            return tuple(self._a2a(s_, n, handle.send_counts, handle.recv_counts) for s_ in send)
-        return self._a2a(send, n, handle.send_counts, handle.recv_counts)
+            fields = {"x": permute(x, src)}
+        fmt = self.row_format(fields["x"].dtype, ref.size(1), 0, "scale" in fields, False)
+        got, _ = self._exchange(fmt, fields, handle.num_send, handle.num_recv, handle.send_counts, handle.recv_counts)
+        return (got["x"], got["scale"]) if "scale" in got else got["x"]
 
     # -- combine --------------------------------------------------------------------------------
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """Send each received row's result back and sum per source token over ranks.
+        """Send each received row's result back and sum per source token over ranks (one all_to_all_single).
 
         Args: y [handle.num_recv, H] float32/bfloat16/float16, one row per received row (already the
         weighted sum over that row's local experts, see :meth:`DispatchHandle.expert_reduce`).
         Returns: [T, H] in y's dtype, fp32 accumulation over ranks; zero for tokens with no expert.
         """
         check_tensor("y", y, dtypes=_FLOAT_DTYPES, shape=(handle.num_recv, None))
-        back_rows = handle.num_recv if handle.capacity is not None else sum(handle.send_counts)
-        back = self._a2a(y.contiguous(), back_rows, handle.recv_counts, handle.send_counts)
+        back = self._a2a(y.contiguous(), handle.num_send, handle.recv_counts, handle.send_counts)
         return unpermute_reduce(back, handle.pos)
+
+    def combine_experts(self, expert_out: torch.Tensor, handle: DispatchHandle,
+                        topk_weights: torch.Tensor | None = None, layout: str = "masked", alignment_or_max_m=None):
+        """Combine with the top-k weights applied on the SOURCE rank (DeepEP's low-latency convention).
+
+        Args:
+            expert_out: the local experts' outputs, [L, max_m, H] for layout="masked" (rows as
+                ``handle.to_masked(recv_x, max_m)`` placed them; max_m = expert_out.size(1)) or [M, H]
+                for layout="contiguous" (``handle.to_contiguous(recv_x, alignment)``, normal mode only).
+            topk_weights: [T, k] float32 on the source rank; None = the weights given to dispatch (a plain
+                sum if none were given).
+        Returns:
+            [T, H] in expert_out's dtype: ``out[t] = sum_j w[t, j] * expert_{e_j}(x_t)`` over t's used slots,
+            accumulated in fp32 in slot order. Entries the masked layout dropped contribute 0.
+
+        Each received row sends back its local slots' expert outputs unreduced, min(k, L) rows per row
+        (in slot order, zero rows where fewer), in ONE all_to_all_single; so this moves min(k, L) times
+        the bytes of :meth:`combine`, which instead needs the weights on the expert side at dispatch.
+        """
+        check_tensor("expert_out", expert_out, dtypes=_FLOAT_DTYPES)
+        if layout == "masked":
+            check_tensor("expert_out", expert_out, shape=(handle.num_local_experts, None, None))
+            if alignment_or_max_m not in (None, expert_out.size(1)):
+                raise ValueError(f"alignment_or_max_m: expected None or expert_out.size(1)={expert_out.size(1)}, "
+                                 f"got {alignment_or_max_m!r}")
+            alignment_or_max_m = expert_out.size(1)
+        k = handle.topk_idx.size(1)
+        if topk_weights is None:
+            topk_weights = handle.topk_weights
+        else:
+            check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(handle.num_tokens, k))
+            check_same_device(expert_out=expert_out, topk_weights=topk_weights)
+        epos, rows = handle._expert_pos(expert_out, layout, alignment_or_max_m)
+        if layout == "contiguous":
+            m = handle.contiguous_layout(alignment_or_max_m or 1)[3]
+            if rows.size(0) != m:
+                raise ValueError(f"expert_out: expected {m} rows (the contiguous layout), got {rows.size(0)}")
+        slots = min(k, handle.num_local_experts)
+        gather = local_slot_rows(handle.recv_local_idx, epos, slots)
+        send = permute(rows.contiguous(), gather.view(-1))
+        scale = lambda counts: None if counts is None else [c * slots for c in counts]  # noqa: E731
+        back = self._a2a(send, handle.num_send * slots, scale(handle.recv_counts), scale(handle.send_counts))
+        pos = source_slot_positions(handle.topk_idx, handle.pos, self.num_experts, self.num_local_experts, slots)
+        return unpermute_reduce(back, pos, topk_weights)
 
 
 __all__ = ["get_dispatch_layout", "permute", "permute_fp8", "unpermute_reduce", "dispatch_positions",
-           "positions_to_src_idx", "expert_positions", "EPDispatcher", "DispatchHandle"]
+           "positions_to_src_idx", "expert_positions", "local_slot_rows", "source_slot_positions", "RowFormat",
+           "SLOT_HEADER_BYTES", "EPDispatcher", "DispatchHandle"]

@@ -141,3 +141,28 @@ def test_gemm_bench_refuses_to_time_a_wrong_kernel(monkeypatch):
     assert rows[0].ours > 0 and rows[0].extra["calc_diff_vs_reference"] == 0
     assert rows[1].ours == 0 and "wrong result" in rows[1].extra["error"] and rows[1].ms is None
     assert "DEEPKERNELS_GEMM_SM90" not in os.environ
+
+
+def test_moe_cpu_smoke_has_low_latency_rows(tmp_path):
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "moe", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    ops = {r["case"]["op"]: r for r in rows}
+    assert {"permute_fp8", "unpermute_reduce", "ll_dispatch_fp8", "ll_combine_bf16"} <= ops.keys(), ops.keys()
+    for op in ("ll_dispatch_fp8", "ll_combine_bf16"):
+        r = ops[op]
+        assert r["case"]["mode"] == "low_latency" and r["ours"] > 0 and r["peer_value"] > 0
+        assert r["extra"]["collectives"] == 1 and r["extra"]["wire_MB"] > 0
+
+
+@pytest.mark.parametrize("mode", ["normal", "low_latency"])
+def test_moe_multi_process_gloo_smoke(mode):
+    """The multi-GPU end-to-end path, run over gloo on the CPU with 2 processes."""
+    from bench import moe
+
+    rows = moe.run_multi_device(2, "gloo", (8, 256, 2, 8), repeats=1, timeout=120, mode=mode)
+    prefix = "ep_ll" if mode == "low_latency" else "ep"
+    assert [r.case["op"] for r in rows] == [f"{prefix}_dispatch_fp8", f"{prefix}_combine_bf16"]
+    assert all(r.ours > 0 and r.peer_value > 0 and r.ms > 0 for r in rows)

@@ -1,4 +1,5 @@
-"""A DeepEP-style ``Buffer`` (intranode normal mode conventions) on top of :class:`deepkernels.moe.EPDispatcher`.
+"""A DeepEP-style ``Buffer`` (intranode normal and low-latency mode conventions) on top of
+:class:`deepkernels.moe.EPDispatcher`.
 
 Mirrors the argument and return conventions of ``deep_ep.Buffer``::
 
@@ -22,14 +23,25 @@ Mirrors the argument and return conventions of ``deep_ep.Buffer``::
 * ``num_tokens_per_rdma_rank`` is always None (one node); events are :class:`EventOverlap` stand-ins
   (the work is already ordered on the current stream); ``async_finish`` / ``previous_event`` /
   ``allocate_on_comm_stream`` / ``config`` are accepted and ignored.
-Low-latency mode: ``low_latency_dispatch`` / ``low_latency_combine`` on the fixed-capacity dispatcher
-(expert-major [L, R * max_tokens, H] buffers + per-expert counts; weights applied in the combine).
+
+Low-latency mode (fixed capacity: static shapes, no host sync, CUDA-graph capturable)::
+
+    recv_x, recv_count, handle, event, hook = buf.low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank,
+                                                                       num_experts, use_fp8=True)
+    combined_x, event, hook = buf.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+
+* recv_x is expert-major [L, R * max_tokens, H] (the masked layout of the masked grouped GEMM) with
+  recv_count [L] int32 valid rows per expert, ordered by source rank then token (DeepEP: arrival order).
+* dispatch is ONE all_to_all_single (payload + fp8 scales + source index + local expert ids in one
+  byte buffer per destination slot, led by a count header); combine is ONE all_to_all_single; the
+  weights are applied in the combine on the source rank, as DeepEP's low-latency mode does.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import moe as _moe
+from .._ops import check_tensor
 
 
 class EventOverlap:
@@ -105,30 +117,93 @@ class Buffer:
         return combined, combined_w, EventOverlap()
 
     # -- low-latency mode (fixed capacity: no host sync, CUDA-graph capturable) -----------------------
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, use_fp8: bool = True, async_finish: bool = False,
-                             return_recv_hook: bool = False, **_ignored):
-        """-> (recv_x [L, R * max_tokens, H] bf16 or (e4m3, scale [L, R * max_tokens, H/128] fp32; row-major,
-        not DeepEP's TMA-transposed scale layout), recv_count [L] int32, handle, event, hook)."""
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of one low-latency dispatch's send + receive buffers (bf16 rows; metadata not counted).
+        Informational: this Buffer allocates per call, so the size passed to ``Buffer(...)`` is ignored."""
+        return 2 * num_ranks * (_moe.SLOT_HEADER_BYTES + num_max_dispatch_tokens_per_rank * hidden * 2)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """No-op: every low-latency call packs a fresh buffer (padding rows and gaps are zeroed)."""
+
+    def _ll_dispatcher(self, num_experts: int, num_max_dispatch_tokens_per_rank: int) -> _moe.EPDispatcher:
         key = ("ll", num_experts, num_max_dispatch_tokens_per_rank)
         if key not in self._dispatchers:
             self._dispatchers[key] = _moe.EPDispatcher(self.group, num_experts,
                                                        capacity=num_max_dispatch_tokens_per_rank)
-        d = self._dispatchers[key]
-        ones = torch.ones(topk_idx.shape, dtype=torch.float32, device=topk_idx.device)
-        recv, hd = d.dispatch(x, topk_idx, ones, use_fp8=use_fp8)
+        return self._dispatchers[key]
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                             dispatch_wait_recv_cost_stats: torch.Tensor | None = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """DeepEP's low-latency dispatch: ONE all_to_all_single, no host sync, static shapes.
+
+        Args:
+            x: [T, H] bf16 (fp16/fp32 work too), T <= num_max_dispatch_tokens_per_rank (same on all ranks).
+            topk_idx: [T, k] int64 global expert ids, -1 = unused.
+            cumulative_local_expert_recv_stats: optional [L] int32, incremented by the received counts.
+            use_fp8: quantise to e4m3 with per-token 1x128 fp32 scales while packing.
+        Returns:
+            (recv_x, recv_count, handle, event, hook): recv_x [L, R * max_tokens, H] in x's dtype, or with
+            use_fp8 a pair (e4m3 [L, R * max_tokens, H], scales fp32 [L, R * max_tokens, ceil(H/128)] whose
+            last two dims are column-major, as DeepEP returns them for TMA); expert l's rows are
+            ``recv_x[l, :recv_count[l]]``, ordered by source rank then source token (the rest are zero);
+            recv_count [L] int32. hook is a no-op callable when return_recv_hook (the data has arrived).
+        round_scale / use_ue8m0 (power-of-two / UE8M0 scales) are not supported and raise ValueError;
+        dispatch_wait_recv_cost_stats, async_finish are accepted and ignored.
+        """
+        if round_scale or use_ue8m0:
+            raise ValueError(f"round_scale/use_ue8m0: expected False (fp32 per-128 scales only), got "
+                             f"round_scale={round_scale}, use_ue8m0={use_ue8m0}")
+        if not isinstance(num_max_dispatch_tokens_per_rank, int) or num_max_dispatch_tokens_per_rank < 0:
+            raise ValueError(f"num_max_dispatch_tokens_per_rank: expected a non-negative int, "
+                             f"got {num_max_dispatch_tokens_per_rank!r}")
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.size(0) > num_max_dispatch_tokens_per_rank:
+            raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank="
+                             f"{num_max_dispatch_tokens_per_rank} tokens, got {x.size(0)}")
+        d = self._ll_dispatcher(num_experts, num_max_dispatch_tokens_per_rank)
+        recv, hd = d.dispatch(x, topk_idx, None, use_fp8=use_fp8)
         packed, count = hd.to_masked(recv)
+        if use_fp8:
+            q, s = packed
+            packed = (q, s.transpose(1, 2).contiguous().transpose(1, 2))  # column-major scales (DeepEP's layout)
+        if cumulative_local_expert_recv_stats is not None:
+            check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
+                              dtypes=(torch.int32,), shape=(d.num_local_experts,))
+            cumulative_local_expert_recv_stats.add_(count)
         hook = (lambda: None) if return_recv_hook else None
         return packed, count, (d, hd), EventOverlap(), hook
 
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,
-                            async_finish: bool = False, return_recv_hook: bool = False, out=None, **_ignored):
-        """x [L, R * max_tokens, H] expert outputs -> (combined [T, H] = sum_j w_j * expert_j(x), event, hook).
-        As in DeepEP's low-latency mode the weights are applied here."""
+    def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
+        """A bf16 [L, R * max_tokens, H] tensor to write expert outputs into; pass it as ``x`` to
+        low_latency_combine (zero_copy makes no difference here)."""
         d, hd = handle
-        w = d.exchange_weights(topk_weights.float().contiguous(), hd)
-        pos = hd.masked_layout()[0]
-        combined = d.combine(_moe.unpermute_reduce(x.reshape(-1, x.size(-1)), pos, w), hd)
+        return torch.empty((d.num_local_experts, hd.num_recv, hd.hidden), dtype=torch.bfloat16,
+                           device=hd.recv_local_idx.device)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: torch.Tensor | None = None,
+                            combine_wait_recv_cost_stats: torch.Tensor | None = None):
+        """DeepEP's low-latency combine: ONE all_to_all_single, no host sync, weights applied HERE.
+
+        Args:
+            x: [L, R * max_tokens, H] expert outputs in the layout low_latency_dispatch returned.
+            topk_idx: [T, k] int64, the ids given to low_latency_dispatch (slots set to -1 here are skipped).
+            topk_weights: [T, k] float32 (the source rank's weights).
+        Returns:
+            (combined_x [T, H] in x's dtype = sum_j w_j * expert_j(token) in fp32, event, hook).
+        Each received row returns min(k, L) rows (its local slots' outputs, unweighted); the source
+        applies the weights. use_logfmt, zero_copy, async_finish, combine_wait_recv_cost_stats are ignored.
+        """
+        d, hd = handle
+        check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), shape=tuple(hd.topk_idx.shape))
+        check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(hd.topk_idx.shape))
+        w = torch.where(topk_idx >= 0, topk_weights, 0.0)
+        combined = d.combine_experts(x, hd, w, layout="masked")
         if out is not None:
             out.copy_(combined)
             combined = out
