@@ -38,8 +38,13 @@ step "pytest -m cuda"
 $PY -m pytest -q -rs -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
+# Both opt-in sm_90a kernels append to one log (the device tool returns at most 8 files from $OUT).
 step "pytest -m cuda tests/test_gemm.py with the opt-in sm_90a wgmma GEMM"
-DEEPKERNELS_GEMM_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_gemm.py 2>&1 | tee "$OUT/pytest_gemm_sm90.log" | tail -15
+DEEPKERNELS_GEMM_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_gemm.py 2>&1 | tee "$OUT/pytest_sm90.log" | tail -15
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "pytest -m cuda tests/test_mla.py with the opt-in sm_90a wgmma MLA decode"
+DEEPKERNELS_MLA_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_mla.py 2>&1 | tee -a "$OUT/pytest_sm90.log" | tail -15
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "pytest (all, CPU + CUDA)"

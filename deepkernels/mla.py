@@ -42,10 +42,16 @@ rows and walks its part's key ranges in 32-key tiles (bf16 mma.sync for Q K^T an
 scale folded into the scores and P). A split's partial (output normalised by its own sum, fp32, and its lse)
 goes to a scratch buffer of b + num_sm_parts splits and a combine kernel merges them by lse; a sequence with
 a single split is written directly. Metadata, decode and combine launch without host synchronisation.
+
+Hopper (opt-in, not yet validated on a GPU): with ``DEEPKERNELS_MLA_SM90=1`` (read on every call) an sm_90
+device with a bf16 cache runs csrc/mla_decode/splitkv_sm90.cuh instead: 64 query rows per CTA, two
+warpgroups, 64-key tiles in a 2-stage cp.async ring, wgmma for Q K^T and for P V with the K tile reused as V;
+same plan, partials and combine. An e4m3 cache keeps the portable kernel.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -57,6 +63,8 @@ BLOCK_TOKENS = 64          # work-block granularity of the split plan (the CUDA 
 METADATA_SIZE = 8          # int32 words per part in tile_scheduler_metadata
 PAGE_MULTIPLE = 16
 BLOCK_M = 32               # query rows (s_q * h_q / h_kv flattened) per CTA of the CUDA kernel
+BLOCK_M_SM90 = 64          # ... of the opt-in sm_90a kernel (DEEPKERNELS_MLA_SM90=1)
+SM90_ENV = "DEEPKERNELS_MLA_SM90"
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_CLAMP = 1e-4
@@ -67,12 +75,17 @@ def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num
     """How many parts the key axis is split into: enough CTAs to fill the GPU once.
 
     The CUDA grid is (num_sm_parts, h_kv, ceil(num_q_tokens_per_head_k / BLOCK_M)); we aim at one CTA
-    per SM. On the CPU (reference), 4 parts so the plan still exercises multi-split sequences.
+    per SM. BLOCK_M is 64 when the opt-in sm_90a kernel may run (DEEPKERNELS_MLA_SM90=1 on an sm_90
+    device; the plan does not know the cache dtype, and an e4m3 cache then runs the portable kernel
+    on twice as many CTAs, which is correct, only less balanced). On the CPU (reference), 4 parts so the
+    plan still exercises multi-split sequences.
     """
     if device.type != "cuda":
         return 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    m_blocks = math.ceil(num_q_tokens_per_head_k / BLOCK_M)
+    props = torch.cuda.get_device_properties(device)
+    sms = props.multi_processor_count
+    sm90 = os.environ.get(SM90_ENV) == "1" and (props.major, props.minor) == (9, 0)
+    m_blocks = math.ceil(num_q_tokens_per_head_k / (BLOCK_M_SM90 if sm90 else BLOCK_M))
     return max(1, sms // max(1, num_heads_k * m_blocks))
 
 

@@ -446,10 +446,10 @@ CUDA_CASES = CASES + [
 ]
 
 
-def emulate_kernel_numerics(case, s_q, h_q, causal, scale, num_sm_parts):
+def emulate_kernel_numerics(case, s_q, h_q, causal, scale, num_sm_parts, key_tile=32):
     """The CUDA kernel's arithmetic on the CPU: scores from the exact bf16/e4m3 products in fp32 times the
-    token scale, online softmax over 32-key tiles, P * token scale rounded to bf16 before P V, one partial
-    per split normalised by its own sum, merged by lse, out rounded to bf16."""
+    token scale, online softmax over key tiles (32 keys portable, 64 sm_90a), P * token scale rounded to
+    bf16 before P V, one partial per split normalised by its own sum, merged by lse, out rounded to bf16."""
     lens = case["cache_seqlens"].tolist()
     meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], s_q * h_q, 1, num_sm_parts)
     partial = {}
@@ -467,8 +467,8 @@ def emulate_kernel_numerics(case, s_q, h_q, causal, scale, num_sm_parts):
             q = case["q"][i].float().reshape(s_q * h_q, 576)
             last = lens[i] - s_q + torch.arange(s_q * h_q) // h_q if causal else torch.full((s_q * h_q,), lens[i] - 1)
             m, l, o = torch.full((s_q * h_q,), -math.inf), torch.zeros(s_q * h_q), torch.zeros(s_q * h_q, 512)
-            for n0 in range(lo * mla.BLOCK_TOKENS, kv_end, 32):
-                pos = torch.arange(n0, min(n0 + 32, kv_end))
+            for n0 in range(lo * mla.BLOCK_TOKENS, kv_end, key_tile):
+                pos = torch.arange(n0, min(n0 + key_tile, kv_end))
                 sc = (q @ rows[pos].T) * (scale * math.log2(math.e)) * tok_scale[pos]
                 sc = sc.masked_fill(pos[None, :] > last[:, None], -math.inf)
                 new_m = torch.maximum(m, sc.max(1).values)
@@ -499,8 +499,10 @@ def test_kernel_numerics_emulation_meets_cuda_tolerance(lens, s_q, h_q, h_kv, pa
     ref, _ = mla.mla_attention_fp32(case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512,
                                     DSV3_SCALE, causal, case["kv_scale"])
     for parts in (1, 5):
-        out = emulate_kernel_numerics(case, s_q, h_q, causal, DSV3_SCALE, parts)
-        _assert_close_flashmla(out, ref, f"emulated kernel, {parts} parts", fp8=cache_dtype == E4M3)
+        for key_tile in (32, 64) if cache_dtype == torch.bfloat16 else (32,):  # 64: the sm_90a kernel (bf16)
+            out = emulate_kernel_numerics(case, s_q, h_q, causal, DSV3_SCALE, parts, key_tile)
+            _assert_close_flashmla(out, ref, f"emulated kernel, {parts} parts, {key_tile}-key tiles",
+                                   fp8=cache_dtype == E4M3)
 
 
 @pytest.mark.cuda
@@ -554,6 +556,69 @@ def test_cuda_split_counts(num_sm_parts):
     assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# the opt-in sm_90a kernel (csrc/mla_decode/splitkv_sm90.cuh, DEEPKERNELS_MLA_SM90=1; not yet run on a GPU).
+# If these fail while the portable tests pass, suspect in this order: the MN-major (transposed V)
+# descriptor's LBO/SBO, the 128B swizzle of the cp.async writes vs the K-major descriptors, the
+# accumulator row/column mapping (softmax masks, P stores, epilogue), then the barriers around the P tile.
+
+def _skip_unless_sm90():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel is built for sm_90a only (other devices fall back to the portable kernel)")
+
+
+def _kernels_launched(fn):
+    """Names of the CUDA kernels `fn` launches (torch profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES)
+def test_cuda_sm90_kernel_vs_reference(lens, s_q, h_q, h_kv, page, causal, monkeypatch):
+    """Every CUDA case through the sm_90a kernel (bf16 cache)."""
+    _skip_unless_sm90()
+    monkeypatch.setenv(mla.SM90_ENV, "1")
+    test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_sm_parts", [1, 3, 500])
+def test_cuda_sm90_split_counts(num_sm_parts, monkeypatch):
+    """Direct single-split writes, merged partials and empty parts through the sm_90a kernel."""
+    _skip_unless_sm90()
+    monkeypatch.setenv(mla.SM90_ENV, "1")
+    test_cuda_split_counts(num_sm_parts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
+def test_cuda_sm90_sanitizer_small_decode(cache_dtype, monkeypatch):
+    """Named for bench/gpu_check.sh's memcheck run; e4m3 falls back to the portable kernel."""
+    monkeypatch.setenv(mla.SM90_ENV, "1")
+    test_cuda_decode_vs_reference([1, 100, 0, 33], 2, 32, 1, 16, True, cache_dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_sm90_kernel_is_picked_for_bf16_only(monkeypatch):
+    """The flag routes a bf16 cache to the sm_90a kernel (so the tests above are not the portable kernel
+    passing again) and an e4m3 cache to the portable one; without the flag the portable kernel runs."""
+    _skip_unless_sm90()
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(mla.SM90_ENV, flag)
+        for dtype in (torch.bfloat16, E4M3):
+            case = make_case([300, 7], 1, 16, cache_dtype=dtype, device="cuda")
+            runs[flag, dtype] = _kernels_launched(lambda case=case: run_decode(case, 1, 16, False, DSV3_SCALE))
+    if not any(runs.values()):
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    picked = {key: any("mla_splitkv_sm90_kernel" in name for name in names) for key, names in runs.items()}
+    assert picked == {("1", torch.bfloat16): True, ("1", E4M3): False, ("0", torch.bfloat16): False,
+                      ("0", E4M3): False}, picked
 
 
 @pytest.mark.cuda

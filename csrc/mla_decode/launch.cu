@@ -1,10 +1,13 @@
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
 
 #include "../common/dtype.h"
 #include "combine.cuh"
 #include "launch.h"
 #include "metadata.cuh"
 #include "splitkv_portable.cuh"
+#include "splitkv_sm90.cuh"
 #include "write_cache.cuh"
 
 namespace deepkernels::mla {
@@ -48,12 +51,52 @@ void launch_splitkv_pipelined(const MlaDecodeParams& p, cudaStream_t stream) {
   }
 }
 
+// The sm_90a wgmma kernel (splitkv_sm90.cuh) is opt-in (DEEPKERNELS_MLA_SM90=1, read on every call) until a
+// GPU session validates it. It runs for a bf16 cache on an sm_90 device whose loaded binary is the sm_90a
+// build; an e4m3 cache, other devices, or a build without 90a fall back to the portable kernel.
+constexpr int kMaxDevices = 64;
+
+bool use_sm90(const MlaDecodeParams& p) {
+  if (p.kv_fp8) return false;
+  const char* flag = std::getenv("DEEPKERNELS_MLA_SM90");
+  if (flag == nullptr || std::strcmp(flag, "1") != 0) return false;
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();  // leave no error behind for the launch check
+    return false;
+  }
+  if (major != 9 || minor != 0) return false;
+  // Only the sm_90a build has a body (and its static row statistics); the stub of an sm_80/89/90 build
+  // (or PTX JIT of compute_89) has none and would write nothing. Cached per device (0 unknown, 1 yes, 2 no).
+  static std::atomic<int> usable[kMaxDevices];  // static storage: zero-initialised
+  if (device >= kMaxDevices) return false;
+  if (usable[device].load(std::memory_order_relaxed) == 0) {
+    cudaFuncAttributes attr{};
+    bool ok = cudaFuncGetAttributes(&attr, sm90::mla_splitkv_sm90_kernel) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+    ok = ok && attr.sharedSizeBytes >= static_cast<size_t>(sm90::kStaticSmemBytes) &&
+         device_fits(sm90::kSmemBytes + static_cast<int>(attr.sharedSizeBytes));
+    usable[device].store(ok ? 1 : 2, std::memory_order_relaxed);
+  }
+  return usable[device].load(std::memory_order_relaxed) == 1;
+}
+
+void launch_sm90(const MlaDecodeParams& p, cudaStream_t stream) {
+  cudaFuncSetAttribute(sm90::mla_splitkv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
+  const int heads_per_kv = p.h_q / p.h_kv;
+  const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + sm90::kBlockM - 1) / sm90::kBlockM);
+  sm90::mla_splitkv_sm90_kernel<<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(p);
+}
+
 }  // namespace
 
 void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (p.num_sm_parts > 0) {
-    if (p.kv_fp8) launch_splitkv_pipelined<true>(p, stream);
+    if (use_sm90(p)) launch_sm90(p, stream);
+    else if (p.kv_fp8) launch_splitkv_pipelined<true>(p, stream);
     else launch_splitkv_pipelined<false>(p, stream);
   }
   const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
