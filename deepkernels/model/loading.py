@@ -7,7 +7,11 @@ kv_a_layernorm,kv_b_proj,o_proj}.weight``, ``model.layers.{i}.mlp.{gate,up,down}
 ``model.layers.{i}.mlp.gate.weight``, ``...mlp.gate.e_score_correction_bias``,
 ``...mlp.experts.{e}.{gate,up,down}_proj.weight``, ``...mlp.shared_experts.*``, ``model.norm.weight``,
 ``lm_head.weight``; FP8 checkpoints add ``<linear>.weight_scale_inv`` [ceil(N/128), ceil(K/128)] fp32 beside
-each e4m3 ``<linear>.weight``. The multi-token-prediction layers (index >= num_hidden_layers) are skipped.
+each e4m3 ``<linear>.weight``. DeepSeek-V2 checkpoints have no ``e_score_correction_bias`` (their routing is
+``greedy``/``group_limited_greedy``). The multi-token-prediction layers ``model.layers.{num_hidden_layers + i}.*``
+(a decoder layer's keys plus ``embed_tokens``, ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.{norm,head}``)
+are skipped unless ``load_mtp``; a checkpoint whose MTP layer leaves out its copies of the embedding / LM head
+gets the main model's.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .modeling import DeepseekV3ForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+_MTP_SHARED = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 
 
 class CheckpointError(ValueError):
@@ -87,7 +92,12 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
         state.pop("lm_head.weight", None)
     ckpt_keys = set(files)
     scale_keys = {k for k in ckpt_keys if k.endswith(".weight_scale_inv")} if dequantize_fp8 else set()
-    missing = sorted(k for k in state if k not in ckpt_keys)
+    # an MTP layer's embedding / head left out of the checkpoint: the main model's (the release stores copies)
+    main_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    shared = {k: ("model.embed_tokens.weight" if m.group(1) == "embed_tokens" else main_head)
+              for k in state if k not in ckpt_keys and (m := _MTP_SHARED.match(k))
+              and int(k.split(".")[2]) >= config.num_hidden_layers}
+    missing = sorted(k for k in state if k not in ckpt_keys and k not in shared)
     unexpected = sorted(k for k in ckpt_keys - set(state) - scale_keys
                         if not _expected_skip(k, config, state, load_mtp))
     by_file: dict[str, list[str]] = {}
@@ -119,6 +129,8 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
                 scale = f.get_tensor(scale_key)
             tensor = per_block_cast_from_fp8(tensor, scale, torch.float32)
         state[k].copy_(tensor.to(state[k].device))
+    for k, src in shared.items():
+        state[k].copy_(state[src])
 
 
 def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -132,10 +144,9 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
         device, dtype: where the model lives and the dtype of its non-FP8 parameters. FP8 checkpoints keep
             their linear weights in e4m3 (Fp8Linear) unless ``dequantize_fp8``.
         group: a torch.distributed process group for expert parallelism; only this rank's experts are loaded.
-        load_mtp: the multi-token-prediction layers are not implemented: their keys are skipped; True raises.
+        load_mtp: also build and load the ``config.num_nextn_predict_layers`` multi-token-prediction layers
+            (for ``forward_mtp`` and ``generate(..., use_mtp=True)``); False skips their checkpoint keys.
     """
-    if load_mtp:
-        raise NotImplementedError("load_mtp: the MTP (multi-token prediction) layers are not implemented")
     directory = None
     if config is None:
         if name_or_path in PRESETS:
@@ -150,17 +161,20 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
         directory = name_or_path
     if dequantize_fp8 and config.is_fp8:
         config = DeepseekV3Config.from_dict({**config.to_dict(), "quantization_config": None})
+    if load_mtp and config.num_nextn_predict_layers < 1:
+        raise ValueError(f"load_mtp=True: {name_or_path} has no MTP layers (num_nextn_predict_layers=0)")
     has_weights = directory is not None and (glob.glob(os.path.join(directory, "*.safetensors")))
     if has_weights:
         with torch.device("meta"):
-            model = DeepseekV3ForCausalLM(config, group=group, dtype=dtype)
+            model = DeepseekV3ForCausalLM(config, group=group, dtype=dtype, mtp=load_mtp)
         model.to_empty(device=device)
         model.model.rotary_emb.reset_parameters()
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         load_state_dict_from_checkpoint(model, directory, load_mtp, dequantize_fp8)
     else:
-        model = DeepseekV3ForCausalLM(config, group=group, device=device, dtype=dtype).init_random_weights(seed)
+        model = DeepseekV3ForCausalLM(config, group=group, device=device, dtype=dtype,
+                                      mtp=load_mtp).init_random_weights(seed)
     return model.eval()
 
 
@@ -168,8 +182,10 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
 # saving (tiny checkpoints for tests and demos)
 
 def _quantizable(name: str, module: nn.Module) -> bool:
-    """The linears DeepSeek-V3 ships in FP8: attention projections and every MLP/expert projection."""
-    return isinstance(module, nn.Linear) and name != "lm_head" and not name.endswith("mlp.gate")
+    """The linears DeepSeek-V3 ships in FP8: attention projections and every MLP/expert projection (not the
+    LM heads, the router, nor the MTP layer's eh_proj)."""
+    return (isinstance(module, nn.Linear) and name != "lm_head" and not name.endswith(("mlp.gate", "eh_proj",
+                                                                                       "shared_head.head")))
 
 
 def save_pretrained(model: DeepseekV3ForCausalLM, directory: str, fp8: bool = False,
