@@ -570,6 +570,27 @@ def test_mtp_forward_matches_straightforward_formulation():
     assert torch.equal(logits, get_model("tiny")(ids))
 
 
+def test_mtp_matches_transformers_mtp_model(tmp_path):
+    """transformers' own MTP module (MtpModel, built from a DeepseekV3ForCausalLM checkpoint that has the MTP
+    layer's keys) gives the same draft logits from its final hidden states."""
+    modeling_layers = pytest.importorskip("transformers.modeling_layers")
+    if not hasattr(modeling_layers, "MtpModel"):
+        pytest.skip("this transformers has no MtpModel")
+    model = get_model("tiny", mtp=True)
+    save_pretrained(model, str(tmp_path))
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    hf._keys_to_ignore_on_load_unexpected = [r"model\.layers\.3\..*"]  # transformers assumes layer 61
+    mtp = modeling_layers.MtpModel.from_pretrained(hf, device_map={"": "cpu"}).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        h = hf(ids, output_hidden_states=True).hidden_states[-1]
+        positions = torch.arange(11)[None].expand(2, 11)
+        ref = mtp._project_to_logits(mtp.forward_layer(0, h[:, :-1], positions, None, input_ids=ids[:, 1:]))
+        ours = model.mtp_logits(ids)
+    assert rel_err(ours, ref) < 1e-5, f"MTP logits vs transformers' MtpModel: {rel_err(ours, ref):.2e}"
+
+
 def test_mtp_paged_decode_matches_full_sequence():
     """forward_mtp through the MTP layer's own paged-cache layer (prefill, then 1 and 2 entries per step)
     equals the full-sequence MTP forward."""
@@ -663,6 +684,34 @@ def test_speculative_greedy_eos_and_token_budget(monkeypatch):
         for i, (a, b) in enumerate(zip(out, ref)):
             assert torch.equal(a, b[: len(PROMPTS[i]) + n_new]), f"max_new_tokens={n_new}, prompt {i}"
     assert (ref[0][len(PROMPTS[0]) + 4:] == eos).all()
+
+
+@pytest.mark.cuda
+def test_cuda_speculative_greedy(monkeypatch):
+    """On the GPU: fp32 (exact attention path) speculative == plain greedy; bf16 (the MLA decode kernel verifies
+    2-token steps, rejected rows rolled back) emits at each step a token within rounding of the full-forward
+    argmax of its own prefix."""
+    cpu = get_model("tiny", mtp=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = DeepseekV3ForCausalLM(cpu.config, device="cuda", dtype=dtype, mtp=True)
+        model.load_state_dict(cpu.state_dict())
+        model.model.rotary_emb.reset_parameters()
+        model.eval()
+        greedy = generate(model, PROMPTS, max_new_tokens=10)
+        _scripted_drafter(model, monkeypatch, greedy, lambda i, p: (i + p) % 3 != 0)
+        spec, stats = generate(model, PROMPTS, max_new_tokens=10, use_mtp=True, return_stats=True)
+        monkeypatch.undo()
+        assert 0 < stats.mtp_acceptance_rate < 1
+        for i, (a, b) in enumerate(zip(spec, greedy)):
+            if dtype == torch.float32:
+                assert torch.equal(a, b), f"fp32 prompt {i}: {a.tolist()} != {b.tolist()}"
+                continue
+            n = len(PROMPTS[i])
+            with torch.no_grad():
+                logits = model(a[None, :-1]).float()[0, n - 1:]
+            picked = logits.gather(1, a[n:, None])[:, 0]
+            gap = (logits.max(-1).values - picked).max()
+            assert gap < 0.05 * logits.abs().max(), f"bf16 prompt {i}: a token {gap:.3f} below the argmax"
 
 
 def test_mtp_usage_errors():
