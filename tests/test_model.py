@@ -174,7 +174,8 @@ def test_full_deepseek_v3_mtp_layer():
         model = DeepseekV3ForCausalLM(c, dtype=torch.bfloat16, mtp=True)
     state = model.state_dict()
     mtp = {k: t for k, t in state.items() if k.startswith("model.layers.4.") and not k.endswith("scale_inv")}
-    unique = sum(t.numel() for k, t in mtp.items() if not k.endswith(("embed_tokens.weight", "shared_head.head.weight")))
+    copies = ("embed_tokens.weight", "shared_head.head.weight")
+    unique = sum(t.numel() for k, t in mtp.items() if not k.endswith(copies))
     assert 11.5e9 < unique < 11.7e9, f"{unique / 1e9:.3f}B"
     assert state["model.layers.4.eh_proj.weight"].shape == (7168, 2 * 7168)
     assert state["model.layers.4.eh_proj.weight"].dtype == torch.bfloat16
@@ -763,7 +764,9 @@ def test_mtp_checkpoint_roundtrip(tmp_path):
         assert f.get_tensor("model.layers.3.self_attn.q_b_proj.weight").dtype == torch.float8_e4m3fn
         assert "model.layers.3.eh_proj.weight_scale_inv" not in f.keys()
     fp8 = load_model(str(tmp_path / "fp8"), load_mtp=True)
-    assert generate(fp8, [[1, 2, 3]], max_new_tokens=3, use_mtp=True)[0].numel() == 6
+    from deepkernels.nn import Fp8Linear
+    mtp_layer = fp8.model.layers[3]
+    assert isinstance(mtp_layer.self_attn.q_b_proj, Fp8Linear) and not isinstance(mtp_layer.eh_proj, Fp8Linear)
 
 
 def test_cli_generate_mtp():

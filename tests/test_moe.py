@@ -753,7 +753,10 @@ def _brute_force_route(logits, k, scoring_func, topk_method, n_group, topk_group
         size = s.numel() // n_group
         if topk_method != "greedy":
             groups = choice.view(n_group, size)
-            rank = groups.sort(-1, descending=True)[0][:, :2].sum(-1) if topk_method == "noaux_tc" else groups.max(-1)[0]
+            if topk_method == "noaux_tc":
+                rank = groups.sort(-1, descending=True)[0][:, :2].sum(-1)
+            else:
+                rank = groups.max(-1)[0]
             allowed = set(rank.argsort(descending=True)[:topk_group].tolist())
             choice = torch.tensor([c if e // size in allowed else -float("inf") for e, c in enumerate(choice.tolist())])
         idx = sorted(choice.argsort(descending=True)[:k].tolist())

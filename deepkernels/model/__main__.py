@@ -1,9 +1,11 @@
 """python -m deepkernels.model generate --model DIR|tiny --prompt TEXT ... --max-new-tokens N
 
-Loads the model (``tiny``/``tiny-v2``/``tiny-v2-lite``: built-in configs with seeded random weights), prefills the prompts as one batch,
-decodes through the paged MLA cache with a progress bar on stderr, prints each sequence and a closing line
-with prefill and decode tokens/s. Without a tokenizer in the model directory, ``--prompt`` text is fed as
-its UTF-8 bytes (token ids 0..255) and outputs are printed as token ids.
+Loads the model (``tiny``/``tiny-v2``/``tiny-v2-lite``: built-in configs with seeded random weights),
+prefills the prompts as one batch, decodes through the paged MLA cache with a progress bar on stderr,
+prints each sequence and a closing line with prefill and decode tokens/s. ``--mtp`` decodes greedily with
+the MTP layer's drafts (speculative; same tokens) and adds the draft acceptance rate to that line.
+Without a tokenizer in the model directory, ``--prompt`` text is fed as its UTF-8 bytes (token ids
+0..255) and outputs are printed as token ids.
 """
 from __future__ import annotations
 

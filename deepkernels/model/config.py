@@ -34,7 +34,8 @@ class DeepseekV3Config:
     or "softmax" (V2); ``topk_method`` "noaux_tc" (V3, with ``e_score_correction_bias``),
     "group_limited_greedy" (V2, V2.5) or "greedy" (V2-Lite); see ``deepkernels.nn.moe.route``.
     ``n_group``/``topk_group`` None mean 1. ``num_nextn_predict_layers``: the checkpoint's MTP layers
-    (``model.layers.{num_hidden_layers + i}.*``), built only when asked for (``load_model(load_mtp=True)``). ``rope_scaling`` is the YaRN dict
+    (``model.layers.{num_hidden_layers + i}.*``), built only when asked for
+    (``load_model(load_mtp=True)``). ``rope_scaling`` is the YaRN dict
     (``type``/``rope_type`` "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow, mscale,
     mscale_all_dim) or None. ``quantization_config`` is ``{"quant_method": "fp8", "weight_block_size":
     [128, 128], ...}`` for FP8 checkpoints (their linear weights come with ``weight_scale_inv``).
