@@ -228,9 +228,10 @@ def _speculative_greedy(model, padded, lengths, new, finished, eos, stats, page_
         for j in range(tokens.size(1)):
             take = (j < valid) & (count < max_new)
             tok = tokens[:, j] if fill is None else torch.where(finished, fill, tokens[:, j])
-            new[rows[take], count[take]] = tok[take]
+            pos = count.clamp(max=max_new - 1)  # no boolean indexing: no host sync
+            new[rows, pos] = torch.where(take, tok, new[rows, pos])
             if eos.numel():
-                finished.__ior__(take & torch.isin(tok, eos))
+                finished.logical_or_(take & torch.isin(tok, eos))
             count.add_(take.long())
 
     def set_lengths(cache, main_len, mtp_len) -> None:
@@ -257,6 +258,8 @@ def _speculative_greedy(model, padded, lengths, new, finished, eos, stats, page_
     if on_token is not None:
         on_token(1, pending[:, None])
     first = int(count.sum())
+    drafted = torch.zeros((), dtype=torch.long, device=device)  # on the device: one host sync per step
+    accepted = torch.zeros((), dtype=torch.long, device=device)
     while True:
         active = ~finished & (count < max_new)
         if not bool(active.any()):
@@ -266,10 +269,9 @@ def _speculative_greedy(model, padded, lengths, new, finished, eos, stats, page_
         accept = (draft == y[:, 0]) & active
         emit(y, 1 + accept.long())
         stats.decode_steps += 1
-        stats.mtp_drafted += int(active.sum())
-        stats.mtp_accepted += int(accept.sum())
-        # the MTP layer continues from (h_m, y0), (h_{m+1}, y1); its entry 1 is kept only when accepted
-        set_lengths(cache, main_len + 2, main_len)
+        drafted += active.sum()
+        accepted += accept.sum()
+        # the MTP layer (length m) continues from (h_m, y0), (h_{m+1}, y1); entry 1 is kept only when accepted
         mtp_logits = model.forward_mtp(y, hidden, cache=cache)
         main_len = main_len + torch.where(active, 1 + accept.long(), 0)
         set_lengths(cache, main_len, main_len)
@@ -280,5 +282,6 @@ def _speculative_greedy(model, padded, lengths, new, finished, eos, stats, page_
             on_token(int(left.min()) if left.numel() else max_new, y)
     sync()
     stats.decode_s = time.perf_counter() - t0
+    stats.mtp_drafted, stats.mtp_accepted = int(drafted), int(accepted)
     stats.new_tokens = int(count.sum())
     stats.decode_tokens = stats.new_tokens - first
