@@ -764,9 +764,21 @@ def test_mtp_checkpoint_roundtrip(tmp_path):
         assert f.get_tensor("model.layers.3.self_attn.q_b_proj.weight").dtype == torch.float8_e4m3fn
         assert "model.layers.3.eh_proj.weight_scale_inv" not in f.keys()
     fp8 = load_model(str(tmp_path / "fp8"), load_mtp=True)
+    from deepkernels.fp8 import per_block_cast_from_fp8, per_block_cast_to_fp8
     from deepkernels.nn import Fp8Linear
     mtp_layer = fp8.model.layers[3]
     assert isinstance(mtp_layer.self_attn.q_b_proj, Fp8Linear) and not isinstance(mtp_layer.eh_proj, Fp8Linear)
+    # a checkpoint whose eh_proj is FP8 (+ weight_scale_inv): dequantised into the high-precision eh_proj
+    sd = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    q, scale = per_block_cast_to_fp8(sd["model.layers.3.eh_proj.weight"])
+    sd["model.layers.3.eh_proj.weight"], sd["model.layers.3.eh_proj.weight_scale_inv"] = q, scale
+    save_file(sd, str(tmp_path / "fp8" / "model.safetensors"))
+    eh = load_model(str(tmp_path / "fp8"), load_mtp=True).model.layers[3].eh_proj.weight
+    assert torch.equal(eh, per_block_cast_from_fp8(q, scale, torch.float32))
+    del sd["model.layers.3.eh_proj.weight_scale_inv"]
+    save_file(sd, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="eh_proj.weight: FP8 in the checkpoint without"):
+        load_model(str(tmp_path / "fp8"), load_mtp=True)
 
 
 def test_cli_generate_mtp():

@@ -76,7 +76,8 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
     """Copy the checkpoint's tensors into ``model`` (memory-mapped: only the keys the model holds are read).
 
     ``dequantize_fp8``: the checkpoint is FP8 but the model is not (a bf16/fp32 model of an FP8 checkpoint):
-    each ``weight`` is dequantised with its ``weight_scale_inv``.
+    each ``weight`` is dequantised with its ``weight_scale_inv`` (so is any FP8 weight the model keeps in high
+    precision, e.g. an MTP ``eh_proj`` stored in FP8).
     Raises CheckpointError listing every missing, unexpected and mis-shaped key at once.
     """
     from safetensors import safe_open
@@ -91,7 +92,11 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     ckpt_keys = set(files)
-    scale_keys = {k for k in ckpt_keys if k.endswith(".weight_scale_inv")} if dequantize_fp8 else set()
+    # the scale of an FP8 weight the model holds in high precision (every linear with ``dequantize_fp8``; an
+    # MTP eh_proj some checkpoints quantise) is read to dequantise that weight, not loaded on its own
+    fp8 = torch.float8_e4m3fn
+    scale_keys = {k for k in ckpt_keys if k.endswith(".weight_scale_inv") and k not in state
+                  and (w := state.get(k[: -len("_scale_inv")])) is not None and w.dtype != fp8}
     # an MTP layer's embedding / head left out of the checkpoint: the main model's (the release stores copies)
     main_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     shared = {k: ("model.embed_tokens.weight" if m.group(1) == "embed_tokens" else main_head)
@@ -115,6 +120,9 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
                     mis_shaped.append(f"{k}: checkpoint {shape}, model {want}")
                     continue
                 loaded[k] = f.get_tensor(k)
+                if loaded[k].dtype == fp8 and state[k].dtype != fp8 and k + "_scale_inv" not in ckpt_keys:
+                    mis_shaped.append(f"{k}: FP8 in the checkpoint without {k}_scale_inv, {state[k].dtype} in "
+                                      "the model")
     if missing or unexpected or mis_shaped:
         parts = [f"checkpoint {directory} does not match the model built from its config.json:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -123,8 +131,8 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
                 parts.append(_list(title, items))
         raise CheckpointError("\n".join(parts))
     for k, tensor in loaded.items():
-        if dequantize_fp8 and tensor.dtype == torch.float8_e4m3fn:
-            scale_key = k[: -len("weight")] + "weight_scale_inv"
+        if tensor.dtype == fp8 and state[k].dtype != fp8:
+            scale_key = k + "_scale_inv"
             with safe_open(files[scale_key], framework="pt") as f:
                 scale = f.get_tensor(scale_key)
             tensor = per_block_cast_from_fp8(tensor, scale, torch.float32)
