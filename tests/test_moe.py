@@ -1100,3 +1100,113 @@ def test_cuda_low_latency_graph_capture(use_fp8):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V2 routing (softmax scores, greedy / group-limited greedy, no correction bias)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+def test_moe_v2_routing_matches_hf(topk_method):
+    import torch.nn.functional as F
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    from deepkernels.nn import MoE
+
+    n_group, topk_group = (1, 1) if topk_method == "greedy" else (4, 2)
+    cfg = DeepseekV2Config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                           n_shared_experts=2, n_group=n_group, topk_group=topk_group, routed_scaling_factor=3.0,
+                           topk_method=topk_method, norm_topk_prob=False)
+    hf = DeepseekV2Moe(cfg)
+    m = MoE(64, 32, 16, 4, 2, n_group, topk_group, 3.0, norm_topk_prob=False, scoring_func="softmax",
+            topk_method=topk_method)
+    assert "gate.e_score_correction_bias" not in m.state_dict() and m.gate.e_score_correction_bias is None
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+        m.gate.weight.normal_(0, 1.0)  # spread-out scores: the group restriction changes some choices
+        hf.gate.weight.copy_(m.gate.weight)
+        for e in range(16):
+            ex = m.experts[str(e)]
+            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
+            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(hf.shared_experts, n).weight.copy_(getattr(m.shared_experts, n).weight)
+        x = torch.randn(3, 7, 64)
+        idx, w = m.gate(x.view(-1, 64))
+        _, hf_w, hf_idx = hf.gate(x)
+        a, b = m(x), hf(x)
+    if topk_method == "group_limited_greedy":  # the group limit changed some token's experts
+        from deepkernels.nn.moe import route
+        greedy = route(F.linear(x.view(-1, 64), m.gate.weight), 4, scoring_func="softmax", topk_method="greedy")[0]
+        assert not torch.equal(idx.sort(-1)[0], greedy.sort(-1)[0])
+    order, hf_order = idx.argsort(-1), hf_idx.argsort(-1)
+    assert torch.equal(idx.gather(1, order), hf_idx.gather(1, hf_order))
+    torch.testing.assert_close(w.gather(1, order), hf_w.gather(1, hf_order), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _brute_force_route(logits, k, scoring_func, topk_method, n_group, topk_group, bias, norm, scale):
+    """One token at a time, by sorting: which experts and weights each routing rule gives."""
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(-1)
+    out_idx, out_w = [], []
+    for s in scores:
+        choice = s + bias if topk_method == "noaux_tc" else s.clone()
+        size = s.numel() // n_group
+        if topk_method != "greedy":
+            groups = choice.view(n_group, size)
+            if topk_method == "noaux_tc":
+                rank = groups.sort(-1, descending=True)[0][:, :2].sum(-1)
+            else:
+                rank = groups.max(-1)[0]
+            allowed = set(rank.argsort(descending=True)[:topk_group].tolist())
+            choice = torch.tensor([c if e // size in allowed else -float("inf") for e, c in enumerate(choice.tolist())])
+        idx = sorted(choice.argsort(descending=True)[:k].tolist())
+        w = s[idx]
+        if topk_method == "noaux_tc":
+            w = (w / w.sum() if norm else w) * scale
+        else:
+            w = w / w.sum() if norm and k > 1 else w * scale
+        out_idx.append(idx)
+        out_w.append(w)
+    return torch.tensor(out_idx), torch.stack(out_w)
+
+
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy", "noaux_tc"])
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_route_rules(topk_method, scoring_func, norm):
+    """route() against a per-token brute force of each rule: V3 normalises then scales, V2 does one or the other."""
+    from deepkernels.nn.moe import route
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(9, 16, generator=g) * 2
+    bias = torch.randn(16, generator=g) * 0.3
+    n_group, topk_group = (1, 1) if topk_method == "greedy" else (4, 2)
+    idx, w = route(logits, 3, scoring_func=scoring_func, topk_method=topk_method, n_group=n_group,
+                   topk_group=topk_group, correction_bias=bias if topk_method == "noaux_tc" else None,
+                   norm_topk_prob=norm, routed_scaling_factor=2.5)
+    ref_idx, ref_w = _brute_force_route(logits, 3, scoring_func, topk_method, n_group, topk_group, bias, norm, 2.5)
+    order = idx.argsort(-1)
+    assert torch.equal(idx.gather(1, order), ref_idx)
+    torch.testing.assert_close(w.gather(1, order), ref_w, rtol=1e-6, atol=1e-7)
+    if topk_method != "greedy":  # the group limit (and bias) changed some token's experts
+        plain, _ = route(logits, 3, scoring_func=scoring_func, topk_method="greedy")
+        assert not torch.equal(idx.sort(-1)[0], plain.sort(-1)[0])
+
+
+def test_routing_config_errors():
+    from deepkernels.nn import MoEGate
+
+    with pytest.raises(ValueError, match="scoring_func: expected one of .* got 'tanh'"):
+        MoEGate(64, 16, 4, 4, 2, 1.0, scoring_func="tanh")
+    with pytest.raises(ValueError, match="topk_method: expected one of .* got 'top_p'"):
+        MoEGate(64, 16, 4, 4, 2, 1.0, topk_method="top_p")
+    with pytest.raises(ValueError, match="num_experts_per_tok: expected <= topk_group"):
+        MoEGate(64, 16, 9, 4, 2, 1.0, topk_method="group_limited_greedy")
+    assert MoEGate(64, 16, 9, 4, 2, 1.0, topk_method="greedy").top_k == 9  # greedy ignores the groups
+    from deepkernels.nn.moe import route
+    with pytest.raises(ValueError, match="correction_bias"):
+        route(torch.randn(2, 16), 2, topk_method="noaux_tc", n_group=4, topk_group=2)

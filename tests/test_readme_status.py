@@ -22,6 +22,10 @@ ROWS = {
                              ["deepkernels.moe:EPDispatcher", "deepkernels.nn:MoE"], ["tests/test_moe.py"]),
     "deepseek-v3 model": ([], ["deepkernels.model:DeepseekV3ForCausalLM", "deepkernels.model:generate"],
                           ["tests/test_model.py"]),
+    "deepseek-v2": ([], ["deepkernels.model.config:tiny_v2_config", "deepkernels.nn.moe:route"],
+                    ["tests/test_model.py", "tests/test_moe.py"]),
+    "mtp layers": ([], ["deepkernels.model.modeling:MTPLayer", "deepkernels.model:DeepseekV3ForCausalLM"],
+                   ["tests/test_model.py"]),
 }
 
 

@@ -1,9 +1,11 @@
 """python -m deepkernels.model generate --model DIR|tiny --prompt TEXT ... --max-new-tokens N
 
-Loads the model (``tiny``: built-in config with seeded random weights), prefills the prompts as one batch,
-decodes through the paged MLA cache with a progress bar on stderr, prints each sequence and a closing line
-with prefill and decode tokens/s. Without a tokenizer in the model directory, ``--prompt`` text is fed as
-its UTF-8 bytes (token ids 0..255) and outputs are printed as token ids.
+Loads the model (``tiny``/``tiny-v2``/``tiny-v2-lite``: built-in configs with seeded random weights),
+prefills the prompts as one batch, decodes through the paged MLA cache with a progress bar on stderr,
+prints each sequence and a closing line with prefill and decode tokens/s. ``--mtp`` decodes greedily with
+the MTP layer's drafts (speculative; same tokens) and adds the draft acceptance rate to that line.
+Without a tokenizer in the model directory, ``--prompt`` text is fed as its UTF-8 bytes (token ids
+0..255) and outputs are printed as token ids.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ class ProgressBar:
         self.total, self.stream, self.width = total, stream, width
         self.start = time.perf_counter()
         self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.closed = False
 
     def update(self, done: int) -> None:
-        if not self.tty and done < self.total:
+        done = min(done, self.total)
+        if self.closed or (not self.tty and done < self.total):
             return
         filled = self.width * done // max(self.total, 1)
         rate = done / max(time.perf_counter() - self.start, 1e-9)
@@ -35,6 +39,7 @@ class ProgressBar:
                           f"tokens ({rate:.1f} steps/s)")
         if done >= self.total:
             self.stream.write("\n")
+            self.closed = True
         self.stream.flush()
 
 
@@ -51,10 +56,16 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     if args.dtype is None:  # bf16 on the GPU (the decode kernel's cache), fp32 on the CPU (exact references)
         args.dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    model = load_model(args.model, device=device, dtype=_DTYPES[args.dtype], seed=args.seed)
+    if args.mtp and (args.temperature > 0 or args.no_cache):
+        print("error: --mtp (speculative decoding with the MTP layer) is greedy and cached only: drop "
+              "--temperature / --no-cache", file=sys.stderr)
+        return 2
+    model = load_model(args.model, device=device, dtype=_DTYPES[args.dtype], seed=args.seed, load_mtp=args.mtp)
     tokenizer = load_tokenizer(args.model)
     c = model.config
-    print(f"model {args.model}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
+    mtp = f" + {model.num_mtp_layers} MTP" if model.num_mtp_layers else ""
+    print(f"model {args.model}: {c.model_type}, {c.num_hidden_layers} layers{mtp}, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} heads, "
           f"{c.n_routed_experts} experts (top-{c.num_experts_per_tok}), vocab {c.vocab_size}, "
           f"{'fp8' if c.is_fp8 else args.dtype} weights on {device}; loaded in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
@@ -70,7 +81,8 @@ def cmd_generate(args) -> int:
         print(f"error: token ids {bad[:8]} out of range [0, {c.vocab_size})", file=sys.stderr)
         return 2
     if args.warmup:  # first calls pay one-time costs (allocator, kernel selection): keep them out of tokens/s
-        generate(model, [prompts[0][:4]], max_new_tokens=2, use_cache=not args.no_cache, page_size=args.page_size)
+        generate(model, [prompts[0][:4]], max_new_tokens=2, use_cache=not args.no_cache, page_size=args.page_size,
+                 use_mtp=args.mtp)
     eos = args.eos_token_id
     if eos is None and tokenizer is not None:  # a real vocabulary: stop at its end-of-sequence token
         eos = tokenizer.eos_token_id
@@ -79,8 +91,9 @@ def cmd_generate(args) -> int:
     outs, stats = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, eos_token_id=eos, use_cache=not args.no_cache,
                            page_size=args.page_size, cache_dtype=_CACHE_DTYPES[args.cache_dtype], generator=gen,
-                           return_stats=True,
-                           on_token=lambda step, tok: bar.update(step + 1))
+                           return_stats=True, use_mtp=args.mtp,
+                           on_token=(lambda done, tok: bar.update(done)) if args.mtp else
+                           (lambda step, tok: bar.update(step + 1)))
     if stats.decode_steps + 1 < args.max_new_tokens:
         bar.update(args.max_new_tokens)
     for i, (prompt, seq) in enumerate(zip(prompts, outs)):
@@ -98,7 +111,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text / tokens with paged MLA decode")
-    g.add_argument("--model", default="tiny", help="checkpoint directory (config.json + safetensors) or 'tiny'")
+    g.add_argument("--model", default="tiny",
+                   help="checkpoint directory (config.json + safetensors), or 'tiny', 'tiny-v2', 'tiny-v2-lite'")
     g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     g.add_argument("--prompt-ids", action="append", default=[], help="prompt token ids, e.g. '1,2,3' (repeatable)")
     g.add_argument("--max-new-tokens", type=int, default=16)
@@ -115,6 +129,9 @@ def main(argv=None) -> int:
                    help="latent cache: auto = float32 for a float32 model, else bfloat16; fp8 = e4m3 + per-token scale")
     g.add_argument("--warmup", type=int, default=1, help="1: a short untimed generation first (default)")
     g.add_argument("--no-cache", action="store_true", help="recompute the full sequence every step (reference)")
+    g.add_argument("--mtp", action="store_true",
+                   help="greedy speculative decoding with the checkpoint's MTP layer (loads it); same tokens as "
+                        "greedy, prints the draft acceptance rate")
     g.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 configuration, read from a Hugging Face ``config.json`` (V2/V3/R1 share the architecture)."""
+"""DeepSeek-V3 configuration, read from a Hugging Face ``config.json`` (V2/V2-Lite/V2.5/V3/R1 share the
+architecture; V2 differs in its routing: softmax scores, greedy / group-limited top-k, no correction bias)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,14 +9,33 @@ import os
 from typing import Any
 
 # The official config.json key -> our field (HF renamed a few; both spellings are accepted).
-_ALIASES = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+_ALIASES = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts",
+            "num_mtp_layers": "num_nextn_predict_layers"}
+
+# A ``model_type: deepseek_v2`` config.json that leaves a field out means transformers' DeepseekV2Config
+# default (HF writes only the fields that differ from it), or DeepSeek-V2's value for the fields HF's class
+# does not have (scoring_func, MTP layers). Every other model type falls back to DeepSeek-V3's values.
+V2_DEFAULTS = {
+    "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": None, "max_position_embeddings": 2048,
+    "bos_token_id": 1, "eos_token_id": 2, "first_k_dense_replace": 0, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "n_group": None, "topk_group": None, "n_routed_experts": 64, "n_shared_experts": 2, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "routed_scaling_factor": 1.0, "topk_method": "greedy",
+    "norm_topk_prob": False, "moe_intermediate_size": 1407, "scoring_func": "softmax",
+    "num_nextn_predict_layers": 0, "moe_layer_freq": 1,
+}
 
 
 @dataclasses.dataclass
 class DeepseekV3Config:
     """Every field DeepSeek-V3's ``config.json`` uses, with DeepSeek-V3's values as defaults.
 
-    ``q_lora_rank=None`` means a plain ``q_proj`` (DeepSeek-V2-Lite). ``rope_scaling`` is the YaRN dict
+    ``q_lora_rank=None`` means a plain ``q_proj`` (DeepSeek-V2-Lite). Routing: ``scoring_func`` "sigmoid" (V3)
+    or "softmax" (V2); ``topk_method`` "noaux_tc" (V3, with ``e_score_correction_bias``),
+    "group_limited_greedy" (V2, V2.5) or "greedy" (V2-Lite); see ``deepkernels.nn.moe.route``.
+    ``n_group``/``topk_group`` None mean 1. ``num_nextn_predict_layers``: the checkpoint's MTP layers
+    (``model.layers.{num_hidden_layers + i}.*``), built only when asked for
+    (``load_model(load_mtp=True)``). ``rope_scaling`` is the YaRN dict
     (``type``/``rope_type`` "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow, mscale,
     mscale_all_dim) or None. ``quantization_config`` is ``{"quant_method": "fp8", "weight_block_size":
     [128, 128], ...}`` for FP8 checkpoints (their linear weights come with ``weight_scale_inv``).
@@ -40,8 +60,8 @@ class DeepseekV3Config:
     v_head_dim: int = 128
     qk_nope_head_dim: int = 128
     topk_method: str = "noaux_tc"
-    n_group: int = 8
-    topk_group: int = 4
+    n_group: int | None = 8
+    topk_group: int | None = 4
     num_experts_per_tok: int = 8
     moe_layer_freq: int = 1
     first_k_dense_replace: int = 3
@@ -71,12 +91,22 @@ class DeepseekV3Config:
             rs.setdefault("type", rs.get("rope_type", "default"))
             rs.setdefault("rope_type", rs["type"])
             self.rope_scaling = rs
-        if self.scoring_func != "sigmoid":
-            raise ValueError(f"scoring_func: expected 'sigmoid' (DeepSeek-V3), got {self.scoring_func!r}")
+        from ..nn.moe import check_routing
+
+        self.n_group = 1 if self.n_group is None else self.n_group
+        self.topk_group = 1 if self.topk_group is None else self.topk_group
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act: expected 'silu', got {self.hidden_act!r}")
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+        if self.extra.get("mlp_bias"):
+            raise ValueError("mlp_bias: expected false (DeepSeek's MLPs and experts have no bias), got true")
+        if self.n_routed_experts > 0:
+            check_routing(self.n_routed_experts, self.num_experts_per_tok, self.n_group, self.topk_group,
+                          self.scoring_func, self.topk_method)
+        elif self.scoring_func not in ("sigmoid", "softmax") or self.topk_method not in (
+                "greedy", "group_limited_greedy", "noaux_tc"):
+            check_routing(1, 1, 1, 1, self.scoring_func, self.topk_method)
+        if self.num_nextn_predict_layers is None or self.num_nextn_predict_layers < 0:
+            raise ValueError(f"num_nextn_predict_layers: expected >= 0, got {self.num_nextn_predict_layers}")
         if self.quantization_config is not None:
             qc = self.quantization_config
             if qc.get("quant_method", "fp8") != "fp8" or list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
@@ -87,6 +117,20 @@ class DeepseekV3Config:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_v2_routing(self) -> bool:
+        """DeepSeek-V2's router (greedy / group_limited_greedy, no correction bias) rather than V3's noaux_tc."""
+        return self.topk_method != "noaux_tc"
+
+    @property
+    def model_type(self) -> str:
+        """``deepseek_v2`` for V2 routing, ``deepseek_v3`` otherwise (another model type read from the
+        config.json, e.g. a fine-tune's, is kept)."""
+        given = self.extra.get("model_type")
+        if given not in (None, "deepseek_v2", "deepseek_v3"):
+            return given
+        return "deepseek_v2" if self.is_v2_routing else "deepseek_v3"
 
     @property
     def is_fp8(self) -> bool:
@@ -117,6 +161,9 @@ class DeepseekV3Config:
     def from_dict(cls, d: dict[str, Any]) -> "DeepseekV3Config":
         fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs, extra = {}, {}
+        if d.get("model_type") == "deepseek_v2":
+            given = {_ALIASES.get(k, k) for k in d}
+            kwargs.update({k: v for k, v in V2_DEFAULTS.items() if k not in given})
         for key, value in d.items():
             key = _ALIASES.get(key, key)
             if key == "rope_parameters" and isinstance(value, dict):  # transformers 5.x spelling
@@ -146,8 +193,9 @@ class DeepseekV3Config:
         d = dataclasses.asdict(self)
         extra = d.pop("extra")
         d = {**extra, **d}
-        d.setdefault("model_type", "deepseek_v3")
-        d.setdefault("architectures", ["DeepseekV3ForCausalLM"])
+        d["model_type"] = self.model_type
+        if d["model_type"] in ("deepseek_v2", "deepseek_v3"):
+            d["architectures"] = ["DeepseekV2ForCausalLM" if self.is_v2_routing else "DeepseekV3ForCausalLM"]
         return {k: v for k, v in d.items() if not (k == "quantization_config" and v is None)}
 
     def save(self, directory: str) -> None:
@@ -157,19 +205,33 @@ class DeepseekV3Config:
             f.write("\n")
 
     def to_hf(self):
-        """The equivalent ``transformers.DeepseekV3Config`` (for comparisons against transformers)."""
+        """The equivalent ``transformers.DeepseekV3Config`` (sigmoid + noaux_tc routing) or
+        ``transformers.DeepseekV2Config`` (softmax + greedy / group_limited_greedy, norm_topk_prob false), for
+        comparisons against transformers; ValueError for what neither class can express."""
         import transformers
 
         if self.moe_layer_freq != 1:
-            raise ValueError("to_hf: transformers' DeepseekV3 has no moe_layer_freq (it must be 1)")
+            raise ValueError("to_hf: transformers' DeepseekV2/V3 have no moe_layer_freq (it must be 1)")
+        v2 = self.is_v2_routing
+        if v2 and (self.scoring_func != "softmax" or self.norm_topk_prob or not self.rope_interleave):
+            raise ValueError("to_hf: transformers' DeepseekV2 routes with softmax scores, never normalises the "
+                             "top-k weights and rotates interleaved rope pairs; got scoring_func="
+                             f"{self.scoring_func!r}, norm_topk_prob={self.norm_topk_prob}, "
+                             f"rope_interleave={self.rope_interleave}")
+        if not v2 and self.scoring_func != "sigmoid":
+            raise ValueError(f"to_hf: transformers' DeepseekV3 scores with sigmoid, got {self.scoring_func!r}")
         d = self.to_dict()
-        for k in ("extra", "quantization_config", "torch_dtype", "architectures", "model_type", "topk_method",
-                  "scoring_func", "moe_layer_freq", "rope_scaling", "rope_theta"):
+        drop = ["extra", "quantization_config", "torch_dtype", "architectures", "model_type", "scoring_func",
+                "moe_layer_freq", "rope_scaling", "rope_theta"]
+        drop += ["rope_interleave", "num_nextn_predict_layers"] if v2 else ["topk_method"]
+        for k in drop:
             d.pop(k, None)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.yarn is not None:
             rope = {**{k: v for k, v in self.yarn.items() if k != "type"}, "rope_theta": self.rope_theta}
         d["rope_parameters"] = rope
+        if v2:
+            return transformers.DeepseekV2Config(**d)
         d["num_mtp_layers"] = d.pop("num_nextn_predict_layers")
         return transformers.DeepseekV3Config(**d)
 
@@ -180,10 +242,11 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 
 def tiny_config() -> DeepseekV3Config:
     """A small DeepSeek-V3 that keeps the real MLA cache geometry (latent 512 + rope 64, the decode kernel's
-    576) and every feature: q LoRA, YaRN with mscale, one dense then MoE layers, group-limited routing."""
+    576) and every feature: q LoRA, YaRN with mscale, one dense then MoE layers, group-limited routing, and
+    one MTP layer (built when asked for: ``load_model("tiny", load_mtp=True)``)."""
     return DeepseekV3Config(
         vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=3, num_nextn_predict_layers=0, num_attention_heads=8, num_key_value_heads=8,
+        num_hidden_layers=3, num_nextn_predict_layers=1, num_attention_heads=8, num_key_value_heads=8,
         n_shared_experts=1, n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=64,
         qk_rope_head_dim=64, v_head_dim=64, qk_nope_head_dim=64, n_group=4, topk_group=2, num_experts_per_tok=4,
         first_k_dense_replace=1, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -192,4 +255,22 @@ def tiny_config() -> DeepseekV3Config:
         bos_token_id=0, eos_token_id=1)
 
 
-PRESETS = {"tiny": tiny_config}
+def tiny_v2_config() -> DeepseekV3Config:
+    """A small DeepSeek-V2 / V2.5: softmax scores, group-limited greedy top-k (group score = max), no correction
+    bias, unnormalised weights times routed_scaling_factor, YaRN with V2's mscale = mscale_all_dim = 0.707."""
+    return DeepseekV3Config.from_dict({
+        **tiny_config().to_dict(), "model_type": "deepseek_v2", "scoring_func": "softmax",
+        "topk_method": "group_limited_greedy", "norm_topk_prob": False, "routed_scaling_factor": 4.0,
+        "n_shared_experts": 2, "num_nextn_predict_layers": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_scaling": {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}})
+
+
+def tiny_v2_lite_config() -> DeepseekV3Config:
+    """A small DeepSeek-V2-Lite: no q LoRA (plain q_proj), greedy top-k over all experts (one group)."""
+    return DeepseekV3Config.from_dict({
+        **tiny_v2_config().to_dict(), "q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+        "routed_scaling_factor": 1.0, "num_experts_per_tok": 3})
+
+
+PRESETS = {"tiny": tiny_config, "tiny-v2": tiny_v2_config, "tiny-v2-lite": tiny_v2_lite_config}

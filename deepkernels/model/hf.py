@@ -28,16 +28,21 @@ def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
 
 
 def to_transformers(model: DeepseekV3ForCausalLM, attn_implementation: str = "eager"):
-    """A ``transformers.DeepseekV3ForCausalLM`` with ``model``'s config and weights (non-FP8 models only)."""
+    """A ``transformers.DeepseekV3ForCausalLM`` (V3 routing) or ``transformers.DeepseekV2ForCausalLM`` (V2
+    routing) with ``model``'s config and weights (non-FP8 models only; MTP layers are left out)."""
     import transformers
 
     if model.config.is_fp8:
         raise ValueError("to_transformers: FP8 models are not supported; load with dequantize_fp8=True")
     hf_config = model.config.to_hf()
     hf_config._attn_implementation = attn_implementation
+    cls = transformers.DeepseekV2ForCausalLM if model.config.is_v2_routing else transformers.DeepseekV3ForCausalLM
     with torch.device(model.device):
-        hf = transformers.DeepseekV3ForCausalLM(hf_config).to(model.dtype)
-    missing, unexpected = hf.load_state_dict(to_transformers_state_dict(model.state_dict()), strict=False)
+        hf = cls(hf_config).to(model.dtype)
+    n = model.config.num_hidden_layers
+    main = {k: v for k, v in model.state_dict().items()
+            if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
+    missing, unexpected = hf.load_state_dict(to_transformers_state_dict(main), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"to_transformers: missing {missing}, unexpected {unexpected}")
     return hf.eval()

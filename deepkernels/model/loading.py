@@ -7,7 +7,11 @@ kv_a_layernorm,kv_b_proj,o_proj}.weight``, ``model.layers.{i}.mlp.{gate,up,down}
 ``model.layers.{i}.mlp.gate.weight``, ``...mlp.gate.e_score_correction_bias``,
 ``...mlp.experts.{e}.{gate,up,down}_proj.weight``, ``...mlp.shared_experts.*``, ``model.norm.weight``,
 ``lm_head.weight``; FP8 checkpoints add ``<linear>.weight_scale_inv`` [ceil(N/128), ceil(K/128)] fp32 beside
-each e4m3 ``<linear>.weight``. The multi-token-prediction layers (index >= num_hidden_layers) are skipped.
+each e4m3 ``<linear>.weight``. DeepSeek-V2 checkpoints have no ``e_score_correction_bias`` (their routing is
+``greedy``/``group_limited_greedy``). The multi-token-prediction layers ``model.layers.{num_hidden_layers + i}.*``
+(a decoder layer's keys plus ``embed_tokens``, ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.{norm,head}``)
+are skipped unless ``load_mtp``; a checkpoint whose MTP layer leaves out its copies of the embedding / LM head
+gets the main model's.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .modeling import DeepseekV3ForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+_MTP_SHARED = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 
 
 class CheckpointError(ValueError):
@@ -71,7 +76,8 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
     """Copy the checkpoint's tensors into ``model`` (memory-mapped: only the keys the model holds are read).
 
     ``dequantize_fp8``: the checkpoint is FP8 but the model is not (a bf16/fp32 model of an FP8 checkpoint):
-    each ``weight`` is dequantised with its ``weight_scale_inv``.
+    each ``weight`` is dequantised with its ``weight_scale_inv`` (so is any FP8 weight the model keeps in high
+    precision, e.g. an MTP ``eh_proj`` stored in FP8).
     Raises CheckpointError listing every missing, unexpected and mis-shaped key at once.
     """
     from safetensors import safe_open
@@ -86,8 +92,17 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     ckpt_keys = set(files)
-    scale_keys = {k for k in ckpt_keys if k.endswith(".weight_scale_inv")} if dequantize_fp8 else set()
-    missing = sorted(k for k in state if k not in ckpt_keys)
+    # the scale of an FP8 weight the model holds in high precision (every linear with ``dequantize_fp8``; an
+    # MTP eh_proj some checkpoints quantise) is read to dequantise that weight, not loaded on its own
+    fp8 = torch.float8_e4m3fn
+    scale_keys = {k for k in ckpt_keys if k.endswith(".weight_scale_inv") and k not in state
+                  and (w := state.get(k[: -len("_scale_inv")])) is not None and w.dtype != fp8}
+    # an MTP layer's embedding / head left out of the checkpoint: the main model's (the release stores copies)
+    main_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    shared = {k: ("model.embed_tokens.weight" if m.group(1) == "embed_tokens" else main_head)
+              for k in state if k not in ckpt_keys and (m := _MTP_SHARED.match(k))
+              and int(k.split(".")[2]) >= config.num_hidden_layers}
+    missing = sorted(k for k in state if k not in ckpt_keys and k not in shared)
     unexpected = sorted(k for k in ckpt_keys - set(state) - scale_keys
                         if not _expected_skip(k, config, state, load_mtp))
     by_file: dict[str, list[str]] = {}
@@ -105,6 +120,9 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
                     mis_shaped.append(f"{k}: checkpoint {shape}, model {want}")
                     continue
                 loaded[k] = f.get_tensor(k)
+                if loaded[k].dtype == fp8 and state[k].dtype != fp8 and k + "_scale_inv" not in ckpt_keys:
+                    mis_shaped.append(f"{k}: FP8 in the checkpoint without {k}_scale_inv, {state[k].dtype} in "
+                                      "the model")
     if missing or unexpected or mis_shaped:
         parts = [f"checkpoint {directory} does not match the model built from its config.json:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -113,12 +131,14 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
                 parts.append(_list(title, items))
         raise CheckpointError("\n".join(parts))
     for k, tensor in loaded.items():
-        if dequantize_fp8 and tensor.dtype == torch.float8_e4m3fn:
-            scale_key = k[: -len("weight")] + "weight_scale_inv"
+        if tensor.dtype == fp8 and state[k].dtype != fp8:
+            scale_key = k + "_scale_inv"
             with safe_open(files[scale_key], framework="pt") as f:
                 scale = f.get_tensor(scale_key)
             tensor = per_block_cast_from_fp8(tensor, scale, torch.float32)
         state[k].copy_(tensor.to(state[k].device))
+    for k, src in shared.items():
+        state[k].copy_(state[src])
 
 
 def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -132,10 +152,9 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
         device, dtype: where the model lives and the dtype of its non-FP8 parameters. FP8 checkpoints keep
             their linear weights in e4m3 (Fp8Linear) unless ``dequantize_fp8``.
         group: a torch.distributed process group for expert parallelism; only this rank's experts are loaded.
-        load_mtp: the multi-token-prediction layers are not implemented: their keys are skipped; True raises.
+        load_mtp: also build and load the ``config.num_nextn_predict_layers`` multi-token-prediction layers
+            (for ``forward_mtp`` and ``generate(..., use_mtp=True)``); False skips their checkpoint keys.
     """
-    if load_mtp:
-        raise NotImplementedError("load_mtp: the MTP (multi-token prediction) layers are not implemented")
     directory = None
     if config is None:
         if name_or_path in PRESETS:
@@ -150,17 +169,20 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
         directory = name_or_path
     if dequantize_fp8 and config.is_fp8:
         config = DeepseekV3Config.from_dict({**config.to_dict(), "quantization_config": None})
+    if load_mtp and config.num_nextn_predict_layers < 1:
+        raise ValueError(f"load_mtp=True: {name_or_path} has no MTP layers (num_nextn_predict_layers=0)")
     has_weights = directory is not None and (glob.glob(os.path.join(directory, "*.safetensors")))
     if has_weights:
         with torch.device("meta"):
-            model = DeepseekV3ForCausalLM(config, group=group, dtype=dtype)
+            model = DeepseekV3ForCausalLM(config, group=group, dtype=dtype, mtp=load_mtp)
         model.to_empty(device=device)
         model.model.rotary_emb.reset_parameters()
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         load_state_dict_from_checkpoint(model, directory, load_mtp, dequantize_fp8)
     else:
-        model = DeepseekV3ForCausalLM(config, group=group, device=device, dtype=dtype).init_random_weights(seed)
+        model = DeepseekV3ForCausalLM(config, group=group, device=device, dtype=dtype,
+                                      mtp=load_mtp).init_random_weights(seed)
     return model.eval()
 
 
@@ -168,8 +190,10 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
 # saving (tiny checkpoints for tests and demos)
 
 def _quantizable(name: str, module: nn.Module) -> bool:
-    """The linears DeepSeek-V3 ships in FP8: attention projections and every MLP/expert projection."""
-    return isinstance(module, nn.Linear) and name != "lm_head" and not name.endswith("mlp.gate")
+    """The linears DeepSeek-V3 ships in FP8: attention projections and every MLP/expert projection (not the
+    LM heads, the router, nor the MTP layer's eh_proj)."""
+    return (isinstance(module, nn.Linear) and name != "lm_head" and not name.endswith(("mlp.gate", "eh_proj",
+                                                                                       "shared_head.head")))
 
 
 def save_pretrained(model: DeepseekV3ForCausalLM, directory: str, fp8: bool = False,

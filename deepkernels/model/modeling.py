@@ -1,4 +1,6 @@
-"""DeepSeek-V3 on deepkernels: MLA (q/kv LoRA, decoupled YaRN RoPE), dense MLP then MoE layers, LM head.
+"""DeepSeek-V3 on deepkernels: MLA (q/kv LoRA, decoupled YaRN RoPE), dense MLP then MoE layers, LM head;
+DeepSeek-V2 / V2-Lite / V2.5 are the same model with V2 routing (``config.topk_method``/``scoring_func``,
+see ``deepkernels.nn.moe.route``); optional multi-token-prediction (MTP) layers after the main ones.
 
 Parameter names are the official checkpoint's (``model.layers.{i}.self_attn.q_a_proj.weight``, ...), so a
 safetensors state dict loads unchanged. Two attention paths:
@@ -9,8 +11,11 @@ safetensors state dict loads unchanged. Two attention paths:
     absorbs W_UV -- through ``PagedMLAKVCache.attend`` (``mla_decode_absorbed`` -> ``mla_decode_with_kvcache``,
     one split plan per step shared by all layers).
 RoPE layout: with ``rope_interleave`` (the checkpoints' layout, HF's default) the rope dims are rotated in
-interleaved pairs (x0, x1), (x2, x3), ... and written out de-interleaved ([evens | odds]) as HF does; q_pe
-and k_pe share that layout, so the dot products -- and the cache contents -- match HF's.
+interleaved pairs (x0, x1), (x2, x3), ... and written out de-interleaved ([evens | odds]) as HF's DeepseekV3
+does; q_pe and k_pe share that layout, so the dot products -- and the cache contents -- match HF's. HF's
+DeepseekV2 rotates the same interleaved pairs as complex numbers and keeps them interleaved: a permutation
+of the same rotated values applied to both q_pe and k_pe, hence the same scores (V2 checkpoints load as
+they are, no conversion).
 """
 from __future__ import annotations
 
@@ -204,7 +209,8 @@ class DecoderLayer(nn.Module):
         if c.is_moe_layer(layer_idx):
             self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
                            c.n_shared_experts, c.n_group, c.topk_group, c.routed_scaling_factor,
-                           norm_topk_prob=c.norm_topk_prob, fp8=c.is_fp8, group=group, device=device, dtype=dtype)
+                           norm_topk_prob=c.norm_topk_prob, fp8=c.is_fp8, group=group, device=device, dtype=dtype,
+                           scoring_func=c.scoring_func, topk_method=c.topk_method)
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, c.is_fp8, device, dtype)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, device, dtype)
@@ -213,6 +219,45 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, cos, sin, cache=None, prefill=False, decode_metadata=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, prefill, decode_metadata)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP layer's output head: ``norm`` (RMSNorm) then ``head`` (the vocabulary projection)."""
+
+    def __init__(self, config: DeepseekV3Config, device=None, dtype=None):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x))
+
+
+class MTPLayer(DecoderLayer):
+    """One DeepSeek-V3 multi-token-prediction module, checkpoint layer ``num_hidden_layers + depth``: a full
+    decoder layer (its ``self_attn``, ``mlp``, norms) plus ``embed_tokens``, ``enorm``, ``hnorm``, ``eh_proj``
+    (hidden*2 -> hidden, never FP8, as released) and ``shared_head.{norm,head}``. The released checkpoint
+    stores copies of the main model's embedding and LM head as ``embed_tokens`` / ``shared_head.head``.
+
+    For position i it reads the main model's final (normed) hidden state h_i and the NEXT token t_{i+1}:
+        h'_i = Layer(eh_proj(cat(enorm(embed(t_{i+1})), hnorm(h_i))))     (causal over positions, own cache)
+        logits_i = shared_head.head(shared_head.norm(h'_i))               -> a draft of t_{i+2}
+    """
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int, group=None, device=None, dtype=None):
+        super().__init__(config, layer_idx, group, device, dtype)
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h, device=device, dtype=dtype)
+        self.enorm = RMSNorm(h, config.rms_norm_eps, device, dtype)
+        self.hnorm = RMSNorm(h, config.rms_norm_eps, device, dtype)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False, device=device, dtype=dtype)
+        self.shared_head = SharedHead(config, device, dtype)
+
+    def forward(self, next_ids, prev_hidden, rope, cos, sin, cache=None, prefill=False, decode_metadata=None):
+        """next_ids [B, T] (t_{i+1}), prev_hidden [B, T, H] (h_i) -> h' [B, T, H] (before shared_head.norm)."""
+        e = self.enorm(self.embed_tokens(next_ids))
+        x = self.eh_proj(torch.cat([e, self.hnorm(prev_hidden.to(e.dtype))], dim=-1))
+        return super().forward(x, rope, cos, sin, cache, prefill, decode_metadata)
 
 
 def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int):
@@ -226,11 +271,18 @@ def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: DeepseekV3Config, group=None, device=None, dtype=None):
+    """Embeddings, ``num_hidden_layers`` decoder layers, final norm. With ``mtp`` the MTP layers follow in
+    ``layers`` (indices num_hidden_layers.., the checkpoint's); the main forward never runs them."""
+
+    def __init__(self, config: DeepseekV3Config, group=None, device=None, dtype=None, mtp: bool = False):
         super().__init__()
+        self.num_hidden_layers = config.num_hidden_layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, group, device, dtype)
-                                    for i in range(config.num_hidden_layers))
+        n_mtp = config.num_nextn_predict_layers if mtp else 0
+        self.layers = nn.ModuleList([DecoderLayer(config, i, group, device, dtype)
+                                     for i in range(config.num_hidden_layers)]
+                                    + [MTPLayer(config, config.num_hidden_layers + i, group, device, dtype)
+                                       for i in range(n_mtp)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.rotary_emb = RotaryEmbedding(config, device)
 
@@ -239,9 +291,13 @@ class DeepseekV3Model(nn.Module):
         cos, sin = self.rotary_emb(positions, x.dtype)
         metadata = _shared_decode_metadata(cache, input_ids.size(1), self.layers[0].self_attn.num_heads) \
             if cache is not None and not prefill else None
-        for layer in self.layers:
+        for layer in self.layers[: self.num_hidden_layers]:
             x = layer(x, self.rotary_emb, cos, sin, cache, prefill, metadata)
         return self.norm(x)
+
+    @property
+    def mtp_layers(self) -> list["MTPLayer"]:
+        return list(self.layers[self.num_hidden_layers:])
 
 
 class DeepseekV3ForCausalLM(nn.Module):
@@ -255,13 +311,18 @@ class DeepseekV3ForCausalLM(nn.Module):
     parallelism (each rank holds its slice of the routed experts; every rank must run every forward).
     Layers' linear weights are Fp8Linear (weight + weight_scale_inv) when ``config.quantization_config``
     is set, ``dtype`` nn.Linear otherwise; embeddings, norms, router and LM head stay in ``dtype``.
+    ``mtp=True`` also builds the ``config.num_nextn_predict_layers`` multi-token-prediction layers
+    (:class:`MTPLayer`, ``model.layers.{num_hidden_layers + i}``): :meth:`forward_mtp` / :meth:`mtp_logits`
+    give their draft logits, ``generate(..., use_mtp=True)`` decodes speculatively with them.
     """
 
-    def __init__(self, config: DeepseekV3Config, group=None, device=None, dtype=None):
+    def __init__(self, config: DeepseekV3Config, group=None, device=None, dtype=None, mtp: bool = False):
         super().__init__()
         self.config = config
         self.group = group
-        self.model = DeepseekV3Model(config, group, device, dtype)
+        if mtp and config.num_nextn_predict_layers < 1:
+            raise ValueError("mtp=True: the config has num_nextn_predict_layers=0 (no MTP layers)")
+        self.model = DeepseekV3Model(config, group, device, dtype, mtp=mtp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -274,8 +335,15 @@ class DeepseekV3ForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, cache=None, prefill: bool = False,
-                logits_to_keep: int = 0) -> torch.Tensor:
+    @property
+    def num_mtp_layers(self) -> int:
+        """How many MTP layers this model holds (0 unless built with ``mtp=True``)."""
+        return len(self.model.layers) - self.config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, cache=None, prefill: bool = False, logits_to_keep: int = 0,
+                return_hidden: bool = False):
+        """-> logits [B, T, vocab]; with ``return_hidden`` (logits, hidden [B, T, H]), hidden being the final
+        normed hidden states (the MTP layers' input)."""
         b, t = input_ids.shape
         if prefill and (cache is None or bool(cache.cache_seqlens.any())):
             raise ValueError("prefill=True: expected an empty cache (attention runs within the chunk); "
@@ -285,7 +353,52 @@ class DeepseekV3ForCausalLM(nn.Module):
         hidden = self.model(input_ids, positions, cache, prefill)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def forward_mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache=None, prefill: bool = False,
+                    depth: int = 0, return_hidden: bool = False):
+        """The MTP layer ``depth``'s draft logits.
+
+        Args:
+            next_ids [B, T]: entry i's NEXT token t_{i+1}; hidden [B, T, H]: the main model's final hidden
+                state h_i at the same entry (``forward(..., return_hidden=True)``). For depth k > 0: tokens one
+                further ahead per depth and depth k-1's h' (``return_hidden``).
+            cache: a cache from ``make_cache(model, ..., mtp=True)``: the MTP layer's own layer
+                (index num_hidden_layers + depth) holds one entry per position, continued from its length
+                (``prefill=True``: empty, attention within the chunk); None: the T entries are positions 0..T-1.
+        Returns:
+            logits [B, T, vocab] (entry i: a draft of t_{i+2}); with ``return_hidden`` also h' [B, T, H].
+        """
+        mtp = self.model.mtp_layers
+        if not mtp:
+            raise RuntimeError("forward_mtp: this model has no MTP layers (build it with mtp=True, or "
+                               "load_model(..., load_mtp=True))")
+        if not 0 <= depth < len(mtp):
+            raise ValueError(f"depth: expected 0..{len(mtp) - 1}, got {depth}")
+        layer = mtp[depth]
+        idx = layer.self_attn.layer_idx
+        b, t = next_ids.shape
+        if hidden.shape[:2] != (b, t):
+            raise ValueError(f"hidden: expected [{b}, {t}, {self.config.hidden_size}] (one per next_ids entry), "
+                             f"got {list(hidden.shape)}")
+        if cache is not None and cache.num_layers <= idx:
+            raise ValueError(f"cache: has {cache.num_layers} layers, the MTP layer {idx} needs "
+                             f"make_cache(model, ..., mtp=True)")
+        if prefill and (cache is None or bool(cache.layer_seqlens(idx).any())):
+            raise ValueError("prefill=True: expected a cache whose MTP layer is empty")
+        offset = cache.layer_seqlens(idx).long()[:, None] if cache is not None else 0
+        positions = offset + torch.arange(t, device=next_ids.device)[None, :].expand(b, t)
+        cos, sin = self.model.rotary_emb(positions, hidden.dtype)
+        h = layer(next_ids, hidden, self.model.rotary_emb, cos, sin, cache, prefill)
+        logits = layer.shared_head(h)
+        return (logits, h) if return_hidden else logits
+
+    def mtp_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence MTP drafts (no cache): input_ids [B, T] -> [B, T - 1, vocab], entry i drafting token
+        i + 2 from the main model's hidden state at i and token i + 1."""
+        _, hidden = self(input_ids, return_hidden=True)
+        return self.forward_mtp(input_ids[:, 1:], hidden[:, :-1])
 
     @torch.no_grad()
     def init_random_weights(self, seed: int = 0) -> "DeepseekV3ForCausalLM":
@@ -323,4 +436,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 buf.copy_(0.05 * randn(name, buf.shape))
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        for layer in self.model.mtp_layers:  # the release's MTP layers hold copies of these
+            layer.embed_tokens.weight.copy_(self.model.embed_tokens.weight)
+            layer.shared_head.head.weight.copy_(self.lm_head.weight)
         return self

@@ -1,13 +1,17 @@
-"""DeepSeek-V3's MoE layer (routed + shared experts), optionally expert-parallel over an EPDispatcher.
+"""DeepSeek-V2/V3's MoE layer (routed + shared experts), optionally expert-parallel over an EPDispatcher.
 
-Numerics follow HF transformers' DeepseekV3MoE: router logits in fp32, sigmoid scores, the correction
-bias used for expert SELECTION only, group-limited top-k (top-2 sum per group, keep topk_group groups),
-weights = the selected sigmoid scores, normalised (norm_topk_prob) and scaled by routed_scaling_factor.
-Each token's output = sum_j w_j * expert_j(x) (fp32 accumulation) + shared_experts(x).
+Routing (:func:`route`, the pure-torch reference) follows the models' reference code and HF transformers'
+DeepseekV3MoE / DeepseekV2Moe: router logits in fp32; sigmoid (V3) or softmax (V2) scores; top-k
+selection ``noaux_tc`` (V3: the correction bias used for expert SELECTION only, group score = sum of the
+group's top-2, keep topk_group groups), ``group_limited_greedy`` (V2: group score = the group's max) or
+``greedy`` (V2-Lite); weights = the selected unbiased scores, normalised (norm_topk_prob) and/or scaled by
+routed_scaling_factor as each model does. Each token's output = sum_j w_j * expert_j(x) (fp32 accumulation)
++ shared_experts(x).
 
-State dict keys (HF DeepSeek-V3 ``mlp.*``): ``gate.weight`` [E, H], ``gate.e_score_correction_bias`` [E]
-(fp32), ``experts.{e}.{gate,up,down}_proj.weight`` (+ ``weight_scale_inv`` when fp8) for the LOCAL
-experts e only (global ids; rank r of R holds r*E/R .. (r+1)*E/R-1), ``shared_experts.{gate,up,down}_proj.weight``.
+State dict keys (HF DeepSeek ``mlp.*``): ``gate.weight`` [E, H], ``gate.e_score_correction_bias`` [E]
+(fp32, ``noaux_tc`` only), ``experts.{e}.{gate,up,down}_proj.weight`` (+ ``weight_scale_inv`` when fp8) for
+the LOCAL experts e only (global ids; rank r of R holds r*E/R .. (r+1)*E/R-1),
+``shared_experts.{gate,up,down}_proj.weight``.
 """
 from __future__ import annotations
 
@@ -32,48 +36,114 @@ def grouped_gemm_ops():
     return gemm if all(hasattr(gemm, n) for n in names) else None
 
 
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+def check_routing(n_routed_experts: int, num_experts_per_tok: int, n_group: int, topk_group: int,
+                  scoring_func: str = "sigmoid", topk_method: str = "noaux_tc") -> None:
+    """ValueError naming the argument when a routing configuration is not one DeepSeek-V2/V3 define."""
+    if scoring_func not in SCORING_FUNCS:
+        raise ValueError(f"scoring_func: expected one of {SCORING_FUNCS} ('sigmoid' DeepSeek-V3, 'softmax' "
+                         f"DeepSeek-V2), got {scoring_func!r}")
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"topk_method: expected one of {TOPK_METHODS} ('noaux_tc' DeepSeek-V3, "
+                         f"'group_limited_greedy' DeepSeek-V2, 'greedy' DeepSeek-V2-Lite), got {topk_method!r}")
+    if not 1 <= num_experts_per_tok <= n_routed_experts:
+        raise ValueError(f"num_experts_per_tok: expected 1..n_routed_experts={n_routed_experts}, "
+                         f"got {num_experts_per_tok}")
+    if topk_method == "greedy":
+        return
+    if n_group < 1 or n_routed_experts % n_group != 0:
+        raise ValueError(f"n_routed_experts: expected a multiple of n_group={n_group}, got {n_routed_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group: expected 1..n_group={n_group}, got {topk_group}")
+    if num_experts_per_tok > topk_group * (n_routed_experts // n_group):
+        raise ValueError(f"num_experts_per_tok: expected <= topk_group * experts per group = "
+                         f"{topk_group * (n_routed_experts // n_group)}, got {num_experts_per_tok}")
+
+
+def route(router_logits: torch.Tensor, top_k: int, *, scoring_func: str = "sigmoid", topk_method: str = "noaux_tc",
+          n_group: int = 1, topk_group: int = 1, correction_bias: torch.Tensor | None = None,
+          norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2/V3 expert selection, the pure-torch reference: router_logits [T, E] (fp32) ->
+    (topk_idx [T, k] int64, topk_weights [T, k] fp32).
+
+    scores = sigmoid(logits) (V3) or softmax(logits) (V2). Selection:
+      * ``greedy``: the k best scores;
+      * ``group_limited_greedy`` (V2): a group's score is the max of its experts' scores; the k best experts
+        among the ``topk_group`` best groups;
+      * ``noaux_tc`` (V3): as above on ``scores + correction_bias`` with a group's score the sum of its two best
+        biased scores (the bias steers selection only).
+    Weights are the selected experts' unbiased scores. ``noaux_tc`` (V3): normalised to sum 1 when
+    ``norm_topk_prob``, then always times ``routed_scaling_factor``. ``greedy``/``group_limited_greedy``
+    (DeepSeek-V2's reference code): normalised when ``norm_topk_prob`` and k > 1, otherwise times
+    ``routed_scaling_factor`` -- one or the other (transformers' DeepseekV2 always scales and never
+    normalises: the same for every released V2 config, all of which have norm_topk_prob false).
+    """
+    check_routing(router_logits.size(-1), top_k, n_group, topk_group, scoring_func, topk_method)
+    logits = router_logits.float()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    t, e = scores.shape
+    choice = scores
+    if topk_method == "noaux_tc":
+        if correction_bias is None:
+            raise ValueError("correction_bias: topk_method 'noaux_tc' needs e_score_correction_bias [E], got None")
+        choice = scores + correction_bias.float()
+    if topk_method != "greedy" and topk_group < n_group:
+        grouped = choice.view(t, n_group, e // n_group)
+        if topk_method == "noaux_tc":
+            group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1)[0].sum(-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    topk_idx = choice.topk(top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, topk_idx)
+    if topk_method == "noaux_tc":
+        if norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * routed_scaling_factor
+    elif norm_topk_prob and top_k > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    else:
+        w = w * routed_scaling_factor
+    return topk_idx, w
+
+
 class MoEGate(nn.Module):
-    """DeepSeek-V3 router: ``weight`` [E, H] and ``e_score_correction_bias`` [E] fp32 (a buffer)."""
+    """DeepSeek-V2/V3 router: ``weight`` [E, H]; with ``topk_method="noaux_tc"`` (V3) also
+    ``e_score_correction_bias`` [E] fp32 (a buffer), absent otherwise (V2 checkpoints have none).
+    forward(x [T, H]) -> (topk_idx [T, k] int64, topk_weights [T, k] fp32), see :func:`route`."""
 
     def __init__(self, hidden_size: int, n_routed_experts: int, num_experts_per_tok: int, n_group: int,
-                 topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool = True, device=None, dtype=None):
+                 topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool = True, device=None, dtype=None,
+                 scoring_func: str = "sigmoid", topk_method: str = "noaux_tc"):
         super().__init__()
-        if n_routed_experts % n_group != 0:
-            raise ValueError(f"n_routed_experts: expected a multiple of n_group={n_group}, got {n_routed_experts}")
-        if not 1 <= topk_group <= n_group:
-            raise ValueError(f"topk_group: expected 1..n_group={n_group}, got {topk_group}")
-        if num_experts_per_tok > topk_group * (n_routed_experts // n_group):
-            raise ValueError(f"num_experts_per_tok: expected <= topk_group * experts per group = "
-                             f"{topk_group * (n_routed_experts // n_group)}, got {num_experts_per_tok}")
+        check_routing(n_routed_experts, num_experts_per_tok, n_group, topk_group, scoring_func, topk_method)
         self.n_routed_experts, self.top_k = n_routed_experts, num_experts_per_tok
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
+        self.scoring_func, self.topk_method = scoring_func, topk_method
         self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size, device=device, dtype=dtype))
-        self.register_buffer("e_score_correction_bias", torch.zeros(n_routed_experts, device=device,
-                                                                    dtype=torch.float32))
+        bias = torch.zeros(n_routed_experts, device=device, dtype=torch.float32) if topk_method == "noaux_tc" else None
+        self.register_buffer("e_score_correction_bias", bias)
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_idx [T, k] int64, topk_weights [T, k] float32)."""
         logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
-        t = x.size(0)
-        grouped = choice.view(t, self.n_group, self.n_routed_experts // self.n_group)
-        group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1)[0].sum(-1)
-        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, self.n_routed_experts)
-        choice = choice.masked_fill(score_mask == 0, float("-inf"))
-        topk_idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
-        w = scores.gather(1, topk_idx)
-        if self.norm_topk_prob:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return topk_idx, w * self.routed_scaling_factor
+        return route(logits, self.top_k, scoring_func=self.scoring_func, topk_method=self.topk_method,
+                     n_group=self.n_group, topk_group=self.topk_group, correction_bias=self.e_score_correction_bias,
+                     norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor)
 
 
 class MoE(nn.Module):
-    """DeepSeek-V3 MoE: forward(x [..., H]) -> [..., H] in x's dtype.
+    """DeepSeek-V2/V3 MoE: forward(x [..., H]) -> [..., H] in x's dtype.
+
+    ``scoring_func`` ("sigmoid" V3, "softmax" V2) and ``topk_method`` ("noaux_tc" V3, "group_limited_greedy"
+    V2, "greedy" V2-Lite) pick the routing (:class:`MoEGate`, :func:`route`); the defaults are DeepSeek-V3's.
 
     With ``group`` (a torch.distributed ProcessGroup of R ranks), this rank holds experts
     r*E/R..(r+1)*E/R-1; tokens travel through :class:`deepkernels.moe.EPDispatcher` (every rank must
@@ -92,7 +162,8 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int, num_experts_per_tok: int,
                  n_shared_experts: int, n_group: int, topk_group: int, routed_scaling_factor: float,
                  norm_topk_prob: bool = True, fp8: bool = False, group=None, device=None, dtype=None,
-                 fp8_dispatch: bool = False, capacity: int | None = None, use_grouped_gemm: bool | None = False):
+                 fp8_dispatch: bool = False, capacity: int | None = None, use_grouped_gemm: bool | None = False,
+                 scoring_func: str = "sigmoid", topk_method: str = "noaux_tc"):
         super().__init__()
         self.fp8, self.intermediate_size, self.use_grouped_gemm = fp8, moe_intermediate_size, use_grouped_gemm
         self._stacked = None
@@ -100,7 +171,8 @@ class MoE(nn.Module):
         self.dispatcher = EPDispatcher(group, n_routed_experts, capacity=capacity)
         self.fp8_dispatch = fp8_dispatch
         self.gate = MoEGate(hidden_size, n_routed_experts, num_experts_per_tok, n_group, topk_group,
-                            routed_scaling_factor, norm_topk_prob, device=device, dtype=dtype)
+                            routed_scaling_factor, norm_topk_prob, device=device, dtype=dtype,
+                            scoring_func=scoring_func, topk_method=topk_method)
         r, nl = self.dispatcher.rank, self.dispatcher.num_local_experts
         self.expert_offset = r * nl
         self.experts = nn.ModuleDict({str(e): MLP(hidden_size, moe_intermediate_size, fp8, device, dtype)
