@@ -76,7 +76,9 @@ bool use_sm90(const MlaDecodeParams& p) {
     cudaFuncAttributes attr{};
     bool ok = cudaFuncGetAttributes(&attr, sm90::mla_splitkv_sm90_kernel) == cudaSuccess;
     if (!ok) cudaGetLastError();
-    ok = ok && attr.sharedSizeBytes >= static_cast<size_t>(sm90::kStaticSmemBytes) &&
+    // ptxVersion tells a JIT of compute_89 PTX (89) from the sm_90a build (90); a stub also has few registers.
+    ok = ok && attr.ptxVersion >= 90 && attr.numRegs > 64 &&
+         attr.sharedSizeBytes >= static_cast<size_t>(sm90::kStaticSmemBytes) &&
          device_fits(sm90::kSmemBytes + static_cast<int>(attr.sharedSizeBytes));
     usable[device].store(ok ? 1 : 2, std::memory_order_relaxed);
   }

@@ -9,6 +9,25 @@
 
 namespace deepkernels::mla {
 
+// The split kernels' walk over their part of the plan (blockIdx.x): calls
+// attend(batch, kv_begin, kv_end, seqlen, split) for every (sequence, KV range) the part owns.
+template <typename Attend>
+__device__ __forceinline__ void for_each_split_of_part(const MlaDecodeParams& p, Attend&& attend) {
+  const int* meta = p.tile_scheduler_metadata + blockIdx.x * kMetadataSize;
+  const int begin_batch = meta[0], begin_block = meta[1], end_batch = meta[2], end_block = meta[3];
+  const int begin_split = meta[4];
+  if (begin_batch >= p.batch) return;  // empty part
+  for (int batch = begin_batch; batch <= end_batch && batch < p.batch; ++batch) {
+    const int seqlen = p.cache_seqlens[batch];
+    const int num_blocks = (seqlen + kBlockTokens - 1) / kBlockTokens;
+    const int lo = batch == begin_batch ? begin_block : 0;
+    const int hi = batch == end_batch ? end_block : num_blocks;
+    if (hi <= lo) continue;  // an empty sequence inside the part owns no split
+    const int split = batch == begin_batch ? begin_split : p.num_splits[batch];
+    attend(batch, lo * kBlockTokens, min(hi * kBlockTokens, seqlen), seqlen, split);
+  }
+}
+
 // Inclusive block-wide scan of one value per thread; `scratch` holds kMetadataThreads ints.
 __device__ __forceinline__ int block_inclusive_scan(int v, int* scratch) {
   scratch[threadIdx.x] = v;

@@ -32,6 +32,7 @@
 
 #include "../common/ptx.cuh"
 #include "config.h"
+#include "metadata.cuh"
 #include "params.h"
 
 namespace deepkernels::mla::sm90 {
@@ -391,20 +392,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_sm90_kernel(const Mla
   const uint32_t raw = ptx::smem_addr(sm90_smem);
   const uint32_t base = (raw + 1023u) & ~1023u;
   uint8_t* smem = sm90_smem + (base - raw);
-  const int* meta = p.tile_scheduler_metadata + blockIdx.x * kMetadataSize;
-  const int begin_batch = meta[0], begin_block = meta[1], end_batch = meta[2], end_block = meta[3];
-  const int begin_split = meta[4];
-  if (begin_batch >= p.batch) return;  // empty part
-  for (int batch = begin_batch; batch <= end_batch && batch < p.batch; ++batch) {
-    const int seqlen = p.cache_seqlens[batch];
-    const int num_blocks = (seqlen + kBlockTokens - 1) / kBlockTokens;
-    const int lo = batch == begin_batch ? begin_block : 0;
-    const int hi = batch == end_batch ? end_block : num_blocks;
-    if (hi <= lo) continue;  // an empty sequence inside the part owns no split
-    const int kv_end = min(hi * kBlockTokens, seqlen);
-    const int split = batch == begin_batch ? begin_split : p.num_splits[batch];
-    attend_split(p, smem, base, stats, batch, blockIdx.y, blockIdx.z, lo * kBlockTokens, kv_end, seqlen, split);
-  }
+  for_each_split_of_part(p, [&](int batch, int kv_begin, int kv_end, int seqlen, int split) {
+    attend_split(p, smem, base, stats, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, seqlen, split);
+  });
 #else
   (void)p;
 #endif
