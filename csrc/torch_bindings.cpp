@@ -151,6 +151,15 @@ Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& 
   TORCH_CHECK(b_scale.size(-1) == k_blocks && b_scale.size(-2) == (b.size(-2) + 127) / 128, "b_scale: shape ",
               b_scale.sizes(), " does not match b ", b.sizes());
   const bool grouped_a = mode == GemmMode::kGroupedMasked;
+  // The kernels index scales by group: a_scale (masked) and b_scale (grouped) need one slice per group of b.
+  if (b.dim() == 3) {
+    TORCH_CHECK(b_scale.dim() == 3 && b_scale.size(0) == b.size(0), "b_scale: expected ", b.size(0),
+                " groups (b's leading dim), got shape ", b_scale.sizes());
+  }
+  if (grouped_a) {
+    TORCH_CHECK(a_scale.dim() == 3 && a_scale.size(0) == a.size(0), "a_scale: expected ", a.size(0),
+                " groups (a's leading dim), got shape ", a_scale.sizes());
+  }
   Fp8GemmParams p{};
   p.mode = mode;
   p.a = static_cast<const uint8_t*>(a.data_ptr());
@@ -206,8 +215,9 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& a_scale
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0), "expected a [G, Mmax, K] and b [G, N, K]");
   TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(1),
               "out: expected [G, Mmax, N], got ", out.sizes());
-  TORCH_CHECK(masked_m.is_cuda() && masked_m.scalar_type() == at::kInt && masked_m.numel() == a.size(0),
-              "masked_m: expected an int32 CUDA tensor of length G");
+  TORCH_CHECK(masked_m.is_cuda() && masked_m.scalar_type() == at::kInt && masked_m.is_contiguous() &&
+                  masked_m.numel() == a.size(0),
+              "masked_m: expected a contiguous int32 CUDA tensor of length G");
   TORCH_CHECK(expected_m >= 0, "expected_m: expected a non-negative int, got ", expected_m);
   auto p = make_params(GemmMode::kGroupedMasked, a, a_scale, b, b_scale, out);
   p.masked_m = masked_m.data_ptr<int>();

@@ -248,6 +248,25 @@ def test_cuda_opcheck(index):
     opcheck(op, args)
 
 
+@pytest.mark.cuda
+def test_cuda_ops_refuse_scales_without_a_slice_per_group():
+    """The CUDA ops index scales (and masked_m) by group: called directly (torch.ops, no Python checks), too few
+    scale slices or a strided masked_m are refused on the host, naming the argument, instead of read past."""
+    _, _, (aq, sa), _ = _operands(128, 32, 256, "cuda")
+    _, _, _, (bq, sb) = _operands(1, 32, 256, "cuda", groups=2)
+    out = torch.empty(128, 32, dtype=torch.bfloat16, device="cuda")
+    m_indices = torch.zeros(128, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"b_scale: expected 2 groups"):
+        torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb[:1].contiguous(), out, m_indices)
+    a3, sa3 = torch.stack([aq, aq]), torch.stack([sa, sa])
+    out3 = torch.empty(2, 128, 32, dtype=torch.bfloat16, device="cuda")
+    masked_m = torch.full((2,), 128, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"a_scale: expected 2 groups"):
+        torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a3, sa3[:1].contiguous(), bq, sb, out3, masked_m, 128)
+    with pytest.raises(RuntimeError, match="masked_m: expected a contiguous int32"):
+        torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a3, sa3, bq, sb, out3, masked_m.repeat(2)[::2], 128)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_contiguous_all_padding_and_no_groups_write_zeros(device):
     _, _, (aq, sa), _ = _operands(128, 32, 256, device=device)

@@ -30,7 +30,9 @@ const char* fp8_gemm_nt(const Fp8GemmParams& p, cudaStream_t stream) {
     const char* error = nullptr;
     switch (sm90::launch(p, stream, &error)) {
       case sm90::LaunchResult::kLaunched: return nullptr;
-      case sm90::LaunchResult::kError: return error;
+      case sm90::LaunchResult::kError:
+        cudaGetLastError();  // the message is the report: leave no runtime error for a later launch check
+        return error;
       case sm90::LaunchResult::kUnsupported: break;
     }
   }

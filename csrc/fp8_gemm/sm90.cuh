@@ -54,9 +54,11 @@ struct Config {
   static constexpr int kAlignSlack = 1024;  // the dynamic smem base is re-aligned to 1024 in the kernel
   static constexpr int kFit = (kSmemBudget - kAlignSlack - 16 * kMaxStages) / kStageBytes;
   static constexpr int kStages = kFit < kMaxStages ? kFit : kMaxStages;
-  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes + 16 * kStages;  // + full/empty
+  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes;  // dynamic: the ring
+  static constexpr int kBarrierBytes = 16 * kStages;  // static: the full/empty mbarriers (sm_90a image only)
   static constexpr int kAccum = kBN / 2;  // fp32 accumulators per thread of an m64nBNk32 wgmma
   static_assert(kStages >= 2, "the ring needs at least two stages");
+  static_assert(kSmemBytes + kBarrierBytes <= kSmemBudget, "dynamic + static shared memory fit sm_90's opt-in");
 };
 
 // One output tile and the problem it belongs to.
@@ -134,8 +136,11 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   // NOTE: TMA's 128B swizzle and the wgmma descriptors assume every 8-row atom starts on a 1024-byte boundary.
   uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::kStages * C::kStageBytes);
-  uint64_t* empty = full + C::kStages;
+  // NOTE: static shared memory, which only this (sm_90a) body has: the host tells this image from the empty
+  // stub of an sm_90 build without "a" (same binary/PTX version 90) by cudaFuncAttributes::sharedSizeBytes.
+  __shared__ uint64_t barriers[2 * C::kStages];
+  uint64_t* full = barriers;
+  uint64_t* empty = barriers + C::kStages;
   const int num_k_blocks = ceil_div(p.k, kBlockK);
 
   if (threadIdx.x == 0) {
@@ -332,12 +337,16 @@ template <int kBM, int kBN>
 LaunchResult launch_shape(const Fp8GemmParams& p, int device, int num_sms, cudaStream_t stream, const char** error) {
   using C = Config<kBM, kBN>;
   const auto kernel = fp8_gemm_sm90_kernel<kBM, kBN>;
-  // The sm_90a image must be the one the device runs; an sm_80/89 image of this kernel is an empty body.
+  // The sm_90a image must be the one the device runs; an sm_80/89 image (or PTX JIT) of this kernel, and
+  // the image of an sm_90 build without "a", are an empty body: only the sm_90a one has the static barriers.
   static const cudaError_t image_status = [&] {
     cudaFuncAttributes attr{};
     const cudaError_t status = cudaFuncGetAttributes(&attr, kernel);
     if (status != cudaSuccess) return status;
-    return (attr.binaryVersion >= 90 && attr.ptxVersion >= 90) ? cudaSuccess : cudaErrorNoKernelImageForDevice;
+    return (attr.binaryVersion >= 90 && attr.ptxVersion >= 90 &&
+            attr.sharedSizeBytes >= static_cast<size_t>(C::kBarrierBytes))
+               ? cudaSuccess
+               : cudaErrorNoKernelImageForDevice;
   }();
   if (image_status != cudaSuccess) {
     *error = "DEEPKERNELS_GEMM_SM90=1 but the extension has no sm_90a image of the GEMM (build with "
@@ -346,7 +355,7 @@ LaunchResult launch_shape(const Fp8GemmParams& p, int device, int num_sms, cudaS
   }
   int smem_optin = 0;
   if (cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      smem_optin < C::kSmemBytes) {
+      smem_optin < C::kSmemBytes + C::kBarrierBytes) {
     *error = "DEEPKERNELS_GEMM_SM90=1: the device offers less shared memory per block than the kernel's ring needs";
     return LaunchResult::kError;
   }
