@@ -193,8 +193,22 @@ def _run_low_latency(ctx: Context) -> list[Row]:
 
 def _ep_worker(rank: int, world: int, store_path: str, backend: str, cfg: tuple, repeats: int, queue,
                mode: str = "normal") -> None:
+    try:
+        _ep_step(rank, world, store_path, backend, cfg, repeats, queue, mode)
+    except BaseException:  # noqa: BLE001  (the parent raises it instead of waiting for its timeout)
+        import traceback
+
+        queue.put(f"rank {rank}:\n{traceback.format_exc()}")
+
+
+def _ep_step(rank: int, world: int, store_path: str, backend: str, cfg: tuple, repeats: int, queue,
+             mode: str) -> None:
     import torch.distributed as dist
 
+    if backend == "gloo":
+        # a forked child must not enter the parent's OpenMP pool (it can hang); gloo over loopback
+        torch.set_num_threads(1)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     t, h, k, e = cfg
     dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if dev.type == "cuda":
@@ -273,7 +287,10 @@ def run_multi_device(world: int, backend: str, cfg: tuple, repeats: int = 10, ti
         for p in procs:
             p.start()
         try:
-            d_alg, d_a2a, c_alg, c_a2a, d_ms, c_ms = queue.get(timeout=timeout)
+            got = queue.get(timeout=timeout)
+            if isinstance(got, str):
+                raise RuntimeError(f"multi-process MoE benchmark failed on {got}")
+            d_alg, d_a2a, c_alg, c_a2a, d_ms, c_ms = got
         finally:
             for p in procs:
                 p.join(timeout=10)
