@@ -15,13 +15,9 @@
 #include "config.h"
 #include "metadata.cuh"
 #include "params.h"
+#include "split_output.cuh"
 
 namespace deepkernels::mla {
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
 
 // 16 e4m3 -> 16 bf16, exact (every e4m3 value is representable in bf16).
 __device__ __forceinline__ void e4m3x16_to_bf16(const uint4& in, uint4 (&out)[2]) {
@@ -312,11 +308,7 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
   }
   __syncthreads();
 
-  // A sequence with a single split needs no merge: write out / lse directly (combine skips it).
-  const int rows_q = p.s_q * p.h_q;
-  const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] == 1;
-  float* o_split = p.o_accum + static_cast<int64_t>(split) * rows_q * kHeadDimV;
-  auto* out_batch = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(batch) * rows_q * kHeadDimV;
+  const SplitOutput output(p, batch, split);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -330,27 +322,14 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
       const int64_t col0 = static_cast<int64_t>(out_row) * kHeadDimV + warp * kDimsPerWarp + (lane % 4) * 2;
 #pragma unroll
       for (int nt = 0; nt < kDimsPerWarp / 8; ++nt) {
-        const float x = acc_o[mt][nt][half * 2] * inv, y = acc_o[mt][nt][half * 2 + 1] * inv;
-        if (direct) {
-          *reinterpret_cast<uint32_t*>(out_batch + col0 + nt * 8) = pack_bf16x2(x, y);
-        } else {
-          *reinterpret_cast<float2*>(o_split + col0 + nt * 8) = make_float2(x, y);
-        }
+        output.store_pair(col0 + nt * 8, acc_o[mt][nt][half * 2] * inv, acc_o[mt][nt][half * 2 + 1] * inv);
       }
     }
   }
   if (tid < kBlockM && row0 + tid < rows_total) {
     const int row = row0 + tid;
-    const int token = row / heads_per_kv, head = kv_head * heads_per_kv + row % heads_per_kv;
-    const float l = sm.row_sum[tid];
-    // natural log: (max_log2 + log2(sum)) * ln 2. A row with no visible key: -inf for a partial
-    // (weight 0 in the merge), +inf in the final output.
-    const float lse = l > 0.f ? (sm.row_max[tid] + log2f(l)) * 0.6931471805599453f : (direct ? INFINITY : -INFINITY);
-    if (direct) {
-      p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + token] = lse;
-    } else {
-      p.lse_accum[static_cast<int64_t>(split) * rows_q + token * p.h_q + head] = lse;
-    }
+    output.store_lse(p, row / heads_per_kv, kv_head * heads_per_kv + row % heads_per_kv, sm.row_max[tid],
+                     sm.row_sum[tid]);
   }
   __syncthreads();  // the next sequence reuses sQ and the row statistics
 }

@@ -34,6 +34,7 @@
 #include "config.h"
 #include "metadata.cuh"
 #include "params.h"
+#include "split_output.cuh"
 
 namespace deepkernels::mla::sm90 {
 
@@ -137,11 +138,6 @@ __device__ __forceinline__ void wgmma_m64n256k16_bt(float (&d)[128], uint64_t a,
         "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]),
         "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(a), "l"(b));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // Row statistics shared by the warpgroups (static so launch.cu can tell the real kernel from a stub).
@@ -346,11 +342,7 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
   }
   __syncthreads();
 
-  // A sequence with a single split needs no merge: write out / lse directly (combine skips it).
-  const int rows_q = p.s_q * p.h_q;
-  const bool direct = p.num_splits[batch + 1] - p.num_splits[batch] == 1;
-  float* o_split = p.o_accum + static_cast<int64_t>(split) * rows_q * kHeadDimV;
-  auto* out_batch = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(batch) * rows_q * kHeadDimV;
+  const SplitOutput output(p, batch, split);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = warp * 16 + g + 8 * h;
@@ -361,24 +353,8 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const int64_t col0 = static_cast<int64_t>(token * p.h_q + head) * kHeadDimV + wg * kDimsPerWarpgroup + 2 * t4;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const float x = o[4 * i + 2 * h] * inv, y = o[4 * i + 2 * h + 1] * inv;
-      if (direct) {
-        *reinterpret_cast<uint32_t*>(out_batch + col0 + 8 * i) = pack_bf16x2(x, y);
-      } else {
-        *reinterpret_cast<float2*>(o_split + col0 + 8 * i) = make_float2(x, y);
-      }
-    }
-    if (wg == 0 && t4 == 0) {
-      // natural log: (max_log2 + log2(sum)) * ln 2. A row with no visible key: -inf for a partial (weight
-      // 0 in the merge), +inf in the final output.
-      const float lse = l > 0.f ? (row_max[h] + log2f(l)) * 0.6931471805599453f : (direct ? INFINITY : -INFINITY);
-      if (direct) {
-        p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + token] = lse;
-      } else {
-        p.lse_accum[static_cast<int64_t>(split) * rows_q + token * p.h_q + head] = lse;
-      }
-    }
+    for (int i = 0; i < 32; ++i) output.store_pair(col0 + 8 * i, o[4 * i + 2 * h] * inv, o[4 * i + 2 * h + 1] * inv);
+    if (wg == 0 && t4 == 0) output.store_lse(p, token, head, row_max[h], l);
   }
   __syncthreads();  // the next split reuses Q, the K ring and the row statistics
 }

@@ -1,0 +1,53 @@
+#pragma once
+// Where a split kernel's result goes (both split kernels): a sequence with a single split writes the final
+// bf16 out and lse directly (combine.cuh skips it); otherwise the split's output, normalised by its own
+// softmax sum, goes to the fp32 o_accum scratch and its lse to lse_accum for combine.cuh to merge.
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#include "config.h"
+#include "params.h"
+
+namespace deepkernels::mla {
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+struct SplitOutput {
+  bool direct;
+  int batch, split, rows_q;
+  float* o_split;
+  __nv_bfloat16* out_batch;
+
+  __device__ __forceinline__ SplitOutput(const MlaDecodeParams& p, int batch_, int split_)
+      : direct(p.num_splits[batch_ + 1] - p.num_splits[batch_] == 1), batch(batch_), split(split_),
+        rows_q(p.s_q * p.h_q),
+        o_split(p.o_accum + static_cast<int64_t>(split_) * rows_q * kHeadDimV),
+        out_batch(static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(batch_) * rows_q * kHeadDimV) {}
+
+  // Output columns col, col + 1 of query row (token * h_q + head): offset = that row * kHeadDimV + col.
+  __device__ __forceinline__ void store_pair(int64_t offset, float x, float y) const {
+    if (direct) {
+      *reinterpret_cast<uint32_t*>(out_batch + offset) = pack_bf16x2(x, y);
+    } else {
+      *reinterpret_cast<float2*>(o_split + offset) = make_float2(x, y);
+    }
+  }
+
+  // row_max: the row's running max of the log2-scaled scores; sum: its sum of exp2 (0: no key visible).
+  __device__ __forceinline__ void store_lse(const MlaDecodeParams& p, int token, int head, float row_max,
+                                            float sum) const {
+    // natural log: (max_log2 + log2(sum)) * ln 2. A row with no visible key: -inf for a partial (weight 0
+    // in the merge), +inf in the final output.
+    const float lse = sum > 0.f ? (row_max + log2f(sum)) * 0.6931471805599453f : (direct ? INFINITY : -INFINITY);
+    if (direct) {
+      p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + token] = lse;
+    } else {
+      p.lse_accum[static_cast<int64_t>(split) * rows_q + token * p.h_q + head] = lse;
+    }
+  }
+};
+
+}  // namespace deepkernels::mla
