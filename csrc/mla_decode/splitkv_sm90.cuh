@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "../common/ptx.cuh"
+#include "../common/ptx_sm90.cuh"
 #include "config.h"
 #include "metadata.cuh"
 #include "params.h"
@@ -79,66 +80,7 @@ __device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
   return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Keeps the compiler from touching accumulators between an async wgmma and its wait.
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// d[64 x 32] (+)= A[64 x 16] B[32 x 16]^T, bf16, both K-major in shared memory; accumulate unless first.
-__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(a), "l"(b), "r"(accumulate));
-}
-
-// d[64 x 256] += A[64 x 16] B[16 x 256]: A K-major, B MN-major (transposed: imm-trans-b = 1), smem.
-__device__ __forceinline__ void wgmma_m64n256k16_bt(float (&d)[128], uint64_t a, uint64_t b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
-      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
-      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
-      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
-      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
-      "}, %128, %129, 1, 1, 1, 0, 1;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]),
-        "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]),
-        "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]),
-        "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(a), "l"(b));
-}
 
 // Row statistics shared by the warpgroups (static so launch.cu can tell the real kernel from a stub).
 struct RowStats {
@@ -160,8 +102,8 @@ __device__ __forceinline__ void load_rows(uint32_t dst_tile, const __nv_bfloat16
   const uint32_t dst0 = dst_tile + swizzle(lr, lc), dst1 = dst_tile + swizzle(lr + 32, lc);
 #pragma unroll
   for (int cb = 0; cb < kColBlocks; ++cb) {
-    cp_async_16(dst0 + cb * kColBlockBytes, src0 + cb * 64 + lc * 8, valid0);
-    cp_async_16(dst1 + cb * kColBlockBytes, src1 + cb * 64 + lc * 8, valid1);
+    ptx::cp_async_16(dst0 + cb * kColBlockBytes, src0 + cb * 64 + lc * 8, valid0);
+    ptx::cp_async_16(dst1 + cb * kColBlockBytes, src1 + cb * 64 + lc * 8, valid1);
   }
 }
 
@@ -234,7 +176,7 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
     const int stage = t % kStages;
     const uint32_t k_tile = smem_base + kOffK + stage * kTileBytes;
     ptx::cp_async_wait_all();  // K(t) (and at t = 0 Q) landed for this thread's copies
-    fence_proxy_async();       // ... and is visible to the tensor cores (async proxy)
+    ptx::sm90::fence_proxy_async();       // ... and is visible to the tensor cores (async proxy)
     __syncthreads();           // everyone's copies; everyone finished tile t - 1, so its stage is free
     if (t + 1 < num_tiles) {
       issue(t + 1);
@@ -245,22 +187,22 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
     float s[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) s[i] = 0.f;
-    fence_operands(s);
+    ptx::sm90::register_fence(s);
     // Tiles are 1024-byte aligned, so a compile-time byte offset adds offset >> 4 to a descriptor.
     const uint64_t desc_q = desc(kDescKMajor, q_tile);
     const uint64_t desc_k = desc(kDescKMajor, k_tile + wg * kKeysPerWarpgroup * kRowBytes);
-    wgmma_fence();
+    ptx::sm90::wgmma_fence();
 #pragma unroll
     for (int cb = 0; cb < kColBlocks; ++cb) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint32_t off = (cb * kColBlockBytes + kk * 32) >> 4;
-        wgmma_m64n32k16(s, desc_q + off, desc_k + off, cb + kk > 0);
+        ptx::sm90::wgmma_m64n32k16_bf16(s, desc_q + off, desc_k + off, cb + kk > 0);
       }
     }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(s);
+    ptx::sm90::wgmma_commit();
+    ptx::sm90::wgmma_wait<0>();
+    ptx::sm90::register_fence(s);
 
     // Online softmax (log2 domain). Masked keys get -inf before the exp, so P is exactly 0 there; keys at or
     // past kv_end were zero-filled by cp.async, so neither S nor V of this tile holds NaN.
@@ -315,21 +257,21 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
         o[4 * i + 2 * h + 1] *= alpha[h];
       }
     }
-    fence_proxy_async();  // generic-proxy P stores -> wgmma reads
+    ptx::sm90::fence_proxy_async();  // generic-proxy P stores -> wgmma reads
     __syncthreads();      // all of P
 
     // O_w += P V[:, 256 wg .. +256): 4 k-steps of 16 keys; V = the K tile, dims 256 wg.. = column blocks 4 wg..
-    fence_operands(o);  // the alpha rescale happens before wgmma.fence, as wgmma requires
+    ptx::sm90::register_fence(o);  // the alpha rescale happens before wgmma.fence, as wgmma requires
     const uint64_t desc_p = desc(kDescKMajor, p_tile);
     const uint64_t desc_v = desc(kDescMnMajor, k_tile + wg * 4 * kColBlockBytes);
-    wgmma_fence();
+    ptx::sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n256k16_bt(o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * kRowBytes) >> 4));
+      ptx::sm90::wgmma_m64n256k16_bf16_tnsp_b(o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * kRowBytes) >> 4));
     }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(o);
+    ptx::sm90::wgmma_commit();
+    ptx::sm90::wgmma_wait<0>();
+    ptx::sm90::register_fence(o);
   }
   ptx::cp_async_wait_all();  // nothing in flight (defensive: a split always has a tile)
 
