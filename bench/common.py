@@ -119,12 +119,12 @@ def env_var(name: str, value: str | None):
             os.environ[name] = old
 
 
-def kernel_variants(ctx: Context, flag: str) -> list[tuple[str, str | None]]:
-    """(label, value of flag) for every kernel of a family to time on this device: the default kernel,
-    plus the opt-in Hopper one (flag=1) on sm_90, where it exists; the launch code reads flag per call."""
-    variants = [("default", None)]
+def kernel_variants(ctx: Context, flag: str) -> list[tuple[str, contextlib.AbstractContextManager]]:
+    """(label, context) for every kernel of a family to time on this device: the default kernel (flag
+    unset), plus the opt-in Hopper one (flag=1) on sm_90; the launch code reads the flag per call."""
+    variants = [("default", env_var(flag, None))]
     if ctx.is_cuda and torch.cuda.get_device_capability(ctx.device) == (9, 0):
-        variants.append(("sm90", "1"))
+        variants.append(("sm90", env_var(flag, "1")))
     return variants
 
 

@@ -7,7 +7,7 @@ import torch
 import deepkernels
 from deepkernels import gemm
 
-from .common import Context, Row, env_var, kernel_variants, time_ms
+from .common import Context, Row, kernel_variants, time_ms
 
 FAMILY = "gemm"
 
@@ -71,8 +71,8 @@ def _timed(ctx: Context, case: dict, flops: int, call, reference, peer=None) -> 
 
     rows = []
     want = reference()
-    for label, flag in kernel_variants(ctx, "DEEPKERNELS_GEMM_SM90"):
-        with env_var("DEEPKERNELS_GEMM_SM90", flag):
+    for label, variant in kernel_variants(ctx, "DEEPKERNELS_GEMM_SM90"):
+        with variant:
             got = call()
             extra = {"kernel": label, "compiled_kernel": gemm_kernel_compiled()}
             diff = calc_diff(got.float(), want.float())

@@ -17,7 +17,7 @@ from deepkernels import mla
 
 from deepkernels.testing import calc_diff
 
-from .common import Context, Row, copy_gbps, env_var, kernel_variants, time_ms
+from .common import Context, Row, copy_gbps, kernel_variants, time_ms
 
 FAMILY = "mla"
 
@@ -126,8 +126,8 @@ def run(ctx: Context) -> list[Row]:
         case = {"b": b, "s_q": s_q, "h_q": h_q, "mean_sk": mean_sk, "page": PAGE,
                 "cache": "e4m3" if kv_scale is not None else "bf16", "causal": True}
         default_out = None
-        for label, flag in kernel_variants(ctx, "DEEPKERNELS_MLA_SM90"):
-            with env_var("DEEPKERNELS_MLA_SM90", flag):
+        for label, variant in kernel_variants(ctx, "DEEPKERNELS_MLA_SM90"):
+            with variant:
                 extra = {"kernel": label, **({"copy_GB/s": copy} if copy else {})}
                 got = ours()[0]
                 if default_out is None:

@@ -129,7 +129,8 @@ def test_gemm_bench_refuses_to_time_a_wrong_kernel(monkeypatch):
 
     from bench import common, gemm
 
-    monkeypatch.setattr(gemm, "kernel_variants", lambda ctx, flag: [("default", None), ("broken", "1")])
+    monkeypatch.setattr(gemm, "kernel_variants", lambda ctx, flag: [("default", common.env_var(flag, None)),
+                                                                    ("broken", common.env_var(flag, "1"))])
     ctx = common.Context(device=torch.device("cpu"), quick=True, warmup=0, repeats=1)
     good = torch.randn(16, 32)
 
