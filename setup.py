@@ -7,6 +7,10 @@ Environment:
   DEEPKERNELS_REQUIRE_CUDA=1  fail instead of falling back when no toolkit is found (CI, make)
   CUDA_HOME                toolkit to use; else torch's pip toolchain (site-packages/nvidia/cu13), else /usr/local/cuda
   MAX_JOBS, NVCC_THREADS   parallel compile jobs / nvcc's per-file arch threads
+  DEEPKERNELS_SKIP_EMULATOR=1  do not build deepkernels._emu (the SIMT emulator: the same kernel sources
+                           compiled as host C++ with the host compiler; needs only the toolkit's headers)
+  DEEPKERNELS_EMULATOR_ASAN=1  build the emulator with AddressSanitizer (the memcheck build; run Python with
+                           LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0)
 """
 import glob
 import os
@@ -123,6 +127,38 @@ def cuda_extension():
     )
 
 
+def emulator_extension():
+    """deepkernels._emu: csrc/emulator/*.cpp (the kernels' launch.cu files under the emulator prelude, its
+    runtime, and torch_bindings.cpp built with DEEPKERNELS_EMULATOR), compiled by the host C++ compiler."""
+    if os.environ.get("DEEPKERNELS_SKIP_CUDA") == "1" or os.environ.get("DEEPKERNELS_SKIP_EMULATOR") == "1":
+        log("emulator not built (DEEPKERNELS_SKIP_CUDA / DEEPKERNELS_SKIP_EMULATOR)")
+        return None
+    cuda_home, _ = resolve_cuda_home()
+    cuda_include = os.path.join(cuda_home, "include") if cuda_home else None
+    if cuda_include is None or not os.path.isfile(os.path.join(cuda_include, "cuda_fp8.h")):
+        if os.environ.get("DEEPKERNELS_REQUIRE_CUDA") == "1":
+            raise RuntimeError("DEEPKERNELS_REQUIRE_CUDA=1 but no CUDA headers for the emulator")
+        log("no CUDA headers: emulator not built")
+        return None
+    from torch.utils.cpp_extension import CppExtension
+
+    flags = ["-O2", "-std=c++20", "-fno-extern-tls-init", "-ffp-contract=off", "-Wno-attributes",
+             "-Wno-unknown-pragmas"]
+    link = []
+    if os.environ.get("DEEPKERNELS_EMULATOR_ASAN") == "1":
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+        link += ["-fsanitize=address"]
+        log("emulator: AddressSanitizer build")
+    sources = sorted(glob.glob(os.path.join("csrc", "emulator", "*.cpp")))
+    return CppExtension(
+        name="deepkernels._emu",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc"), cuda_include],
+        extra_compile_args={"cxx": flags},
+        extra_link_args=link,
+    )
+
+
 def write_build_info(archs, ptx_archs, cuda_home, torch):
     with open(os.path.join(ROOT, "deepkernels", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
@@ -133,15 +169,15 @@ def write_build_info(archs, ptx_archs, cuda_home, torch):
         f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
 
 
-ext = cuda_extension()
+ext_modules = [e for e in (cuda_extension(), emulator_extension()) if e is not None]
 cmdclass = {}
-if ext is not None:
+if ext_modules:
     from torch.utils.cpp_extension import BuildExtension
 
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(
     packages=find_packages(include=["deepkernels", "deepkernels.*"]),
-    ext_modules=[ext] if ext is not None else [],
+    ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

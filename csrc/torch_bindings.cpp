@@ -2,14 +2,19 @@
 // and registers the CUDA implementations of the ops whose schemas deepkernels/*.py defines.
 // Full argument checks with readable messages live in Python; the TORCH_CHECKs here are the cheap
 // guard for callers that reach torch.ops.deepkernels directly.
+// Built twice: for CUDA (deepkernels._C), and with DEEPKERNELS_EMULATOR for the SIMT emulator
+// (deepkernels._emu, csrc/emulator/torch_bindings_emu.cpp): the same checks and launch code, run on CPU
+// tensors and registered as the CPU kernels of namespace deepkernels_emu.
 #include <Python.h>
 
 #include <algorithm>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef DEEPKERNELS_EMULATOR
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#endif
 
 #include "common/dtype.h"
 #include "fp8_gemm/launch.h"
@@ -17,6 +22,32 @@
 #include "moe/config.h"
 #include "moe/launch.h"
 #include "quant/launch.h"
+
+namespace {
+
+#ifdef DEEPKERNELS_EMULATOR
+constexpr const char* kKernelDevice = "CPU";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+struct KernelDeviceGuard {
+  explicit KernelDeviceGuard(const c10::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+void check_launch() {}  // emulated launches report failures as exceptions
+#else
+constexpr const char* kKernelDevice = "CUDA";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using KernelDeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+#endif
+
+}  // namespace
+
+#ifdef DEEPKERNELS_EMULATOR
+#define DEEPKERNELS_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(deepkernels_emu, CPU, m)
+#else
+#define DEEPKERNELS_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(deepkernels, CUDA, m)
+#endif
 
 namespace {
 
@@ -33,10 +64,8 @@ DType to_dtype(at::ScalarType t, const char* name) {
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(on_kernel_device(t), name, ": expected a ", kKernelDevice, " tensor, got ", t.device());
 }
-
-void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 // ---------------------------------------------------------------------------------------------
 // quant: per-token / per-block fp8 casts
@@ -45,13 +74,13 @@ std::tuple<at::Tensor, at::Tensor> per_token_cast_to_fp8(const at::Tensor& x) {
   check_cuda(x, "x");
   TORCH_CHECK(x.dim() == 2, "x: expected 2 dims [M, K], got ", x.sizes());
   TORCH_CHECK(x.size(1) == 0 || x.stride(1) == 1, "x: expected unit stride along K, got strides ", x.strides());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   const int64_t m = x.size(0), k = x.size(1);
   auto out = at::empty({m, k}, x.options().dtype(at::kFloat8_e4m3fn));
   auto scale = at::empty({m, (k + 127) / 128}, x.options().dtype(at::kFloat));
   deepkernels::quant::PerTokenCastParams p{x.data_ptr(), to_dtype(x.scalar_type(), "x"), x.stride(0),
                                           static_cast<uint8_t*>(out.data_ptr()), scale.data_ptr<float>(), m, k};
-  deepkernels::quant::per_token_cast_to_fp8(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::quant::per_token_cast_to_fp8(p, current_stream());
   check_launch();
   return {out, scale};
 }
@@ -60,13 +89,13 @@ std::tuple<at::Tensor, at::Tensor> per_block_cast_to_fp8(const at::Tensor& w) {
   check_cuda(w, "w");
   TORCH_CHECK(w.dim() == 2, "w: expected 2 dims [N, K], got ", w.sizes());
   TORCH_CHECK(w.size(1) == 0 || w.stride(1) == 1, "w: expected unit stride along K, got strides ", w.strides());
-  const c10::cuda::CUDAGuard guard(w.device());
+  const KernelDeviceGuard guard(w.device());
   const int64_t n = w.size(0), k = w.size(1);
   auto out = at::empty({n, k}, w.options().dtype(at::kFloat8_e4m3fn));
   auto scale = at::empty({(n + 127) / 128, (k + 127) / 128}, w.options().dtype(at::kFloat));
   deepkernels::quant::PerBlockCastParams p{w.data_ptr(), to_dtype(w.scalar_type(), "w"), w.stride(0),
                                           static_cast<uint8_t*>(out.data_ptr()), scale.data_ptr<float>(), n, k};
-  deepkernels::quant::per_block_cast_to_fp8(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::quant::per_block_cast_to_fp8(p, current_stream());
   check_launch();
   return {out, scale};
 }
@@ -82,12 +111,12 @@ at::Tensor cast_from_fp8(const at::Tensor& x, const at::Tensor& scale, int64_t r
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == (rows + rows_per_scale - 1) / rows_per_scale &&
                   scale.size(1) == (k + 127) / 128,
               "scale: shape ", scale.sizes(), " does not match x ", x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   auto out = at::empty({rows, k}, x.options().dtype(out_dtype));
   deepkernels::quant::DequantParams p{static_cast<const uint8_t*>(x.data_ptr()), scale.data_ptr<float>(),
                                      out.data_ptr(), to_dtype(out_dtype, "out_dtype"), rows, k,
                                      static_cast<int>(rows_per_scale)};
-  deepkernels::quant::cast_from_fp8(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::quant::cast_from_fp8(p, current_stream());
   check_launch();
   return out;
 }
@@ -102,7 +131,7 @@ at::Tensor per_block_cast_from_fp8(const at::Tensor& x, const at::Tensor& scale,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+DEEPKERNELS_LIBRARY_IMPL(m) {
   m.impl("per_token_cast_to_fp8", &per_token_cast_to_fp8);
   m.impl("per_block_cast_to_fp8", &per_block_cast_to_fp8);
   m.impl("per_token_cast_from_fp8", &per_token_cast_from_fp8);
@@ -118,7 +147,7 @@ using deepkernels::fp8_gemm::Fp8GemmParams;
 using deepkernels::fp8_gemm::GemmMode;
 
 void check_fp8_operand(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+  check_cuda(t, name);
   TORCH_CHECK(t.scalar_type() == at::kFloat8_e4m3fn, name, ": expected float8_e4m3fn, got ", t.scalar_type());
   TORCH_CHECK(t.size(-1) % 16 == 0, name, ": K must be a multiple of 16, got ", t.size(-1));
   TORCH_CHECK(t.stride(-1) == 1, name, ": expected unit stride along K, got strides ", t.strides());
@@ -134,11 +163,12 @@ Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& 
   check_fp8_operand(a, "a");
   check_fp8_operand(b, "b");
   TORCH_CHECK(b.is_contiguous(), "b: expected a contiguous tensor");
-  TORCH_CHECK(a_scale.is_cuda() && a_scale.scalar_type() == at::kFloat, "a_scale: expected a float32 CUDA tensor");
-  TORCH_CHECK(b_scale.is_cuda() && b_scale.scalar_type() == at::kFloat && b_scale.is_contiguous(),
-              "b_scale: expected a contiguous float32 CUDA tensor");
-  TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kBFloat16 && out.stride(-1) == 1,
-              "out: expected a bfloat16 CUDA tensor with unit stride along N");
+  TORCH_CHECK(on_kernel_device(a_scale) && a_scale.scalar_type() == at::kFloat, "a_scale: expected a float32 ",
+              kKernelDevice, " tensor");
+  TORCH_CHECK(on_kernel_device(b_scale) && b_scale.scalar_type() == at::kFloat && b_scale.is_contiguous(),
+              "b_scale: expected a contiguous float32 ", kKernelDevice, " tensor");
+  TORCH_CHECK(on_kernel_device(out) && out.scalar_type() == at::kBFloat16 && out.stride(-1) == 1,
+              "out: expected a bfloat16 ", kKernelDevice, " tensor with unit stride along N");
   // The kernels store bf16 pairs: 4-byte aligned rows.
   TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(-2) % 2 == 0 &&
                   (out.dim() < 3 || out.stride(0) % 2 == 0),
@@ -182,8 +212,8 @@ Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& 
 }
 
 void launch(const Fp8GemmParams& p, const at::Tensor& a) {
-  const c10::cuda::CUDAGuard guard(a.device());
-  const char* error = deepkernels::fp8_gemm::fp8_gemm_nt(p, at::cuda::getCurrentCUDAStream());
+  const KernelDeviceGuard guard(a.device());
+  const char* error = deepkernels::fp8_gemm::fp8_gemm_nt(p, current_stream());
   TORCH_CHECK(error == nullptr, error);
   check_launch();
 }
@@ -201,9 +231,9 @@ void m_grouped_fp8_gemm_nt_contiguous(const at::Tensor& a, const at::Tensor& a_s
   TORCH_CHECK(a.dim() == 2 && b.dim() == 3, "expected a [M, K] and b [G, N, K]");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(1), "out: expected [M, N], got ",
               out.sizes());
-  TORCH_CHECK(m_indices.is_cuda() && m_indices.scalar_type() == at::kInt && m_indices.is_contiguous() &&
+  TORCH_CHECK(on_kernel_device(m_indices) && m_indices.scalar_type() == at::kInt && m_indices.is_contiguous() &&
                   m_indices.numel() == a.size(0),
-              "m_indices: expected a contiguous int32 CUDA tensor of length M");
+              "m_indices: expected a contiguous int32 ", kKernelDevice, " tensor of length M");
   auto p = make_params(GemmMode::kGroupedContiguous, a, a_scale, b, b_scale, out);
   p.m_indices = m_indices.data_ptr<int>();
   launch(p, a);
@@ -215,9 +245,9 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& a_scale
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0), "expected a [G, Mmax, K] and b [G, N, K]");
   TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(1),
               "out: expected [G, Mmax, N], got ", out.sizes());
-  TORCH_CHECK(masked_m.is_cuda() && masked_m.scalar_type() == at::kInt && masked_m.is_contiguous() &&
+  TORCH_CHECK(on_kernel_device(masked_m) && masked_m.scalar_type() == at::kInt && masked_m.is_contiguous() &&
                   masked_m.numel() == a.size(0),
-              "masked_m: expected a contiguous int32 CUDA tensor of length G");
+              "masked_m: expected a contiguous int32 ", kKernelDevice, " tensor of length G");
   TORCH_CHECK(expected_m >= 0, "expected_m: expected a non-negative int, got ", expected_m);
   auto p = make_params(GemmMode::kGroupedMasked, a, a_scale, b, b_scale, out);
   p.masked_m = masked_m.data_ptr<int>();
@@ -227,7 +257,7 @@ void m_grouped_fp8_gemm_nt_masked(const at::Tensor& a, const at::Tensor& a_scale
 
 }  // namespace fp8_gemm_binding
 
-TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+DEEPKERNELS_LIBRARY_IMPL(m) {
   m.impl("fp8_gemm_nt", &fp8_gemm_binding::fp8_gemm_nt);
   m.impl("m_grouped_fp8_gemm_nt_contiguous", &fp8_gemm_binding::m_grouped_fp8_gemm_nt_contiguous);
   m.impl("m_grouped_fp8_gemm_nt_masked", &fp8_gemm_binding::m_grouped_fp8_gemm_nt_masked);
@@ -247,14 +277,14 @@ std::tuple<at::Tensor, at::Tensor> get_mla_decode_metadata(const at::Tensor& cac
   TORCH_CHECK(num_sm_parts >= 1, "num_sm_parts: expected >= 1, got ", num_sm_parts);
   (void)num_q_tokens_per_head_k;  // the part count already accounts for them
   (void)num_heads_k;
-  const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  const KernelDeviceGuard guard(cache_seqlens.device());
   const auto seqlens = cache_seqlens.contiguous();
   const int64_t b = seqlens.size(0);
   auto meta = at::empty({num_sm_parts, 8}, seqlens.options());
   auto num_splits = at::empty({b + 1}, seqlens.options());
   deepkernels::mla::MlaMetadataParams p{seqlens.data_ptr<int>(), static_cast<int>(b), static_cast<int>(num_sm_parts),
                                         meta.data_ptr<int>(), num_splits.data_ptr<int>()};
-  deepkernels::mla::mla_decode_metadata(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::mla::mla_decode_metadata(p, current_stream());
   check_launch();
   return {meta, num_splits};
 }
@@ -300,12 +330,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
   TORCH_CHECK(num_splits.numel() == b + 1 && num_splits.scalar_type() == at::kInt && num_splits.is_contiguous(),
               "num_splits: expected contiguous int32 [b + 1]");
   if (fp8) {
-    TORCH_CHECK(kv_scale.has_value() && kv_scale->is_cuda() && kv_scale->scalar_type() == at::kFloat &&
+    TORCH_CHECK(kv_scale.has_value() && on_kernel_device(*kv_scale) && kv_scale->scalar_type() == at::kFloat &&
                     kv_scale->is_contiguous() && kv_scale->dim() == 3 && kv_scale->size(0) == kv_cache.size(0) &&
                     kv_scale->size(1) == kv_cache.size(1) && kv_scale->size(2) == h_kv,
                 "kv_scale: expected contiguous fp32 [num_blocks, page, h_kv] for an e4m3 cache");
   }
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const KernelDeviceGuard guard(q_in.device());
   const at::Tensor q = rows_16b_aligned(q_in, 8) ? q_in : q_in.contiguous();
   const int64_t parts = tile_scheduler_metadata.size(0);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -343,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   if (b > 0 && s_q > 0 && h_q > 0) {
-    deepkernels::mla::mla_decode(p, at::cuda::getCurrentCUDAStream());
+    deepkernels::mla::mla_decode(p, current_stream());
     check_launch();
   }
   return {out, lse};
@@ -364,19 +394,19 @@ void write_mla_kv_cache(at::Tensor& kv_cache, const std::optional<at::Tensor>& k
   TORCH_CHECK(kv.dim() == 3 && kv.size(1) == kv_cache.size(2) && kv.size(2) == 576 && kv.is_contiguous(),
               "kv: expected contiguous [t, h_kv, 576]");
   TORCH_CHECK(slot_mapping.numel() == kv.size(0), "slot_mapping: expected [t]");
-  const c10::cuda::CUDAGuard guard(kv_cache.device());
+  const KernelDeviceGuard guard(kv_cache.device());
   const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
   deepkernels::mla::MlaWriteCacheParams p{kv.data_ptr(), static_cast<int>(to_dtype(kv.scalar_type(), "kv")),
                                           slots.data_ptr<int64_t>(), kv_cache.data_ptr(),
                                           fp8 ? kv_scale->data_ptr<float>() : nullptr, fp8, kv.size(0),
                                           static_cast<int>(kv_cache.size(2)), static_cast<int>(kv_cache.size(1))};
-  deepkernels::mla::mla_write_cache(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::mla::mla_write_cache(p, current_stream());
   check_launch();
 }
 
 }  // namespace mla_decode_binding
 
-TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+DEEPKERNELS_LIBRARY_IMPL(m) {
   m.impl("get_mla_decode_metadata", &mla_decode_binding::get_mla_decode_metadata);
   m.impl("mla_decode_with_kvcache", &mla_decode_binding::mla_decode_with_kvcache);
   m.impl("write_mla_kv_cache", &mla_decode_binding::write_mla_kv_cache);
@@ -396,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_get_dispatch_layout(const at:
               "num_experts: expected a positive multiple of num_ranks=", num_ranks, ", got ", num_experts);
   TORCH_CHECK(num_experts + num_ranks <= deepkernels::moe::kMaxExperts,
               "num_experts: at most ", deepkernels::moe::kMaxExperts, " experts + ranks, got ", num_experts);
-  const c10::cuda::CUDAGuard guard(topk_idx.device());
+  const KernelDeviceGuard guard(topk_idx.device());
   const auto idx = topk_idx.contiguous();
   const int64_t t = idx.size(0);
   auto per_rank = at::zeros({num_ranks}, idx.options().dtype(at::kInt));
@@ -406,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_get_dispatch_layout(const at:
                                    per_expert.data_ptr<int32_t>(), reinterpret_cast<uint8_t*>(in_rank.data_ptr()),
                                    t, static_cast<int>(idx.size(1)), static_cast<int>(num_experts),
                                    static_cast<int>(num_ranks)};
-  deepkernels::moe::get_dispatch_layout(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::moe::get_dispatch_layout(p, current_stream());
   check_launch();
   return {per_rank, per_expert, in_rank};
 }
@@ -421,19 +451,19 @@ void check_src_idx(const at::Tensor& x, const at::Tensor& src_idx) {
 
 at::Tensor moe_permute(const at::Tensor& x_in, const at::Tensor& src_idx) {
   check_src_idx(x_in, src_idx);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const KernelDeviceGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   auto out = at::empty({src_idx.size(0), x.size(1)}, x.options());
   deepkernels::moe::PermuteParams p{x.data_ptr(), src_idx.data_ptr<int32_t>(), out.data_ptr(), src_idx.size(0),
                                     x.size(1) * static_cast<int64_t>(x.element_size())};
-  deepkernels::moe::permute(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::moe::permute(p, current_stream());
   check_launch();
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> moe_permute_fp8(const at::Tensor& x_in, const at::Tensor& src_idx) {
   check_src_idx(x_in, src_idx);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const KernelDeviceGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const int64_t n = src_idx.size(0), h = x.size(1);
   auto out = at::empty({n, h}, x.options().dtype(at::kFloat8_e4m3fn));
@@ -442,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor> moe_permute_fp8(const at::Tensor& x_in, const
   TORCH_CHECK(dtype != DType::kFloat8E4M3, "x: expected float32, bfloat16 or float16, got float8_e4m3fn");
   deepkernels::moe::PermuteFp8Params p{x.data_ptr(), dtype, src_idx.data_ptr<int32_t>(),
                                        static_cast<uint8_t*>(out.data_ptr()), scale.data_ptr<float>(), n, h};
-  deepkernels::moe::permute_fp8(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::moe::permute_fp8(p, current_stream());
   check_launch();
   return {out, scale};
 }
@@ -466,19 +496,19 @@ at::Tensor moe_unpermute_reduce(const at::Tensor& y_in, const at::Tensor& pos,
                 weights->scalar_type(), " ", weights->sizes());
     w = weights->data_ptr<float>();
   }
-  const c10::cuda::CUDAGuard guard(y_in.device());
+  const KernelDeviceGuard guard(y_in.device());
   const auto y = y_in.contiguous();
   auto out = at::empty({pos.size(0), y.size(1)}, y.options());
   deepkernels::moe::UnpermuteReduceParams p{y.data_ptr(), dtype, pos.data_ptr<int32_t>(), w, out.data_ptr(),
                                             pos.size(0), y.size(1), static_cast<int>(pos.size(1))};
-  deepkernels::moe::unpermute_reduce(p, at::cuda::getCurrentCUDAStream());
+  deepkernels::moe::unpermute_reduce(p, current_stream());
   check_launch();
   return out;
 }
 
 }  // namespace moe_binding
 
-TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
+DEEPKERNELS_LIBRARY_IMPL(m) {
   m.impl("moe_get_dispatch_layout", &moe_binding::moe_get_dispatch_layout);
   m.impl("moe_permute", &moe_binding::moe_permute);
   m.impl("moe_permute_fp8", &moe_binding::moe_permute_fp8);
@@ -487,7 +517,9 @@ TORCH_LIBRARY_IMPL(deepkernels, CUDA, m) {
 
 // ---------------------------------------------------------------------------------------------
 // The extension module itself carries no Python functions: importing it runs the registrations.
+#ifndef DEEPKERNELS_EMULATOR
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
+#endif

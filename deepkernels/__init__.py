@@ -23,6 +23,8 @@ from .moe import EPDispatcher, get_dispatch_layout  # noqa: E402
 
 _ops.load_extension()
 
+from ._ops import emulate, emulation_enabled, emulator_stats, set_emulation  # noqa: E402
+
 __version__ = "0.1.0"
 
 
@@ -46,12 +48,14 @@ def build_info() -> dict:
     info["CUDA_PTX_ARCHS"] = info["CUDA_PTX_ARCHS"] or []
     info["extension_loaded"] = _ops.extension_loaded()
     info["extension_error"] = _ops.extension_error()
+    info["emulator"] = _ops.emulator_available()
+    info["emulator_error"] = _ops.emulator_error()
     return info
 
 
 __all__ = [
     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_token_cast_from_fp8", "per_block_cast_from_fp8",
-    "is_cuda_available", "build_info",
+    "is_cuda_available", "build_info", "emulate", "emulation_enabled", "emulator_stats", "set_emulation",
 ]
 __all__ += ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_cache"]
 __all__ += ["moe", "EPDispatcher", "get_dispatch_layout"]

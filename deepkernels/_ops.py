@@ -1,39 +1,114 @@
-"""The op pattern every kernel family uses, and loading of the compiled extension.
+"""The op pattern every kernel family uses, and loading of the compiled extensions.
 
 Each op lives in namespace ``deepkernels`` and has four faces (see ../STYLE): a schema, a CUDA kernel
 registered by ``deepkernels._C``, a CPU kernel that is the pure-torch reference, and a fake kernel
 for torch.compile / CUDA graphs. A family module calls :func:`define_op` at import time; the package
 ``__init__`` calls :func:`load_extension` once every family is defined.
+
+The SIMT emulator (``deepkernels._emu``, csrc/emulator) registers the same CUDA kernels, compiled for
+the CPU, as the CPU kernels of namespace ``deepkernels_emu``. While emulation is on
+(``DEEPKERNELS_EMULATE=1`` at import, or :func:`set_emulation` / :func:`emulate`), the CPU kernel of
+each ``deepkernels`` op runs the emulated CUDA kernel instead of the reference.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 NAMESPACE = "deepkernels"
+EMU_NAMESPACE = "deepkernels_emu"
 lib = torch.library.Library(NAMESPACE, "DEF")
+_emu_lib = torch.library.Library(EMU_NAMESPACE, "DEF")
 
 _REFERENCES: dict[str, Callable] = {}
 _CUDA_FALLBACK: set[str] = set()  # ops whose CUDA tensors run the reference (no compiled kernel)
 _extension_error: str | None = "not loaded yet"
+_emulator_error: str | None = "not loaded yet"
+_emulate = os.environ.get("DEEPKERNELS_EMULATE") == "1"
 _notice_printed = False
 
 
 def define_op(name: str, schema: str, reference: Callable, fake: Callable) -> None:
     """Define ``deepkernels::name`` with ``schema`` (the part after the name), the reference as its
     CPU kernel and ``fake`` as its meta kernel. The CUDA kernel comes from the extension; where the
-    extension lacks one, :func:`load_extension` registers the reference for CUDA tensors too."""
+    extension lacks one, :func:`load_extension` registers the reference for CUDA tensors too.
+    The same schema in ``deepkernels_emu`` receives the emulated kernel."""
     lib.define(name + schema)
-    lib.impl(name, reference, "CPU")
+    _emu_lib.define(name + schema)
+    lib.impl(name, _cpu_kernel(name, reference), "CPU")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=lib)
     _REFERENCES[name] = reference
 
 
+def _cpu_kernel(name: str, reference: Callable) -> Callable:
+    def cpu_kernel(*args, **kwargs):
+        if _emulate:
+            if _emulator_error is not None:
+                raise RuntimeError(f"deepkernels: emulation is on (DEEPKERNELS_EMULATE=1) but the emulator is "
+                                   f"unavailable: {_emulator_error}")
+            if has_emulated_kernel(name):
+                return getattr(getattr(torch.ops, EMU_NAMESPACE), name)(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    cpu_kernel.__name__ = f"{name}_cpu"
+    return cpu_kernel
+
+
+def has_emulated_kernel(name: str) -> bool:
+    """True when the emulator has a kernel for ``deepkernels::name`` (ops without a CUDA kernel run
+    their reference under emulation too, as they do on CUDA tensors)."""
+    return _emulator_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{EMU_NAMESPACE}::{name}", "CPU")
+
+
+def emulator_available() -> bool:
+    return _emulator_error is None
+
+
+def emulator_error() -> str | None:
+    return _emulator_error
+
+
+def emulation_enabled() -> bool:
+    return _emulate
+
+
+def set_emulation(enabled: bool) -> bool:
+    """Turn emulation of the CUDA kernels on CPU tensors on or off; returns the previous setting."""
+    global _emulate
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    if enabled and _emulator_error is not None:
+        raise RuntimeError(f"deepkernels: the emulator is unavailable: {_emulator_error}")
+    previous, _emulate = _emulate, enabled
+    return previous
+
+
+@contextlib.contextmanager
+def emulate(enabled: bool = True) -> Iterator[None]:
+    """``with deepkernels.emulate(): ...`` runs ops on CPU tensors through the emulated CUDA kernels."""
+    previous = set_emulation(enabled)
+    try:
+        yield
+    finally:
+        set_emulation(previous)
+
+
+def emulator_stats() -> dict:
+    """Emulated launches since import: ``{"launches", "ctas", "switches", "seconds", "kernels": {name: n}}``."""
+    if _emulator_error is not None:
+        return {"launches": 0, "ctas": 0, "switches": 0, "seconds": 0.0, "kernels": {}}
+    from . import _emu
+
+    return _emu.stats()
+
+
 def load_extension() -> None:
-    global _extension_error
+    global _extension_error, _emulator_error
     if os.environ.get("DEEPKERNELS_FORCE_REFERENCE") == "1":
         _extension_error = "DEEPKERNELS_FORCE_REFERENCE=1"
     else:
@@ -43,6 +118,15 @@ def load_extension() -> None:
             _extension_error = None
         except ImportError as exc:  # not built, or built against another torch
             _extension_error = f"{type(exc).__name__}: {exc}"
+    try:
+        from . import _emu  # noqa: F401  (registers the emulated kernels in deepkernels_emu)
+
+        _emulator_error = None
+    except ImportError as exc:
+        _emulator_error = f"{type(exc).__name__}: {exc}"
+    if _emulate and _emulator_error is not None:
+        print(f"deepkernels: DEEPKERNELS_EMULATE=1 but the emulator is unavailable ({_emulator_error}); "
+              "ops on CPU tensors will raise.", file=sys.stderr)
     for name, reference in _REFERENCES.items():
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CUDA"):
             lib.impl(name, reference, "CUDA")
@@ -119,4 +203,6 @@ def check_multiple(name: str, value: int, multiple: int) -> None:
 
 
 __all__ = ["define_op", "load_extension", "extension_loaded", "extension_error", "has_cuda_kernel",
+           "has_emulated_kernel", "emulator_available", "emulator_error", "emulation_enabled", "set_emulation",
+           "emulate", "emulator_stats",
            "check_tensor", "check_same_device", "check_multiple", "ceil_div"]

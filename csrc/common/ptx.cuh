@@ -1,4 +1,7 @@
 #pragma once
+#ifdef DEEPKERNELS_EMULATOR
+#include "../emulator/ptx_emu.cuh"  // the same wrappers run on the CPU (csrc/emulator)
+#else
 // Thin PTX wrappers shared by the kernel families (sm_80+): cp.async, ldmatrix, bf16/f16 mma.sync, ex2.
 // CUDA headers only.
 #include <cuda_bf16.h>
@@ -66,3 +69,5 @@ __device__ __forceinline__ float ex2(float x) {
 }
 
 }  // namespace deepkernels::ptx
+
+#endif  // DEEPKERNELS_EMULATOR

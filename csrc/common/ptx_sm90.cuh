@@ -1,4 +1,7 @@
 #pragma once
+#ifdef DEEPKERNELS_EMULATOR
+#include "../emulator/ptx_sm90_emu.cuh"  // the same wrappers run on the CPU (csrc/emulator)
+#else
 // Hopper (sm_90a) PTX wrappers: mbarrier, TMA tensor loads, fp8 wgmma, setmaxnreg. The bodies exist only
 // in the sm_90a device pass (wgmma and setmaxnreg are arch-conditional features); in every other pass they
 // are empty, so a kernel that calls them still compiles for sm_80/sm_89 (its body is guarded the same way
@@ -8,11 +11,7 @@
 
 #include "ptx.cuh"
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define DEEPKERNELS_SM90A 1
-#else
-#define DEEPKERNELS_SM90A 0
-#endif
+#include "arch.h"
 
 namespace deepkernels::ptx::sm90 {
 
@@ -149,17 +148,6 @@ __device__ __forceinline__ void register_fence(float (&r)[kN]) {
   for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// Shared-memory matrix descriptor for a K-major operand stored with the 128-byte swizzle (what a TMA
-// load with CU_TENSOR_MAP_SWIZZLE_128B writes): rows of 128 bytes, 8-row atoms 1024 bytes apart (SBO),
-// leading offset unused for K-major swizzled layouts. The atom base must be 1024-byte aligned; moving
-// along K inside the 128-byte row is done by adding the byte offset to the start address.
-//   bits 0-13 start >> 4 | 16-29 LBO >> 4 | 32-45 SBO >> 4 | 49-51 base offset (0) | 62-63 swizzle (1 = 128B)
-__device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* smem) {
-  const uint64_t start = (smem_addr(smem) & 0x3FFFFu) >> 4;
-  constexpr uint64_t kSbo = 1024 >> 4;
-  return start | (kSbo << 32) | (uint64_t{1} << 62);
-}
-
 // d[64 x 64] (+)= a[64 x 32] * b[64 x 32]^T, e4m3 operands K-major in shared memory (descriptors),
 // fp32 accumulators: 32 per thread. `accumulate` = 0 overwrites d (scale-d).
 __device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
@@ -258,6 +246,24 @@ __device__ __forceinline__ void wgmma_m64n256k16_bf16_tnsp_b(float (&d)[128], ui
 #else
   (void)d; (void)a; (void)b;
 #endif
+}
+
+}  // namespace deepkernels::ptx::sm90
+
+#endif  // DEEPKERNELS_EMULATOR
+
+// Plain arithmetic on a shared address: the same code for the device and the emulator.
+namespace deepkernels::ptx::sm90 {
+
+// Shared-memory matrix descriptor for a K-major operand stored with the 128-byte swizzle (what a TMA
+// load with CU_TENSOR_MAP_SWIZZLE_128B writes): rows of 128 bytes, 8-row atoms 1024 bytes apart (SBO),
+// leading offset unused for K-major swizzled layouts. The atom base must be 1024-byte aligned; moving
+// along K inside the 128-byte row is done by adding the byte offset to the start address.
+//   bits 0-13 start >> 4 | 16-29 LBO >> 4 | 32-45 SBO >> 4 | 49-51 base offset (0) | 62-63 swizzle (1 = 128B)
+__device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* smem) {
+  const uint64_t start = (smem_addr(smem) & 0x3FFFFu) >> 4;
+  constexpr uint64_t kSbo = 1024 >> 4;
+  return start | (kSbo << 32) | (uint64_t{1} << 62);
 }
 
 }  // namespace deepkernels::ptx::sm90

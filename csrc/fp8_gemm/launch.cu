@@ -1,6 +1,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../common/launch.cuh"
 #include "gemm_portable.cuh"
 #include "launch.h"
 #include "sm90.cuh"
@@ -38,7 +39,7 @@ const char* fp8_gemm_nt(const Fp8GemmParams& p, cudaStream_t stream) {
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)),
                   static_cast<unsigned>(p.mode == GemmMode::kGroupedMasked ? p.num_groups : 1));
-  fp8_gemm_nt_portable_kernel<<<grid, kThreads, 0, stream>>>(p);
+  launch_kernel<fp8_gemm_nt_portable_kernel>(grid, kThreads, 0, stream, p);
   return nullptr;
 }
 

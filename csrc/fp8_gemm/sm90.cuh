@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../common/launch.cuh"
 #include "../common/fp8.cuh"
 #include "../common/ptx_sm90.cuh"
 #include "params.h"
@@ -336,7 +337,7 @@ inline bool encode_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v120
 template <int kBM, int kBN>
 LaunchResult launch_shape(const Fp8GemmParams& p, int device, int num_sms, cudaStream_t stream, const char** error) {
   using C = Config<kBM, kBN>;
-  const auto kernel = fp8_gemm_sm90_kernel<kBM, kBN>;
+  constexpr auto kernel = fp8_gemm_sm90_kernel<kBM, kBN>;
   // The sm_90a image must be the one the device runs; an sm_80/89 image (or PTX JIT) of this kernel, and
   // the image of an sm_90 build without "a", are an empty body: only the sm_90a one has the static barriers.
   static const cudaError_t image_status = [&] {
@@ -379,7 +380,7 @@ LaunchResult launch_shape(const Fp8GemmParams& p, int device, int num_sms, cudaS
   }
   const int64_t tiles = static_cast<int64_t>(a_groups) * ceil_div(p.m, kBM) * ceil_div(p.n, kBN);
   const unsigned grid = static_cast<unsigned>(tiles < num_sms ? tiles : num_sms);
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(tmap_a, tmap_b, p);
+  launch_kernel<kernel>(grid, C::kThreads, C::kSmemBytes, stream, tmap_a, tmap_b, p);
   return LaunchResult::kLaunched;
 }
 

@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../common/launch.cuh"
 #include "../common/dtype.h"
 #include "combine.cuh"
 #include "launch.h"
@@ -21,7 +22,7 @@ void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
   cudaFuncSetAttribute(mla_splitkv_kernel<kFp8, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   const int heads_per_kv = p.h_q / p.h_kv;
   const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + kBlockM - 1) / kBlockM);
-  mla_splitkv_kernel<kFp8, kStages><<<grid, kThreads, kSmem, stream>>>(p);
+  launch_kernel<mla_splitkv_kernel<kFp8, kStages>>(grid, kThreads, kSmem, stream, p);
 }
 
 // Deepest K pipeline the device's opt-in shared memory allows: 3 stages (~155 KB) on sm_80 (163 KB)
@@ -89,7 +90,7 @@ void launch_sm90(const MlaDecodeParams& p, cudaStream_t stream) {
   cudaFuncSetAttribute(sm90::mla_splitkv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
   const int heads_per_kv = p.h_q / p.h_kv;
   const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + sm90::kBlockM - 1) / sm90::kBlockM);
-  sm90::mla_splitkv_sm90_kernel<<<grid, sm90::kThreads, sm90::kSmemBytes, stream>>>(p);
+  launch_kernel<sm90::mla_splitkv_sm90_kernel>(grid, sm90::kThreads, sm90::kSmemBytes, stream, p);
 }
 
 }  // namespace
@@ -103,11 +104,11 @@ void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
   }
   const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
   const dim3 grid(static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps));
-  mla_combine_kernel<<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  launch_kernel<mla_combine_kernel>(grid, kCombineWarps * 32, 0, stream, p);
 }
 
 void mla_decode_metadata(const MlaMetadataParams& p, cudaStream_t stream) {
-  mla_metadata_kernel<<<1, kMetadataThreads, 0, stream>>>(p);
+  launch_kernel<mla_metadata_kernel>(1, kMetadataThreads, 0, stream, p);
 }
 
 void mla_write_cache(const MlaWriteCacheParams& p, cudaStream_t stream) {
@@ -115,9 +116,9 @@ void mla_write_cache(const MlaWriteCacheParams& p, cudaStream_t stream) {
   if (items == 0) return;
   const dim3 grid(static_cast<unsigned>((items + kWriteWarps - 1) / kWriteWarps));
   switch (static_cast<DType>(p.kv_dtype)) {
-    case DType::kFloat32: mla_write_cache_kernel<float><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
-    case DType::kFloat16: mla_write_cache_kernel<__half><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
-    default: mla_write_cache_kernel<__nv_bfloat16><<<grid, kWriteWarps * 32, 0, stream>>>(p); break;
+    case DType::kFloat32: launch_kernel<mla_write_cache_kernel<float>>(grid, kWriteWarps * 32, 0, stream, p); break;
+    case DType::kFloat16: launch_kernel<mla_write_cache_kernel<__half>>(grid, kWriteWarps * 32, 0, stream, p); break;
+    default: launch_kernel<mla_write_cache_kernel<__nv_bfloat16>>(grid, kWriteWarps * 32, 0, stream, p); break;
   }
 }
 

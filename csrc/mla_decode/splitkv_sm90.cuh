@@ -80,7 +80,7 @@ __device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
   return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if DEEPKERNELS_SM90A
 
 // Row statistics shared by the warpgroups (static so launch.cu can tell the real kernel from a stub).
 struct RowStats {
@@ -304,7 +304,7 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
 #endif  // sm_90a
 
 __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_sm90_kernel(const MlaDecodeParams p) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if DEEPKERNELS_SM90A
   __shared__ RowStats stats;
   extern __shared__ __align__(16) uint8_t sm90_smem[];
   const uint32_t raw = ptx::smem_addr(sm90_smem);

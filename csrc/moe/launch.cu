@@ -1,5 +1,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "../common/launch.cuh"
 #include "../common/dtype_dispatch.cuh"
 #include "launch.h"
 #include "layout.cuh"
@@ -25,18 +26,18 @@ void get_dispatch_layout(const LayoutParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.num_tokens, kLayoutThreads)));
   const size_t smem = sizeof(int) * static_cast<size_t>(p.num_experts + p.num_ranks);
-  layout_kernel<<<grid, kLayoutThreads, smem, stream>>>(p);
+  launch_kernel<layout_kernel>(grid, kLayoutThreads, smem, stream, p);
 }
 
 void permute(const PermuteParams& p, cudaStream_t stream) {
   if (p.num_out == 0 || p.row_bytes == 0) return;
   const dim3 grid = row_grid(p.num_out);
   if (p.row_bytes % 16 == 0 && aligned(p.x, 16) && aligned(p.out, 16)) {
-    permute_kernel<uint4><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel<permute_kernel<uint4>>(grid, kThreads, 0, stream, p);
   } else if (p.row_bytes % 4 == 0 && aligned(p.x, 4) && aligned(p.out, 4)) {
-    permute_kernel<unsigned int><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel<permute_kernel<unsigned int>>(grid, kThreads, 0, stream, p);
   } else {
-    permute_kernel<unsigned char><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel<permute_kernel<unsigned char>>(grid, kThreads, 0, stream, p);
   }
 }
 
@@ -47,9 +48,9 @@ void permute_fp8(const PermuteFp8Params& p, cudaStream_t stream) {
     using T = decltype(tag);
     // the fp8 output row of 8 elements is one 8-byte store
     if (vec8_ok(p.x, p.out, p.hidden, static_cast<int>(sizeof(T))) && aligned(p.out, 8))
-      permute_fp8_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+      launch_kernel<permute_fp8_kernel<T, true>>(grid, kThreads, 0, stream, p);
     else
-      permute_fp8_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+      launch_kernel<permute_fp8_kernel<T, false>>(grid, kThreads, 0, stream, p);
   });
 }
 
@@ -59,9 +60,9 @@ void unpermute_reduce(const UnpermuteReduceParams& p, cudaStream_t stream) {
   dispatch_float_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (vec8_ok(p.y, p.out, p.hidden, static_cast<int>(sizeof(T))))
-      unpermute_reduce_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+      launch_kernel<unpermute_reduce_kernel<T, true>>(grid, kThreads, 0, stream, p);
     else
-      unpermute_reduce_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+      launch_kernel<unpermute_reduce_kernel<T, false>>(grid, kThreads, 0, stream, p);
   });
 }
 

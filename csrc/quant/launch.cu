@@ -1,3 +1,4 @@
+#include "../common/launch.cuh"
 #include "../common/dtype_dispatch.cuh"
 #include "cast.cuh"
 #include "launch.h"
@@ -24,8 +25,8 @@ void per_token_cast_to_fp8(const PerTokenCastParams& p, cudaStream_t stream) {
   const bool vectorized = per_token_cast_is_vectorizable(p);
   dispatch_float_dtype(p.x_dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (vectorized) per_token_cast_to_fp8_kernel<T, true><<<grid, block, 0, stream>>>(p);
-    else per_token_cast_to_fp8_kernel<T, false><<<grid, block, 0, stream>>>(p);
+    if (vectorized) launch_kernel<per_token_cast_to_fp8_kernel<T, true>>(grid, block, 0, stream, p);
+    else launch_kernel<per_token_cast_to_fp8_kernel<T, false>>(grid, block, 0, stream, p);
   });
 }
 
@@ -35,7 +36,7 @@ void per_block_cast_to_fp8(const PerBlockCastParams& p, cudaStream_t stream) {
                   static_cast<unsigned>(ceil_div<int64_t>(p.n, kGroup)));
   dispatch_float_dtype(p.w_dtype, [&](auto tag) {
     using T = decltype(tag);
-    per_block_cast_to_fp8_kernel<T><<<grid, kBlockThreads, 0, stream>>>(p);
+    launch_kernel<per_block_cast_to_fp8_kernel<T>>(grid, kBlockThreads, 0, stream, p);
   });
 }
 
@@ -47,7 +48,7 @@ void cast_from_fp8(const DequantParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8));
   dispatch_float_dtype(p.out_dtype, [&](auto tag) {
     using T = decltype(tag);
-    cast_from_fp8_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel<cast_from_fp8_kernel<T>>(grid, kThreads, 0, stream, p);
   });
 }
 

@@ -1,0 +1,343 @@
+#pragma once
+// Emulated csrc/common/ptx_sm90.cuh: mbarrier (arrival count, transaction bytes, phase parity), 3-D TMA tile
+// loads through the emulated CUtensorMap (128B swizzle, out-of-bounds zero fill, the full box counted in
+// transaction bytes), and wgmma (e4m3 m64nNk32, bf16 m64n32k16, bf16 m64n256k16 with an MN-major B) reading
+// its operands through a general decode of the shared-memory matrix descriptor.
+// Sources: PTX ISA 9.7.13.15 (mbarrier), 9.7.9.27 (cp.async.bulk.tensor), 9.7.15 (wgmma: 9.7.15.5.1 matrix
+// descriptor and shared-memory layouts, 9.7.15.5.1.1 the D fragment), CUTLASS cute/arch/mma_sm90_desc.hpp.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <vector>
+
+#include "../common/arch.h"
+#include "ptx_emu.cuh"
+#include "tensor_map.h"
+
+namespace emu {
+
+// 128B swizzle as a function of the shared byte address: 16-byte chunk bits [4, 7) ^= bits [7, 10).
+inline uint32_t swizzle_128b(uint32_t a) { return a ^ (((a >> 7) & 7u) << 4); }
+
+// ---- mbarrier: the state lives beside the 64-bit object (keyed by its address), reset at every CTA start.
+struct PendingTma { uint32_t dst; TensorMap map; int coord[3]; };
+struct MBar {
+  uint32_t expected = 0, pending = 0, phase = 0;
+  int64_t tx = 0;
+  std::vector<PendingTma> tma;   // issued, lands when a thread waits on the barrier
+};
+inline thread_local std::map<const uint64_t*, MBar> g_mbar;
+inline MBar& mbar(const uint64_t* bar) {
+  auto it = g_mbar.find(bar);
+  if (it == g_mbar.end()) fail("mbarrier used before mbarrier.init");
+  return it->second;
+}
+inline void mbar_maybe_complete(MBar& m) {
+  ++g_progress;
+  if (m.pending == 0 && m.tx == 0) {
+    m.phase ^= 1u;
+    m.pending = m.expected;
+  }
+}
+inline void tma_land(MBar& m) {
+  for (const PendingTma& t : m.tma) {
+    const TensorMap& tm = t.map;
+    const uint32_t row_bytes = tm.box[0] * tm.esize;
+    for (uint32_t z = 0; z < tm.box[2]; ++z)
+      for (uint32_t y = 0; y < tm.box[1]; ++y)
+        for (uint32_t x = 0; x < tm.box[0]; ++x) {
+          const int64_t gx = int64_t(t.coord[0]) + x, gy = int64_t(t.coord[1]) + y, gz = int64_t(t.coord[2]) + z;
+          const bool inside = gx >= 0 && gy >= 0 && gz >= 0 && uint64_t(gx) < tm.dims[0] &&
+                              uint64_t(gy) < tm.dims[1] && uint64_t(gz) < tm.dims[2];
+          const uint32_t linear = t.dst + (z * tm.box[1] + y) * row_bytes + x * tm.esize;
+          *from_shared(tm.swizzle ? swizzle_128b(linear) : linear) =
+              inside ? tm.base[gx * tm.esize + gy * tm.strides[1] + gz * tm.strides[2]] : 0;
+        }
+    m.tx -= int64_t(tm.box[0]) * tm.box[1] * tm.box[2] * tm.esize;   // out-of-bounds bytes count too
+  }
+  m.tma.clear();
+  if (m.tx < 0) fail("mbarrier: more transaction bytes completed than expected (expect_tx too small)");
+  mbar_maybe_complete(m);
+}
+inline bool mbar_ready(const void* m, uint64_t parity) {
+  const MBar& b = *static_cast<const MBar*>(m);
+  return b.phase != (parity & 1u) || !b.tma.empty();
+}
+
+// ---- wgmma shared-memory operands (PTX ISA "Shared Memory Matrix Layout"; CUTLASS GmmaDescriptor and
+// make_gmma_desc). Descriptor: bits 0-13 start >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset,
+// 62-63 swizzle (0 none, 1 128B, 2 64B, 3 32B). Canonical layouts in elements (T = 16 bytes / element size,
+// sw = swizzle bytes / 16; the swizzle is applied to the resulting byte address):
+//   K-major  none:     ((8,m),(T,2k)):((1T,SBO),(1,LBO))      swizzled: ((8,m),(T,2k)):((sw*T,SBO),(1,T))
+//   MN-major none:     ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))   swizzled: ((T,sw,m),(8,k)):((1,T,LBO),(sw*T,SBO))
+// Mode 0 is the M (A) / N (B) index, mode 1 the K index.
+namespace gmma {
+enum class Major { K, MN };
+struct Desc { uint32_t start, lbo, sbo, base_offset, mode; };
+inline Desc decode(uint64_t d) {
+  if (d & ((3ull << 14) | (3ull << 30) | (7ull << 46) | (0x3FFull << 52)))
+    fail("wgmma: matrix descriptor has reserved bits set (start or offset field overflow?)");
+  return {uint32_t(d & 0x3FFF) << 4, uint32_t((d >> 16) & 0x3FFF) << 4, uint32_t((d >> 32) & 0x3FFF) << 4,
+          uint32_t((d >> 49) & 7), uint32_t(d >> 62)};
+}
+inline uint32_t swizzle_units(uint32_t mode) { return mode == 0 ? 1u : 16u >> mode; }   // 16-byte units: 1/8/4/2
+// Swizzle<B,4,3> on a byte address: bits [4, 4+B) ^= bits [7, 7+B).
+inline uint32_t swizzle(uint32_t addr, uint32_t mode) {
+  return mode == 0 ? addr : addr ^ (((addr >> 7) & (swizzle_units(mode) - 1)) << 4);
+}
+// Shared byte address of element (mn, k) of the operand that `d` describes.
+inline uint32_t element_addr(const Desc& d, Major major, int esize, int mn, int k) {
+  const uint32_t T = 16 / esize, sw = swizzle_units(d.mode), m = uint32_t(mn), kk = uint32_t(k);
+  uint32_t off;
+  if (major == Major::K)
+    off = (m % 8) * sw * 16 + (m / 8) * d.sbo + (kk % T) * esize + (kk / T) * (d.mode == 0 ? d.lbo : 16);
+  else if (d.mode == 0)
+    off = (m % T) * esize + (m / T) * d.sbo + (kk % 8) * 16 + (kk / 8) * d.lbo;
+  else
+    off = (m % T) * esize + ((m / T) % sw) * 16 + (m / (T * sw)) * d.lbo + (kk % 8) * sw * 16 + (kk / 8) * d.sbo;
+  if (d.mode != 0 && d.base_offset != 0) fail("wgmma: a non-zero matrix base offset is not emulated");
+  return swizzle(d.start + off, d.mode);
+}
+}  // namespace gmma
+
+// ---- wgmma: recorded at issue, executed at wait_group (shared memory read late, registers written late).
+// Between issue and completion the accumulator registers hold a NaN pattern (reading them before
+// wgmma.wait_group is undefined in the ISA); a register written meanwhile is reported at completion.
+constexpr uint32_t kAccPoison = 0x7FC0DEADu;
+struct AccBuf { float* regs[128]; int nregs = 0; int pending = 0; std::vector<float> v; };
+struct WgmmaOp { int n, k; bool fp8, trans_b; uint64_t da, db; bool scale_d; AccBuf* acc; };
+struct WgState {
+  std::vector<WgmmaOp> open;
+  std::deque<std::vector<WgmmaOp>> groups;
+  std::map<float*, AccBuf> acc;   // keyed by thread 0's accumulator array
+  bool ever_fenced = false;
+  std::vector<float*> touched;    // accumulators completed (readable) since the last wgmma.fence
+};
+inline thread_local WgState g_wg[8];
+inline float e4m3_to_float(uint8_t v) {
+  static const auto lut = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i)
+      t[i] = __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(i), __NV_E4M3)));
+    return t;
+  }();
+  return lut[v];
+}
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// rows x k operand (row = row of A / column of B) -> out[row * k + kk]
+inline void load_operand(uint64_t desc, gmma::Major major, bool fp8, int rows, int k, float* out) {
+  const gmma::Desc d = gmma::decode(desc);
+  const int esize = fp8 ? 1 : 2;
+  for (int r = 0; r < rows; ++r)
+    for (int kk = 0; kk < k; ++kk) {
+      const uint8_t* p = from_shared(gmma::element_addr(d, major, esize, r, kk), esize);
+      if (fp8) {
+        out[r * k + kk] = e4m3_to_float(*p);
+      } else {
+        uint16_t h;
+        std::memcpy(&h, p, 2);
+        out[r * k + kk] = bf16_bits_to_float(h);
+      }
+    }
+}
+inline bool is_acc_poison(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u == kAccPoison;
+}
+// D fragment (ISA "wgmma .m64nNk* D matrix fragment", CUTLASS CLayout_64xN): thread t = 32 w + l holds
+// d[4 i + 2 h + j] = D[16 w + l / 4 + 8 h][8 i + 2 (l % 4) + j].
+inline void wgmma_execute(WgmmaOp& op) {
+  static thread_local std::vector<float> A, B;
+  A.resize(size_t(64) * op.k);
+  B.resize(size_t(op.n) * op.k);
+  load_operand(op.da, gmma::Major::K, op.fp8, 64, op.k, A.data());
+  load_operand(op.db, op.trans_b ? gmma::Major::MN : gmma::Major::K, op.fp8, op.n, op.k, B.data());
+  AccBuf& acc = *op.acc;
+  for (int t = 0; t < 128; ++t) {
+    const int w = t / 32, l = t % 32;
+    for (int i = 0; i < op.n / 8; ++i)
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 2; ++j) {
+          const int row = 16 * w + l / 4 + 8 * h, col = 8 * i + 2 * (l % 4) + j;
+          float sum = 0.f;   // fp32; the hardware's summation order and rounding are unspecified
+          for (int kk = 0; kk < op.k; ++kk) sum += A[size_t(row) * op.k + kk] * B[size_t(col) * op.k + kk];
+          float& d = acc.v[size_t(t) * acc.nregs + 4 * i + 2 * h + j];
+          d = op.scale_d ? d + sum : sum;
+        }
+  }
+}
+inline void wgmma_complete_if_last(WgState& s, AccBuf& acc) {
+  if (--acc.pending != 0) return;
+  for (int t = 0; t < 128; ++t)
+    for (int r = 0; r < acc.nregs; ++r) {
+      if (!is_acc_poison(acc.regs[t][r])) fail("wgmma: accumulator register written while its wgmma was in flight");
+      acc.regs[t][r] = acc.v[size_t(t) * acc.nregs + r];
+    }
+  float* key = acc.regs[0];
+  s.touched.push_back(key);
+  s.acc.erase(key);
+}
+inline void sm90_cta_start() {
+  g_mbar.clear();
+  for (auto& w : g_wg) w = WgState{};
+}
+inline void sm90_cta_end() {
+  for (const auto& w : g_wg)
+    if (!w.open.empty() || !w.groups.empty() || !w.acc.empty())
+      fail("a warpgroup exited with wgmma operations it never waited for");
+}
+inline const int g_sm90_hooks = register_cta_hooks(&sm90_cta_start, &sm90_cta_end);
+
+template <int kN, int kK, bool kFp8, bool kTransB>
+inline void wgmma_issue(float* d, uint64_t da, uint64_t db, int scale_d) {
+  struct Arg { float* d; uint64_t da, db; int acc; } a{d, da, db, scale_d};
+  static const std::string op_name = std::string("wgmma.mma_async.m64n") + std::to_string(kN) + "k" +
+                                     std::to_string(kK) + (kFp8 ? ".e4m3" : ".bf16") + (kTransB ? ".tnspB" : "");
+  emu::warp_collective<128>(op_name.c_str(), &a, [](void** args) {
+    const Arg& a0 = *static_cast<Arg*>(args[0]);
+    WgState& s = g_wg[flat_tid() / 128];
+    WgmmaOp op{kN, kK, kFp8, kTransB, a0.da, a0.db, a0.acc != 0, nullptr};
+    for (int t = 0; t < 128; ++t) {
+      const Arg* x = static_cast<Arg*>(args[t]);
+      if (x->da != op.da || x->db != op.db || (x->acc != 0) != op.scale_d)
+        fail("wgmma: descriptors or scale-d differ across the warpgroup (divergent collective operands)");
+    }
+    if (!s.ever_fenced || std::find(s.touched.begin(), s.touched.end(), a0.d) != s.touched.end())
+      fail("wgmma.mma_async: accumulator registers accessed since the last wgmma.fence (or no fence before the first)");
+    (void)gmma::decode(op.da);
+    (void)gmma::decode(op.db);
+    auto it = s.acc.find(a0.d);
+    if (it == s.acc.end()) {   // a new chain: snapshot the inputs, poison the registers until it completes
+      AccBuf& b = s.acc[a0.d];
+      b.nregs = kN / 2;
+      b.v.resize(size_t(128) * b.nregs);
+      for (int t = 0; t < 128; ++t) {
+        b.regs[t] = static_cast<Arg*>(args[t])->d;
+        for (int r = 0; r < b.nregs; ++r) {
+          b.v[size_t(t) * b.nregs + r] = b.regs[t][r];
+          std::memcpy(&b.regs[t][r], &kAccPoison, 4);
+        }
+      }
+      it = s.acc.find(a0.d);
+    } else {
+      if (it->second.nregs != kN / 2) fail("wgmma: an in-flight accumulator reused with another shape");
+      for (int t = 0; t < 128; ++t)
+        if (it->second.regs[t] != static_cast<Arg*>(args[t])->d) fail("wgmma: accumulator chain with other registers");
+    }
+    ++it->second.pending;
+    op.acc = &it->second;
+    s.open.push_back(op);
+  });
+}
+
+}  // namespace emu
+
+namespace deepkernels::ptx::sm90 {
+
+inline void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  (void)emu::to_shared(bar);
+  emu::MBar m;
+  m.expected = m.pending = arrivals;
+  emu::g_mbar[bar] = m;
+}
+inline void fence_proxy_async() {}   // the async proxy is not modelled (docs/design.md#emulator)
+inline void fence_barrier_init() {}
+inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  emu::MBar& m = emu::mbar(bar);
+  if (m.pending == 0) emu::fail("mbarrier: arrival beyond the expected count");
+  m.tx += bytes;
+  --m.pending;
+  emu::mbar_maybe_complete(m);
+}
+inline void mbarrier_arrive(uint64_t* bar) {
+  emu::MBar& m = emu::mbar(bar);
+  if (m.pending == 0) emu::fail("mbarrier: arrival beyond the expected count");
+  --m.pending;
+  emu::mbar_maybe_complete(m);
+}
+// try_wait.parity P succeeds once the phase with parity P has completed, i.e. while the current phase bit != P.
+inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  for (;;) {
+    emu::MBar& m = emu::mbar(bar);
+    if (m.phase != (parity & 1u)) return;
+    if (!m.tma.empty()) {   // in-flight TMA lands when someone waits
+      emu::tma_land(m);
+      continue;
+    }
+    emu::block_described(&emu::mbar_ready, &m, parity,
+                         "mbarrier.try_wait.parity %u on the mbarrier at shared 0x%x (phase %u, %u of %u arrivals "
+                         "pending, %lld transaction bytes pending)",
+                         parity & 1u, emu::to_shared(bar), m.phase, m.pending, m.expected,
+                         static_cast<long long>(m.tx));
+  }
+}
+inline void prefetch_tensor_map(const CUtensorMap*) {}
+inline void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
+  emu::TensorMap tm;
+  std::memcpy(&tm, map, sizeof(tm));
+  if (tm.magic != emu::kTensorMapMagic) emu::fail("TMA: the tensor map was not encoded by cuTensorMapEncodeTiled");
+  const uint32_t d = emu::to_shared(dst);
+  if (d % (tm.swizzle ? 1024 : 128) != 0) emu::fail("TMA: shared destination misaligned for its swizzle mode");
+  const uint32_t bytes = tm.box[0] * tm.box[1] * tm.box[2] * tm.esize;
+  std::memset(emu::from_shared(d, bytes), 0xFF, bytes);   // in flight: e4m3 0xFF is NaN
+  emu::mbar(bar).tma.push_back({d, tm, {c0, c1, c2}});
+}
+template <uint32_t kRegs>
+inline void setmaxnreg_dec() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg: 24..256, a multiple of 8");
+}
+template <uint32_t kRegs>
+inline void setmaxnreg_inc() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg: 24..256, a multiple of 8");
+}
+inline void wgmma_fence() {
+  emu::warp_collective<128>("wgmma.fence", nullptr, [](void**) {
+    emu::WgState& s = emu::g_wg[emu::flat_tid() / 128];
+    s.ever_fenced = true;
+    s.touched.clear();
+  });
+}
+inline void wgmma_commit() {
+  emu::warp_collective<128>("wgmma.commit_group", nullptr, [](void**) {
+    emu::WgState& s = emu::g_wg[emu::flat_tid() / 128];
+    s.groups.push_back(std::move(s.open));
+    s.open.clear();
+  });
+}
+template <int kPending>
+inline void wgmma_wait() {
+  emu::warp_collective<128>("wgmma.wait_group", nullptr, [](void**) {
+    emu::WgState& s = emu::g_wg[emu::flat_tid() / 128];
+    for (; s.groups.size() > size_t(kPending); s.groups.pop_front())
+      for (emu::WgmmaOp& op : s.groups.front()) {
+        emu::wgmma_execute(op);
+        emu::wgmma_complete_if_last(s, *op.acc);
+      }
+  });
+}
+template <int kN>
+inline void register_fence(float (&)[kN]) {}
+inline void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<64, 32, true, false>(d, a, b, accumulate);
+}
+inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<128, 32, true, false>(d, a, b, accumulate);
+}
+inline void wgmma_m64n32k16_bf16(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<32, 16, false, false>(d, a, b, accumulate);
+}
+inline void wgmma_m64n256k16_bf16_tnsp_b(float (&d)[128], uint64_t a, uint64_t b) {
+  emu::wgmma_issue<256, 16, false, true>(d, a, b, 1);
+}
+
+}  // namespace deepkernels::ptx::sm90

@@ -1,0 +1,452 @@
+// The emulator's runtime: fiber switching, the CTA scheduler (with deadlock reports), __syncthreads, the
+// grid launch (CTAs spread over a few OS threads), launch statistics, and the emulated runtime/driver API.
+#include "runtime.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdarg>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "stats.h"
+#include "tensor_map.h"
+
+#if !EMU_USE_UCONTEXT
+// Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores the stack
+// pointer in *save_sp, and resumes the fiber whose stack pointer is new_sp.
+asm(R"(
+.text
+.globl deepkernels_emu_ctx_switch
+.hidden deepkernels_emu_ctx_switch
+.type deepkernels_emu_ctx_switch,@function
+deepkernels_emu_ctx_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.globl deepkernels_emu_fiber_trampoline
+.hidden deepkernels_emu_fiber_trampoline
+deepkernels_emu_fiber_trampoline:
+  movq %r12, %rdi
+  call deepkernels_emu_fiber_main
+  ud2
+)");
+#endif
+
+extern "C" void deepkernels_emu_fiber_main(emu::Fiber* f) {
+  try {
+    f->fn(f->arg);
+  } catch (...) {   // a failed check in this thread: caught on its own stack, reported by the scheduler
+    emu::on_fiber_exception(std::current_exception());
+  }
+  emu::fiber_exit();
+}
+
+namespace emu {
+
+namespace {
+
+thread_local std::exception_ptr t_cta_error;   // the running CTA's first failure
+
+std::string format_block(const uint3& b) {
+  return "(" + std::to_string(b.x) + ", " + std::to_string(b.y) + ", " + std::to_string(b.z) + ")";
+}
+
+}  // namespace
+
+int num_sms() {
+  static const int n = [] {
+    const char* s = std::getenv("DEEPKERNELS_EMULATE_SMS");
+    const int v = s != nullptr ? std::atoi(s) : 0;
+    return v > 0 ? v : 132;
+  }();
+  return n;
+}
+
+std::string where() {
+  return std::string("kernel ") + g_kernel + ", block " + format_block(blockIdx) + ", thread " +
+         std::to_string(g_cta != nullptr ? flat_tid() : -1);
+}
+
+void fail(const std::string& what) { throw KernelError("emulator: " + what + " (" + where() + ")"); }
+
+void on_fiber_exception(std::exception_ptr error) {
+  if (!t_cta_error) t_cta_error = error;
+}
+
+void block_described(bool (*ready)(const void*, uint64_t), const void* arg, uint64_t val, const char* fmt, ...) {
+  Fiber& f = *g_sched.cur;
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(f.waits_on, sizeof(f.waits_on), fmt, ap);
+  va_end(ap);
+  f.ready = ready;
+  f.ready_arg = arg;
+  f.ready_val = val;
+  switch_to_sched();
+}
+
+void barrier_release_if_complete() {
+  Cta& c = *g_cta;
+  if (c.bar_arrived > 0 && c.bar_arrived == c.live) {
+    c.bar_arrived = 0;
+    c.bar_site = nullptr;
+    ++c.bar_gen;
+    ++g_progress;
+  }
+}
+
+// ---- registries (filled during static initialisation, read-only afterwards)
+namespace {
+std::vector<SmemAccessor>& smem_arrays() {
+  static std::vector<SmemAccessor> v;
+  return v;
+}
+std::vector<std::pair<void (*)(), void (*)()>>& cta_hooks() {
+  static std::vector<std::pair<void (*)(), void (*)()>> v;
+  return v;
+}
+}  // namespace
+
+int register_dynamic_smem(SmemAccessor get) {
+  smem_arrays().push_back(get);
+  return int(smem_arrays().size());
+}
+int register_cta_hooks(void (*start)(), void (*end)()) {
+  cta_hooks().emplace_back(start, end);
+  return int(cta_hooks().size());
+}
+uint8_t* find_dynamic_smem(const void* p) {
+  const uint8_t* b = static_cast<const uint8_t*>(p);
+  for (SmemAccessor get : smem_arrays()) {
+    uint8_t* base = get();
+    if (b >= base && b < base + kMaxSmemPerBlockOptin) return base;
+  }
+  return nullptr;
+}
+
+// ---- statistics
+namespace {
+std::mutex g_stats_mutex;
+Stats g_stats;
+}  // namespace
+
+}  // namespace emu
+
+// ---- __syncthreads
+void __syncthreads() {
+  emu::Cta& c = *emu::g_cta;
+  const void* site = __builtin_return_address(0);
+  if (c.bar_arrived == 0) {
+    c.bar_site = site;
+  } else if (c.bar_site != site) {
+    emu::fail("divergent __syncthreads: threads of one barrier phase arrived from different call sites");
+  }
+  const uint64_t my = c.bar_gen;
+  ++c.bar_arrived;
+  ++emu::g_progress;
+  emu::barrier_release_if_complete();
+  while (c.bar_gen == my)
+    emu::block_described(&emu::word_changed, &c.bar_gen, my, "__syncthreads (%d of %d live threads arrived)",
+                         c.bar_arrived, c.live);
+}
+
+namespace emu {
+
+namespace {
+
+// EMU_SCHED / DEEPKERNELS_EMULATE_SCHEDULE: "rr" (default) resumes every runnable thread in turn; "lo" / "hi"
+// always resume the lowest / highest-numbered runnable thread, so one warp(group) runs as far ahead of the
+// others as the synchronisation allows: a missing barrier then shows as a read of data not yet written.
+int sched_policy() {
+  const char* s = std::getenv("DEEPKERNELS_EMULATE_SCHEDULE");
+  if (s == nullptr) return 0;
+  return std::strcmp(s, "lo") == 0 ? 1 : std::strcmp(s, "hi") == 0 ? 2 : 0;
+}
+
+size_t fiber_stack_bytes() {
+#if defined(__SANITIZE_ADDRESS__)
+  return 256 * 1024;
+#else
+  return 64 * 1024;
+#endif
+}
+
+[[noreturn]] void report_deadlock(const std::vector<Fiber>& fibers, size_t live) {
+  std::string msg = "emulator: deadlock in kernel " + std::string(g_kernel) + ", block " + format_block(blockIdx) +
+                    ": " + std::to_string(live) + " live thread(s) wait forever:";
+  for (size_t i = 0; i < fibers.size();) {
+    if (fibers[i].done) { ++i; continue; }
+    size_t j = i + 1;
+    while (j < fibers.size() && !fibers[j].done && std::strcmp(fibers[j].waits_on, fibers[i].waits_on) == 0) ++j;
+    msg += "\n  thread" + std::string(j - i > 1 ? "s " : " ") + std::to_string(i) +
+           (j - i > 1 ? "-" + std::to_string(j - 1) : std::string()) + ": " + fibers[i].waits_on;
+    i = j;
+  }
+  throw KernelError(msg);
+}
+
+// Runs one CTA with one fiber per thread; rethrows the first failure of any of its threads.
+void run_cta(dim3 block, CtaBody body, const void* ctx, int policy) {
+  static thread_local std::vector<Fiber> fibers;
+  Cta cta;
+  cta.nthreads = cta.live = int(block.x * block.y * block.z);
+  g_cta = &cta;
+  t_cta_error = nullptr;
+  if (fibers.size() < size_t(cta.nthreads)) fibers.resize(cta.nthreads);
+  struct Entry { CtaBody body; const void* ctx; } entry{body, ctx};
+  for (int t = 0; t < cta.nthreads; ++t) {
+    fibers[t].tid = t;
+    fiber_init(fibers[t], fiber_stack_bytes(),
+               [](void* e) { static_cast<Entry*>(e)->body(static_cast<Entry*>(e)->ctx); }, &entry);
+  }
+  size_t live = size_t(cta.nthreads);
+  const auto runnable = [](const Fiber& f) {
+    return !f.done && (f.ready == nullptr || f.ready(f.ready_arg, f.ready_val));
+  };
+  const auto resume = [&](Fiber& f) {
+    f.ready = nullptr;
+    threadIdx = make_uint3(f.tid % block.x, (f.tid / block.x) % block.y, f.tid / (block.x * block.y));
+    switch_to_fiber(f);
+    if (f.done) {
+      --live;
+      --cta.live;
+      barrier_release_if_complete();
+    }
+  };
+  const auto end = fibers.begin() + cta.nthreads;
+  while (live > 0 && !t_cta_error) {
+    const uint64_t progress0 = g_progress;
+    const size_t live0 = live;
+    bool any = false;
+    if (policy == 0) {
+      for (auto it = fibers.begin(); it != end && !t_cta_error; ++it)
+        if (runnable(*it)) { any = true; resume(*it); }
+    } else {
+      Fiber* pick = nullptr;
+      if (policy == 1) {
+        for (auto it = fibers.begin(); it != end && pick == nullptr; ++it) if (runnable(*it)) pick = &*it;
+      } else {
+        for (auto it = end; it != fibers.begin() && pick == nullptr;) { --it; if (runnable(*it)) pick = &*it; }
+      }
+      if (pick != nullptr) { any = true; resume(*pick); }
+    }
+    if (!t_cta_error && live > 0 && (!any || (policy == 0 && live == live0 && g_progress == progress0))) {
+      g_cta = nullptr;
+      report_deadlock(std::vector<Fiber>(fibers.begin(), end), live);
+    }
+  }
+  g_cta = nullptr;
+  g_sched.cur = nullptr;
+  if (t_cta_error) std::rethrow_exception(t_cta_error);
+}
+
+// Sets up the CTA's dynamic shared memory (garbage below the launch's size, poisoned above it under ASan)
+// and the PTX models' state, runs it, and lets the models report work left in flight.
+void run_one_cta(const char* kernel, dim3 grid, dim3 block, uint3 bidx, size_t smem, CtaBody body, const void* ctx,
+                 int policy) {
+  g_kernel = kernel;
+  gridDim = grid;
+  blockDim = block;
+  blockIdx = bidx;
+  g_dyn_base = nullptr;
+  g_dyn_bytes = smem;
+  for (SmemAccessor get : smem_arrays()) {
+    uint8_t* base = get();
+    EMU_UNPOISON(base, kMaxSmemPerBlockOptin);
+    std::memset(base, 0xA5, smem);   // uninitialised shared memory is garbage
+    EMU_POISON(base + smem, kMaxSmemPerBlockOptin - smem);
+  }
+  for (auto& hooks : cta_hooks()) hooks.first();
+  run_cta(block, body, ctx, policy);
+  for (auto& hooks : cta_hooks()) hooks.second();
+}
+
+int worker_count() {
+  static const int n = [] {
+    const char* s = std::getenv("DEEPKERNELS_EMULATE_THREADS");
+    const int v = s != nullptr ? std::atoi(s) : 0;
+    const int hw = int(std::thread::hardware_concurrency());
+    return v > 0 ? v : std::max(1, std::min(hw, 8));
+  }();
+  return n;
+}
+
+}  // namespace
+
+void run_grid(const char* kernel, const void* kernel_id, dim3 grid, dim3 block, size_t smem, CtaBody body,
+              const void* ctx) {
+  const int64_t threads = int64_t(block.x) * block.y * block.z;
+  const auto launch_error = [&](const std::string& what) {
+    throw std::runtime_error("emulator: launch of " + std::string(kernel) + ": " + what);
+  };
+  if (threads <= 0 || threads > kMaxThreadsPerBlock)
+    launch_error("block of " + std::to_string(threads) + " threads (1..1024 allowed)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    launch_error("invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                 std::to_string(grid.z) + ")");
+  if (smem > size_t(api::max_dynamic_smem(kernel_id)))
+    launch_error(std::to_string(smem) + " bytes of dynamic shared memory exceed the " +
+                 std::to_string(api::max_dynamic_smem(kernel_id)) +
+                 " the kernel allows (cudaFuncSetAttribute(MaxDynamicSharedMemorySize) raises it up to 232448)");
+  const int policy = sched_policy();
+  const int64_t ctas = int64_t(grid.x) * grid.y * grid.z;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::atomic<int64_t> next{0};
+  std::atomic<uint64_t> switches{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  const auto work = [&] {
+    const uint64_t s0 = g_sched.switches;
+    for (int64_t i; !error && (i = next.fetch_add(1)) < ctas;) {
+      const uint3 bidx = make_uint3(unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
+                                    unsigned(i / (int64_t(grid.x) * grid.y)));
+      try {
+        run_one_cta(kernel, grid, block, bidx, smem, body, ctx, policy);
+      } catch (...) {
+        const std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+    switches += g_sched.switches - s0;
+  };
+  const int workers = int(std::min<int64_t>(worker_count(), ctas));
+  std::vector<std::thread> pool;
+  for (int w = 1; w < workers; ++w) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  {
+    const std::lock_guard<std::mutex> lock(g_stats_mutex);
+    ++g_stats.launches;
+    g_stats.ctas += uint64_t(ctas);
+    g_stats.switches += switches;
+    g_stats.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++g_stats.kernels[kernel];
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+Stats stats() {
+  const std::lock_guard<std::mutex> lock(g_stats_mutex);
+  return g_stats;
+}
+
+// ---- the emulated runtime / driver API
+namespace api {
+
+namespace {
+thread_local cudaError_t t_last_error = cudaSuccess;
+std::mutex g_attr_mutex;
+std::map<const void*, int>& max_smem_attr() {
+  static std::map<const void*, int> m;
+  return m;
+}
+}  // namespace
+
+cudaError_t get_device(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t get_last_error() {
+  const cudaError_t e = t_last_error;
+  t_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return t_last_error = cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
+    case cudaDevAttrMultiProcessorCount: *value = num_sms(); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kMaxSmemPerBlockOptin; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = kDefaultMaxDynamicSmem; break;
+    case cudaDevAttrMaxThreadsPerBlock: *value = kMaxThreadsPerBlock; break;
+    case cudaDevAttrWarpSize: *value = 32; break;
+    default: return t_last_error = cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || value > kMaxSmemPerBlockOptin) return t_last_error = cudaErrorInvalidValue;
+  const std::lock_guard<std::mutex> lock(g_attr_mutex);
+  max_smem_attr()[kernel] = value;
+  return cudaSuccess;
+}
+int max_dynamic_smem(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(g_attr_mutex);
+  const auto it = max_smem_attr().find(kernel);
+  return it == max_smem_attr().end() ? kDefaultMaxDynamicSmem : it->second;
+}
+// An sm_90a image: the kernels' checks for a real (not stub) sm_90a body pass.
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* kernel) {
+  *attr = cudaFuncAttributes{};
+  attr->binaryVersion = 90;
+  attr->ptxVersion = 90;
+  attr->numRegs = 168;
+  attr->sharedSizeBytes = 1024;
+  attr->maxThreadsPerBlock = kMaxThreadsPerBlock;
+  attr->maxDynamicSharedSizeBytes = max_dynamic_smem(kernel);
+  return cudaSuccess;
+}
+cudaError_t get_driver_entry_point_by_version(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                              cudaDriverEntryPointQueryResult* status) {
+  const bool ok = std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0;
+  *fn = ok ? reinterpret_cast<void*>(&encode_tiled) : nullptr;
+  if (status != nullptr) *status = ok ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  return cudaSuccess;
+}
+
+}  // namespace api
+
+// The cuTensorMapEncodeTiled constraints (CUDA driver API reference) the kernels rely on: 16-byte aligned
+// global address, strides multiples of 16 below 2^40, box dims 1..256, box inner bytes <= the swizzle span.
+CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* addr, const cuuint64_t* dims,
+                      const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* element_strides,
+                      CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle, CUtensorMapL2promotion,
+                      CUtensorMapFloatOOBfill oob_fill) {
+  if (type != CU_TENSOR_MAP_DATA_TYPE_UINT8 || rank < 1 || rank > 3 || reinterpret_cast<uintptr_t>(addr) % 16 != 0 ||
+      interleave != CU_TENSOR_MAP_INTERLEAVE_NONE || oob_fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    return CUDA_ERROR_INVALID_VALUE;
+  TensorMap m{kTensorMapMagic, static_cast<const uint8_t*>(addr), {1, 1, 1}, {1, 0, 0}, {1, 1, 1}, rank, 1, 0};
+  for (cuuint32_t i = 0; i < rank; ++i) {
+    if (dims[i] == 0 || dims[i] > (uint64_t(1) << 32) || box[i] == 0 || box[i] > 256 || element_strides[i] != 1)
+      return CUDA_ERROR_INVALID_VALUE;
+    m.dims[i] = dims[i];
+    m.box[i] = box[i];
+    if (i > 0) {
+      if (strides[i - 1] % 16 != 0 || strides[i - 1] >= (uint64_t(1) << 40)) return CUDA_ERROR_INVALID_VALUE;
+      m.strides[i] = strides[i - 1];
+    }
+  }
+  if (swizzle == CU_TENSOR_MAP_SWIZZLE_128B) {
+    if (box[0] * m.esize > 128) return CUDA_ERROR_INVALID_VALUE;
+    m.swizzle = 128;
+  } else if (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  std::memset(map, 0, sizeof(*map));
+  std::memcpy(map, &m, sizeof(m));
+  return CUDA_SUCCESS;
+}
+
+}  // namespace emu
