@@ -30,6 +30,20 @@ def cuda_kernels_available() -> bool:
     return torch.cuda.is_available() and extension_loaded()
 
 
+def reference():
+    """``with reference(): ...`` runs ops on CPU tensors on the pure-torch references even while the
+    emulator is on (a test's oracle inside an emulated test)."""
+    from ._ops import emulate
+
+    return emulate(False)
+
+
+def synchronize(device) -> None:
+    """torch.cuda.synchronize() for CUDA devices; nothing for the CPU (emulated kernels are synchronous)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 _FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 
