@@ -12,7 +12,7 @@ PY_DEPS := numpy safetensors ninja pybind11 setuptools wheel pytest pytest-bench
 SOURCES := $(shell find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.cpp') setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean memcheck
 
 demo: build/.installed
 	$(PY) -m deepkernels.demo
@@ -37,6 +37,14 @@ build/.installed: $(VENV)/.deps $(SOURCES)
 	  || { grep -E -B2 -A8 'error|Error' build/build.log | tail -80; exit 1; }
 	$(PY) tools/ptxas_report.py build/build.log build/ptxas.txt && cat build/ptxas.txt
 	touch $@
+
+# The emulated kernel tests again under AddressSanitizer: an out-of-bounds global or shared access aborts
+# with ASan's report. The ASan build of the emulator goes to build/asan; the installed one is untouched.
+memcheck: build/.installed
+	DEEPKERNELS_ONLY_EMULATOR=1 DEEPKERNELS_EMULATOR_ASAN=1 MAX_JOBS=$${MAX_JOBS-2} $(PY) setup.py -q build_ext \
+	  --build-lib build/asan --build-temp build/asan-tmp > build/asan.log 2>&1 || { tail -40 build/asan.log; exit 1; }
+	LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 \
+	  DEEPKERNELS_EMULATOR_LIB=$$(ls build/asan/deepkernels/_emu*.so) $(PY) -m pytest -q -m emu $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf build $(VENV) deepkernels/_C*.so deepkernels/_build_info.py *.egg-info

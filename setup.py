@@ -9,6 +9,7 @@ Environment:
   MAX_JOBS, NVCC_THREADS   parallel compile jobs / nvcc's per-file arch threads
   DEEPKERNELS_SKIP_EMULATOR=1  do not build deepkernels._emu (the SIMT emulator: the same kernel sources
                            compiled as host C++ with the host compiler; needs only the toolkit's headers)
+  DEEPKERNELS_ONLY_EMULATOR=1  build only deepkernels._emu (with DEEPKERNELS_EMULATOR_ASAN: `make memcheck`)
   DEEPKERNELS_EMULATOR_ASAN=1  build the emulator with AddressSanitizer (the memcheck build; run Python with
                            LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0)
 """
@@ -69,6 +70,9 @@ def gencode_flags(cubins, ptx):
 
 
 def cuda_extension():
+    if os.environ.get("DEEPKERNELS_ONLY_EMULATOR") == "1":
+        log("DEEPKERNELS_ONLY_EMULATOR=1: only the emulator")
+        return None
     if os.environ.get("DEEPKERNELS_SKIP_CUDA") == "1":
         log("DEEPKERNELS_SKIP_CUDA=1: pure-Python install")
         return None

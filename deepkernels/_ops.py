@@ -102,9 +102,24 @@ def emulator_stats() -> dict:
     """Emulated launches since import: ``{"launches", "ctas", "switches", "seconds", "kernels": {name: n}}``."""
     if _emulator_error is not None:
         return {"launches": 0, "ctas": 0, "switches": 0, "seconds": 0.0, "kernels": {}}
-    from . import _emu
+    return sys.modules[f"{__package__}._emu"].stats()
 
-    return _emu.stats()
+
+def _import_emulator() -> None:
+    """Import deepkernels._emu (registers the emulated kernels in deepkernels_emu). DEEPKERNELS_EMULATOR_LIB
+    names another build of it, e.g. the AddressSanitizer one of `make memcheck`."""
+    path = os.environ.get("DEEPKERNELS_EMULATOR_LIB")
+    if not path:
+        from . import _emu  # noqa: F401
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{__package__}._emu", path)
+    if spec is None or not os.path.isfile(path):
+        raise ImportError(f"DEEPKERNELS_EMULATOR_LIB={path}: no such extension module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
 
 
 def load_extension() -> None:
@@ -119,8 +134,7 @@ def load_extension() -> None:
         except ImportError as exc:  # not built, or built against another torch
             _extension_error = f"{type(exc).__name__}: {exc}"
     try:
-        from . import _emu  # noqa: F401  (registers the emulated kernels in deepkernels_emu)
-
+        _import_emulator()
         _emulator_error = None
     except ImportError as exc:
         _emulator_error = f"{type(exc).__name__}: {exc}"

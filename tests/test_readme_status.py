@@ -26,6 +26,7 @@ ROWS = {
                     ["tests/test_model.py", "tests/test_moe.py"]),
     "mtp layers": ([], ["deepkernels.model.modeling:MTPLayer", "deepkernels.model:DeepseekV3ForCausalLM"],
                    ["tests/test_model.py"]),
+    "simt emulator": ([], ["deepkernels:emulate", "deepkernels:emulator_stats"], ["tests/test_emulator.py"]),
 }
 
 
