@@ -5,6 +5,7 @@
 // Sequences with exactly one split were finished by the split-KV kernel and are skipped here.
 #include <cuda_bf16.h>
 
+#include "../common/fp8.cuh"
 #include "config.h"
 #include "params.h"
 
@@ -64,11 +65,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const M
   auto* out = static_cast<__nv_bfloat16*>(p.out) + (int64_t(batch) * rows_q + row) * kHeadDimV;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    __nv_bfloat162 lo = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
-    __nv_bfloat162 hi = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
-    uint2 packed;
-    packed.x = *reinterpret_cast<uint32_t*>(&lo);
-    packed.y = *reinterpret_cast<uint32_t*>(&hi);
+    const uint2 packed = make_uint2(pack_bf16x2(acc[j][0], acc[j][1]), pack_bf16x2(acc[j][2], acc[j][3]));
     *reinterpret_cast<uint2*>(out + 4 * lane + 128 * j) = packed;
   }
   if (lane == 0) p.lse[(int64_t(batch) * p.h_q + head) * p.s_q + token] = lse;

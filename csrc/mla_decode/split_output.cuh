@@ -5,15 +5,11 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "../common/fp8.cuh"
 #include "config.h"
 #include "params.h"
 
 namespace deepkernels::mla {
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
 
 struct SplitOutput {
   bool direct;

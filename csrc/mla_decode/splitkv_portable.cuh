@@ -21,14 +21,16 @@ namespace deepkernels::mla {
 
 // 16 e4m3 -> 16 bf16, exact (every e4m3 value is representable in bf16).
 __device__ __forceinline__ void e4m3x16_to_bf16(const uint4& in, uint4 (&out)[2]) {
-  const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&in);
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  uint32_t dst[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pairs[i]), __NV_E4M3);
+    const auto pair = static_cast<__nv_fp8x2_storage_t>(word_of(in, i / 2) >> (16 * (i % 2)));
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
     const float2 f = __half22float2(__half2(h));
     dst[i] = pack_bf16x2(f.x, f.y);
   }
+  out[0] = make_uint4(dst[0], dst[1], dst[2], dst[3]);
+  out[1] = make_uint4(dst[4], dst[5], dst[6], dst[7]);
 }
 
 // Loads kBlockM query rows (zero for rows past the end) with cp.async.

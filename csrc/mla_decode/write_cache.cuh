@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kWriteWarps * 32) mla_write_cache_kernel(const
   for (int j = 0; j < kElemsPerLaneWrite; ++j) amax = nan_propagating_absmax(amax, v[j]);
   amax = warp_reduce_max(amax);
   amax = isnan(amax) ? amax : fmaxf(amax, kFp8AmaxClamp);  // a NaN row keeps a NaN scale, as torch does
-  const float inv_scale = __fdiv_rn(kFp8E4m3Max, amax);
+  const float inv_scale = fp8_inv_scale(amax);
   auto* dst = static_cast<uint8_t*>(p.cache) + dst_row * kHeadDim;
 #pragma unroll
   for (int j = 0; j < kElemsPerLaneWrite; ++j) dst[lane + 32 * j] = float_to_e4m3(__fmul_rn(v[j], inv_scale));

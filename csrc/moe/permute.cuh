@@ -54,9 +54,8 @@ __device__ __forceinline__ void load8(const T* row, int64_t col, int64_t hidden,
       v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     } else {
       const uint4 q = __ldg(reinterpret_cast<const uint4*>(row + col));
-      const T* e = reinterpret_cast<const T*>(&q);
 #pragma unroll
-      for (int i = 0; i < kElemsPerLane; ++i) v[i] = to_float<T>(e[i]);
+      for (int i = 0; i < kElemsPerLane; ++i) v[i] = half_bits_to_float<T>(word_of(q, i / 2), i % 2);
     }
   } else {
 #pragma unroll
@@ -72,11 +71,11 @@ __device__ __forceinline__ void store8(T* row, int64_t col, int64_t hidden, cons
       reinterpret_cast<float4*>(row + col)[0] = make_float4(v[0], v[1], v[2], v[3]);
       reinterpret_cast<float4*>(row + col)[1] = make_float4(v[4], v[5], v[6], v[7]);
     } else {
-      uint4 q;
-      T* e = reinterpret_cast<T*>(&q);
+      uint32_t w[4];
 #pragma unroll
-      for (int i = 0; i < kElemsPerLane; ++i) e[i] = from_float<T>(v[i]);
-      *reinterpret_cast<uint4*>(row + col) = q;
+      for (int i = 0; i < 4; ++i)
+        w[i] = float_to_half_bits<T>(v[2 * i]) | (float_to_half_bits<T>(v[2 * i + 1]) << 16);
+      *reinterpret_cast<uint4*>(row + col) = make_uint4(w[0], w[1], w[2], w[3]);
     }
   } else {
 #pragma unroll
@@ -101,7 +100,7 @@ __device__ __forceinline__ void quantize_store_slab(const float (&v)[kElemsPerLa
   for (int offset = 8; offset > 0; offset >>= 1)
     amax = nan_propagating_absmax(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
   amax = isnan(amax) ? amax : fmaxf(amax, kFp8AmaxClamp);
-  const float inv_scale = kFp8E4m3Max / amax;
+  const float inv_scale = fp8_inv_scale(amax);
   uint8_t q[kElemsPerLane];
 #pragma unroll
   for (int i = 0; i < kElemsPerLane; ++i) q[i] = float_to_e4m3(v[i] * inv_scale);

@@ -19,9 +19,8 @@ __device__ __forceinline__ void load_group_slice(const T* row, int64_t col, int6
       v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
     } else {
       const uint2 q = *reinterpret_cast<const uint2*>(row + col);
-      const T* e = reinterpret_cast<const T*>(&q);
 #pragma unroll
-      for (int i = 0; i < kElemsPerLane; ++i) v[i] = to_float<T>(e[i]);
+      for (int i = 0; i < kElemsPerLane; ++i) v[i] = half_bits_to_float<T>(i < 2 ? q.x : q.y, i % 2);
     }
   } else {
 #pragma unroll
@@ -48,7 +47,7 @@ per_token_cast_to_fp8_kernel(PerTokenCastParams p) {
   for (int i = 0; i < kElemsPerLane; ++i) amax = nan_propagating_absmax(amax, v[i]);
   amax = warp_reduce_max(amax);
   amax = isnan(amax) ? amax : fmaxf(amax, kFp8AmaxClamp);
-  const float inv_scale = kFp8E4m3Max / amax;
+  const float inv_scale = fp8_inv_scale(amax);
 
   uint8_t q[kElemsPerLane];
 #pragma unroll
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(kBlockThreads) per_block_cast_to_fp8_kernel(Pe
 #pragma unroll
   for (int i = 0; i < kBlockRowsPerPass; ++i) amax = nan_propagating_absmax(amax, warp_amax[i]);
   amax = isnan(amax) ? amax : fmaxf(amax, kFp8AmaxClamp);
-  const float inv_scale = kFp8E4m3Max / amax;
+  const float inv_scale = fp8_inv_scale(amax);
 
   for (int r = warp; r < kGroup; r += kBlockRowsPerPass) {
     const int64_t row = row0 + r;
