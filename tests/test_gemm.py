@@ -7,7 +7,7 @@ import deepkernels
 import deepkernels.compat.deep_gemm as deep_gemm
 from deepkernels import gemm
 from deepkernels.nn import Fp8Linear
-from deepkernels.testing import calc_diff, opcheck, poison_
+from deepkernels.testing import calc_diff, opcheck, poison_, reference
 
 DSV3_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 ODD_MNK = [(1, 16, 16), (5, 48, 80), (37, 272, 400), (130, 144, 1040), (0, 64, 128)]
@@ -17,12 +17,13 @@ def _operands(m, n, k, device="cpu", groups=None):
     lead = () if groups is None else (groups,)
     a = torch.randn(*lead, m, k, device=device, dtype=torch.bfloat16)
     b = torch.randn(*lead, n, k, device=device, dtype=torch.bfloat16)
-    a_fp8, a_scale = deepkernels.per_token_cast_to_fp8(a)
-    if groups is None:
-        b_fp8, b_scale = deepkernels.per_block_cast_to_fp8(b)
-    else:
-        pairs = [deepkernels.per_block_cast_to_fp8(b[g]) for g in range(groups)]
-        b_fp8, b_scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    with reference():  # CPU operands come from the pure-torch casts in emulated tests too: only the GEMM is under test
+        a_fp8, a_scale = deepkernels.per_token_cast_to_fp8(a)
+        if groups is None:
+            b_fp8, b_scale = deepkernels.per_block_cast_to_fp8(b)
+        else:
+            pairs = [deepkernels.per_block_cast_to_fp8(b[g]) for g in range(groups)]
+            b_fp8, b_scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     return a, b, (a_fp8, a_scale), (b_fp8, b_scale)
 
 
@@ -197,13 +198,54 @@ def test_deep_gemm_compat_entry_points():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA kernels vs the reference (skipped without a GPU; `pytest -m cuda` on the GPU machine)
+# CUDA kernels vs the reference: each test takes `kernel_device` (tests/conftest.py): "cuda" on the GPU
+# (skipped without one; `pytest -m cuda` on the GPU machine), or "cpu" with the same CUDA kernels run by the
+# SIMT emulator (`pytest -m emu`). References are always the pure-torch `*_ref` functions, called directly.
+# Shapes too large to emulate in reasonable time stay CUDA-only; smaller emulated stand-ins cover their kind.
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("m, n, k", ODD_MNK + [(4096, 7168, 2048), (64, 2112, 7168), (128, 24576, 1536), (1, 32768, 512)])
-def test_cuda_dense_matches_reference(m, n, k):
-    a, b, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
-    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+def _case_id(value) -> str:
+    return "_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _device_cases(both, cuda_only=(), emu_only=()):
+    """Parameters (kernel_device, *case) for ``parametrize(..., indirect=["kernel_device"])``: the ``both``
+    cases on CUDA and emulated, ``cuda_only`` on CUDA alone, ``emu_only`` (stand-ins) emulated alone.
+    A case is a tuple of the test's arguments, or a single value."""
+    def param(device, case, mark):
+        case = case if isinstance(case, tuple) else (case,)
+        return pytest.param(device, *case, marks=mark, id="-".join([device, *map(_case_id, case)]))
+
+    return ([param("cuda", c, pytest.mark.cuda) for c in (*both, *cuda_only)]
+            + [param("emu", c, pytest.mark.emu) for c in (*both, *emu_only)])
+
+
+def _emulated_kernels() -> dict:
+    stats = deepkernels.emulator_stats()
+    return {"ctas": stats["ctas"], **stats["kernels"]}
+
+
+def _check_emulated(kernel_device, before: dict, **expected) -> None:
+    """Under emulation: the emulated launches since ``before`` (_emulated_kernels()) are exactly ``expected``
+    (``sm90`` / ``portable`` launches of the two GEMM kernels; ``ctas`` when given). Nothing on CUDA."""
+    if kernel_device != "cpu":
+        return
+    now = _emulated_kernels()
+    names = {"sm90": "fp8_gemm_sm90_kernel", "portable": "fp8_gemm_nt_portable_kernel", "ctas": "ctas"}
+    for key, want in expected.items():
+        got = now.get(names[key], 0) - before.get(names[key], 0)
+        assert got == want, f"emulated {names[key]}: {got} since the call, expected {want}"
+
+
+DENSE_LARGE = [(4096, 7168, 2048), (64, 2112, 7168), (128, 24576, 1536), (1, 32768, 512)]
+
+
+# M = 0 launches no kernel (nothing to emulate: an emulated test must launch one), so it stays CUDA-only.
+@pytest.mark.parametrize("kernel_device, m, n, k", _device_cases(
+    [c for c in ODD_MNK if c[0]], cuda_only=[c for c in ODD_MNK if not c[0]] + DENSE_LARGE,
+    emu_only=[(64, 576, 2048), (200, 320, 1536)]), indirect=["kernel_device"])
+def test_cuda_dense_matches_reference(kernel_device, m, n, k):
+    a, b, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
     deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
     want = torch.empty(m, n, dtype=torch.bfloat16)
     gemm.fp8_gemm_nt_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want)
@@ -213,11 +255,12 @@ def test_cuda_dense_matches_reference(m, n, k):
         assert calc_diff(out.float(), a.float() @ b.float().T) < 1e-3
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("group_rows", [[128, 128, 128, 128], [5, 0, 130, 1], [4000, 3000, 100, 0]])
-def test_cuda_contiguous_matches_reference(group_rows):
-    _, _, aq, sa, bq, sb, m_idx = _contiguous_case(group_rows, n=512, k=1024, device="cuda")
-    out = poison_(torch.empty(aq.size(0), 512, dtype=torch.bfloat16, device="cuda"))
+@pytest.mark.parametrize("kernel_device, group_rows", _device_cases(
+    [[128, 128, 128, 128], [5, 0, 130, 1]], cuda_only=[[4000, 3000, 100, 0]], emu_only=[[300, 200, 10, 0]]),
+    indirect=["kernel_device"])
+def test_cuda_contiguous_matches_reference(kernel_device, group_rows):
+    _, _, aq, sa, bq, sb, m_idx = _contiguous_case(group_rows, n=512, k=1024, device=kernel_device)
+    out = poison_(torch.empty(aq.size(0), 512, dtype=torch.bfloat16, device=kernel_device))
     deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_idx)
     want = torch.empty(aq.size(0), 512, dtype=torch.bfloat16)
     gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want, m_idx.cpu())
@@ -241,34 +284,56 @@ def test_cuda_masked_graph_capture_no_host_sync():
         assert calc_diff(out[g, :rows].cpu(), want[g, :rows]) < 1e-5 if rows else True
 
 
-@pytest.mark.cuda
+def test_cuda_masked_m_on_device_matches_reference(kernel_device):
+    """The graph-capture test's case without the capture (the emulator has no CUDA graphs): masked_m is a
+    device tensor read by the kernel, rewritten in place between two calls as a graph replay would see it;
+    valid rows match the reference, rows >= masked_m[g] stay untouched."""
+    groups, mmax, n, k = 4, 256, 512, 1024
+    _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, kernel_device, groups=groups)
+    masked_m = torch.tensor([0, 256, 3, 100], dtype=torch.int32, device=kernel_device)
+    for masked in ([0, 256, 3, 100], [7, 0, 256, 1]):
+        masked_m.copy_(torch.tensor(masked, dtype=torch.int32))
+        out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device=kernel_device))
+        deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, 64)
+        want = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16))
+        gemm.m_grouped_fp8_gemm_nt_masked_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want, masked_m.cpu(), 64)
+        for g, rows in enumerate(masked):
+            if rows:
+                assert calc_diff(out[g, :rows].cpu(), want[g, :rows]) < 1e-5, f"{masked}: group {g}"
+            assert out[g, rows:].isnan().all(), f"{masked}: group {g}: rows >= masked_m written"
+
+
 @pytest.mark.parametrize("index", range(3))
-def test_cuda_opcheck(index):
-    op, args = _op_cases("cuda")[index]
+def test_cuda_opcheck(kernel_device, index):
+    op, args = _op_cases(kernel_device)[index]
     opcheck(op, args)
 
 
-@pytest.mark.cuda
-def test_cuda_ops_refuse_scales_without_a_slice_per_group():
+def test_cuda_ops_refuse_scales_without_a_slice_per_group(kernel_device):
     """The CUDA ops index scales (and masked_m) by group: called directly (torch.ops, no Python checks), too few
-    scale slices or a strided masked_m are refused on the host, naming the argument, instead of read past."""
-    _, _, (aq, sa), _ = _operands(128, 32, 256, "cuda")
-    _, _, _, (bq, sb) = _operands(1, 32, 256, "cuda", groups=2)
-    out = torch.empty(128, 32, dtype=torch.bfloat16, device="cuda")
-    m_indices = torch.zeros(128, dtype=torch.int32, device="cuda")
+    scale slices or a strided masked_m are refused on the host, naming the argument, instead of read past;
+    the same call with a slice per group runs."""
+    _, _, (aq, sa), _ = _operands(128, 32, 256, kernel_device)
+    _, _, _, (bq, sb) = _operands(1, 32, 256, kernel_device, groups=2)
+    out = torch.empty(128, 32, dtype=torch.bfloat16, device=kernel_device)
+    m_indices = torch.zeros(128, dtype=torch.int32, device=kernel_device)
     with pytest.raises(RuntimeError, match=r"b_scale: expected 2 groups"):
         torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb[:1].contiguous(), out, m_indices)
     a3, sa3 = torch.stack([aq, aq]), torch.stack([sa, sa])
-    out3 = torch.empty(2, 128, 32, dtype=torch.bfloat16, device="cuda")
-    masked_m = torch.full((2,), 128, dtype=torch.int32, device="cuda")
+    out3 = torch.empty(2, 128, 32, dtype=torch.bfloat16, device=kernel_device)
+    masked_m = torch.full((2,), 128, dtype=torch.int32, device=kernel_device)
     with pytest.raises(RuntimeError, match=r"a_scale: expected 2 groups"):
         torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a3, sa3[:1].contiguous(), bq, sb, out3, masked_m, 128)
     with pytest.raises(RuntimeError, match="masked_m: expected a contiguous int32"):
         torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a3, sa3, bq, sb, out3, masked_m.repeat(2)[::2], 128)
+    poison_(out)
+    torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_indices)
+    want = torch.empty(128, 32, dtype=torch.bfloat16)
+    gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want, m_indices.cpu())
+    assert not out.isnan().any() and calc_diff(out.cpu(), want) < 1e-5
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_contiguous_all_padding_and_no_groups_write_zeros(device):
+def _check_all_padding_and_no_groups_write_zeros(device):
     _, _, (aq, sa), _ = _operands(128, 32, 256, device=device)
     _, _, _, (bq, sb) = _operands(1, 32, 256, device=device, groups=1)
     for b, s in ((bq, sb), (bq[:0], sb[:0])):
@@ -278,23 +343,46 @@ def test_contiguous_all_padding_and_no_groups_write_zeros(device):
         assert (out == 0).all()
 
 
+def test_contiguous_all_padding_and_no_groups_write_zeros(kernel_device):
+    _check_all_padding_and_no_groups_write_zeros(kernel_device)
+
+
+def test_contiguous_all_padding_and_no_groups_write_zeros_reference():
+    _check_all_padding_and_no_groups_write_zeros("cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # The opt-in sm_90a kernel (DEEPKERNELS_GEMM_SM90=1; csrc/fp8_gemm/sm90.cuh, not yet run on a GPU):
 # TMA ring + warp-specialised wgmma + persistent scheduler. Cases aimed at its edges: partial BLOCK_M /
 # BLOCK_N / K tiles (TMA zero-fill, bounded stores), more tiles than SMs with K blocks enough to wrap the
 # ring's mbarrier phases, both BLOCK_M choices of the heuristic, grouped modes resolved on the device,
-# and layouts TMA cannot describe (portable fallback). References are computed on the GPU (pure torch).
+# and layouts TMA cannot describe (portable fallback). References are computed on the device (pure torch).
+# Emulated (the emulated device is an sm_90 one), each test also checks which kernel ran
+# (emulator_stats), and stand-ins that must have more tiles than SMs shrink the device (EMU_SMS).
 # If these fail while the portable CUDA tests pass, suspect in order: the 128B-swizzle descriptor /
 # tensor-map pairing, the mbarrier parities, the accumulator row/column mapping of the epilogue.
 
-def _use_sm90_kernel(monkeypatch):
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the TMA/wgmma kernel is built for sm_90a only")
+# DEEPKERNELS_EMULATE_SMS for emulated stand-ins of the many-tiles cases: tiles > SMs at a size the
+# emulator runs quickly, so the persistent loop takes several tiles per CTA and the ring phases wrap.
+EMU_SMS = {(512, 512, 1024): 4, (300, 320, 1024): 4}
+DEFAULT_EMU_SMS = 132
+
+
+def _use_sm90_kernel(monkeypatch, kernel_device, case=None) -> int:
+    """Route the GEMMs to the sm_90a kernel; returns the SM count of the device (emulated: as set here)."""
+    if kernel_device == "cpu":
+        sms = EMU_SMS.get(case, DEFAULT_EMU_SMS)
+        monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", str(sms))
+    else:
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the TMA/wgmma kernel is built for sm_90a only")
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+    return sms
 
 
 def _check_against_reference(out, want, case, valid=None):
-    """out/want [.., M, N] on the GPU; every valid element written (no NaN left) and calc_diff tiny."""
+    """out/want [.., M, N] on the device; every valid element written (no NaN left) and calc_diff tiny."""
     got = out if valid is None else out[valid]
     ref = want if valid is None else want[valid]
     assert not got.isnan().any(), f"{case}: NaN left in the output (tile not written)"
@@ -308,21 +396,28 @@ SM90_DENSE = [
     (65, 48, 144),       # M just over BLOCK_M = 64, partial last K block
     (129, 272, 400),     # M just over BLOCK_M = 128, N not a multiple of 64
     (64, 2112, 7168),    # decode shape: BLOCK_N = 64 by the heuristic, 56 K blocks through the ring
-    (2048, 2048, 1024),  # 256 tiles > #SMs: persistent loop, ring phases wrap several times
     (300, 7168, 512),
+]
+SM90_DENSE_CUDA_ONLY = [
+    (2048, 2048, 1024),  # 256 tiles > #SMs: persistent loop, ring phases wrap several times
+]
+SM90_DENSE_EMU_ONLY = [
+    (512, 512, 1024),    # 16 tiles on 4 emulated SMs: persistent loop, ring phases wrap several times
 ]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("m, n, k", SM90_DENSE)
+@pytest.mark.parametrize("kernel_device, m, n, k", _device_cases(SM90_DENSE, SM90_DENSE_CUDA_ONLY, SM90_DENSE_EMU_ONLY),
+                         indirect=["kernel_device"])
 @pytest.mark.parametrize("col_major_scale", [False, True])
-def test_cuda_sm90_dense_edges(m, n, k, col_major_scale, monkeypatch):
-    _use_sm90_kernel(monkeypatch)
-    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
+def test_cuda_sm90_dense_edges(kernel_device, m, n, k, col_major_scale, monkeypatch):
+    _use_sm90_kernel(monkeypatch, kernel_device, (m, n, k))
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
     if col_major_scale:
         sa = deep_gemm.get_col_major_tma_aligned_tensor(sa)
-    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+    before = _emulated_kernels()
     deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    _check_emulated(kernel_device, before, sm90=1, portable=0)
     want = torch.empty_like(out)
     gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     _check_against_reference(out, want, (m, n, k, col_major_scale))
@@ -331,108 +426,131 @@ def test_cuda_sm90_dense_edges(m, n, k, col_major_scale, monkeypatch):
 SM90_BLOCKS = ["64x64", "64x128", "128x64", "128x128"]  # every instantiation, whatever the heuristic picks
 
 
-@pytest.mark.cuda
+def _sm90_grid(blocks: str, groups: int, m: int, n: int, sms: int) -> int:
+    block_m, block_n = map(int, blocks.split("x"))
+    return min(groups * -(-m // block_m) * -(-n // block_n), sms)
+
+
 @pytest.mark.parametrize("blocks", SM90_BLOCKS)
-@pytest.mark.parametrize("m, n, k", [(1, 16, 16), (129, 272, 400), (1000, 1024, 2048)])
-def test_cuda_sm90_every_block_shape(blocks, m, n, k, monkeypatch):
-    _use_sm90_kernel(monkeypatch)
+@pytest.mark.parametrize("kernel_device, m, n, k", _device_cases(
+    [(1, 16, 16), (129, 272, 400)], cuda_only=[(1000, 1024, 2048)], emu_only=[(300, 320, 1024)]),
+    indirect=["kernel_device"])
+def test_cuda_sm90_every_block_shape(blocks, kernel_device, m, n, k, monkeypatch):
+    sms = _use_sm90_kernel(monkeypatch, kernel_device, (m, n, k))
     monkeypatch.setenv("DEEPKERNELS_GEMM_SM90_BLOCKS", blocks)
-    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
-    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+    before = _emulated_kernels()
     deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    # the CTA count (persistent grid = min(tiles, SMs)) shows the forced block shape was the one launched
+    _check_emulated(kernel_device, before, sm90=1, portable=0, ctas=_sm90_grid(blocks, 1, m, n, sms))
     want = torch.empty_like(out)
     gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     _check_against_reference(out, want, (blocks, m, n, k))
     # grouped modes on the same shape: masked (groups of m, 0 and m // 2 rows), contiguous (-1 tail rows)
-    out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device="cuda"))
-    masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device="cuda")
+    out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device=kernel_device))
+    masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device=kernel_device)
+    before = _emulated_kernels()
     deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
                                              torch.stack([sb] * 3), out3, masked_m, m)
+    _check_emulated(kernel_device, before, sm90=1, portable=0, ctas=_sm90_grid(blocks, 3, m, n, sms))
     _check_against_reference(out3[0], want, (blocks, "masked group 0"))
     _check_against_reference(out3[2, :m // 2], want[:m // 2], (blocks, "masked group 2"))
     assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all(), f"{blocks}: rows >= masked_m written"
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("group_rows", [[5, 0, 130, 1], [128, 128, 128, 128], [300, 3], [0, 0]])
-def test_cuda_sm90_contiguous_edges(group_rows, monkeypatch):
-    _use_sm90_kernel(monkeypatch)
-    _, _, aq, sa, bq, sb, m_idx = _contiguous_case(group_rows, n=144, k=272, device="cuda")
-    out = poison_(torch.empty(aq.size(0), 144, dtype=torch.bfloat16, device="cuda"))
+# [0, 0] has M = 0: no kernel is launched (nothing to emulate), so it stays CUDA-only.
+@pytest.mark.parametrize("kernel_device, group_rows", _device_cases(
+    [[5, 0, 130, 1], [128, 128, 128, 128], [300, 3]], cuda_only=[[0, 0]]), indirect=["kernel_device"])
+def test_cuda_sm90_contiguous_edges(kernel_device, group_rows, monkeypatch):
+    _use_sm90_kernel(monkeypatch, kernel_device)
+    _, _, aq, sa, bq, sb, m_idx = _contiguous_case(group_rows, n=144, k=272, device=kernel_device)
+    out = poison_(torch.empty(aq.size(0), 144, dtype=torch.bfloat16, device=kernel_device))
+    before = _emulated_kernels()
     deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_idx)
+    _check_emulated(kernel_device, before, sm90=1, portable=0)
     want = torch.empty_like(out)
     gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq, sa, bq, sb, want, m_idx)
     _check_against_reference(out, want, group_rows)
     assert torch.all(out[m_idx == -1] == 0), f"{group_rows}: padding rows must be zero"
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("masked, expected_m", [
     ([0, 5, 64, 1], 16),       # BLOCK_M = 64, an empty group first
     ([0, 0, 0, 0], 8),         # nothing to do: no tile, output untouched
     ([300, 0, 257, 128], 256),  # BLOCK_M = 128, a full group, partial tiles
     ([7, 300, 0, 65], 0),      # no hint: the tile shape comes from Mmax
 ])
-def test_cuda_sm90_masked_edges(masked, expected_m, monkeypatch):
-    _use_sm90_kernel(monkeypatch)
+def test_cuda_sm90_masked_edges(kernel_device, masked, expected_m, monkeypatch):
+    _use_sm90_kernel(monkeypatch, kernel_device)
     groups, mmax, n, k = 4, 300, 272, 400
-    _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, "cuda", groups=groups)
-    out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device="cuda"))
-    masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
+    _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, kernel_device, groups=groups)
+    out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device=kernel_device))
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=kernel_device)
+    before = _emulated_kernels()
     deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, expected_m)
+    _check_emulated(kernel_device, before, sm90=1, portable=0)
     want = poison_(torch.empty_like(out))
     gemm.m_grouped_fp8_gemm_nt_masked_ref(aq, sa, bq, sb, want, masked_m, expected_m)
-    valid = torch.arange(mmax, device="cuda")[None, :] < masked_m[:, None]
+    valid = torch.arange(mmax, device=kernel_device)[None, :] < masked_m[:, None]
     _check_against_reference(out, want, (masked, expected_m), valid)
     assert out[~valid].isnan().all(), f"{masked}: rows >= masked_m[g] must stay untouched"
 
 
-@pytest.mark.cuda
-def test_cuda_sm90_views_and_fallback(monkeypatch):
+def test_cuda_sm90_views_and_fallback(kernel_device, monkeypatch):
     """A 16-byte (not 128-byte) aligned view with a padded row stride goes through TMA; a broadcast
     (stride-0) group dim that no tensor map can describe falls back to the portable kernel; an 8-byte
     offset is refused on the host, naming the argument, before anything is launched."""
-    _use_sm90_kernel(monkeypatch)
+    _use_sm90_kernel(monkeypatch, kernel_device)
     m, n, k = 100, 144, 272
-    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, "cuda")
-    want = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+    want = torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device)
     gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
-    wide = torch.zeros(m, k + 64, dtype=aq.dtype, device="cuda")
+    wide = torch.zeros(m, k + 64, dtype=aq.dtype, device=kernel_device)
     wide[:, 16:16 + k] = aq
-    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+    before = _emulated_kernels()
     deepkernels.fp8_gemm_nt(wide[:, 16:16 + k], sa, bq, sb, out)
+    _check_emulated(kernel_device, before, sm90=1, portable=0)
     _check_against_reference(out, want, "a view at +16 bytes, row stride k + 64")
 
     groups = 3
     a_bcast, sa_bcast = aq[None].expand(groups, m, k), sa[None].expand(groups, m, sa.size(1))
     b_g, sb_g = torch.stack([bq] * groups), torch.stack([sb] * groups)
-    out3 = poison_(torch.empty(groups, m, n, dtype=torch.bfloat16, device="cuda"))
-    masked_m = torch.tensor([m, 0, m // 3], dtype=torch.int32, device="cuda")
+    out3 = poison_(torch.empty(groups, m, n, dtype=torch.bfloat16, device=kernel_device))
+    masked_m = torch.tensor([m, 0, m // 3], dtype=torch.int32, device=kernel_device)
+    before = _emulated_kernels()
     deepkernels.m_grouped_fp8_gemm_nt_masked(a_bcast, sa_bcast, b_g, sb_g, out3, masked_m, m)
+    _check_emulated(kernel_device, before, sm90=0, portable=1)
     _check_against_reference(out3[0], want, "broadcast a, group 0")
     _check_against_reference(out3[2, :m // 3], want[:m // 3], "broadcast a, group 2")
     assert out3[1].isnan().all() and out3[2, m // 3:].isnan().all()
 
+    before = _emulated_kernels()
     with pytest.raises(RuntimeError, match="a: data pointer must be 16-byte aligned"):
         deepkernels.fp8_gemm_nt(wide[:, 8:8 + k], sa, bq, sb, out)
+    _check_emulated(kernel_device, before, sm90=0, portable=0)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("m, n, k", [(1, 2112, 7168), (77, 144, 400), (4096, 7168, 2048)])
-def test_cuda_sm90_wgmma_kernel_opt_in(m, n, k, monkeypatch):
+@pytest.mark.parametrize("kernel_device, m, n, k", _device_cases(
+    [(1, 2112, 7168), (77, 144, 400)], cuda_only=[(4096, 7168, 2048)], emu_only=[(256, 512, 2048)]),
+    indirect=["kernel_device"])
+def test_cuda_sm90_wgmma_kernel_opt_in(kernel_device, m, n, k, monkeypatch):
     """DEEPKERNELS_GEMM_SM90=1 routes the dense and masked ops to the sm_90a kernel (not yet run on a GPU)
     on DeepSeek-V3-like shapes, checked against the independent per-K-block formulation."""
-    _use_sm90_kernel(monkeypatch)
-    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, device="cuda")
-    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+    _use_sm90_kernel(monkeypatch, kernel_device)
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, device=kernel_device)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+    before = _emulated_kernels()
     deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
     want = _per_k_block_product(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu())
     assert not out.isnan().any(), "some output tiles were not written"
     assert calc_diff(out.cpu(), want) < 1e-5
-    out3 = poison_(torch.empty(2, m, n, dtype=torch.bfloat16, device="cuda"))
-    masked_m = torch.tensor([m, m // 2], dtype=torch.int32, device="cuda")
+    out3 = poison_(torch.empty(2, m, n, dtype=torch.bfloat16, device=kernel_device))
+    masked_m = torch.tensor([m, m // 2], dtype=torch.int32, device=kernel_device)
     deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq, aq]), torch.stack([sa, sa]), torch.stack([bq, bq]),
                                              torch.stack([sb, sb]), out3, masked_m, m)
+    _check_emulated(kernel_device, before, sm90=2, portable=0)
     assert calc_diff(out3[0].cpu(), want) < 1e-5 and out3[1, m // 2:].isnan().all()
     if m // 2:
         assert calc_diff(out3[1, :m // 2].cpu(), want[:m // 2]) < 1e-5
