@@ -23,6 +23,29 @@ namespace emu {
 // 128B swizzle as a function of the shared byte address: 16-byte chunk bits [4, 7) ^= bits [7, 10).
 inline uint32_t swizzle_128b(uint32_t a) { return a ^ (((a >> 7) & 7u) << 4); }
 
+// ---- the async proxy (TMA, wgmma) sees shared memory through its own view. Generic-proxy stores (st.shared,
+// cp.async) reach that view only when a thread executes fence.proxy.async; TMA writes both. So a kernel that
+// feeds wgmma from generic stores without the fence reads stale bytes (one legal outcome on hardware).
+// NOTE: coarse, not per thread: one fence publishes every generic store made before the next async read.
+inline thread_local std::vector<uint8_t> g_async_view;
+inline thread_local bool g_async_view_stale = false;   // a fence was executed since the view was synced
+inline void async_view_cta_start() {
+  if (g_async_view.size() < size_t(kMaxSmemPerBlockOptin)) g_async_view.resize(kMaxSmemPerBlockOptin);
+  if (g_dyn_base != nullptr) std::memcpy(g_async_view.data(), g_dyn_base, g_dyn_bytes);
+  else std::memset(g_async_view.data(), 0xA5, g_dyn_bytes);   // the launch's garbage fill, see runtime.cpp
+  g_async_view_stale = false;
+}
+inline const int g_async_view_hooks = register_cta_hooks(&async_view_cta_start, [] {});
+// The async proxy's byte at shared address a (dynamic shared memory only).
+inline uint8_t* async_view(uint32_t a, uint32_t bytes) {
+  uint8_t* generic = from_shared(a, bytes);   // bounds
+  if (g_async_view_stale) {
+    std::memcpy(g_async_view.data(), g_dyn_base, g_dyn_bytes);
+    g_async_view_stale = false;
+  }
+  return g_async_view.data() + (generic - g_dyn_base);
+}
+
 // ---- mbarrier: the state lives beside the 64-bit object (keyed by its address), reset at every CTA start.
 struct PendingTma { uint32_t dst; TensorMap map; int coord[3]; };
 struct MBar {
@@ -54,8 +77,10 @@ inline void tma_land(MBar& m) {
           const bool inside = gx >= 0 && gy >= 0 && gz >= 0 && uint64_t(gx) < tm.dims[0] &&
                               uint64_t(gy) < tm.dims[1] && uint64_t(gz) < tm.dims[2];
           const uint32_t linear = t.dst + (z * tm.box[1] + y) * row_bytes + x * tm.esize;
-          *from_shared(tm.swizzle ? swizzle_128b(linear) : linear) =
-              inside ? tm.base[gx * tm.esize + gy * tm.strides[1] + gz * tm.strides[2]] : 0;
+          const uint32_t addr = tm.swizzle ? swizzle_128b(linear) : linear;
+          const uint8_t value = inside ? tm.base[gx * tm.esize + gy * tm.strides[1] + gz * tm.strides[2]] : 0;
+          *from_shared(addr) = value;   // the async proxy writes; generic reads see it after the mbarrier wait
+          *async_view(addr, 1) = value;
         }
     m.tx -= int64_t(tm.box[0]) * tm.box[1] * tm.box[2] * tm.esize;   // out-of-bounds bytes count too
   }
@@ -139,7 +164,7 @@ inline void load_operand(uint64_t desc, gmma::Major major, bool fp8, int rows, i
   const int esize = fp8 ? 1 : 2;
   for (int r = 0; r < rows; ++r)
     for (int kk = 0; kk < k; ++kk) {
-      const uint8_t* p = from_shared(gmma::element_addr(d, major, esize, r, kk), esize);
+      const uint8_t* p = async_view(gmma::element_addr(d, major, esize, r, kk), esize);
       if (fp8) {
         out[r * k + kk] = e4m3_to_float(*p);
       } else {
@@ -250,7 +275,7 @@ inline void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
   m.expected = m.pending = arrivals;
   emu::g_mbar[bar] = m;
 }
-inline void fence_proxy_async() {}   // the async proxy is not modelled (docs/design.md#emulator)
+inline void fence_proxy_async() { emu::g_async_view_stale = true; }
 inline void fence_barrier_init() {}
 inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   emu::MBar& m = emu::mbar(bar);
