@@ -12,7 +12,7 @@ PY_DEPS := numpy safetensors ninja pybind11 setuptools wheel pytest pytest-bench
 SOURCES := $(shell find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.cpp') setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean memcheck
+.PHONY: demo test install clean memcheck racecheck
 
 demo: build/.installed
 	$(PY) -m deepkernels.demo
@@ -38,13 +38,23 @@ build/.installed: $(VENV)/.deps $(SOURCES)
 	$(PY) tools/ptxas_report.py build/build.log build/ptxas.txt && cat build/ptxas.txt
 	touch $@
 
-# The emulated kernel tests again under AddressSanitizer: an out-of-bounds global or shared access aborts
-# with ASan's report. The ASan build of the emulator goes to build/asan; the installed one is untouched.
+# The emulated kernel tests again under a sanitizer, with a build of the emulator in build/<sanitizer>
+# (the installed one is untouched). memcheck: AddressSanitizer, an out-of-bounds global or shared access
+# aborts with its report. racecheck: ThreadSanitizer over the CUDA threads (fibers), a shared/global memory
+# access pair with no barrier, collective or mbarrier between them is reported with both sites.
+SANITIZED_EMU = DEEPKERNELS_ONLY_EMULATOR=1 DEEPKERNELS_EMULATOR_SANITIZE=$(1) MAX_JOBS=$${MAX_JOBS-2} \
+	$(PY) setup.py -q build_ext --build-lib build/$(1) --build-temp build/$(1)-tmp > build/$(1).log 2>&1 \
+	|| { tail -40 build/$(1).log; exit 1; }
 memcheck: build/.installed
-	DEEPKERNELS_ONLY_EMULATOR=1 DEEPKERNELS_EMULATOR_ASAN=1 MAX_JOBS=$${MAX_JOBS-2} $(PY) setup.py -q build_ext \
-	  --build-lib build/asan --build-temp build/asan-tmp > build/asan.log 2>&1 || { tail -40 build/asan.log; exit 1; }
+	$(call SANITIZED_EMU,address)
 	LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 \
-	  DEEPKERNELS_EMULATOR_LIB=$$(ls build/asan/deepkernels/_emu*.so) $(PY) -m pytest -q -m emu $(PYTEST_ARGS) tests
+	  DEEPKERNELS_EMULATOR_LIB=$$(ls build/address/deepkernels/_emu*.so) $(PY) -m pytest -q -m emu $(PYTEST_ARGS) tests
+
+racecheck: build/.installed
+	$(call SANITIZED_EMU,thread)
+	LD_PRELOAD=$$(g++ -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 \
+	  DEEPKERNELS_EMULATE_THREADS=1 DEEPKERNELS_EMULATOR_LIB=$$(ls build/thread/deepkernels/_emu*.so) \
+	  $(PY) -m pytest -q -m emu $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf build $(VENV) deepkernels/_C*.so deepkernels/_build_info.py *.egg-info

@@ -9,9 +9,9 @@ Environment:
   MAX_JOBS, NVCC_THREADS   parallel compile jobs / nvcc's per-file arch threads
   DEEPKERNELS_SKIP_EMULATOR=1  do not build deepkernels._emu (the SIMT emulator: the same kernel sources
                            compiled as host C++ with the host compiler; needs only the toolkit's headers)
-  DEEPKERNELS_ONLY_EMULATOR=1  build only deepkernels._emu (with DEEPKERNELS_EMULATOR_ASAN: `make memcheck`)
-  DEEPKERNELS_EMULATOR_ASAN=1  build the emulator with AddressSanitizer (the memcheck build; run Python with
-                           LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0)
+  DEEPKERNELS_ONLY_EMULATOR=1  build only deepkernels._emu (`make memcheck` / `make racecheck`)
+  DEEPKERNELS_EMULATOR_SANITIZE=address|thread  build the emulator with AddressSanitizer (memcheck) or
+                           ThreadSanitizer (racecheck); Python then runs with the sanitizer's runtime in LD_PRELOAD
 """
 import glob
 import os
@@ -149,10 +149,13 @@ def emulator_extension():
     flags = ["-O2", "-std=c++20", "-fno-extern-tls-init", "-ffp-contract=off", "-Wno-attributes",
              "-Wno-unknown-pragmas"]
     link = []
-    if os.environ.get("DEEPKERNELS_EMULATOR_ASAN") == "1":
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
-        link += ["-fsanitize=address"]
-        log("emulator: AddressSanitizer build")
+    sanitizer = os.environ.get("DEEPKERNELS_EMULATOR_SANITIZE")
+    if sanitizer:
+        if sanitizer not in ("address", "thread"):
+            raise RuntimeError(f"DEEPKERNELS_EMULATOR_SANITIZE: expected address or thread, got {sanitizer!r}")
+        flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
+        link += [f"-fsanitize={sanitizer}"]
+        log(f"emulator: -fsanitize={sanitizer} build")
     sources = sorted(glob.glob(os.path.join("csrc", "emulator", "*.cpp")))
     return CppExtension(
         name="deepkernels._emu",

@@ -1,8 +1,11 @@
 """MLA paged decode: reference vs an independent float64 formulation, the split plan, the fp8 cache write,
 edge cases (empty sequences, NaN past the length, poisoned block-table entries), errors, opcheck,
 torch.compile, the absorbed module; CUDA kernels vs the reference on the same case list (FlashMLA's
-tolerances), NaN-poisoned outputs and CUDA-graph capture."""
+tolerances), NaN-poisoned outputs and CUDA-graph capture. Each kernel test runs on the GPU (kernel_device
+"cuda") and, on smaller cases, emulated on the CPU (kernel_device "emu", see tests/conftest.py)."""
+import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import deepkernels
 from deepkernels import mla
 from deepkernels.compat import flash_mla
 from deepkernels.nn import PagedMLAKVCache, mla_decode_absorbed
-from deepkernels.testing import calc_diff, opcheck
+from deepkernels.testing import calc_diff, opcheck, reference, synchronize
 
 E4M3 = torch.float8_e4m3fn
 POISON_BLOCK = 2**30  # an unused block-table entry: indexing with it would fail loudly
@@ -41,7 +44,8 @@ def make_case(lens, s_q, h_q, h_kv=1, page=64, cache_dtype=torch.bfloat16, devic
         kv_scale = torch.full((num_blocks, page, h_kv), float("nan"))
     slots = torch.cat([block_table[i, torch.arange(n) // page].long() * page + torch.arange(n) % page
                        for i, n in enumerate(lens)]) if sum(lens) else torch.zeros(0, dtype=torch.int64)
-    deepkernels.write_mla_kv_cache(kv_cache, kv_scale, latent.to(torch.bfloat16), slots)
+    with reference():  # the case is built on the CPU by the reference, emulated test or not
+        deepkernels.write_mla_kv_cache(kv_cache, kv_scale, latent.to(torch.bfloat16), slots)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     to = lambda t: None if t is None else t.to(device)
     return dict(q=to(q), kv_cache=to(kv_cache), block_table=to(block_table), cache_seqlens=to(seqlens),
@@ -92,7 +96,22 @@ CASES = [
     ([100, 31], 1, 32, 2, 32, False),  # h_kv = 2, page 32
     ([250], 2, 16, 1, 48, False),      # page 48 (a multiple of 16 that is not a power of two)
 ]
-CASE_IDS = [f"L{'-'.join(map(str, c[0]))}_sq{c[1]}_h{c[2]}_kv{c[3]}_p{c[4]}{'_causal' if c[5] else ''}" for c in CASES]
+
+
+def case_id(c):
+    return f"L{'-'.join(map(str, c[0]))}_sq{c[1]}_h{c[2]}_kv{c[3]}_p{c[4]}{'_causal' if c[5] else ''}"
+
+
+CASE_IDS = [case_id(c) for c in CASES]
+
+
+def per_device(argnames, cuda_cases, emu_cases, ids=str):
+    """parametrize ``kernel_device`` (indirectly: the conftest fixture still turns emulation on) with its own
+    case list per device: the full list on the GPU, a smaller one emulated on the CPU."""
+    def params(device, cases, mark):
+        return [pytest.param(device, *c, marks=mark, id=f"{device}-{ids(c)}") for c in cases]
+    return pytest.mark.parametrize(f"kernel_device,{argnames}", params("cuda", cuda_cases, pytest.mark.cuda) +
+                                   params("emu", emu_cases, pytest.mark.emu), indirect=["kernel_device"])
 
 
 @pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", CASES[:6], ids=CASE_IDS[:6])
@@ -409,10 +428,10 @@ def test_paged_cache_and_absorbed_decode_vs_naive_mla(dtype, page, tol):
     _check_paged_cache_and_absorbed_decode(dtype, page, tol, "cpu")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype,page,tol", PAGED_CASES)
-def test_cuda_paged_cache_and_absorbed_decode_vs_naive_mla(dtype, page, tol):
-    _check_paged_cache_and_absorbed_decode(dtype, page, tol, "cuda")
+# emulated: the float32 cache is the pure-torch path (no kernel), the CPU test above covers it
+@per_device("dtype,page,tol", PAGED_CASES, PAGED_CASES[1:], ids=lambda c: str(c[0]).removeprefix("torch."))
+def test_kernel_paged_cache_and_absorbed_decode_vs_naive_mla(kernel_device, dtype, page, tol):
+    _check_paged_cache_and_absorbed_decode(dtype, page, tol, kernel_device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,11 +458,44 @@ def _poison_allocator(nbytes=256 << 20):
     torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def _poisoned_outputs(device):
+    """Buffers the ops allocate inside the block start poisoned, so rows the kernels fail to write show.
+    CUDA: NaN in the freed caching-allocator memory. CPU (emulated): torch's deterministic mode fills
+    every at::empty (out, lse, the split partials, the plan) with NaN / INT_MAX."""
+    if torch.device(device).type == "cuda":
+        _poison_allocator()
+        yield
+        return
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _kernel_launches():
+    """{kernel name: emulated launches so far}."""
+    return dict(deepkernels.emulator_stats()["kernels"])
+
+
+def _launched_since(before):
+    return {name for name, n in _kernel_launches().items() if n > before.get(name, 0)}
+
+
 CUDA_CASES = CASES + [
     ([4096, 0, 1, 8000, 333, 64, 65, 2000], 1, 128, 1, 64, False),
     ([4096, 17, 3000, 1], 2, 128, 1, 64, True),
     ([513, 1025], 2, 64, 1, 16, True),
 ]
+# emulated: the small cases (lengths up to 300, zero-length sequences, s_q 1/2, h_q 16..128, h_kv 1/2,
+# pages 16/32/48/64/128)
+EMU_CASES = CASES
 
 
 def emulate_kernel_numerics(case, s_q, h_q, causal, scale, num_sm_parts, key_tile=32):
@@ -505,17 +557,28 @@ def test_kernel_numerics_emulation_meets_cuda_tolerance(lens, s_q, h_q, h_kv, pa
                                    fp8=cache_dtype == E4M3)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
-@pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES)
-def test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, cache_dtype):
-    case = make_case(lens, s_q, h_q, h_kv, page, cache_dtype=cache_dtype, device="cuda")
-    ref_out, ref_lse = mla.mla_attention_fp32(case["q"].cpu(), case["kv_cache"].cpu(), case["block_table"].cpu(),
-                                              case["cache_seqlens"].cpu(), 512, DSV3_SCALE, causal,
-                                              None if case["kv_scale"] is None else case["kv_scale"].cpu())
-    _poison_allocator()
-    out, lse = run_decode(case, s_q, h_q, causal, DSV3_SCALE)
-    torch.cuda.synchronize()
+def _expected_splitkv_kernel(cache_dtype):
+    """The split-KV kernel the launch code picks (the emulated device is an sm_90 one)."""
+    sm90 = os.environ.get(mla.SM90_ENV) == "1" and cache_dtype == torch.bfloat16
+    return "mla_splitkv_sm90_kernel" if sm90 else "mla_splitkv_kernel"
+
+
+def _check_decode_vs_reference(device, lens, s_q, h_q, h_kv, page, causal, cache_dtype, num_sm_parts=None):
+    """Metadata, split-KV and combine kernels on `device` (emulated on the CPU) vs the fp32 reference, with
+    poisoned output buffers, NaN in the cache slots past each length and poisoned block-table entries."""
+    case = make_case(lens, s_q, h_q, h_kv, page, cache_dtype=cache_dtype, device=device)
+    with reference():
+        ref_out, ref_lse = mla.mla_attention_fp32(case["q"].cpu(), case["kv_cache"].cpu(), case["block_table"].cpu(),
+                                                  case["cache_seqlens"].cpu(), 512, DSV3_SCALE, causal,
+                                                  None if case["kv_scale"] is None else case["kv_scale"].cpu())
+    emulated = torch.device(device).type == "cpu"
+    before = _kernel_launches() if emulated else None
+    with _poisoned_outputs(device):
+        out, lse = run_decode(case, s_q, h_q, causal, DSV3_SCALE, num_sm_parts)
+    synchronize(device)
+    if emulated:
+        expected = {"mla_metadata_kernel", _expected_splitkv_kernel(cache_dtype), "mla_combine_kernel"}
+        assert _launched_since(before) == expected, f"emulated kernels {_launched_since(before)} != {expected}"
     assert not out.isnan().any(), f"{lens}: NaN in out (unwritten rows or NaN slots read)"
     _assert_close_flashmla(out.cpu(), ref_out, f"{lens} s_q={s_q} h={h_q} page={page} {cache_dtype}",
                            fp8=cache_dtype == E4M3)
@@ -524,48 +587,49 @@ def test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, cache_dtyp
     assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3 if fin.any() else True
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", [CUDA_CASES[1], CUDA_CASES[-2]])
-def test_cuda_single_stage_kernel_vs_reference(lens, s_q, h_q, h_kv, page, causal, monkeypatch):
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@per_device("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES, EMU_CASES, ids=case_id)
+def test_kernel_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype):
+    _check_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype)
+
+
+@per_device("lens,s_q,h_q,h_kv,page,causal", [CUDA_CASES[1], CUDA_CASES[-2]], [CASES[1], CASES[5]], ids=case_id)
+def test_kernel_single_stage_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, monkeypatch):
     """The single-stage (sm_89) bf16 kernel, forced on any GPU."""
     monkeypatch.setenv("DEEPKERNELS_MLA_STAGES", "1")
-    test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, torch.bfloat16)
+    _check_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, torch.bfloat16)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("stages", ["1", "2", "3"])
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
-def test_cuda_sanitizer_small_decode(cache_dtype, stages, monkeypatch):
-    """Small enough for compute-sanitizer (bench/gpu_check.sh runs tests named *sanitizer* under memcheck):
-    poisoned block-table entries, NaN past the lengths, an empty sequence, causal s_q = 2, page 16."""
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=["bf16", "e4m3"])
+def test_kernel_sanitizer_small_decode(kernel_device, cache_dtype, stages, monkeypatch):
+    """Small enough for compute-sanitizer (bench/gpu_check.sh runs the cuda tests named *sanitizer* under
+    memcheck): poisoned block-table entries, NaN past the lengths, an empty sequence, causal s_q = 2, page 16."""
     monkeypatch.setenv("DEEPKERNELS_MLA_STAGES", stages)
-    test_cuda_decode_vs_reference([1, 100, 0, 33], 2, 32, 1, 16, True, cache_dtype)
+    _check_decode_vs_reference(kernel_device, [1, 100, 0, 33], 2, 32, 1, 16, True, cache_dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("num_sm_parts", [1, 3, 500])
-def test_cuda_split_counts(num_sm_parts):
+def _check_split_counts(device, num_sm_parts):
     """1 part: every sequence has one split (written directly, no merge); 3: long sequences split and
-    merged; 500: more parts than work blocks (empty parts)."""
-    case = make_case([700, 0, 1, 2000, 64], 2, 64, page=64, device="cuda")
-    ref_out, ref_lse = mla.mla_attention_fp32(case["q"].cpu(), case["kv_cache"].cpu(), case["block_table"].cpu(),
-                                              case["cache_seqlens"].cpu(), 512, DSV3_SCALE, True)
-    _poison_allocator()
-    out, lse = run_decode(case, 2, 64, True, DSV3_SCALE, num_sm_parts)
-    _assert_close_flashmla(out.cpu(), ref_out, f"{num_sm_parts} parts")
-    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
-    fin = torch.isfinite(ref_lse)
-    assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3
+    merged; 500: more parts than work blocks (empty parts). Emulated: a smaller case of the same shape."""
+    lens, h_q = ([700, 0, 1, 2000, 64], 64) if torch.device(device).type == "cuda" else ([300, 0, 1, 900, 64], 32)
+    _check_decode_vs_reference(device, lens, 2, h_q, 1, 64, True, torch.bfloat16, num_sm_parts)
+
+
+@pytest.mark.parametrize("num_sm_parts", [1, 3, 500])
+def test_kernel_split_counts(kernel_device, num_sm_parts):
+    _check_split_counts(kernel_device, num_sm_parts)
 
 
 # ---------------------------------------------------------------------------------------------
-# the opt-in sm_90a kernel (csrc/mla_decode/splitkv_sm90.cuh, DEEPKERNELS_MLA_SM90=1; not yet run on a GPU).
+# the opt-in sm_90a kernel (csrc/mla_decode/splitkv_sm90.cuh, DEEPKERNELS_MLA_SM90=1; not yet run on a GPU;
+# emulated, the SIMT emulator's device is an sm_90 one with the wgmma/mbarrier models).
 # If these fail while the portable tests pass, suspect in this order: the MN-major (transposed V)
 # descriptor's LBO/SBO, the 128B swizzle of the cp.async writes vs the K-major descriptors, the
 # accumulator row/column mapping (softmax masks, P stores, epilogue), then the barriers around the P tile.
 
-def _skip_unless_sm90():
-    if torch.cuda.get_device_capability() != (9, 0):
+def _skip_unless_sm90(device):
+    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernel is built for sm_90a only (other devices fall back to the portable kernel)")
 
 
@@ -577,87 +641,109 @@ def _kernels_launched(fn):
     return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES)
-def test_cuda_sm90_kernel_vs_reference(lens, s_q, h_q, h_kv, page, causal, monkeypatch):
-    """Every CUDA case through the sm_90a kernel (bf16 cache)."""
-    _skip_unless_sm90()
+@per_device("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES, EMU_CASES, ids=case_id)
+def test_kernel_sm90_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, monkeypatch):
+    """Every case through the sm_90a kernel (bf16 cache)."""
+    _skip_unless_sm90(kernel_device)
     monkeypatch.setenv(mla.SM90_ENV, "1")
-    test_cuda_decode_vs_reference(lens, s_q, h_q, h_kv, page, causal, torch.bfloat16)
+    _check_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, torch.bfloat16)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("num_sm_parts", [1, 3, 500])
-def test_cuda_sm90_split_counts(num_sm_parts, monkeypatch):
+def test_kernel_sm90_split_counts(kernel_device, num_sm_parts, monkeypatch):
     """Direct single-split writes, merged partials and empty parts through the sm_90a kernel."""
-    _skip_unless_sm90()
+    _skip_unless_sm90(kernel_device)
     monkeypatch.setenv(mla.SM90_ENV, "1")
-    test_cuda_split_counts(num_sm_parts)
+    _check_split_counts(kernel_device, num_sm_parts)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3])
-def test_cuda_sm90_sanitizer_small_decode(cache_dtype, monkeypatch):
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=["bf16", "e4m3"])
+def test_kernel_sm90_sanitizer_small_decode(kernel_device, cache_dtype, monkeypatch):
     """Named for bench/gpu_check.sh's memcheck run; e4m3 falls back to the portable kernel."""
     monkeypatch.setenv(mla.SM90_ENV, "1")
-    test_cuda_decode_vs_reference([1, 100, 0, 33], 2, 32, 1, 16, True, cache_dtype)
+    _check_decode_vs_reference(kernel_device, [1, 100, 0, 33], 2, 32, 1, 16, True, cache_dtype)
 
 
-@pytest.mark.cuda
-def test_cuda_sm90_kernel_is_picked_for_bf16_only(monkeypatch):
+def test_kernel_sm90_is_picked_for_bf16_only(kernel_device, monkeypatch):
     """The flag routes a bf16 cache to the sm_90a kernel (so the tests above are not the portable kernel
-    passing again) and an e4m3 cache to the portable one; without the flag the portable kernel runs."""
-    _skip_unless_sm90()
+    passing again) and an e4m3 cache to the portable one; without the flag the portable kernel runs.
+    CUDA: the kernels the profiler records; emulated: the emulator's per-kernel launch counts."""
+    _skip_unless_sm90(kernel_device)
+    emulated = torch.device(kernel_device).type == "cpu"
     runs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv(mla.SM90_ENV, flag)
         for dtype in (torch.bfloat16, E4M3):
-            case = make_case([300, 7], 1, 16, cache_dtype=dtype, device="cuda")
-            runs[flag, dtype] = _kernels_launched(lambda case=case: run_decode(case, 1, 16, False, DSV3_SCALE))
+            case = make_case([300, 7], 1, 16, cache_dtype=dtype, device=kernel_device)
+            step = lambda case=case: run_decode(case, 1, 16, False, DSV3_SCALE)  # noqa: E731
+            if emulated:
+                before = _kernel_launches()
+                step()
+                runs[flag, dtype] = _launched_since(before)
+            else:
+                runs[flag, dtype] = _kernels_launched(step)
     if not any(runs.values()):
         pytest.skip("the profiler recorded no CUDA kernels here")
     picked = {key: any("mla_splitkv_sm90_kernel" in name for name in names) for key, names in runs.items()}
     assert picked == {("1", torch.bfloat16): True, ("1", E4M3): False, ("0", torch.bfloat16): False,
                       ("0", E4M3): False}, picked
+    portable = {key: any("mla_splitkv_kernel" in name for name in names) for key, names in runs.items()}
+    assert all(portable[key] != picked[key] for key in runs), f"portable kernel runs: {portable}"
 
 
-@pytest.mark.cuda
-def test_cuda_opcheck():
-    case = make_case([20, 70], 2, 16, device="cuda")  # bf16: torch's schema check has no fp8 arithmetic
+# ---------------------------------------------------------------------------------------------
+# opcheck, metadata and cache-write kernels
+
+def test_kernel_opcheck(kernel_device):
+    case = make_case([20, 70], 2, 16, device=kernel_device)  # bf16: torch's schema check has no fp8 arithmetic
     opcheck(torch.ops.deepkernels.get_mla_decode_metadata, (case["cache_seqlens"], 32, 1, 8))
     meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], 32, 1, 8)
     opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
             (case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512, meta, splits, 0.1, True,
              case["kv_scale"]))
-    cache = torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16, device="cuda")
+    cache = torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16, device=kernel_device)
     opcheck(torch.ops.deepkernels.write_mla_kv_cache,
-            (cache, None, torch.randn(3, 1, 576, device="cuda"), torch.tensor([0, 5, 31], device="cuda")))
+            (cache, None, torch.randn(3, 1, 576, device=kernel_device), torch.tensor([0, 5, 31], device=kernel_device)))
+    if torch.device(kernel_device).type == "cpu":  # deepkernels.testing.opcheck handles fp8 on the CPU
+        fp8 = make_case([20, 70], 2, 16, cache_dtype=E4M3)
+        fp8["kv_scale"].nan_to_num_(1.0)  # the helper's unchanged-input check compares with torch.equal
+        opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
+                (fp8["q"], fp8["kv_cache"], fp8["block_table"], fp8["cache_seqlens"], 512, meta, splits, 0.1, True,
+                 fp8["kv_scale"]))
+        opcheck(torch.ops.deepkernels.write_mla_kv_cache,
+                (torch.zeros(2, 16, 1, 576, dtype=E4M3), torch.ones(2, 16, 1),
+                 torch.randn(3, 1, 576).to(torch.bfloat16), torch.tensor([0, -1, 31])))
 
 
-@pytest.mark.cuda
-def test_cuda_metadata_matches_reference():
-    lens = torch.randint(0, 9000, (128,), dtype=torch.int32)
-    lens[::7] = 0
-    for parts in (1, 7, 132):
-        meta, splits = deepkernels.get_mla_decode_metadata(lens.cuda(), 128, 1, parts)
-        ref_meta, ref_splits = mla.get_mla_decode_metadata_ref(lens, 128, 1, parts)
-        assert torch.equal(meta.cpu(), ref_meta) and torch.equal(splits.cpu(), ref_splits), f"{parts} parts"
+def test_kernel_metadata_matches_reference(kernel_device):
+    """b = 128 and b = 1100 (more than one 512-sequence chunk of the kernel's scan), into poisoned buffers."""
+    for b in (128, 1100):
+        lens = torch.randint(0, 9000, (b,), dtype=torch.int32)
+        lens[::7] = 0
+        for parts in (1, 7, 132):
+            with _poisoned_outputs(kernel_device):
+                meta, splits = deepkernels.get_mla_decode_metadata(lens.to(kernel_device), 128, 1, parts)
+            ref_meta, ref_splits = mla.get_mla_decode_metadata_ref(lens, 128, 1, parts)
+            assert torch.equal(meta.cpu(), ref_meta) and torch.equal(splits.cpu(), ref_splits), f"b={b}, {parts} parts"
 
 
-@pytest.mark.cuda
-def test_cuda_write_kv_cache_matches_reference():
+@pytest.mark.parametrize("row_dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_kernel_write_kv_cache_matches_reference(kernel_device, row_dtype):
     for dtype in (torch.bfloat16, E4M3):
-        cache = torch.zeros(8, 64, 1, 576, dtype=dtype, device="cuda")
-        scale = torch.zeros(8, 64, 1, device="cuda") if dtype == E4M3 else None
-        rows = torch.randn(100, 1, 576, device="cuda").to(torch.bfloat16)
-        slots = torch.randperm(512, device="cuda")[:100]
+        cache = torch.zeros(8, 64, 1, 576, dtype=dtype, device=kernel_device)
+        scale = torch.zeros(8, 64, 1, device=kernel_device) if dtype == E4M3 else None
+        rows = torch.randn(100, 1, 576, device=kernel_device).to(row_dtype)
+        slots = torch.randperm(512, device=kernel_device)[:100]
         slots[::9] = -1
         deepkernels.write_mla_kv_cache(cache, scale, rows, slots)
-        ref_cache, ref_scale = cache.cpu().zero_(), None if scale is None else scale.cpu().zero_()
+        # fresh CPU buffers: on the CPU, .cpu() would alias the kernel's own output
+        ref_cache = torch.zeros(8, 64, 1, 576, dtype=dtype)
+        ref_scale = None if scale is None else torch.zeros(8, 64, 1)
         mla.write_mla_kv_cache_ref(ref_cache, ref_scale, rows.cpu(), slots.cpu())
-        assert torch.equal(cache.cpu().view(torch.uint8), ref_cache.view(torch.uint8)), f"{dtype}"
+        assert torch.equal(cache.cpu().view(torch.uint8), ref_cache.view(torch.uint8)), f"{dtype} from {row_dtype}"
         if scale is not None:
-            assert torch.equal(scale.cpu(), ref_scale)
+            assert torch.equal(scale.cpu(), ref_scale), f"{dtype} scales from {row_dtype}"
 
 
 @pytest.mark.cuda

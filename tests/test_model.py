@@ -16,7 +16,7 @@ from deepkernels.model import (CheckpointError, DeepseekV3Config, DeepseekV3ForC
 from deepkernels.model.config import PRESETS
 from deepkernels.model.generation import make_cache
 from deepkernels.model.hf import to_transformers
-from deepkernels.testing import calc_diff
+from deepkernels.testing import calc_diff, reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -265,27 +265,34 @@ def test_paged_decode_low_precision_cache(cache_dtype):
     assert diff < tol, f"{cache_dtype} cache: decode logits vs full forward calc_diff {diff:.2e} (tol {tol})"
 
 
-@pytest.mark.cuda
-def test_cuda_bf16_model_decode_and_generation():
-    """The tiny model in bf16 on the GPU: logits near the fp32 CPU model; paged decode (CUDA MLA kernel,
-    bf16 cache) near the full forward; generate runs with batch prompts of different lengths."""
+def test_cuda_bf16_model_decode_and_generation(kernel_device):
+    """The tiny model in bf16 on the GPU (or emulated): logits near the fp32 CPU model; paged decode (the MLA
+    decode kernel, bf16 cache) near the full forward; generate runs with batch prompts of different lengths.
+    Oracles run on the pure-torch references (``reference()``; a no-op for CUDA tensors)."""
+    # emulated: fewer tokens (bf16 matmuls are slow on the CPU) over 16-token pages, so sequences straddle pages
+    seq, prefill, page, prompt, new = (40, 24, 64, 50, 8) if kernel_device == "cuda" else (20, 10, 16, 20, 4)
     cpu = get_model("tiny")
-    model = DeepseekV3ForCausalLM(cpu.config, device="cuda", dtype=torch.bfloat16)
+    model = DeepseekV3ForCausalLM(cpu.config, device=kernel_device, dtype=torch.bfloat16)
     model.load_state_dict(cpu.state_dict())
     model.model.rotary_emb.reset_parameters()
     model.eval()
-    input_ids = torch.randint(0, cpu.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(0, cpu.config.vocab_size, (3, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = cpu(input_ids)
-        full = model(input_ids.cuda()).float()
-        cache = make_cache(model, 3, 64, page_size=64)
-        steps = [model(input_ids[:, :24].cuda(), cache=cache, prefill=True)]
-        steps += [model(input_ids[:, t:t + 1].cuda(), cache=cache) for t in range(24, 40)]
+        with reference():
+            ref = cpu(input_ids)
+        full = model(input_ids.to(kernel_device)).float()
+        cache = make_cache(model, 3, 64, page_size=page)
+        steps = [model(input_ids[:, :prefill].to(kernel_device), cache=cache, prefill=True)]
+        steps += [model(input_ids[:, t:t + 1].to(kernel_device), cache=cache) for t in range(prefill, seq)]
     paged = torch.cat(steps, 1).float()
-    assert calc_diff(full.cpu(), ref) < 2e-2, f"cuda bf16 vs cpu fp32: {calc_diff(full.cpu(), ref):.2e}"
-    assert calc_diff(paged, full) < 5e-3, f"cuda paged decode vs full forward: {calc_diff(paged, full):.2e}"
-    outs = generate(model, [[1, 2, 3], list(range(10, 60)), [7]], max_new_tokens=8)
-    assert [o.numel() for o in outs] == [11, 58, 9]
+    assert calc_diff(full.cpu(), ref) < 2e-2, f"{kernel_device} bf16 vs cpu fp32: {calc_diff(full.cpu(), ref):.2e}"
+    assert calc_diff(paged, full) < 5e-3, f"{kernel_device} paged decode vs full forward: {calc_diff(paged, full):.2e}"
+    if kernel_device != "cuda":  # the emulated decode also against the same bf16 model on the references
+        with torch.no_grad(), reference():
+            full_ref = model(input_ids).float()
+        assert calc_diff(paged, full_ref) < 5e-3, f"emulated paged decode vs reference: {calc_diff(paged, full_ref):.2e}"
+    outs = generate(model, [[1, 2, 3], list(range(10, 10 + prompt)), [7]], max_new_tokens=new)
+    assert [o.numel() for o in outs] == [3 + new, prompt + new, 1 + new]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -687,18 +694,20 @@ def test_speculative_greedy_eos_and_token_budget(monkeypatch):
     assert (ref[0][len(PROMPTS[0]) + 4:] == eos).all()
 
 
-@pytest.mark.cuda
-def test_cuda_speculative_greedy(monkeypatch):
-    """On the GPU: fp32 (exact attention path) speculative == plain greedy; bf16 (the MLA decode kernel verifies
-    2-token steps, rejected rows rolled back) emits at each step a token within rounding of the full-forward
-    argmax of its own prefix."""
-    cpu = get_model("tiny", mtp=True)
+def test_cuda_speculative_greedy(monkeypatch, kernel_device):
+    """On the GPU (or emulated): fp32 (exact attention path) speculative == plain greedy; bf16 (the MLA decode
+    kernel verifies 2-token steps, rejected rows rolled back) emits at each step a token within rounding of the
+    full-forward argmax of its own prefix. Plain greedy and the full forward run on the pure-torch references
+    (``reference()``; a no-op for CUDA tensors). bf16 runs the all-dense model: with MoE layers a bf16-level
+    difference between the paged step and the full forward can flip a near-tied expert choice."""
     for dtype in (torch.float32, torch.bfloat16):
-        model = DeepseekV3ForCausalLM(cpu.config, device="cuda", dtype=dtype, mtp=True)
+        cpu = get_model("tiny" if dtype == torch.float32 else "dense", mtp=True)
+        model = DeepseekV3ForCausalLM(cpu.config, device=kernel_device, dtype=dtype, mtp=True)
         model.load_state_dict(cpu.state_dict())
         model.model.rotary_emb.reset_parameters()
         model.eval()
-        greedy = generate(model, PROMPTS, max_new_tokens=10)
+        with reference():
+            greedy = generate(model, PROMPTS, max_new_tokens=10)
         _scripted_drafter(model, monkeypatch, greedy, lambda i, p: (i + p) % 3 != 0)
         spec, stats = generate(model, PROMPTS, max_new_tokens=10, use_mtp=True, return_stats=True)
         monkeypatch.undo()
@@ -708,7 +717,7 @@ def test_cuda_speculative_greedy(monkeypatch):
                 assert torch.equal(a, b), f"fp32 prompt {i}: {a.tolist()} != {b.tolist()}"
                 continue
             n = len(PROMPTS[i])
-            with torch.no_grad():
+            with torch.no_grad(), reference():
                 logits = model(a[None, :-1]).float()[0, n - 1:]
             picked = logits.gather(1, a[n:, None])[:, 0]
             gap = (logits.max(-1).values - picked).max()

@@ -14,7 +14,7 @@ import torch
 import deepkernels as dk
 from deepkernels import moe
 from deepkernels.fp8 import FP8_DTYPE, per_token_cast_from_fp8, per_token_cast_to_fp8
-from deepkernels.testing import calc_diff, opcheck, poison_
+from deepkernels.testing import calc_diff, opcheck, poison_, reference, synchronize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ----------------------------------------------------------------------------------------------
@@ -497,35 +497,51 @@ def test_deep_ep_buffer_single_process():
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA kernels vs references (same cases)
+# CUDA kernels vs references (same cases): on the GPU (`-m cuda`) and on CPU tensors through the SIMT
+# emulator (`-m emu`, the unchanged kernels). The oracle is the *_ref function or the op run under
+# deepkernels.testing.reference() (emulation off), never the emulated op itself.
 
+# H = 135: odd rows (permute copies 1 byte at a time for bf16 and fp8, 4 bytes for fp32; scalar quant /
+# reduce paths); H = 130: 4-byte bf16 permute rows.
 CUDA_CASES = [(0, 1, 8, 7168), (1, 8, 256, 7168), (37, 8, 32, 256), (4096, 8, 256, 7168), (128, 8, 256, 7168),
-              (300, 6, 64, 200)]
+              (300, 6, 64, 200), (19, 4, 16, 135), (23, 3, 24, 130)]
+# small enough to emulate: every row width / vector path of the CUDA cases, fewer rows
+EMU_CASES = [(0, 1, 8, 7168), (1, 8, 256, 7168), (37, 8, 32, 256), (40, 6, 64, 200), (19, 4, 16, 135),
+             (23, 3, 24, 130)]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("t,k,e,h", CUDA_CASES)
-@pytest.mark.parametrize("r", [1, 8, 16])
-def test_cuda_layout(t, k, e, h, r):
-    if e % r:
-        pytest.skip("E % R != 0")
+def _device_cases(argnames: str, cuda_cases: list, emu_cases: list) -> pytest.MarkDecorator:
+    """Parametrize ``kernel_device`` (indirectly, with the fixture's marks) together with ``argnames``:
+    ``cuda_cases`` on "cuda", ``emu_cases`` (sized for the emulator) on "emu"."""
+    params = [pytest.param("cuda", *c, marks=pytest.mark.cuda) for c in cuda_cases]
+    params += [pytest.param("emu", *c, marks=pytest.mark.emu) for c in emu_cases]
+    return pytest.mark.parametrize("kernel_device," + argnames, params, indirect=["kernel_device"])
+
+
+def _with_ranks(cases: list) -> list:
+    return [(t, k, e, h, r) for t, k, e, h in cases for r in (1, 8, 16) if e % r == 0]
+
+
+# T = 0 launches nothing (layout, un-permute): not an emulated case
+@_device_cases("t,k,e,h,r", _with_ranks(CUDA_CASES), _with_ranks([c for c in EMU_CASES if c[0]]))
+def test_cuda_layout(kernel_device, t, k, e, h, r):
     ids, _ = make_routing(t, k, e, seed=t)
-    ids = ids.cuda()
+    ids = ids.to(kernel_device)
     got = torch.ops.deepkernels.moe_get_dispatch_layout(ids, e, r)
     want = moe.moe_get_dispatch_layout_ref(ids.cpu(), e, r)
     for g, w_ in zip(got, want):
         assert g.dtype == w_.dtype and torch.equal(g.cpu(), w_)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("t,k,e,h", CUDA_CASES)
+@_device_cases("t,k,e,h", CUDA_CASES, EMU_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, FP8_DTYPE])
-def test_cuda_permute(t, k, e, h, dtype):
-    x = torch.randn(t, h, device="cuda").to(dtype)
+def test_cuda_permute(kernel_device, t, k, e, h, dtype):
+    x = torch.randn(t, h, device=kernel_device).to(dtype)
     ids, _ = make_routing(t, k, e, seed=t)
-    _, _, inr = moe.get_dispatch_layout(ids, e, 8 if e % 8 == 0 else 1)
-    pos = moe.dispatch_positions(inr)
-    src = moe.positions_to_src_idx(pos, int(inr.sum()) + 3).cuda()  # + 3 zero rows
+    with reference():
+        _, _, inr = moe.get_dispatch_layout(ids, e, 8 if e % 8 == 0 else 1)
+        pos = moe.dispatch_positions(inr)
+        src = moe.positions_to_src_idx(pos, int(inr.sum()) + 3).to(kernel_device)  # + 3 zero rows
     got = torch.ops.deepkernels.moe_permute(x, src)
     want = moe.moe_permute_ref(x.cpu(), src.cpu())
     assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
@@ -536,59 +552,71 @@ def test_cuda_permute(t, k, e, h, dtype):
         assert (q.cpu().view(torch.uint8) != wq.view(torch.uint8)).float().mean() < 1e-4  # rare 1-ulp ties
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("t,k,e,h", CUDA_CASES)
+@_device_cases("t,k,e,h", CUDA_CASES, [c for c in EMU_CASES if c[0]])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_cuda_unpermute_reduce(t, k, e, h, dtype, weighted):
+def test_cuda_unpermute_reduce(kernel_device, t, k, e, h, dtype, weighted):
     n = max(1, t * k // 2)
-    y = torch.randn(n, h, device="cuda").to(dtype)
-    pos = torch.randint(-1, n, (t, k), dtype=torch.int32, device="cuda")
-    w = torch.rand(t, k, device="cuda") if weighted else None
+    y = torch.randn(n, h, device=kernel_device).to(dtype)
+    pos = torch.randint(-1, n, (t, k), dtype=torch.int32, device=kernel_device)
+    w = torch.rand(t, k, device=kernel_device) if weighted else None
     got = torch.ops.deepkernels.moe_unpermute_reduce(y, pos, w)
     want = moe.moe_unpermute_reduce_ref(y.cpu(), pos.cpu(), None if w is None else w.cpu())
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
 
 
-@pytest.mark.cuda
-def test_cuda_dispatch_combine_and_moe():
+def test_cuda_dispatch_combine_and_moe(kernel_device):
     disp = moe.EPDispatcher(None, num_experts=16)
     ids, w = make_routing(64, 4, 16, seed=7)
     x = torch.randn(64, 512, dtype=torch.bfloat16)
-    recv, hd = disp.dispatch(x.cuda(), ids.cuda(), w.cuda())
-    assert torch.equal(recv.cpu(), disp.dispatch(x, ids, w)[0])
+    with reference():
+        recv_c, hd_c = disp.dispatch(x, ids, w)
+        back_c = disp.combine(recv_c, hd_c)
+    recv, hd = disp.dispatch(x.to(kernel_device), ids.to(kernel_device), w.to(kernel_device))
+    assert torch.equal(recv.cpu(), recv_c)
     back = disp.combine(poison_(torch.empty_like(recv)).copy_(recv), hd)
-    recv_c, hd_c = disp.dispatch(x, ids, w)
-    assert torch.equal(back.cpu(), disp.combine(recv_c, hd_c))
+    assert torch.equal(back.cpu(), back_c)
     m, _ = _hf_moe_pair(torch.float32)
     xx = torch.randn(2, 5, 64)
-    torch.testing.assert_close(m.cuda()(xx.cuda()).cpu(), m.cpu()(xx), rtol=1e-4, atol=1e-4)
+    got = m.to(kernel_device)(xx.to(kernel_device)).cpu()
+    with reference():
+        want = m.cpu()(xx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.cuda
-def test_cuda_fixed_capacity_graph_capture():
+def test_cuda_fixed_capacity_graph_capture(kernel_device):
     """Fixed-capacity dispatch -> masked layout -> weighted expert reduce -> combine has no host sync:
-    it captures into a CUDA graph and replays to the eager result."""
+    it captures into a CUDA graph and replays to the eager result (on the GPU), and the eager result is the
+    reference's (on the GPU and emulated)."""
     disp = moe.EPDispatcher(None, num_experts=16, capacity=64)
     ids, w = make_routing(64, 4, 16, seed=11)
-    ids, w = ids.cuda(), w.cuda()
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
 
-    def step():
+    def step(x, ids, w):
         recv, hd = disp.dispatch(x, ids, w)
         xm, masked_m = hd.to_masked(recv)
-        y = xm.float() * (torch.arange(16, device="cuda").view(16, 1, 1) + 1)
+        y = xm.float() * (torch.arange(16, device=x.device).view(16, 1, 1) + 1)
         return disp.combine(hd.expert_reduce(y, "masked").to(torch.bfloat16), hd)
 
-    want = step()
+    with reference():
+        want_ref = step(x, ids, w)
+    x, ids, w = x.to(kernel_device), ids.to(kernel_device), w.to(kernel_device)
+    want = step(x, ids, w)
+    synchronize(kernel_device)
+    assert torch.equal(want.cpu(), want_ref)
+    if kernel_device != "cuda":
+        with HostSyncDetector() as hs:
+            step(x, ids, w)
+        assert hs.syncs == [], f"host syncs on the fixed-capacity path: {hs.syncs}"
+        return
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        step()
+        step(x, ids, w)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = step()
+        got = step(x, ids, w)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got, want)
@@ -660,16 +688,21 @@ def test_moe_grouped_gemm_path(monkeypatch, capacity):
     assert torch.equal(m.stacked_expert_weights()[2][0].view(torch.uint8), new_w.view(torch.uint8))
 
 
-@pytest.mark.cuda
-def test_cuda_host_syncs():
+def test_cuda_host_syncs(kernel_device):
     """Normal mode: exactly one host sync (the counts) per dispatch, none in layouts/reduce/combine;
-    fixed-capacity mode: none at all."""
+    fixed-capacity mode: none at all. On the GPU counted by the sync debug mode; emulated (CPU tensors,
+    where nothing blocks) by HostSyncDetector, which records every read of tensor data on the host."""
     import warnings
 
     ids, w = make_routing(64, 4, 16, seed=5)
-    ids, w, x = ids.cuda(), w.cuda(), torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    ids, w = ids.to(kernel_device), w.to(kernel_device)
+    x = torch.randn(64, 256, device=kernel_device, dtype=torch.bfloat16)
 
     def count_syncs(fn):
+        if kernel_device != "cuda":
+            with HostSyncDetector() as hs:
+                result = fn()
+            return result, len(hs.syncs)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -682,7 +715,8 @@ def test_cuda_host_syncs():
 
     disp = moe.EPDispatcher(None, num_experts=16)
     (recv, hd), n = count_syncs(lambda: disp.dispatch(x, ids, w))
-    assert n == 1
+    # on CPU tensors the one .cpu() copies nothing and each read of its result counts as a data read
+    assert n == 1 if kernel_device == "cuda" else n >= 1
     _, n = count_syncs(lambda: disp.combine(hd.expert_reduce(hd.to_contiguous(recv, 8)[0].float(),
                                                              "contiguous", 8).bfloat16(), hd))
     assert n == 0
@@ -1053,11 +1087,11 @@ def test_host_sync_detector_and_counter_catch_what_they_claim():
     assert hs.syncs and cc.wire == 2 and cc.calls == []
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("use_fp8", [False, True])
-def test_cuda_low_latency_graph_capture(use_fp8):
+def test_cuda_low_latency_graph_capture(kernel_device, use_fp8):
     """Buffer.low_latency_dispatch -> expert maths -> low_latency_combine: no host sync (sync debug
-    mode), captures into a CUDA graph and replays to the eager result, which matches the CPU run."""
+    mode on the GPU, HostSyncDetector emulated), matches the CPU reference run, and (on the GPU)
+    captures into a CUDA graph and replays to the eager result."""
     import warnings
 
     from deepkernels.compat.deep_ep import Buffer
@@ -1075,20 +1109,28 @@ def test_cuda_low_latency_graph_capture(use_fp8):
         y = (recv.float() * scale).to(torch.bfloat16)
         return buf.low_latency_combine(y, ids, w, handle)[0], count
 
-    want_cpu = step(x, ids, w, scale)
-    xc, idc, wc, sc = x.cuda(), ids.cuda(), w.cuda(), scale.cuda()
+    with reference():
+        want_cpu = step(x, ids, w, scale)
+    xc, idc, wc, sc = x.to(kernel_device), ids.to(kernel_device), w.to(kernel_device), scale.to(kernel_device)
     step(xc, idc, wc, sc)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
+    synchronize(kernel_device)
+    if kernel_device != "cuda":
+        with HostSyncDetector() as hs:
             eager = step(xc, idc, wc, sc)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert not [c for c in caught if "synchroniz" in str(c.message)]
+        assert hs.syncs == [], f"host syncs on the low-latency path: {hs.syncs}"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                eager = step(xc, idc, wc, sc)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert not [c for c in caught if "synchroniz" in str(c.message)]
     assert torch.equal(eager[1].cpu(), want_cpu[1])
     assert calc_diff(eager[0].cpu().float(), want_cpu[0].float()) < 1e-4
+    if kernel_device != "cuda":
+        return
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -13,6 +13,7 @@ namespace emu {
 // Shared-state-space address of a generic pointer into shared memory (dynamic: kReserve + offset; static
 // __shared__ variables: an address that is never converted back).
 inline uint32_t to_shared(const void* p) {
+  const TsanIgnore bookkeeping;
   const uint8_t* b = static_cast<const uint8_t*>(p);
   if (g_dyn_base == nullptr) g_dyn_base = find_dynamic_smem(p);
   if (g_dyn_base != nullptr && b >= g_dyn_base && b < g_dyn_base + kMaxSmemPerBlockOptin) {
@@ -39,19 +40,16 @@ inline uint8_t* from_shared(uint32_t a, uint32_t bytes = 1) {
 struct Copy { uint8_t* dst; const uint8_t* src; bool valid; };
 struct CpAsyncState { std::vector<Copy> open; std::deque<std::vector<Copy>> groups; };
 inline thread_local std::vector<CpAsyncState> g_cp;   // by flat thread index
-inline CpAsyncState& cp_state() {
-  const size_t t = size_t(flat_tid());
-  if (g_cp.size() <= t) g_cp.resize(t + 1);
-  return g_cp[t];
-}
+inline CpAsyncState& cp_state() { return g_cp[size_t(flat_tid())]; }
 inline void cp_land(std::vector<Copy>& group) {
   for (const Copy& c : group) {
     if (c.valid) std::memcpy(c.dst, c.src, 16);
     else std::memset(c.dst, 0, 16);
   }
+  const TsanIgnore bookkeeping;
   ++g_progress;
 }
-inline void cp_async_cta_start() { g_cp.clear(); }
+inline void cp_async_cta_start() { g_cp.assign(size_t(blockDim.x) * blockDim.y * blockDim.z, CpAsyncState{}); }
 inline void cp_async_cta_end() {
   for (const auto& s : g_cp)
     if (!s.open.empty() || !s.groups.empty()) fail("a thread exited with cp.async copies it never waited for");
@@ -69,12 +67,14 @@ inline void cp_async_16(uint32_t smem_dst, const void* gmem_src, bool valid) {
   if (smem_dst % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0))
     emu::fail("cp.async.cg 16: misaligned address");
   std::memset(dst, 0xFF, 16);   // in flight: a read before the wait sees NaN / garbage, not stale data
+  const emu::TsanIgnore bookkeeping;
   emu::cp_state().open.push_back({dst, static_cast<const uint8_t*>(gmem_src), valid});
 }
 inline void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
   cp_async_16(emu::to_shared(smem_dst), gmem_src, valid);
 }
 inline void cp_async_commit() {
+  const emu::TsanIgnore bookkeeping;
   auto& s = emu::cp_state();
   s.groups.push_back(std::move(s.open));
   s.open.clear();

@@ -39,6 +39,8 @@ inline const int g_async_view_hooks = register_cta_hooks(&async_view_cta_start, 
 // The async proxy's byte at shared address a (dynamic shared memory only).
 inline uint8_t* async_view(uint32_t a, uint32_t bytes) {
   uint8_t* generic = from_shared(a, bytes);   // bounds
+  EMU_TSAN_READ_RANGE(generic, bytes);        // racecheck: the async proxy's access is to this shared memory
+  const TsanIgnore bookkeeping;
   if (g_async_view_stale) {
     std::memcpy(g_async_view.data(), g_dyn_base, g_dyn_bytes);
     g_async_view_stale = false;
@@ -80,13 +82,21 @@ inline void tma_land(MBar& m) {
           const uint32_t addr = tm.swizzle ? swizzle_128b(linear) : linear;
           const uint8_t value = inside ? tm.base[gx * tm.esize + gy * tm.strides[1] + gz * tm.strides[2]] : 0;
           *from_shared(addr) = value;   // the async proxy writes; generic reads see it after the mbarrier wait
+          const TsanIgnore bookkeeping;
           *async_view(addr, 1) = value;
         }
+    const TsanIgnore bookkeeping;
     m.tx -= int64_t(tm.box[0]) * tm.box[1] * tm.box[2] * tm.esize;   // out-of-bounds bytes count too
   }
+  const TsanIgnore bookkeeping;
   m.tma.clear();
   if (m.tx < 0) fail("mbarrier: more transaction bytes completed than expected (expect_tx too small)");
   mbar_maybe_complete(m);
+}
+inline void mbar_state(const void* arg, char* buf, size_t n) {
+  const MBar& m = *static_cast<const MBar*>(arg);
+  std::snprintf(buf, n, " (phase %u, %u of %u arrivals pending, %lld transaction bytes pending)", m.phase, m.pending,
+                m.expected, static_cast<long long>(m.tx));
 }
 inline bool mbar_ready(const void* m, uint64_t parity) {
   const MBar& b = *static_cast<const MBar*>(m);
@@ -182,9 +192,7 @@ inline bool is_acc_poison(float f) {
 // D fragment (ISA "wgmma .m64nNk* D matrix fragment", CUTLASS CLayout_64xN): thread t = 32 w + l holds
 // d[4 i + 2 h + j] = D[16 w + l / 4 + 8 h][8 i + 2 (l % 4) + j].
 inline void wgmma_execute(WgmmaOp& op) {
-  static thread_local std::vector<float> A, B;
-  A.resize(size_t(64) * op.k);
-  B.resize(size_t(op.n) * op.k);
+  std::vector<float> A(size_t(64) * op.k), B(size_t(op.n) * op.k);
   load_operand(op.da, gmma::Major::K, op.fp8, 64, op.k, A.data());
   load_operand(op.db, op.trans_b ? gmma::Major::MN : gmma::Major::K, op.fp8, op.n, op.k, B.data());
   AccBuf& acc = *op.acc;
@@ -271,13 +279,19 @@ namespace deepkernels::ptx::sm90 {
 
 inline void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
   (void)emu::to_shared(bar);
+  const emu::TsanIgnore bookkeeping;
   emu::MBar m;
   m.expected = m.pending = arrivals;
   emu::g_mbar[bar] = m;
 }
-inline void fence_proxy_async() { emu::g_async_view_stale = true; }
+inline void fence_proxy_async() {
+  const emu::TsanIgnore bookkeeping;
+  emu::g_async_view_stale = true;
+}
 inline void fence_barrier_init() {}
 inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  EMU_TSAN_RELEASE(bar);
+  const emu::TsanIgnore bookkeeping;
   emu::MBar& m = emu::mbar(bar);
   if (m.pending == 0) emu::fail("mbarrier: arrival beyond the expected count");
   m.tx += bytes;
@@ -285,6 +299,8 @@ inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   emu::mbar_maybe_complete(m);
 }
 inline void mbarrier_arrive(uint64_t* bar) {
+  EMU_TSAN_RELEASE(bar);
+  const emu::TsanIgnore bookkeeping;
   emu::MBar& m = emu::mbar(bar);
   if (m.pending == 0) emu::fail("mbarrier: arrival beyond the expected count");
   --m.pending;
@@ -293,17 +309,27 @@ inline void mbarrier_arrive(uint64_t* bar) {
 // try_wait.parity P succeeds once the phase with parity P has completed, i.e. while the current phase bit != P.
 inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   for (;;) {
-    emu::MBar& m = emu::mbar(bar);
-    if (m.phase != (parity & 1u)) return;
-    if (!m.tma.empty()) {   // in-flight TMA lands when someone waits
+    emu::MBar* mp;
+    bool complete, tma_pending;
+    {
+      const emu::TsanIgnore bookkeeping;
+      mp = &emu::mbar(bar);
+      complete = mp->phase != (parity & 1u);
+      tma_pending = !mp->tma.empty();
+    }
+    emu::MBar& m = *mp;
+    if (complete) {
+      EMU_TSAN_ACQUIRE(bar);
+      return;
+    }
+    if (tma_pending) {   // in-flight TMA lands when someone waits
       emu::tma_land(m);
+      EMU_TSAN_RELEASE(bar);
       continue;
     }
-    emu::block_described(&emu::mbar_ready, &m, parity,
-                         "mbarrier.try_wait.parity %u on the mbarrier at shared 0x%x (phase %u, %u of %u arrivals "
-                         "pending, %lld transaction bytes pending)",
-                         parity & 1u, emu::to_shared(bar), m.phase, m.pending, m.expected,
-                         static_cast<long long>(m.tx));
+    emu::block_described(&emu::mbar_ready, &m, parity, &emu::mbar_state,
+                         "mbarrier.try_wait.parity %u on the mbarrier at shared 0x%x", parity & 1u,
+                         emu::to_shared(bar));
   }
 }
 inline void prefetch_tensor_map(const CUtensorMap*) {}
@@ -315,6 +341,7 @@ inline void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0
   if (d % (tm.swizzle ? 1024 : 128) != 0) emu::fail("TMA: shared destination misaligned for its swizzle mode");
   const uint32_t bytes = tm.box[0] * tm.box[1] * tm.box[2] * tm.esize;
   std::memset(emu::from_shared(d, bytes), 0xFF, bytes);   // in flight: e4m3 0xFF is NaN
+  const emu::TsanIgnore bookkeeping;
   emu::mbar(bar).tma.push_back({d, tm, {c0, c1, c2}});
 }
 template <uint32_t kRegs>

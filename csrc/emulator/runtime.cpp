@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdarg>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -53,8 +54,16 @@ deepkernels_emu_fiber_trampoline:
 #endif
 
 extern "C" void deepkernels_emu_fiber_main(emu::Fiber* f) {
+  emu::fiber_started();
+  void (*fn)(void*);
+  void* arg;
+  {
+    const emu::TsanIgnore bookkeeping;
+    fn = f->fn;
+    arg = f->arg;
+  }
   try {
-    f->fn(f->arg);
+    fn(arg);
   } catch (...) {   // a failed check in this thread: caught on its own stack, reported by the scheduler
     emu::on_fiber_exception(std::current_exception());
   }
@@ -87,26 +96,36 @@ std::string where() {
 void fail(const std::string& what) { throw KernelError("emulator: " + what + " (" + where() + ")"); }
 
 void on_fiber_exception(std::exception_ptr error) {
+  const TsanIgnore bookkeeping;
   if (!t_cta_error) t_cta_error = error;
 }
 
-void block_described(bool (*ready)(const void*, uint64_t), const void* arg, uint64_t val, const char* fmt, ...) {
-  Fiber& f = *g_sched.cur;
-  va_list ap;
-  va_start(ap, fmt);
-  std::vsnprintf(f.waits_on, sizeof(f.waits_on), fmt, ap);
-  va_end(ap);
-  f.ready = ready;
-  f.ready_arg = arg;
-  f.ready_val = val;
+void block_described(bool (*ready)(const void*, uint64_t), const void* arg, uint64_t val, LiveState live_state,
+                     const char* fmt, ...) {
+  {   // no ignore scope may stay open across the switch: a thread abandoned here (deadlock) never resumes
+    const TsanIgnore bookkeeping;
+    Fiber& f = *g_sched.cur;
+    f.live_state = live_state;
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(f.waits_on, sizeof(f.waits_on), fmt, ap);
+    va_end(ap);
+    f.ready = ready;
+    f.ready_arg = arg;
+    f.ready_val = val;
+  }
   switch_to_sched();
+}
+
+void barrier_state(const void*, char* buf, size_t n) {
+  std::snprintf(buf, n, " (%d of %d live threads arrived)", g_cta->bar_arrived, g_cta->live);
 }
 
 void barrier_release_if_complete() {
   Cta& c = *g_cta;
   if (c.bar_arrived > 0 && c.bar_arrived == c.live) {
     c.bar_arrived = 0;
-    c.bar_site = nullptr;
+    c.bar_file = nullptr;
     ++c.bar_gen;
     ++g_progress;
   }
@@ -150,21 +169,30 @@ Stats g_stats;
 }  // namespace emu
 
 // ---- __syncthreads
-void __syncthreads() {
+void __syncthreads(std::source_location site) {
   emu::Cta& c = *emu::g_cta;
-  const void* site = __builtin_return_address(0);
-  if (c.bar_arrived == 0) {
-    c.bar_site = site;
-  } else if (c.bar_site != site) {
-    emu::fail("divergent __syncthreads: threads of one barrier phase arrived from different call sites");
+  uint64_t my;
+  {
+    const emu::TsanIgnore bookkeeping;
+    if (c.bar_arrived == 0) {
+      c.bar_file = site.file_name();
+      c.bar_line = site.line();
+    } else if (c.bar_line != site.line() || std::strcmp(c.bar_file, site.file_name()) != 0) {
+      emu::fail("divergent __syncthreads: this thread is at " + std::string(site.file_name()) + ":" +
+                std::to_string(site.line()) + " while " + std::to_string(c.bar_arrived) + " thread(s) wait at " +
+                c.bar_file + ":" + std::to_string(c.bar_line));
+    }
+    my = c.bar_gen;
+    ++c.bar_arrived;
+    ++emu::g_progress;
   }
-  const uint64_t my = c.bar_gen;
-  ++c.bar_arrived;
-  ++emu::g_progress;
-  emu::barrier_release_if_complete();
-  while (c.bar_gen == my)
-    emu::block_described(&emu::word_changed, &c.bar_gen, my, "__syncthreads (%d of %d live threads arrived)",
-                         c.bar_arrived, c.live);
+  EMU_TSAN_RELEASE(&c.bar_gen);
+  {
+    const emu::TsanIgnore bookkeeping;
+    emu::barrier_release_if_complete();
+  }
+  while (c.bar_gen == my) emu::block_described(&emu::word_changed, &c.bar_gen, my, &emu::barrier_state, "__syncthreads");
+  EMU_TSAN_ACQUIRE(&c.bar_gen);
 }
 
 namespace emu {
@@ -188,72 +216,97 @@ size_t fiber_stack_bytes() {
 #endif
 }
 
-[[noreturn]] void report_deadlock(const std::vector<Fiber>& fibers, size_t live) {
+std::string deadlock_report(const std::vector<Fiber*>& fibers, size_t live) {
+  const size_t n = fibers.size();
   std::string msg = "emulator: deadlock in kernel " + std::string(g_kernel) + ", block " + format_block(blockIdx) +
                     ": " + std::to_string(live) + " live thread(s) wait forever:";
-  for (size_t i = 0; i < fibers.size();) {
-    if (fibers[i].done) { ++i; continue; }
+  std::vector<std::string> waits(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (fibers[i]->done) continue;
+    char state[160] = "";
+    if (fibers[i]->live_state != nullptr) fibers[i]->live_state(fibers[i]->ready_arg, state, sizeof(state));
+    waits[i] = std::string(fibers[i]->waits_on) + state;
+  }
+  for (size_t i = 0; i < n;) {
+    if (fibers[i]->done) { ++i; continue; }
     size_t j = i + 1;
-    while (j < fibers.size() && !fibers[j].done && std::strcmp(fibers[j].waits_on, fibers[i].waits_on) == 0) ++j;
+    while (j < n && !fibers[j]->done && waits[j] == waits[i]) ++j;
     msg += "\n  thread" + std::string(j - i > 1 ? "s " : " ") + std::to_string(i) +
-           (j - i > 1 ? "-" + std::to_string(j - 1) : std::string()) + ": " + fibers[i].waits_on;
+           (j - i > 1 ? "-" + std::to_string(j - 1) : std::string()) + ": " + waits[i];
     i = j;
   }
-  throw KernelError(msg);
+  return msg;
+}
+
+// The CTA is over (finished or aborted): every thread's accesses happen before what the host does next. A
+// thread abandoned by an aborted CTA (deadlock, a failed check elsewhere) releases in TSan's books only.
+void finish_cta(const std::vector<Fiber*>& fibers) {
+#if defined(__SANITIZE_THREAD__)
+  for (Fiber* f : fibers) {
+    if (f->done) continue;
+    __tsan_switch_to_fiber(f->tsan, __tsan_switch_to_fiber_no_sync);
+    __tsan_release(f);
+    __tsan_switch_to_fiber(g_sched.tsan, __tsan_switch_to_fiber_no_sync);
+  }
+#endif
+  for (Fiber* f : fibers) EMU_TSAN_ACQUIRE(f);
+  g_cta = nullptr;
+  g_sched.cur = nullptr;
 }
 
 // Runs one CTA with one fiber per thread; rethrows the first failure of any of its threads.
 void run_cta(dim3 block, CtaBody body, const void* ctx, int policy) {
-  static thread_local std::vector<Fiber> fibers;
+  static thread_local std::vector<std::unique_ptr<Fiber>> pool;   // stacks reused from CTA to CTA
+  const TsanIgnore scheduler;   // the scheduler's own accesses are not the kernel's
   Cta cta;
   cta.nthreads = cta.live = int(block.x * block.y * block.z);
   g_cta = &cta;
   t_cta_error = nullptr;
-  if (fibers.size() < size_t(cta.nthreads)) fibers.resize(cta.nthreads);
+  while (pool.size() < size_t(cta.nthreads)) pool.push_back(std::make_unique<Fiber>());
+  std::vector<Fiber*> fibers(size_t(cta.nthreads));
   struct Entry { CtaBody body; const void* ctx; } entry{body, ctx};
   for (int t = 0; t < cta.nthreads; ++t) {
-    fibers[t].tid = t;
-    fiber_init(fibers[t], fiber_stack_bytes(),
+    fibers[t] = pool[t].get();
+    fibers[t]->tid = t;
+    fiber_init(*fibers[t], fiber_stack_bytes(),
                [](void* e) { static_cast<Entry*>(e)->body(static_cast<Entry*>(e)->ctx); }, &entry);
   }
   size_t live = size_t(cta.nthreads);
-  const auto runnable = [](const Fiber& f) {
-    return !f.done && (f.ready == nullptr || f.ready(f.ready_arg, f.ready_val));
+  const auto runnable = [](const Fiber* f) {
+    return !f->done && (f->ready == nullptr || f->ready(f->ready_arg, f->ready_val));
   };
-  const auto resume = [&](Fiber& f) {
-    f.ready = nullptr;
-    threadIdx = make_uint3(f.tid % block.x, (f.tid / block.x) % block.y, f.tid / (block.x * block.y));
-    switch_to_fiber(f);
-    if (f.done) {
+  const auto resume = [&](Fiber* f) {
+    f->ready = nullptr;
+    threadIdx = make_uint3(f->tid % block.x, (f->tid / block.x) % block.y, f->tid / (block.x * block.y));
+    switch_to_fiber(*f);
+    if (f->done) {
       --live;
       --cta.live;
       barrier_release_if_complete();
     }
   };
-  const auto end = fibers.begin() + cta.nthreads;
   while (live > 0 && !t_cta_error) {
     const uint64_t progress0 = g_progress;
     const size_t live0 = live;
     bool any = false;
     if (policy == 0) {
-      for (auto it = fibers.begin(); it != end && !t_cta_error; ++it)
-        if (runnable(*it)) { any = true; resume(*it); }
+      for (size_t i = 0; i < fibers.size() && !t_cta_error; ++i)
+        if (runnable(fibers[i])) { any = true; resume(fibers[i]); }
     } else {
       Fiber* pick = nullptr;
-      if (policy == 1) {
-        for (auto it = fibers.begin(); it != end && pick == nullptr; ++it) if (runnable(*it)) pick = &*it;
-      } else {
-        for (auto it = end; it != fibers.begin() && pick == nullptr;) { --it; if (runnable(*it)) pick = &*it; }
+      for (size_t i = 0; i < fibers.size() && pick == nullptr; ++i) {
+        Fiber* f = fibers[policy == 1 ? i : fibers.size() - 1 - i];
+        if (runnable(f)) pick = f;
       }
-      if (pick != nullptr) { any = true; resume(*pick); }
+      if (pick != nullptr) { any = true; resume(pick); }
     }
     if (!t_cta_error && live > 0 && (!any || (policy == 0 && live == live0 && g_progress == progress0))) {
-      g_cta = nullptr;
-      report_deadlock(std::vector<Fiber>(fibers.begin(), end), live);
+      const std::string report = deadlock_report(fibers, live);
+      finish_cta(fibers);
+      throw KernelError(report);
     }
   }
-  g_cta = nullptr;
-  g_sched.cur = nullptr;
+  finish_cta(fibers);
   if (t_cta_error) std::rethrow_exception(t_cta_error);
 }
 
@@ -261,6 +314,7 @@ void run_cta(dim3 block, CtaBody body, const void* ctx, int policy) {
 // and the PTX models' state, runs it, and lets the models report work left in flight.
 void run_one_cta(const char* kernel, dim3 grid, dim3 block, uint3 bidx, size_t smem, CtaBody body, const void* ctx,
                  int policy) {
+  const TsanIgnore scheduler;
   g_kernel = kernel;
   gridDim = grid;
   blockDim = block;
@@ -270,6 +324,7 @@ void run_one_cta(const char* kernel, dim3 grid, dim3 block, uint3 bidx, size_t s
   for (SmemAccessor get : smem_arrays()) {
     uint8_t* base = get();
     EMU_UNPOISON(base, kMaxSmemPerBlockOptin);
+    EMU_TSAN_NEW_MEMORY(base, kMaxSmemPerBlockOptin);
     std::memset(base, 0xA5, smem);   // uninitialised shared memory is garbage
     EMU_POISON(base + smem, kMaxSmemPerBlockOptin - smem);
   }
@@ -312,9 +367,10 @@ void run_grid(const char* kernel, const void* kernel_id, dim3 grid, dim3 block, 
   std::atomic<uint64_t> switches{0};
   std::mutex error_mutex;
   std::exception_ptr error;
+  std::atomic<bool> failed{false};
   const auto work = [&] {
     const uint64_t s0 = g_sched.switches;
-    for (int64_t i; !error && (i = next.fetch_add(1)) < ctas;) {
+    for (int64_t i; !failed.load() && (i = next.fetch_add(1)) < ctas;) {
       const uint3 bidx = make_uint3(unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
                                     unsigned(i / (int64_t(grid.x) * grid.y)));
       try {
@@ -322,6 +378,7 @@ void run_grid(const char* kernel, const void* kernel_id, dim3 grid, dim3 block, 
       } catch (...) {
         const std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
+        failed = true;
       }
     }
     switches += g_sched.switches - s0;

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <source_location>
 #include <tuple>
 
 #include "fiber.h"
@@ -70,7 +71,8 @@ struct Cta {
   int nthreads = 0, live = 0;
   int bar_arrived = 0;
   uint64_t bar_gen = 0;
-  const void* bar_site = nullptr;   // call site of the current __syncthreads phase
+  const char* bar_file = nullptr;   // source line of the current __syncthreads phase
+  unsigned bar_line = 0;
   Group warps[32];
   Group warpgroups[8];
 };
@@ -81,37 +83,54 @@ inline thread_local const char* g_kernel = "";
 inline int flat_tid() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
 
 // Blocks the calling thread until `ready` holds; `fmt` describes the wait for deadlock reports.
-void block_described(bool (*ready)(const void*, uint64_t), const void* arg, uint64_t val, const char* fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+// `live_state` (may be null) appends the awaited object's state when a deadlock is reported.
+using LiveState = void (*)(const void* arg, char* buf, size_t n);
+void block_described(bool (*ready)(const void*, uint64_t), const void* arg, uint64_t val, LiveState live_state,
+                     const char* fmt, ...) __attribute__((format(printf, 5, 6)));
 
 void barrier_release_if_complete();
+void barrier_state(const void*, char* buf, size_t n);
 
 // Warp(group)-synchronous collective: every lane deposits `arg`; the last lane to arrive runs
 // compute(args) (which writes each lane's results through pointers in its arg), then all lanes go on.
 // Lanes at different collectives at once are a divergence error, as .sync.aligned is undefined there.
+// (TSan builds: each lane releases at arrival and acquires when the collective completes; `compute` runs in
+// the last lane with every lane's history, so its memory accesses are checked as that lane's.)
 template <int kGroup = 32, typename F>
 inline void warp_collective(const char* op, void* arg, F&& compute) {
   Cta& c = *g_cta;
   const int t = flat_tid(), lane = t % kGroup;
   Group& w = kGroup == 32 ? c.warps[t / 32] : c.warpgroups[t / kGroup];
-  if (w.arrived == 0) {
-    w.op = op;
-  } else if (w.op != op && std::strcmp(w.op, op) != 0) {
-    fail(std::string("divergent collective: this lane is at ") + op + " while " + std::to_string(w.arrived) +
-         " lane(s) of its " + (kGroup == 32 ? "warp" : "warpgroup") + " wait at " + w.op);
+  uint64_t my;
+  bool last;
+  {
+    const TsanIgnore bookkeeping;
+    if (w.arrived == 0) {
+      w.op = op;
+    } else if (w.op != op && std::strcmp(w.op, op) != 0) {
+      fail(std::string("divergent collective: this lane is at ") + op + " while " + std::to_string(w.arrived) +
+           " lane(s) of its " + (kGroup == 32 ? "warp" : "warpgroup") + " wait at " + w.op);
+    }
+    w.args[lane] = arg;
+    ++g_progress;
+    my = w.gen;
+    const int lanes = std::min(kGroup, c.nthreads - (t / kGroup) * kGroup);
+    last = ++w.arrived == lanes;
   }
-  w.args[lane] = arg;
-  ++g_progress;
-  const uint64_t my = w.gen;
-  const int lanes = std::min(kGroup, c.nthreads - (t / kGroup) * kGroup);
-  if (++w.arrived == lanes) {
+  EMU_TSAN_RELEASE(&w);
+  if (last) {
+    EMU_TSAN_ACQUIRE(&w);
     compute(w.args);
+    EMU_TSAN_RELEASE(&w);
+    const TsanIgnore bookkeeping;
     w.arrived = 0;
     ++w.gen;
     return;
   }
-  while (w.gen == my)
-    block_described(&word_changed, &w.gen, my, "%s (%s %d)", op, kGroup == 32 ? "warp" : "warpgroup", t / kGroup);
+  while (word_changed(&w.gen, my) == false)
+    block_described(&word_changed, &w.gen, my, nullptr, "%s (%s %d)", op, kGroup == 32 ? "warp" : "warpgroup",
+                    t / kGroup);
+  EMU_TSAN_ACQUIRE(&w);
 }
 
 // ---- dynamic shared memory. The kernels' `extern __shared__` arrays are defined by the emulated
@@ -168,9 +187,9 @@ inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, const Args&
 
 // ---- device built-ins
 // A __syncthreads phase completes when every live thread of the CTA has arrived (exited threads do not
-// count, as on sm_70+); threads arriving from different call sites in one phase are reported (divergent
-// barrier: undefined behaviour in CUDA). noinline: its return address identifies the call site.
-__attribute__((noinline)) void __syncthreads();
+// count, as on sm_70+); threads arriving from different source lines in one phase are reported (divergent
+// barrier: undefined behaviour in CUDA). The default argument is evaluated at the kernel's call site.
+void __syncthreads(std::source_location site = std::source_location::current());
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
