@@ -47,12 +47,14 @@ SANITIZED_EMU = DEEPKERNELS_ONLY_EMULATOR=1 DEEPKERNELS_EMULATOR_SANITIZE=$(1) M
 	|| { tail -40 build/$(1).log; exit 1; }
 memcheck: build/.installed
 	$(call SANITIZED_EMU,address)
-	LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 \
 	  DEEPKERNELS_EMULATOR_LIB=$$(ls build/address/deepkernels/_emu*.so) $(PY) -m pytest -q -m emu $(PYTEST_ARGS) tests
 
 racecheck: build/.installed
 	$(call SANITIZED_EMU,thread)
-	LD_PRELOAD=$$(g++ -print-file-name=libtsan.so) TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 \
+	LD_PRELOAD="$$(g++ -print-file-name=libtsan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0 suppressions=$(CURDIR)/tools/tsan.supp" \
 	  DEEPKERNELS_EMULATE_THREADS=1 DEEPKERNELS_EMULATOR_LIB=$$(ls build/thread/deepkernels/_emu*.so) \
 	  $(PY) -m pytest -q -m emu $(PYTEST_ARGS) tests
 

@@ -49,6 +49,10 @@ step "pytest -m cuda tests/test_mla.py with the opt-in sm_90a wgmma MLA decode"
 DEEPKERNELS_MLA_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_mla.py 2>&1 | tee -a "$OUT/pytest_sm90.log" | tail -15
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
+step "the emulator against the hardware: every kernel on the same inputs (appended to pytest_cuda.log)"
+$PY -m bench.emu_vs_gpu 2>&1 | tee -a "$OUT/pytest_cuda.log" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
 step "pytest -m 'not cuda' (the CPU tests, against the device's torch)"
 $PY -m pytest -q -m "not cuda" tests 2>&1 | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -167,3 +167,28 @@ def test_moe_multi_process_gloo_smoke(mode):
     prefix = "ep_ll" if mode == "low_latency" else "ep"
     assert [r.case["op"] for r in rows] == [f"{prefix}_dispatch_fp8", f"{prefix}_combine_bf16"]
     assert all(r.ours > 0 and r.peer_value > 0 and r.ms > 0 for r in rows)
+
+
+def test_emu_vs_gpu_compares_and_runs_emulated_side():
+    """bench/emu_vs_gpu.py (the gpu_check step that checks the emulator against the hardware): its comparison
+    tells bitwise, accumulation-order and real differences apart, and every case runs emulated here."""
+    import torch
+
+    import deepkernels
+    from bench import emu_vs_gpu
+
+    x = torch.randn(64, 64)
+    assert emu_vs_gpu.compare((x,), (x.clone(),), "exact")["ok"]
+    nudged = x * (1 + 2.0 ** -10)
+    assert not emu_vs_gpu.compare((x,), (nudged,), "exact")["ok"]
+    assert emu_vs_gpu.compare((x,), (nudged,), "accumulation")["ok"]
+    assert not emu_vs_gpu.compare((x,), (x * 1.05,), "accumulation")["ok"]
+    if not deepkernels.build_info()["emulator"]:
+        return
+    before = deepkernels.emulator_stats()["kernels"]
+    assert emu_vs_gpu.main([]) == 0
+    ran = {k for k, v in deepkernels.emulator_stats()["kernels"].items() if v > before.get(k, 0)}
+    assert {"fp8_gemm_nt_portable_kernel", "fp8_gemm_sm90_kernel", "mla_splitkv_kernel", "mla_splitkv_sm90_kernel",
+            "mla_combine_kernel", "mla_metadata_kernel", "mla_write_cache_kernel", "layout_kernel",
+            "permute_kernel", "permute_fp8_kernel", "unpermute_reduce_kernel", "per_token_cast_to_fp8_kernel",
+            "per_block_cast_to_fp8_kernel", "cast_from_fp8_kernel"} <= ran, ran
