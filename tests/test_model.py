@@ -290,7 +290,8 @@ def test_cuda_bf16_model_decode_and_generation(kernel_device):
     if kernel_device != "cuda":  # the emulated decode also against the same bf16 model on the references
         with torch.no_grad(), reference():
             full_ref = model(input_ids).float()
-        assert calc_diff(paged, full_ref) < 5e-3, f"emulated paged decode vs reference: {calc_diff(paged, full_ref):.2e}"
+        diff = calc_diff(paged, full_ref)
+        assert diff < 5e-3, f"emulated paged decode vs reference: {diff:.2e}"
     outs = generate(model, [[1, 2, 3], list(range(10, 10 + prompt)), [7]], max_new_tokens=new)
     assert [o.numel() for o in outs] == [3 + new, prompt + new, 1 + new]
 

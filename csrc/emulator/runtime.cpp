@@ -191,7 +191,8 @@ void __syncthreads(std::source_location site) {
     const emu::TsanIgnore bookkeeping;
     emu::barrier_release_if_complete();
   }
-  while (c.bar_gen == my) emu::block_described(&emu::word_changed, &c.bar_gen, my, &emu::barrier_state, "__syncthreads");
+  while (c.bar_gen == my)
+    emu::block_described(&emu::word_changed, &c.bar_gen, my, &emu::barrier_state, "__syncthreads");
   EMU_TSAN_ACQUIRE(&c.bar_gen);
 }
 

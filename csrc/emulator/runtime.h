@@ -191,27 +191,31 @@ inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, const Args&
 // barrier: undefined behaviour in CUDA). The default argument is evaluated at the kernel's call site.
 void __syncthreads(std::source_location site = std::source_location::current());
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  if (mask != 0xffffffffu || width != 32) emu::fail("__shfl_xor_sync: only full-warp masks and width 32 are emulated");
-  struct Arg { T in; T* out; int m; } a{v, &v, lane_mask};
-  emu::warp_collective("__shfl_xor_sync", &a, [](void** args) {
+namespace emu {
+// A full-warp shuffle: lane l receives the value of lane source(l, operand) (its own operand).
+template <typename Source, typename T>
+inline T shuffle(const char* op, unsigned mask, T v, int operand, int width) {
+  if (mask != 0xffffffffu || width != 32) fail(std::string(op) + ": only full-warp masks and width 32 are emulated");
+  struct Arg { T in; T* out; int operand; } a{v, &v, operand};
+  warp_collective(op, &a, [](void** args) {
     T vals[32];
     for (int l = 0; l < 32; ++l) vals[l] = static_cast<Arg*>(args[l])->in;
-    for (int l = 0; l < 32; ++l) { Arg* x = static_cast<Arg*>(args[l]); *x->out = vals[(l ^ x->m) & 31]; }
+    for (int l = 0; l < 32; ++l) {
+      Arg* x = static_cast<Arg*>(args[l]);
+      *x->out = vals[Source{}(l, x->operand) & 31];
+    }
   });
   return v;
 }
+}  // namespace emu
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return emu::shuffle<decltype([](int lane, int m) { return lane ^ m; })>("__shfl_xor_sync", mask, v, lane_mask, width);
+}
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
-  if (mask != 0xffffffffu || width != 32) emu::fail("__shfl_sync: only full-warp masks and width 32 are emulated");
-  struct Arg { T in; T* out; int s; } a{v, &v, src_lane};
-  emu::warp_collective("__shfl_sync", &a, [](void** args) {
-    T vals[32];
-    for (int l = 0; l < 32; ++l) vals[l] = static_cast<Arg*>(args[l])->in;
-    for (int l = 0; l < 32; ++l) { Arg* x = static_cast<Arg*>(args[l]); *x->out = vals[x->s & 31]; }
-  });
-  return v;
+  return emu::shuffle<decltype([](int, int src) { return src; })>("__shfl_sync", mask, v, src_lane, width);
 }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }

@@ -21,7 +21,8 @@ inline void check(bool ok, const std::string& what, const std::string& source = 
     ++g_passed;
   } else {
     ++g_failed;
-    std::printf("FAILED: %s%s%s\n", what.c_str(), source.empty() ? "" : "  [", source.empty() ? "" : (source + "]").c_str());
+    const std::string cited = source.empty() ? "" : "  [" + source + "]";
+    std::printf("FAILED: %s%s\n", what.c_str(), cited.c_str());
   }
 }
 

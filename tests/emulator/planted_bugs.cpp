@@ -198,7 +198,8 @@ __global__ void cp_stages(float* out, const float* in, int mode) {
 
 // ---- 2./3. wgmma: one bf16 m64n32k16 tile, A (64 x 16) and B (32 x 16) K-major without swizzle -------------
 
-enum WgMode { kWgOk = 0, kWgReadEarly, kWgNoWait, kWgNoFence, kWgDivergentDesc, kWgWriteInFlight };
+enum WgMode { kWgOk = 0, kWgReadEarly, kWgNoWait, kWgNoFence, kWgDivergentDesc, kWgWriteInFlight,
+              kWgNoProxyFence };
 
 constexpr uint32_t kLbo = 128, kSbo = 256;   // core matrices (8 rows x 16 bytes): next along K / next 8 rows
 inline float a_val(int m, int k) { return float((m * 3 + k) % 7 - 3); }
@@ -208,7 +209,9 @@ inline uint16_t bf16_bits(float f) {   // exact for the small integers above
   std::memcpy(&u, &f, 4);
   return uint16_t(u >> 16);
 }
-inline uint32_t kmajor_offset(int row, int k) { return (row % 8) * 16 + (row / 8) * kSbo + (k % 8) * 2 + (k / 8) * kLbo; }
+inline uint32_t kmajor_offset(int row, int k) {
+  return (row % 8) * 16 + (row / 8) * kSbo + (k % 8) * 2 + (k / 8) * kLbo;
+}
 inline uint64_t desc(const void* p) {
   return uint64_t(ptx::smem_addr(p) >> 4) | (uint64_t(kLbo >> 4) << 16) | (uint64_t(kSbo >> 4) << 32);
 }
@@ -225,7 +228,8 @@ __global__ void wgmma_tile(float* out, int mode) {
     const uint16_t v = bf16_bits(b_val(i / 16, i % 16));
     std::memcpy(B + kmajor_offset(i / 16, i % 16), &v, 2);
   }
-  sm90::fence_proxy_async();
+  // Planted (kWgNoProxyFence): generic stores read by wgmma (the async proxy) without fence.proxy.async.
+  if (mode != kWgNoProxyFence) sm90::fence_proxy_async();
   __syncthreads();
   // Planted (kWgDivergentDesc): each warp builds the B descriptor from its own (warp-indexed) tile.
   const uint64_t da = desc(A), db = desc(B + (mode == kWgDivergentDesc ? warp * 16 : 0));
@@ -359,7 +363,8 @@ void case_divergent_shfl_ldmatrix() {
       error_of([&] { launch_kernel<shfl_vs_ldmatrix>(dim3(1), dim3(32), 512, nullptr, out.data(), 1); });
   expect_error(err, "divergent collective: half-warps at __shfl_xor_sync and ldmatrix", "shfl_vs_ldmatrix",
                "(0, 0, 0)",
-               {"divergent collective: this lane is at ", "__shfl_xor_sync", "ldmatrix.x4", "lane(s) of its warp wait at "});
+               {"divergent collective: this lane is at ", "__shfl_xor_sync", "ldmatrix.x4",
+                "lane(s) of its warp wait at "});
 }
 
 void case_divergent_sync_sites() {
@@ -424,6 +429,10 @@ void case_wgmma() {
                {"wgmma: descriptors or scale-d differ across the warpgroup (divergent collective operands)"});
   expect_error(run(kWgWriteInFlight), "accumulator written while its wgmma is in flight", "wgmma_tile", "(0, 0, 0)",
                {"wgmma: accumulator register written while its wgmma was in flight"});
+  // The async proxy sees the operands only through fence.proxy.async: without it wgmma reads the stale
+  // (uninitialised: 0xA5 garbage) view of shared memory, so D is wrong.
+  check(run(kWgNoProxyFence).empty() && !wgmma_result_ok(out),
+        "no fence.proxy.async between the generic stores of A/B and wgmma: wgmma reads stale shared memory");
 }
 
 // A race the default round-robin schedule hides: thread 0 runs first and writes before thread 32 reads.
@@ -455,8 +464,8 @@ void case_race_schedules() {
 void case_asan_global(int off) {
   std::vector<float> in(64), out(64);
   for (int i = 0; i < 64; ++i) in[i] = float(i);
-  expect_clean(error_of([&] { launch_kernel<gather_shifted>(dim3(1), dim3(64), 0, nullptr, out.data(), in.data(), off); }),
-               "global gather");
+  const auto gather = [&] { launch_kernel<gather_shifted>(dim3(1), dim3(64), 0, nullptr, out.data(), in.data(), off); };
+  expect_clean(error_of(gather), "global gather");
   check(off != 0 || out[63] == 63.f, "in-bounds gather");
 }
 void case_asan_smem(int bug) {
@@ -468,7 +477,10 @@ void case_asan_smem(int bug) {
 // A checker's error thrown on a fiber's stack (wgmma without a fence), under ASan: reported, no ASan error.
 void case_asan_checker_error() {
   std::vector<float> out(128 * 16);
-  expect_error(error_of([&] { launch_kernel<wgmma_tile>(dim3(1), dim3(128), 4096, nullptr, out.data(), int(kWgNoFence)); }),
+  const auto no_fence = [&] {
+    launch_kernel<wgmma_tile>(dim3(1), dim3(128), 4096, nullptr, out.data(), int(kWgNoFence));
+  };
+  expect_error(error_of(no_fence),
                "no wgmma.fence before the first wgmma, under ASan", "wgmma_tile", "(0, 0, 0)",
                {"no fence before the first"});
 }
