@@ -323,6 +323,7 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       return;
     }
     if (tma_pending) {   // in-flight TMA lands when someone waits
+      EMU_TSAN_ACQUIRE(bar);
       emu::tma_land(m);
       EMU_TSAN_RELEASE(bar);
       continue;
@@ -341,6 +342,7 @@ inline void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0
   if (d % (tm.swizzle ? 1024 : 128) != 0) emu::fail("TMA: shared destination misaligned for its swizzle mode");
   const uint32_t bytes = tm.box[0] * tm.box[1] * tm.box[2] * tm.esize;
   std::memset(emu::from_shared(d, bytes), 0xFF, bytes);   // in flight: e4m3 0xFF is NaN
+  EMU_TSAN_RELEASE(bar);   // the copy lands after its issue, in whichever thread waits
   const emu::TsanIgnore bookkeeping;
   emu::mbar(bar).tma.push_back({d, tm, {c0, c1, c2}});
 }
