@@ -40,8 +40,8 @@ inline const int g_async_view_hooks = register_cta_hooks(&async_view_cta_start, 
 inline uint8_t* async_view(uint32_t a, uint32_t bytes) {
   uint8_t* generic = from_shared(a, bytes);   // bounds
   EMU_TSAN_READ_RANGE(generic, bytes);        // racecheck: the async proxy's access is to this shared memory
-  const TsanIgnore bookkeeping;
   if (g_async_view_stale) {
+    const TsanIgnore bookkeeping;
     std::memcpy(g_async_view.data(), g_dyn_base, g_dyn_bytes);
     g_async_view_stale = false;
   }
