@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One build at a time in this tree (several shells may rebuild at once).
+mkdir -p build
 exec 9>build/.dev-build.lock
 flock 9
 PY=${PY:-.venv/bin/python}
