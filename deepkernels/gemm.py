@@ -181,3 +181,134 @@ def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torc
 
 __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
            "get_m_alignment_for_contiguous_layout", "M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-gradient GEMMs (DeepGEMM's wgrad_gemm_fp8_fp8_fp32_nt / k_grouped_wgrad_gemm_fp8_fp8_fp32_nt).
+# In wgrad, K is the token dimension: dW[M, N] = grad_out^T[M, T] @ x^T[N, T]^T. Both operands are
+# quantised 1x128 per row along K (per_token_cast_to_fp8 of the transposed tensors), so unlike the
+# forward GEMM b's scales are per row ([N, ceil(K/128)]), not per 128x128 block. The fp32 result is
+# ACCUMULATED into ``out`` (out += a @ b^T): gradient accumulation is free.
+
+def _dequant_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.float() * scale.float().repeat_interleave(GROUP, dim=-1)[..., :x.size(-1)]
+
+
+def wgrad_gemm_fp8_fp8_fp32_nt_ref(a, a_scale, b, b_scale, out) -> None:
+    out.add_(_dequant_rows(a, a_scale) @ _dequant_rows(b, b_scale).T)
+
+
+def _k_group_offsets(ks) -> list[tuple[int, int, int]]:
+    """(k, first K element, first scale row) of each group of the flat k-grouped layout."""
+    offsets, k0, s0 = [], 0, 0
+    for k in ks:
+        offsets.append((k, k0, s0))
+        k0, s0 = k0 + k, s0 + ceil_div(k, GROUP)
+    return offsets
+
+
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt_ref(a, a_scale, b, b_scale, out, ks) -> None:
+    m, n = out.shape[1:]
+    for g, (k, k0, s0) in enumerate(_k_group_offsets(ks)):
+        if k == 0:
+            continue
+        a_g = a[m * k0:m * (k0 + k)].view(m, k)
+        b_g = b[n * k0:n * (k0 + k)].view(n, k)
+        scales = slice(s0, s0 + ceil_div(k, GROUP))
+        wgrad_gemm_fp8_fp8_fp32_nt_ref(a_g, a_scale[scales].T, b_g, b_scale[scales].T, out[g])
+
+
+define_op("wgrad_gemm_fp8_fp8_fp32_nt",
+          "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor(a!) out) -> ()",
+          wgrad_gemm_fp8_fp8_fp32_nt_ref, _no_output)
+define_op("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
+          "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor(a!) out, int[] ks) -> ()",
+          k_grouped_wgrad_gemm_fp8_fp8_fp32_nt_ref, _no_output)
+
+
+def _check_wgrad_operand(name: str, x, scale_name: str, scale, k: int | None) -> tuple[int, int]:
+    check_tensor(name, x, dtypes=(FP8_DTYPE,), ndim=2, inner_contiguous=True)
+    rows, kx = x.shape
+    if k is not None and kx != k:
+        raise ValueError(f"{name}: expected K = {k} (a's last dim), got shape {list(x.shape)}")
+    if rows > 1 and kx > 0 and x.stride(0) % _NK_MULTIPLE != 0:
+        raise ValueError(f"{name}: expected a row stride that is a multiple of {_NK_MULTIPLE} (16-byte aligned rows), "
+                         f"got strides {x.stride()}")
+    if x.is_cuda and x.data_ptr() % 16 != 0:
+        raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {x.data_ptr():#x}")
+    check_tensor(scale_name, scale, dtypes=(torch.float32,), shape=(rows, ceil_div(kx, GROUP)))
+    return rows, kx
+
+
+def _check_accumulator(out, shape: tuple) -> None:
+    check_tensor("out", out, dtypes=(torch.float32,), shape=shape, inner_contiguous=True)
+
+
+def wgrad_gemm_fp8_fp8_fp32_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                               out: torch.Tensor) -> torch.Tensor:
+    """Weight-gradient GEMM: ``out[M, N] += (a * a_scale) @ (b * b_scale)^T`` in fp32 (accumulated).
+
+    a        float8_e4m3fn [M, K], unit stride along K, row stride a multiple of 16 (16-byte rows)
+    a_scale  float32 [M, ceil(K/128)]: 1x128 per-row scales along K, any strides (row-major or
+             DeepGEMM's column-major TMA-aligned layout)
+    b        float8_e4m3fn [N, K], same layout rules as a
+    b_scale  float32 [N, ceil(K/128)]: 1x128 per-row scales along K (not 128x128 blocks), any strides
+    out      float32 [M, N], unit stride along N; read and written (accumulated), returned
+    K (the token dimension in wgrad) must be a multiple of 16; K = 0 leaves ``out`` unchanged. Any M, N
+    >= 0 (edge tiles are masked). Errors: TypeError/ValueError naming the argument, raised before launch.
+    """
+    m, k = _check_wgrad_operand("a", a, "a_scale", a_scale, None)
+    n, _ = _check_wgrad_operand("b", b, "b_scale", b_scale, k)
+    if k % _NK_MULTIPLE != 0:
+        raise ValueError(f"K: expected a multiple of {_NK_MULTIPLE}, got {k}")
+    _check_accumulator(out, (m, n))
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
+    torch.ops.deepkernels.wgrad_gemm_fp8_fp8_fp32_nt(a, a_scale, b, b_scale, out)
+    return out
+
+
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                                         b_scale: torch.Tensor, out: torch.Tensor, ks) -> torch.Tensor:
+    """Per-expert weight gradients with per-expert K (token) segments: for each group g,
+    ``out[g] += (a_g * sa_g) @ (b_g * sb_g)^T`` in fp32 (accumulated), in DeepGEMM's flat layout.
+
+    ks       the K of each group (list/tuple of ints, or a 1-D integer tensor read on the host), each a
+             multiple of 16 and >= 0 (a group with K = 0 leaves out[g] unchanged)
+    a        float8_e4m3fn, contiguous, M * sum(ks) elements (any shape; read flat): group g is an [M, ks[g]]
+             row-major block starting at element M * sum(ks[:g])
+    a_scale  float32 [sum(ceil(ks[g]/128)), M] contiguous: group g's ceil(ks[g]/128) rows, each the 1x128
+             scales of all M rows for one K block (the transposed per-token scales, as DeepGEMM's test builds)
+    b        float8_e4m3fn, contiguous, N * sum(ks) elements; group g is [N, ks[g]] at element N * sum(ks[:g])
+    b_scale  float32 [sum(ceil(ks[g]/128)), N] contiguous
+    out      float32 [G, M, N] contiguous, G = len(ks); accumulated, returned
+    """
+    if isinstance(ks, torch.Tensor):
+        if ks.dim() != 1 or ks.dtype.is_floating_point or ks.dtype == torch.bool:
+            raise ValueError(f"ks: expected a 1-D integer tensor, got {ks.dtype} of shape {list(ks.shape)}")
+        ks = ks.tolist()
+    if not isinstance(ks, (list, tuple)) or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise TypeError(f"ks: expected a list of ints, got {ks!r}")
+    for g, k in enumerate(ks):
+        if k < 0 or k % _NK_MULTIPLE != 0:
+            raise ValueError(f"ks[{g}]: expected a non-negative multiple of {_NK_MULTIPLE}, got {k}")
+    ks = list(ks)
+    check_tensor("out", out, dtypes=(torch.float32,), ndim=3, contiguous=True)
+    groups, m, n = out.shape
+    if len(ks) != groups:
+        raise ValueError(f"ks: expected {groups} entries (out's leading dim), got {len(ks)}")
+    total_k, scale_rows = sum(ks), sum(ceil_div(k, GROUP) for k in ks)
+    for name, x, rows in (("a", a, m), ("b", b, n)):
+        check_tensor(name, x, dtypes=(FP8_DTYPE,), contiguous=True)
+        if x.numel() != rows * total_k:
+            raise ValueError(f"{name}: expected {rows} * sum(ks) = {rows * total_k} elements, got {x.numel()} "
+                             f"(shape {list(x.shape)})")
+        if x.is_cuda and x.data_ptr() % 16 != 0:
+            raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {x.data_ptr():#x}")
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(scale_rows, m), contiguous=True)
+    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(scale_rows, n), contiguous=True)
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
+    torch.ops.deepkernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a.view(-1), a_scale, b.view(-1), b_scale, out, ks)
+    return out
+
+
+__all__ += ["wgrad_gemm_fp8_fp8_fp32_nt", "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt"]
