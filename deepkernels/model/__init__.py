@@ -11,8 +11,10 @@ loading, generate, MTP speculative decoding.
 """
 from .config import DeepseekV3Config
 from .generation import GenerationStats, generate, sample_next_token
+from .config import CheckpointNotFoundError
 from .loading import CheckpointError, load_model, load_tokenizer, save_pretrained
 from .modeling import DeepseekV3ForCausalLM
 
 __all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "generate", "GenerationStats", "sample_next_token",
-           "load_model", "save_pretrained", "load_tokenizer", "CheckpointError"]
+           "load_model", "save_pretrained", "load_tokenizer", "CheckpointError",
+           "CheckpointNotFoundError"]

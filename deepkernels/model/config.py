@@ -8,6 +8,31 @@ import math
 import os
 from typing import Any
 
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is: its config.json (unreadable, invalid JSON, a missing
+    or ill-typed field, an unknown ``model_type``) or its weights (missing shards or keys, unreadable safetensors,
+    mis-shaped or non-finite tensors). The message names the file and the key or field."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """``load_model``'s path is neither a preset name nor an existing checkpoint directory."""
+
+
+# model_type values this model implements (transformers' DeepseekV3Config / DeepseekV2Config; V2.5 and R1
+# checkpoints use these too). Others (deepseek_v32's sparse attention, llama, ...) are different models.
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+_ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
+
+# Fields a config.json must spell out (the released configs and transformers' save_pretrained all do): they set
+# the shapes and the maths, so a missing one is an error rather than DeepSeek-V3's (671B) value.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+                   "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group",
+                   "topk_group", "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob", "rms_norm_eps",
+                   "max_position_embeddings")
+
 # The official config.json key -> our field (HF renamed a few; both spellings are accepted).
 _ALIASES = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts",
             "num_mtp_layers": "num_nextn_predict_layers"}
@@ -50,7 +75,7 @@ class DeepseekV3Config:
     num_hidden_layers: int = 61
     num_nextn_predict_layers: int = 1
     num_attention_heads: int = 128
-    num_key_value_heads: int = 128
+    num_key_value_heads: int | None = None  # None: num_attention_heads (MLA: always equal)
     n_shared_experts: int = 1
     n_routed_experts: int = 256
     routed_scaling_factor: float = 2.5
@@ -86,7 +111,7 @@ class DeepseekV3Config:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.rope_scaling is not None:
+        if isinstance(self.rope_scaling, dict):
             rs = dict(self.rope_scaling)
             rs.setdefault("type", rs.get("rope_type", "default"))
             rs.setdefault("rope_type", rs["type"])
@@ -95,6 +120,7 @@ class DeepseekV3Config:
 
         self.n_group = 1 if self.n_group is None else self.n_group
         self.topk_group = 1 if self.topk_group is None else self.topk_group
+        self._validate()
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act: expected 'silu', got {self.hidden_act!r}")
         if self.extra.get("mlp_bias"):
@@ -109,9 +135,126 @@ class DeepseekV3Config:
             raise ValueError(f"num_nextn_predict_layers: expected >= 0, got {self.num_nextn_predict_layers}")
         if self.quantization_config is not None:
             qc = self.quantization_config
-            if qc.get("quant_method", "fp8") != "fp8" or list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
+            if not isinstance(qc, dict):
+                raise TypeError(f"quantization_config: expected a dict or null, got {qc!r}")
+            block = qc.get("weight_block_size", [128, 128])
+            if qc.get("quant_method", "fp8") != "fp8" or not isinstance(block, (list, tuple)) or list(block) != [128, 128]:
                 raise ValueError("quantization_config: only quant_method 'fp8' with weight_block_size [128, 128] "
                                  f"is supported, got {qc}")
+            if qc.get("fmt", "e4m3") != "e4m3" or qc.get("activation_scheme", "dynamic") != "dynamic":
+                raise ValueError("quantization_config: only fmt 'e4m3' with activation_scheme 'dynamic' is "
+                                 f"supported, got {qc}")
+
+    def _validate(self) -> None:
+        """TypeError / ValueError naming the field, the expected type or range and the value given."""
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        def need_int(name, lo, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if not is_int(v):
+                raise TypeError(f"{name}: expected an int{' or null' if optional else ''}, got {v!r} "
+                                f"({type(v).__name__})")
+            if v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+
+        def need_num(name, positive=True):
+            v = getattr(self, name)
+            if not is_num(v):
+                raise TypeError(f"{name}: expected a number, got {v!r} ({type(v).__name__})")
+            if not math.isfinite(v) or (positive and v <= 0):
+                raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {v}")
+
+        def need_bool(name):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: expected true or false, got {v!r} ({type(v).__name__})")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "max_position_embeddings",
+                     "moe_layer_freq", "num_experts_per_tok"):
+            need_int(name, 1)
+        for name in ("intermediate_size", "moe_intermediate_size", "n_shared_experts", "n_routed_experts",
+                     "first_k_dense_replace", "num_nextn_predict_layers"):
+            need_int(name, 0)
+        need_int("q_lora_rank", 1, optional=True)
+        need_int("n_group", 1)
+        need_int("topk_group", 1)
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim: expected an even number (rotated in pairs), got {self.qk_rope_head_dim}")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(f"num_key_value_heads: expected num_attention_heads={self.num_attention_heads} (MLA "
+                             f"expands the latent into every head), got {self.num_key_value_heads}")
+        has_dense = self.n_routed_experts == 0 or self.first_k_dense_replace > 0 or self.moe_layer_freq > 1
+        if has_dense and self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size: expected >= 1 (the model has dense MLP layers), got "
+                             f"{self.intermediate_size}")
+        if self.n_routed_experts > 0 and self.moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size: expected >= 1 (n_routed_experts={self.n_routed_experts}), "
+                             f"got {self.moe_intermediate_size}")
+        need_num("rms_norm_eps")
+        need_num("rope_theta")
+        need_num("routed_scaling_factor")
+        need_num("initializer_range", positive=False)
+        for name in ("norm_topk_prob", "attention_bias", "tie_word_embeddings", "rope_interleave"):
+            need_bool(name)
+        for name in ("scoring_func", "topk_method", "hidden_act"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name}: expected a string, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not is_int(v):
+                raise TypeError(f"{name}: expected an int or null, got {v!r} ({type(v).__name__})")
+        eos = self.eos_token_id
+        eos_ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+        for v in eos_ids:
+            if not is_int(v):
+                raise TypeError(f"eos_token_id: expected an int, a list of ints or null, got {eos!r}")
+            if not 0 <= v < self.vocab_size:
+                raise ValueError(f"eos_token_id: expected ids in [0, vocab_size={self.vocab_size}), got {eos!r}")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise TypeError(f"torch_dtype: expected a string or null, got {self.torch_dtype!r}")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict):
+            raise TypeError(f"rope_scaling: expected a dict or null, got {rs!r} ({type(rs).__name__})")
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind not in ("yarn", "default"):
+            raise ValueError(f"rope_scaling.type: expected 'yarn' (DeepSeek's) or 'default', got {kind!r}")
+        if kind != "yarn":
+            return
+
+        def num(key, required=False, positive=True):
+            v = rs.get(key)
+            if v is None:
+                if required:
+                    raise ValueError(f"rope_scaling.{key}: required for YaRN, missing")
+                return
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or \
+                    (v <= 0 if positive else v < 0):
+                raise ValueError(f"rope_scaling.{key}: expected a finite number {'> 0' if positive else '>= 0'}, "
+                                 f"got {v!r}")
+
+        num("factor", required="original_max_position_embeddings" not in rs)
+        omp = rs.get("original_max_position_embeddings")
+        if omp is not None and (not isinstance(omp, int) or isinstance(omp, bool) or omp < 1):
+            raise ValueError(f"rope_scaling.original_max_position_embeddings: expected an int >= 1, got {omp!r}")
+        for key in ("beta_fast", "beta_slow", "attention_factor"):
+            num(key)
+        for key in ("mscale", "mscale_all_dim"):
+            num(key, positive=False)
+        if "truncate" in rs and not isinstance(rs["truncate"], bool):
+            raise ValueError(f"rope_scaling.truncate: expected true or false, got {rs['truncate']!r}")
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -125,11 +268,7 @@ class DeepseekV3Config:
 
     @property
     def model_type(self) -> str:
-        """``deepseek_v2`` for V2 routing, ``deepseek_v3`` otherwise (another model type read from the
-        config.json, e.g. a fine-tune's, is kept)."""
-        given = self.extra.get("model_type")
-        if given not in (None, "deepseek_v2", "deepseek_v3"):
-            return given
+        """``deepseek_v2`` for V2 routing, ``deepseek_v3`` otherwise."""
         return "deepseek_v2" if self.is_v2_routing else "deepseek_v3"
 
     @property
@@ -158,10 +297,33 @@ class DeepseekV3Config:
 
     # ---- I/O ----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DeepseekV3Config":
+    def from_dict(cls, d: dict[str, Any], require: bool = False) -> "DeepseekV3Config":
+        """A config from a ``config.json``-style dict. ``model_type`` must be one of MODEL_TYPES when given.
+        ``require``: every field of REQUIRED_FIELDS must be present (what ``from_json_file`` asks of a
+        config.json); otherwise missing fields take DeepSeek-V3's values (transformers' DeepseekV2Config's for
+        ``model_type: deepseek_v2``)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a JSON object (dict), got {type(d).__name__}")
+        model_type = d.get("model_type")
+        if model_type is None and require:
+            archs = d.get("architectures")
+            known = [_ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in _ARCHITECTURES] \
+                if isinstance(archs, list) else []
+            if not known:
+                raise ValueError(f"model_type: missing (expected one of {list(MODEL_TYPES)})")
+            model_type = known[0]
+        if model_type is not None and model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type: expected one of {list(MODEL_TYPES)} (DeepSeek-V2/V2.5/V3/R1), got "
+                             f"{model_type!r}")
         fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if require:
+            given = {_ALIASES.get(k, k) for k in d}
+            missing = [k for k in REQUIRED_FIELDS if k not in given]
+            if missing:
+                raise ValueError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)} (a "
+                                 "DeepSeek config.json spells out every size; no default to the 671B model)")
         kwargs, extra = {}, {}
-        if d.get("model_type") == "deepseek_v2":
+        if model_type == "deepseek_v2":
             given = {_ALIASES.get(k, k) for k in d}
             kwargs.update({k: v for k, v in V2_DEFAULTS.items() if k not in given})
         for key, value in d.items():
@@ -172,22 +334,41 @@ class DeepseekV3Config:
                 if value.get("rope_type", value.get("type", "default")) != "default":
                     kwargs.setdefault("rope_scaling", value)
                 continue
+            if key == "rope_parameters" and value is not None:
+                raise TypeError(f"rope_parameters: expected a dict or null, got {value!r}")
             (kwargs if key in fields else extra)[key] = value
+        if model_type is not None:
+            extra.setdefault("model_type", model_type)
         return cls(**kwargs, extra=extra)
 
     @classmethod
     def from_json_file(cls, path: str) -> "DeepseekV3Config":
+        """A directory's ``config.json`` (or that file). CheckpointError naming the file (and the field) when it
+        is missing, unreadable, not JSON, or not a valid DeepSeek-V2/V3 config."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file (a checkpoint directory needs its config.json)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read: {e}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        try:
+            return cls.from_dict(d, require=True)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "DeepseekV3Config":
         """``"tiny"`` (the built-in test/demo config) or a directory / path to a ``config.json``."""
-        if name_or_path in PRESETS:
+        if isinstance(name_or_path, str) and name_or_path in PRESETS:
             return PRESETS[name_or_path]()
-        return cls.from_json_file(name_or_path)
+        return cls.from_json_file(os.fspath(name_or_path))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
