@@ -200,6 +200,81 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = None, n
         raise ValueError(f"{name}: expected unit stride in the last dim, got strides {t.stride()}")
 
 
+def device_checks_enabled() -> bool: return os.environ.get("DEEPKERNELS_CHECK", "") not in ("", "0")
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def check_int(name: str, value, *, min_value: int | None = None, max_value: int | None = None) -> int:
+    """An int argument (numpy / 0-dim-free integer types via __index__; never a bool, a float or a string);
+    returns it as a Python int. TypeError for another type, ValueError outside [min_value, max_value]."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name}: expected an int, got {_type_name(value)} {value!r}")
+    value = int(value.__index__())
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name}: expected an int >= {min_value}, got {value}")
+    if max_value is not None and value > max_value:
+        raise ValueError(f"{name}: expected an int <= {max_value}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A bool argument: True/False (or a numpy bool); never a string, an int or None taken by truthiness."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool (True or False), got {_type_name(value)} {value!r}")
+
+
+def check_dtype_arg(name: str, value, allowed: Sequence[torch.dtype]) -> torch.dtype:
+    """A torch.dtype argument among ``allowed`` (TypeError for a string or another type)."""
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name}: expected a torch.dtype ({_fmt_dtypes(allowed)}), got {_type_name(value)} {value!r}")
+    if value not in allowed:
+        raise ValueError(f"{name}: expected {_fmt_dtypes(allowed)}, got {str(value).replace('torch.', '')}")
+    return value
+
+
+def check_pair(name: str, value) -> tuple:
+    """A (tensor, tensor) pair such as DeepGEMM's (fp8 data, scales) operands."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        got = f"a {_type_name(value)} of length {len(value)}" if isinstance(value, (tuple, list)) else _type_name(value)
+        raise TypeError(f"{name}: expected a pair (fp8 tensor, fp32 scale tensor), got {got}")
+    return tuple(value)
+
+
+def check_index_values(name: str, t: torch.Tensor, low: int, high: int, what: str = "values") -> None:
+    """Every element of integer tensor ``t`` in [low, high) (a host read: one sync on a CUDA tensor).
+    ValueError naming the argument, the range, the offending range and the first bad position."""
+    if t.numel() == 0:
+        return
+    bad = (t < low) | (t >= high)
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0])
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(t.shape))) if t.dim() > 1 \
+            else (first,)
+        raise ValueError(f"{name}: expected {what} in [{low}, {high}), got {int(t.reshape(-1)[first])} at index "
+                         f"{list(where) if len(where) > 1 else where[0]} (values span [{int(t.min())}, {int(t.max())}])")
+
+
+def run_device_checks(t: torch.Tensor) -> bool:
+    """Whether a wrapper validates the values of index/count tensor ``t`` itself. CPU tensors are checked by
+    the references (the CPU kernels); under emulation (the CUDA kernels on CPU tensors) and on CUDA the values
+    are trusted unless DEEPKERNELS_CHECK=1 (read on each call; one host sync per check). Never while
+    torch.compile traces (a data-dependent read)."""
+    if not device_checks_enabled():
+        return False
+    try:
+        if torch.compiler.is_compiling():
+            return False
+    except AttributeError:  # pragma: no cover - older torch
+        pass
+    return t.device.type != "meta"
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
@@ -219,4 +294,5 @@ def check_multiple(name: str, value: int, multiple: int) -> None:
 __all__ = ["define_op", "load_extension", "extension_loaded", "extension_error", "has_cuda_kernel",
            "has_emulated_kernel", "emulator_available", "emulator_error", "emulation_enabled", "set_emulation",
            "emulate", "emulator_stats",
-           "check_tensor", "check_same_device", "check_multiple", "ceil_div"]
+           "check_tensor", "check_same_device", "check_multiple", "ceil_div", "device_checks_enabled", "check_int",
+           "check_bool", "check_dtype_arg", "check_pair", "check_index_values", "run_device_checks"]

@@ -9,14 +9,21 @@ In both, scale = max(amax, 1e-4) / 448 and the stored value is round_to_nearest_
 (computed as x * (448 / amax) in fp32), so x ~= fp8 * scale. A partial last group/block (K or N not
 a multiple of 128) is quantised as if padded with zeros.
 
-Non-finite input: a group that contains NaN gets a NaN scale and NaN values; a group that contains
-+-inf gets an inf scale, NaN where the inf was and 0 elsewhere. Other groups are unaffected.
+Non-finite input (as DeepGEMM's casts, stated exactly; reference and CUDA kernels agree bit for bit, except
+the sign bit of a NaN byte, which is not part of the contract):
+  * a group (1x128 row group, or 128x128 block) that contains a NaN gets scale NaN and ALL its values NaN
+    (e4m3 0x7F / 0xFF), whatever else it holds (also an inf);
+  * a group that contains +-inf (and no NaN) gets scale +inf; the inf elements become NaN (inf * 448/inf)
+    and every finite element becomes 0 (+-0: x * 448/inf), so dequantising gives NaN there and NaN*0... =
+    NaN (inf * 0) for the finite ones too: the whole group dequantises to NaN;
+  * every other group is unaffected (its own amax, its own scale).
+So a non-finite input is never hidden: its group's scale is NaN or inf and dequantises to NaN.
 """
 from __future__ import annotations
 
 import torch
 
-from ._ops import ceil_div, check_tensor, define_op
+from ._ops import ceil_div, check_dtype_arg, check_tensor, define_op
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -37,7 +44,12 @@ def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded
 
 
+def _check_cast_input(name: str, x, ndim: int | None) -> None:
+    check_tensor(name, x, dtypes=_INPUT_DTYPES, ndim=ndim)
+
+
 def per_token_cast_to_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_cast_input("x", x, 2)
     m, k = x.shape
     groups = ceil_div(k, GROUP)
     x_view = _pad_to(x, m, groups * GROUP).view(m, groups, GROUP).float()
@@ -47,6 +59,7 @@ def per_token_cast_to_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def per_block_cast_to_fp8_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_cast_input("w", w, 2)
     n, k = w.shape
     bn, bk = ceil_div(n, GROUP), ceil_div(k, GROUP)
     w_view = _pad_to(w, bn * GROUP, bk * GROUP).view(bn, GROUP, bk, GROUP).float()
@@ -60,10 +73,12 @@ def _expand_scale(scale: torch.Tensor, rows_per_scale: int, rows: int, k: int) -
 
 
 def per_token_cast_from_fp8_ref(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    _check_dequant_args(x, scale, out_dtype, 1)
     return (x.float() * _expand_scale(scale, 1, x.size(0), x.size(1))).to(out_dtype)
 
 
 def per_block_cast_from_fp8_ref(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    _check_dequant_args(x, scale, out_dtype, GROUP)
     return (x.float() * _expand_scale(scale, GROUP, x.size(0), x.size(1))).to(out_dtype)
 
 
@@ -97,14 +112,18 @@ def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise activations per 1x128 group of each row.
 
     Args:
-        x: [..., K] float32, bfloat16 or float16, any K >= 1; leading dims are flattened to M.
-           A last dim with non-unit stride is copied to be contiguous.
+        x: [..., K] float32, bfloat16 or float16, any K >= 0; a 2-D [M, K] is the usual case, more
+           leading dims are flattened to M (e.g. the masked MoE layout [G, Mmax, K]) and restored on
+           the outputs. A last dim with non-unit stride is copied to be contiguous.
     Returns:
-        (x_fp8 [..., K] float8_e4m3fn contiguous, scale [..., ceil(K/128)] float32 contiguous, row-major).
+        (x_fp8 [..., K] float8_e4m3fn contiguous, scale [..., ceil(K/128)] float32 contiguous, row-major);
+        scale = max(amax, 1e-4) / 448 per group, x_fp8 = rne(x * 448 / amax).
+    Non-finite input: a 128-group holding a NaN -> scale NaN, all 128 values NaN; a group holding +-inf
+    (no NaN) -> scale +inf, NaN where the inf was, 0 elsewhere; other groups unaffected (module docstring).
     Raises:
-        TypeError / ValueError naming ``x`` for a non-tensor, another dtype or a 0-dim tensor.
+        TypeError naming ``x`` for a non-tensor; ValueError for another dtype or a 0-dim tensor.
     """
-    check_tensor("x", x, dtypes=_INPUT_DTYPES)
+    _check_cast_input("x", x, None)
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dim [..., K], got a 0-dim tensor")
     lead, k = x.shape[:-1], x.shape[-1]
@@ -123,8 +142,12 @@ def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         (w_fp8 [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] float32) -- the
         ``weight`` / ``weight_scale_inv`` pair of a DeepSeek-V3 FP8 checkpoint.
+    Non-finite input: a 128x128 block holding a NaN -> scale NaN, all its values NaN; a block holding +-inf
+    (no NaN) -> scale +inf, NaN where the inf was, 0 elsewhere; other blocks unaffected.
+    Raises:
+        TypeError naming ``w`` for a non-tensor; ValueError for another dtype or not 2 dims.
     """
-    check_tensor("w", w, dtypes=_INPUT_DTYPES, ndim=2)
+    _check_cast_input("w", w, 2)
     if w.size(1) > 1 and w.stride(1) != 1:
         w = w.contiguous()
     return torch.ops.deepkernels.per_block_cast_to_fp8(w)
@@ -134,17 +157,20 @@ def _check_dequant_args(x, scale, out_dtype, rows_per_scale: int) -> None:
     check_tensor("x", x, dtypes=(FP8_DTYPE,), ndim=2, contiguous=True)
     want = (ceil_div(x.size(0), rows_per_scale), ceil_div(x.size(1), GROUP))
     check_tensor("scale", scale, dtypes=(torch.float32,), shape=want, device=x.device, contiguous=True)
-    if out_dtype not in _OUTPUT_DTYPES:
-        raise ValueError(f"out_dtype: expected float32, bfloat16 or float16, got {out_dtype}")
+    check_dtype_arg("out_dtype", out_dtype, _OUTPUT_DTYPES)
 
 
 def per_token_cast_from_fp8(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`per_token_cast_to_fp8`: x [M, K] e4m3, scale [M, ceil(K/128)] fp32 -> [M, K] out_dtype."""
+    """Inverse of :func:`per_token_cast_to_fp8`: x [M, K] e4m3, scale [M, ceil(K/128)] fp32 -> [M, K] out_dtype
+    (float32, bfloat16 or float16): x * scale of its group. A NaN or inf scale (a non-finite group) gives NaN.
+    Raises TypeError / ValueError naming ``x``, ``scale`` or ``out_dtype``: 2-D contiguous e4m3 x, contiguous
+    fp32 scale of exactly that shape on x's device, out_dtype a torch.dtype among the three."""
     _check_dequant_args(x, scale, out_dtype, 1)
     return torch.ops.deepkernels.per_token_cast_from_fp8(x, scale, out_dtype)
 
 
 def per_block_cast_from_fp8(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`per_block_cast_to_fp8`: x [N, K] e4m3, scale [ceil(N/128), ceil(K/128)] -> [N, K] out_dtype."""
+    """Inverse of :func:`per_block_cast_to_fp8`: x [N, K] e4m3, scale [ceil(N/128), ceil(K/128)] -> [N, K] out_dtype
+    (same rules and errors as :func:`per_token_cast_from_fp8`)."""
     _check_dequant_args(x, scale, out_dtype, GROUP)
     return torch.ops.deepkernels.per_block_cast_from_fp8(x, scale, out_dtype)

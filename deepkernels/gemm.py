@@ -14,13 +14,16 @@ accumulated in fp32 with the scales applied per 128-wide K block, rounded once t
 
 Shapes: any M >= 0; N and K multiples of 16 (partial 128-tiles are handled, no padding needed).
 Errors: TypeError/ValueError naming the argument, the expectation and what was given, raised on the
-host before any launch (dtype, shape, scale shape, alignment, contiguity, device mismatch).
+host before any launch (dtype, shape, scale shape, alignment, contiguity, device mismatch). The same
+checks run in the references (the CPU kernels), so ``torch.ops.deepkernels.*`` called directly on CPU
+tensors raises them too. Index/count tensors (m_indices, masked_m): see the grouped functions.
 """
 from __future__ import annotations
 
 import torch
 
-from ._ops import ceil_div, check_same_device, check_tensor, define_op
+from ._ops import (ceil_div, check_index_values, check_int, check_same_device, check_tensor, define_op,
+                   run_device_checks)
 from .fp8 import FP8_DTYPE, GROUP
 
 # Row segments of the contiguous grouped layout must start at multiples of this (the kernels' BLOCK_M).
@@ -48,10 +51,13 @@ def _dequant_b(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_gemm_nt_ref(a, a_scale, b, b_scale, out) -> None:
+    _check_dense_args(a, a_scale, b, b_scale, out)
     out.copy_(_dequant_a(a, a_scale) @ _dequant_b(b, b_scale).T)
 
 
 def m_grouped_fp8_gemm_nt_contiguous_ref(a, a_scale, b, b_scale, out, m_indices) -> None:
+    _check_contiguous_args(a, a_scale, b, b_scale, out, m_indices)
+    check_m_indices_values(m_indices, b.size(0))  # the reference path: bad ids raise before any write
     a_deq = _dequant_a(a, a_scale)
     result = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     for g in range(b.size(0)):
@@ -62,6 +68,8 @@ def m_grouped_fp8_gemm_nt_contiguous_ref(a, a_scale, b, b_scale, out, m_indices)
 
 
 def m_grouped_fp8_gemm_nt_masked_ref(a, a_scale, b, b_scale, out, masked_m, expected_m) -> None:
+    _check_masked_args(a, a_scale, b, b_scale, out, masked_m, expected_m)
+    check_masked_m_values(masked_m, a.size(1))  # the reference path: bad counts raise before any write
     result = torch.bmm(_dequant_a(a, a_scale), _dequant_b(b, b_scale).transpose(1, 2))
     valid = torch.arange(out.size(1), device=out.device)[None, :] < masked_m.to(out.device)[:, None]
     out.copy_(torch.where(valid[..., None], result.to(out.dtype), out))  # rows >= masked_m[g] untouched
@@ -85,9 +93,10 @@ define_op("m_grouped_fp8_gemm_nt_masked",
 # argument checks
 
 def _check_nk(n: int, k: int) -> None:
-    for name, value in (("N", n), ("K", k)):
-        if value % _NK_MULTIPLE != 0:
-            raise ValueError(f"{name}: expected a multiple of {_NK_MULTIPLE}, got {value}")
+    if n % _NK_MULTIPLE != 0:
+        raise ValueError(f"b: expected N (b.size(-2)) a multiple of {_NK_MULTIPLE}, got N = {n}")
+    if k % _NK_MULTIPLE != 0:
+        raise ValueError(f"a: expected K (a.size(-1)) a multiple of {_NK_MULTIPLE}, got K = {k}")
 
 
 def _check_a(a, a_scale, lead: tuple) -> tuple[int, int]:
@@ -115,6 +124,69 @@ def _check_out(out, shape: tuple) -> None:
     check_tensor("out", out, dtypes=(torch.bfloat16,), shape=shape, contiguous=True)
 
 
+def _check_dense_args(a, a_scale, b, b_scale, out) -> tuple[int, int, int]:
+    m, k = _check_a(a, a_scale, ())
+    n = _check_b(b, b_scale, (), k)
+    _check_nk(n, k)
+    if out is not None:
+        _check_out(out, (m, n))
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
+    return m, n, k
+
+
+def _check_contiguous_args(a, a_scale, b, b_scale, out, m_indices) -> None:
+    m, k = _check_a(a, a_scale, ())
+    check_tensor("b", b, dtypes=(FP8_DTYPE,), ndim=3)
+    n = _check_b(b, b_scale, (b.size(0),), k)
+    _check_nk(n, k)
+    _check_out(out, (m, n))
+    check_tensor("m_indices", m_indices, dtypes=(torch.int32,), shape=(m,), contiguous=True)
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, m_indices=m_indices)
+
+
+def _check_masked_args(a, a_scale, b, b_scale, out, masked_m, expected_m) -> int:
+    check_tensor("a", a, dtypes=(FP8_DTYPE,), ndim=3)
+    groups = a.size(0)
+    m, k = _check_a(a, a_scale, (groups,))
+    n = _check_b(b, b_scale, (groups,), k)
+    _check_nk(n, k)
+    _check_out(out, (groups, m, n))
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(groups,), contiguous=True)
+    expected_m = check_int("expected_m", expected_m, min_value=0)
+    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, masked_m=masked_m)
+    return expected_m
+
+
+def check_m_indices_values(m_indices: torch.Tensor, num_groups: int) -> None:
+    """The values the contiguous grouped GEMM accepts (one host read; raises ValueError naming m_indices):
+    every id in [-1, G), and every row of group g >= 0 in a BLOCK_M (= 128) tile whose first row is also
+    of group g, i.e. group segments start at multiples of get_m_alignment_for_contiguous_layout() and
+    only padding rows (-1) follow a segment's end inside its last tile. These are exactly the inputs on
+    which the reference and the CUDA kernel (which gives a tile the group of its first row) agree."""
+    m = m_indices.numel()
+    if m == 0:
+        return
+    align = M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT
+    ids = m_indices.reshape(-1)
+    out_of_range = (ids < -1) | (ids >= num_groups)
+    tile_group = ids[::align].repeat_interleave(align)[:m]
+    misaligned = (ids >= 0) & (ids != tile_group)
+    if not bool((out_of_range | misaligned).any()):  # the one host read
+        return
+    check_index_values("m_indices", ids, -1, num_groups, "group ids (-1 = padding row)")
+    row = int(misaligned.nonzero()[0])
+    start = row // align * align
+    raise ValueError(f"m_indices: expected each group's rows in segments starting at multiples of {align} "
+                     f"(get_m_alignment_for_contiguous_layout(); pad with -1 rows), got row {row} in group "
+                     f"{int(ids[row])} inside the {align}-row tile starting at row {start}, whose first row has "
+                     f"group {int(ids[start])}")
+
+
+def check_masked_m_values(masked_m: torch.Tensor, max_m: int) -> None:
+    """Every masked_m[g] in [0, Mmax] (one host read; ValueError naming masked_m)."""
+    check_index_values("masked_m", masked_m, 0, max_m + 1, "row counts (0 <= masked_m[g] <= Mmax = a.size(1))")
+
+
 # ----------------------------------------------------------------------------------------------
 # public API
 
@@ -123,14 +195,12 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     """out[M, N] (bf16) = (a * a_scale) @ (b * b_scale)^T; see the module docstring for layouts.
 
     ``out`` is allocated when None; returned either way.
+    Raises TypeError (a non-tensor argument) or ValueError naming the argument (dtype, shape, scale shape,
+    layout, N/K not multiples of 16, contiguity, device mismatch) before any launch.
     """
-    m, k = _check_a(a, a_scale, ())
-    n = _check_b(b, b_scale, (), k)
-    _check_nk(n, k)
+    m, n, _ = _check_dense_args(a, a_scale, b, b_scale, out)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
-    _check_out(out, (m, n))
-    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
     torch.ops.deepkernels.fp8_gemm_nt(a, a_scale, b, b_scale, out)
     return out
 
@@ -141,17 +211,20 @@ def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: 
 
     a [M, K] with rows of group g in contiguous segments; ``m_indices`` int32 [M]: the group of each
     row, -1 for padding rows (their output rows are written as zero). b [G, N, K], b_scale
-    [G, ceil(N/128), ceil(K/128)], out bf16 [M, N]. Segments should start at multiples of
-    get_m_alignment_for_contiguous_layout() (the CUDA kernel assigns a BLOCK_M tile to the group of
-    its first row); the reference accepts any order. Group ids >= G are not checked on the device.
+    [G, ceil(N/128), ceil(K/128)], out bf16 [M, N].
+
+    m_indices values (see :func:`check_m_indices_values`): ids in [-1, G), and each group's segment starts
+    at a multiple of get_m_alignment_for_contiguous_layout() (128; the kernels give a 128-row tile the
+    group of its first row), with only -1 rows after a segment's end in its last tile. On CPU tensors (the
+    reference) any other m_indices raises ValueError naming ``m_indices`` before ``out`` is written. On CUDA
+    (and emulated) m_indices is read on the device only and trusted, as in DeepGEMM: no host sync, so the
+    call can be graph-captured; a row whose id breaks the rules is never computed and is written as NaN
+    (never an out-of-bounds read). ``DEEPKERNELS_CHECK=1`` (read on each call) validates it first, with
+    one host sync, and raises the same ValueError.
     """
-    m, k = _check_a(a, a_scale, ())
-    check_tensor("b", b, dtypes=(FP8_DTYPE,), ndim=3)
-    n = _check_b(b, b_scale, (b.size(0),), k)
-    _check_nk(n, k)
-    _check_out(out, (m, n))
-    check_tensor("m_indices", m_indices, dtypes=(torch.int32,), shape=(m,), contiguous=True)
-    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, m_indices=m_indices)
+    _check_contiguous_args(a, a_scale, b, b_scale, out, m_indices)
+    if run_device_checks(m_indices):
+        check_m_indices_values(m_indices, b.size(0))
     torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, out, m_indices)
     return out
 
@@ -162,19 +235,17 @@ def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torc
 
     a [G, Mmax, K], a_scale [G, Mmax, ceil(K/128)], b [G, N, K], b_scale [G, ceil(N/128), ceil(K/128)],
     out bf16 [G, Mmax, N]; ``masked_m`` int32 [G] on the device (read there: no host synchronisation,
-    so the call can be captured in a CUDA graph); ``expected_m`` is a hint for the tile heuristic.
-    Rows >= masked_m[g] of ``out`` are left untouched.
+    so the call can be captured in a CUDA graph); ``expected_m`` (an int >= 0, not a bool or float) is a
+    hint for the tile heuristic. Rows >= masked_m[g] of ``out`` are left untouched.
+
+    masked_m values: 0 <= masked_m[g] <= Mmax. On CPU tensors (the reference) anything else raises
+    ValueError naming ``masked_m`` before ``out`` is written. On CUDA (and emulated) masked_m is trusted
+    (read on the device only): the kernels clamp it to [0, Mmax], so nothing outside ``out`` is touched.
+    ``DEEPKERNELS_CHECK=1`` (read on each call) validates it first with one host sync.
     """
-    check_tensor("a", a, dtypes=(FP8_DTYPE,), ndim=3)
-    groups = a.size(0)
-    m, k = _check_a(a, a_scale, (groups,))
-    n = _check_b(b, b_scale, (groups,), k)
-    _check_nk(n, k)
-    _check_out(out, (groups, m, n))
-    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(groups,), contiguous=True)
-    if not isinstance(expected_m, int) or expected_m < 0:
-        raise ValueError(f"expected_m: expected a non-negative int, got {expected_m!r}")
-    check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, masked_m=masked_m)
+    expected_m = _check_masked_args(a, a_scale, b, b_scale, out, masked_m, expected_m)
+    if run_device_checks(masked_m):
+        check_masked_m_values(masked_m, a.size(1))
     torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, out, masked_m, expected_m)
     return out
 

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._ops import ceil_div, check_same_device, check_tensor, define_op
+from ._ops import (ceil_div, check_bool, check_index_values, check_int, check_same_device, check_tensor, define_op,
+                   run_device_checks)
 from .fp8 import FP8_DTYPE, per_token_cast_to_fp8_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -54,6 +55,7 @@ _PERMUTE_DTYPES = _FLOAT_DTYPES + (FP8_DTYPE, torch.int32, torch.int64, torch.ui
 # references (the CPU kernels)
 
 def moe_get_dispatch_layout_ref(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
+    _check_topk_idx(topk_idx, num_experts, num_ranks, check_values=True)  # the reference path: ids checked
     t = topk_idx.size(0)
     experts_per_rank = num_experts // num_ranks
     valid = (topk_idx >= 0) & (topk_idx < num_experts)  # ids out of range count as unused (kernels too)
@@ -69,6 +71,7 @@ def moe_get_dispatch_layout_ref(topk_idx: torch.Tensor, num_experts: int, num_ra
 
 
 def moe_permute_ref(x: torch.Tensor, src_idx: torch.Tensor) -> torch.Tensor:
+    _check_permute_args(x, src_idx, _PERMUTE_DTYPES, check_values=True)
     n = src_idx.size(0)
     out = torch.zeros((n, x.size(1)), dtype=x.dtype, device=x.device) if x.dtype != FP8_DTYPE else \
         torch.zeros((n, x.size(1)), dtype=torch.uint8, device=x.device).view(FP8_DTYPE)
@@ -83,10 +86,12 @@ def moe_permute_ref(x: torch.Tensor, src_idx: torch.Tensor) -> torch.Tensor:
 
 
 def moe_permute_fp8_ref(x: torch.Tensor, src_idx: torch.Tensor):
+    _check_permute_args(x, src_idx, _FLOAT_DTYPES, check_values=True)
     return per_token_cast_to_fp8_ref(moe_permute_ref(x, src_idx))
 
 
 def moe_unpermute_reduce_ref(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    _check_unpermute_args(y, pos, weights, check_values=True)
     t, k = pos.shape
     acc = torch.zeros((t, y.size(1)), dtype=torch.float32, device=y.device)
     for j in range(k):  # fixed k order: the kernel accumulates in the same order
@@ -136,18 +141,39 @@ define_op("moe_unpermute_reduce", "(Tensor y, Tensor pos, Tensor? weights=None) 
 
 def _check_topk_idx(topk_idx, num_experts: int, num_ranks: int | None, check_values: bool) -> None:
     check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    num_experts = check_int("num_experts", num_experts, min_value=1)
     if num_ranks is not None:
-        if not isinstance(num_ranks, int) or num_ranks <= 0:
-            raise ValueError(f"num_ranks: expected a positive int, got {num_ranks!r}")
+        num_ranks = check_int("num_ranks", num_ranks, min_value=1)
         if num_experts % num_ranks != 0:
-            raise ValueError(f"num_experts: expected a multiple of num_ranks={num_ranks}, got {num_experts}")
-    if check_values and topk_idx.numel() > 0:  # a host sync on GPU; pass check_values=False to skip
+            raise ValueError(f"num_experts: expected a multiple of num_ranks={num_ranks} (expert e lives on rank "
+                             f"e // (num_experts / num_ranks)), got {num_experts}")
+    if check_values:  # a host read (one sync on GPU)
+        _check_expert_ids(topk_idx, num_experts)
+
+
+def _check_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
+    if topk_idx.numel() > 0 and bool(((topk_idx < -1) | (topk_idx >= num_experts)).any()):
         lo, hi = int(topk_idx.min()), int(topk_idx.max())
-        if lo < -1 or hi >= num_experts:
-            raise ValueError(f"topk_idx: expected expert ids in [0, {num_experts}) or -1 (unused), "
-                             f"got values in [{lo}, {hi}]")
+        raise ValueError(f"topk_idx: expected expert ids in [0, {num_experts}) or -1 (unused), "
+                         f"got values in [{lo}, {hi}]")
+
+
+def _check_permute_args(x, src_idx, dtypes, check_values: bool) -> None:
+    check_tensor("x", x, dtypes=dtypes, ndim=2)
+    check_tensor("src_idx", src_idx, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    check_same_device(x=x, src_idx=src_idx)
+    if check_values:
+        check_index_values("src_idx", src_idx, -1, x.size(0), "row indices of x (-1 = zero row)")
+
+
+def _check_unpermute_args(y, pos, weights, check_values: bool) -> None:
+    check_tensor("y", y, dtypes=_FLOAT_DTYPES, ndim=2)
+    check_tensor("pos", pos, dtypes=(torch.int32,), ndim=2, contiguous=True)
+    if weights is not None:
+        check_tensor("weights", weights, dtypes=(torch.float32,), shape=tuple(pos.shape), contiguous=True)
+    check_same_device(y=y, pos=pos, weights=weights)
+    if check_values:
+        check_index_values("pos", pos, -1, y.size(0), "row indices of y (-1 = skip)")
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, check_values: bool = True):
@@ -155,55 +181,84 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
 
     Args:
         topk_idx: [T, k] int64 expert ids, -1 = unused slot.
-        num_experts: E; num_ranks: R with E % R == 0 (expert e on rank e // (E/R)).
-        check_values: verify ids are in [-1, E) (a host sync on GPU).
+        num_experts: E (an int >= 1); num_ranks: R (an int >= 1) with E % R == 0 (expert e on rank e // (E/R)).
+        check_values: verify ids are in [-1, E) (a host sync on GPU). With False, CUDA tensors are trusted:
+            the kernel ignores an id outside [0, E) (counts it nowhere); DEEPKERNELS_CHECK=1 still checks.
+            CPU tensors (the reference) are always checked.
     Returns:
         (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool).
+    Raises:
+        TypeError for a non-tensor, a non-int num_experts/num_ranks or a non-bool check_values; ValueError
+        naming the argument for a wrong dtype/ndim, num_experts % num_ranks != 0, or an id outside [-1, E).
     """
-    _check_topk_idx(topk_idx, num_experts, num_ranks, check_values)
+    check_values = check_bool("check_values", check_values)
+    _check_topk_idx(topk_idx, num_experts, num_ranks, check_values or run_device_checks(topk_idx))
     return torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx.contiguous(), num_experts, num_ranks)
 
 
-def _check_src_idx(src_idx, x) -> None:
-    check_tensor("src_idx", src_idx, dtypes=(torch.int32,), ndim=1, contiguous=True)
-    check_same_device(x=x, src_idx=src_idx)
+_TRUSTED_NOTE = """
+    Index values: on CPU tensors (the reference) an entry outside [-1, rows) raises ValueError naming the
+    argument before anything is written. On CUDA (and emulated) they are trusted (no host sync): an entry
+    outside the range is never read and poisons its output row (NaN; 0xFF bytes for integer dtypes).
+    ``DEEPKERNELS_CHECK=1`` (read on each call) validates them first with one host sync."""
 
 
 def permute(x: torch.Tensor, src_idx: torch.Tensor) -> torch.Tensor:
-    """Row gather ``out[i] = x[src_idx[i]]`` (zero row where src_idx[i] == -1). x: [T, H] any dtype."""
-    check_tensor("x", x, dtypes=_PERMUTE_DTYPES, ndim=2)
-    _check_src_idx(src_idx, x)
+    """Row gather ``out[i] = x[src_idx[i]]`` (zero row where src_idx[i] == -1).
+
+    x: [T, H] float32/bfloat16/float16/float8_e4m3fn/int32/int64/uint8; src_idx: [N] int32 contiguous,
+    values in [-1, T). Returns [N, H] in x's dtype."""
+    _check_permute_args(x, src_idx, _PERMUTE_DTYPES, check_values=run_device_checks(src_idx))
     return torch.ops.deepkernels.moe_permute(x.contiguous(), src_idx)
 
 
 def permute_fp8(x: torch.Tensor, src_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row gather fused with per-token fp8 quantisation: (e4m3 [N, H], scale [N, ceil(H/128)] fp32)."""
-    check_tensor("x", x, dtypes=_FLOAT_DTYPES, ndim=2)
-    _check_src_idx(src_idx, x)
+    """Row gather fused with per-token fp8 quantisation: (e4m3 [N, H], scale [N, ceil(H/128)] fp32).
+
+    x: [T, H] float32/bfloat16/float16; src_idx: [N] int32 contiguous, values in [-1, T)."""
+    _check_permute_args(x, src_idx, _FLOAT_DTYPES, check_values=run_device_checks(src_idx))
     return torch.ops.deepkernels.moe_permute_fp8(x.contiguous(), src_idx)
 
 
 def unpermute_reduce(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] * y[pos[t,k]]`` over pos >= 0, fp32 accumulation, out in y's dtype.
 
-    Args: y [N, H] float32/bfloat16/float16; pos [T, K] int32 (-1 = skip; must be < N);
-    weights [T, K] float32 or None (= all ones)."""
-    check_tensor("y", y, dtypes=_FLOAT_DTYPES, ndim=2)
-    check_tensor("pos", pos, dtypes=(torch.int32,), ndim=2, contiguous=True)
-    check_same_device(y=y, pos=pos, weights=weights)
-    if weights is not None:
-        check_tensor("weights", weights, dtypes=(torch.float32,), shape=tuple(pos.shape), contiguous=True)
+    Args: y [N, H] float32/bfloat16/float16; pos [T, K] int32 contiguous (-1 = skip; values in [-1, N));
+    weights [T, K] float32 contiguous or None (= all ones)."""
+    _check_unpermute_args(y, pos, weights, check_values=run_device_checks(pos))
     return torch.ops.deepkernels.moe_unpermute_reduce(y.contiguous(), pos, weights)
+
+
+for _f in (permute, permute_fp8, unpermute_reduce):
+    _f.__doc__ += _TRUSTED_NOTE
 
 
 # ----------------------------------------------------------------------------------------------
 # index helpers (plain torch, no host sync)
 
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_optional_int(name: str, value, min_value: int = 0):
+    return None if value is None else check_int(name, value, min_value=min_value)
+
+
 def dispatch_positions(is_token_in_rank: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
     """pos [T, R] int32: the send-buffer row of token t for rank r, -1 if not sent.
 
     Rows are ordered by (rank, token). Without ``capacity`` rank r's rows start at the exclusive prefix
-    sum of the per-rank counts (a packed buffer); with it, at r * capacity (fixed-capacity layout)."""
+    sum of the per-rank counts (a packed buffer); with it, at r * capacity (fixed-capacity layout, which
+    needs T <= capacity so a rank's rows never spill into the next slot).
+    Raises TypeError / ValueError naming ``is_token_in_rank`` (a bool [T, R] tensor) or ``capacity``."""
+    check_tensor("is_token_in_rank", is_token_in_rank, dtypes=(torch.bool,), ndim=2)
+    capacity = _check_optional_int("capacity", capacity)
+    if capacity is not None and is_token_in_rank.size(0) > capacity:
+        raise ValueError(f"capacity: expected >= T = {is_token_in_rank.size(0)} (rows of is_token_in_rank), "
+                         f"got {capacity}")
+    return _dispatch_positions(is_token_in_rank, capacity)
+
+
+def _dispatch_positions(is_token_in_rank: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
     inr = is_token_in_rank.to(torch.int32)
     rank_of = torch.cumsum(inr, 0, dtype=torch.int32) - 1
     if capacity is None:
@@ -215,11 +270,23 @@ def dispatch_positions(is_token_in_rank: torch.Tensor, capacity: int | None = No
 
 
 def positions_to_src_idx(pos: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Invert ``pos [T, K]`` into ``src_idx [num_rows]`` int32: the t with pos[t, k] == i, or -1."""
+    """Invert ``pos [T, K]`` into ``src_idx [num_rows]`` int32: the t with pos[t, k] == i, or -1.
+
+    pos: int32/int64 [T, K], values in [-1, num_rows) (-1 = none); num_rows: an int >= 0. On CPU tensors an
+    entry outside that range raises ValueError naming ``pos``; on CUDA it is trusted (DEEPKERNELS_CHECK=1
+    checks it, one sync) and an out-of-range entry is ignored (never written out of bounds)."""
+    check_tensor("pos", pos, dtypes=_INDEX_DTYPES, ndim=2)
+    num_rows = check_int("num_rows", num_rows, min_value=0)
+    if pos.device.type == "cpu" or run_device_checks(pos):
+        check_index_values("pos", pos, -1, num_rows, "rows (-1 = none)")
+    return _positions_to_src_idx(pos, num_rows)
+
+
+def _positions_to_src_idx(pos: torch.Tensor, num_rows: int) -> torch.Tensor:
     t = pos.size(0)
     src = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=pos.device)
     flat = pos.reshape(-1).long()
-    flat = torch.where(flat >= 0, flat, num_rows)
+    flat = torch.where((flat >= 0) & (flat < num_rows), flat, num_rows)  # anything else: the spare slot
     tok = torch.arange(t, dtype=torch.int32, device=pos.device).repeat_interleave(pos.size(1))
     src.scatter_(0, flat, tok)
     src[num_rows] = -1
@@ -240,10 +307,27 @@ def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_st
 
     Entries of expert l are placed at segment_start[l] + (their order by row, then slot); -1 stays -1.
     With ``limit``, entries of an expert beyond its first ``limit`` get -1 (dropped): a segment never
-    spills into the next one or past the buffer, whatever the routing."""
+    spills into the next one or past the buffer, whatever the routing.
+    Args: local_ids int32/int64 [N, k], values in [-1, L) (checked on CPU tensors; on CUDA an id outside is
+    treated as -1); num_local_experts L (int >= 0); segment_start int [L]; counts int [L] (the histogram of
+    local_ids, or None to compute it); limit an int >= 0 or None."""
+    check_tensor("local_ids", local_ids, dtypes=_INDEX_DTYPES, ndim=2)
+    num_local_experts = check_int("num_local_experts", num_local_experts, min_value=0)
+    check_tensor("segment_start", segment_start, dtypes=_INDEX_DTYPES, shape=(num_local_experts,))
+    if counts is not None:
+        check_tensor("counts", counts, dtypes=_INDEX_DTYPES, shape=(num_local_experts,))
+    limit = _check_optional_int("limit", limit)
+    check_same_device(local_ids=local_ids, segment_start=segment_start, counts=counts)
+    if local_ids.device.type == "cpu" or run_device_checks(local_ids):
+        check_index_values("local_ids", local_ids, -1, num_local_experts, "local expert ids (-1 = none)")
+    return _expert_positions(local_ids, num_local_experts, segment_start, counts, limit)
+
+
+def _expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_start: torch.Tensor,
+                      counts: torch.Tensor | None = None, limit: int | None = None) -> torch.Tensor:
     n, k = local_ids.shape
     flat = local_ids.reshape(-1)
-    key = torch.where(flat >= 0, flat, num_local_experts)
+    key = torch.where((flat >= 0) & (flat < num_local_experts), flat, num_local_experts)
     order = torch.argsort(key, stable=True)
     if counts is None:
         counts = _count_ids(key, num_local_experts)
@@ -265,7 +349,12 @@ def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_st
 def local_slot_rows(local_idx: torch.Tensor, expert_pos: torch.Tensor, slots: int) -> torch.Tensor:
     """[N, slots] int32: for each received row, the expert-buffer row (``expert_pos``) of its c-th local
     slot (slots with ``local_idx >= 0``, in slot order), -1 where the row has fewer local slots (or the
-    entry was dropped). Local slots beyond ``slots`` are left out (only possible with repeated ids)."""
+    entry was dropped). Local slots beyond ``slots`` are left out (only possible with repeated ids).
+    local_idx / expert_pos: int [N, k] of one shape; slots: an int >= 0."""
+    check_tensor("local_idx", local_idx, dtypes=_INDEX_DTYPES, ndim=2)
+    check_tensor("expert_pos", expert_pos, dtypes=_INDEX_DTYPES, shape=tuple(local_idx.shape))
+    slots = check_int("slots", slots, min_value=0)
+    check_same_device(local_idx=local_idx, expert_pos=expert_pos)
     n = local_idx.size(0)
     local = local_idx >= 0
     c = torch.cumsum(local.to(torch.int32), 1) - 1
@@ -279,7 +368,17 @@ def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts
                           slots: int) -> torch.Tensor:
     """[T, k] int32 row of (token t, slot j) in the buffer :meth:`EPDispatcher.combine_experts` returns:
     ``pos[t, r] * slots + c`` with r the rank of expert ``topk_idx[t, j]`` and c the number of earlier
-    slots of t on that rank (the order :func:`local_slot_rows` packs them in); -1 for unused slots."""
+    slots of t on that rank (the order :func:`local_slot_rows` packs them in); -1 for unused slots.
+    topk_idx int64 [T, k]; pos int [T, R] with R * num_local_experts == num_experts; slots an int >= 0."""
+    check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
+    num_experts = check_int("num_experts", num_experts, min_value=1)
+    num_local_experts = check_int("num_local_experts", num_local_experts, min_value=1)
+    check_tensor("pos", pos, dtypes=_INDEX_DTYPES, ndim=2)
+    if pos.size(0) != topk_idx.size(0) or pos.size(1) * num_local_experts != num_experts:
+        raise ValueError(f"pos: expected shape [{topk_idx.size(0)}, {num_experts // num_local_experts}] "
+                         f"(T of topk_idx, num_experts / num_local_experts ranks), got {list(pos.shape)}")
+    slots = check_int("slots", slots, min_value=0)
+    check_same_device(topk_idx=topk_idx, pos=pos)
     k = topk_idx.size(1)
     valid = (topk_idx >= 0) & (topk_idx < num_experts)
     rank = torch.where(valid, topk_idx // num_local_experts, 0)
@@ -338,6 +437,11 @@ class RowFormat:
 # ----------------------------------------------------------------------------------------------
 # the dispatcher
 
+def _check_handle(handle) -> None:
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle: expected the DispatchHandle that dispatch returned, got {type(handle).__name__}")
+
+
 def _world(group) -> tuple[int, int]:
     if group is None:
         return 0, 1
@@ -391,6 +495,7 @@ class DispatchHandle:
         of ``alignment``; m_indices = expert id per row, -1 on padding. Needs the host counts (normal mode)."""
         if self.num_recv_tokens_per_expert_list is None:
             raise RuntimeError("contiguous_layout needs host-side counts; in fixed-capacity mode use masked_layout")
+        alignment = check_int("alignment", alignment, min_value=1)
         key = ("contig", alignment)
         if key not in self._layout_cache:
             # total size from the host counts; everything else from the device counts (no H2D copy)
@@ -406,8 +511,8 @@ class DispatchHandle:
                 m_idx = torch.where(rows - seg[e_of] < cnt[e_of], e_of, -1).to(torch.int32)
             else:
                 m_idx = torch.full((s,), -1, dtype=torch.int32, device=dev)
-            pos = expert_positions(self.recv_local_idx, self.num_local_experts, seg,
-                                   self.num_recv_tokens_per_expert)
+            pos = _expert_positions(self.recv_local_idx, self.num_local_experts, seg,
+                                    self.num_recv_tokens_per_expert)
             self._layout_cache[key] = (pos, m_idx, seg, s)
         return self._layout_cache[key]
 
@@ -417,15 +522,13 @@ class DispatchHandle:
         token repeats an expert id). Overflow: an expert's entries beyond its first max_m (by received
         row, then slot) are DROPPED — expert_pos -1, never written, contributing 0 to the combine — and
         counted in :meth:`num_dropped`; masked_m = min(count, max_m)."""
-        max_m = self.num_recv if max_m is None else max_m
-        if not isinstance(max_m, int) or max_m < 0:
-            raise ValueError(f"max_m: expected a non-negative int, got {max_m!r}")
+        max_m = self.num_recv if max_m is None else check_int("max_m", max_m, min_value=0)
         key = ("masked", max_m)
         if key not in self._layout_cache:
             dev = self.recv_local_idx.device
             seg = torch.arange(self.num_local_experts, dtype=torch.int64, device=dev) * max_m
-            pos = expert_positions(self.recv_local_idx, self.num_local_experts, seg,
-                                   self.num_recv_tokens_per_expert, limit=max_m)
+            pos = _expert_positions(self.recv_local_idx, self.num_local_experts, seg,
+                                    self.num_recv_tokens_per_expert, limit=max_m)
             masked_m = self.num_recv_tokens_per_expert.clamp(max=max_m).to(torch.int32)
             self._layout_cache[key] = (pos, masked_m, max_m)
         return self._layout_cache[key]
@@ -445,7 +548,7 @@ class DispatchHandle:
     def to_contiguous(self, recv_x, alignment: int = 1):
         """recv_x [N, H] (or an (fp8, scale) pair) -> the rows in contiguous layout (+ m_indices)."""
         pos, m_idx, _, m = self.contiguous_layout(alignment)
-        src = positions_to_src_idx(pos, m)
+        src = _positions_to_src_idx(pos, m)
         if isinstance(recv_x, tuple):
             return (permute(recv_x[0], src), permute(recv_x[1], src)), m_idx
         return permute(recv_x, src), m_idx
@@ -454,7 +557,7 @@ class DispatchHandle:
         """recv_x [N, H] (or (fp8, scale)) -> [L, max_m, H] (or a pair) and masked_m [L]. Rows of an
         expert from masked_m on are zero (fp8: zero with scale 1e-4/448)."""
         pos, masked_m, max_m = self.masked_layout(max_m)
-        src = positions_to_src_idx(pos, self.num_local_experts * max_m)
+        src = _positions_to_src_idx(pos, self.num_local_experts * max_m)
         view = lambda t: t.view(self.num_local_experts, max_m, t.size(1))  # noqa: E731
         if isinstance(recv_x, tuple):
             return (view(permute(recv_x[0], src)), view(permute(recv_x[1], src))), masked_m
@@ -515,12 +618,10 @@ class EPDispatcher:
     def __init__(self, group=None, num_experts: int = 0, capacity: int | None = None):
         self.group = group
         self.rank, self.num_ranks = _world(group)
-        if not isinstance(num_experts, int) or num_experts <= 0:
-            raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+        num_experts = check_int("num_experts", num_experts, min_value=1)
         if num_experts % self.num_ranks != 0:
             raise ValueError(f"num_experts: expected a multiple of the group size {self.num_ranks}, got {num_experts}")
-        if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
-            raise ValueError(f"capacity: expected a non-negative int or None, got {capacity!r}")
+        capacity = _check_optional_int("capacity", capacity)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.num_ranks
         self.capacity = capacity
@@ -594,8 +695,12 @@ class EPDispatcher:
             s*capacity.., zero rows after them); ``handle.recv_local_idx`` / ``recv_weights`` /
             ``num_recv_tokens_per_expert`` describe them (see :class:`DispatchHandle`).
         """
+        use_fp8 = check_bool("use_fp8", use_fp8)
         is_pair = isinstance(x, (tuple, list))
         if is_pair:
+            if len(x) != 2:
+                raise TypeError(f"x: expected a tensor or a pair (x_fp8, scale), got a {type(x).__name__} of "
+                                f"length {len(x)}")
             x_q, x_s = x
             check_tensor("x[0]", x_q, dtypes=(FP8_DTYPE,), ndim=2)
             check_tensor("x[1]", x_s, dtypes=(torch.float32,), shape=(x_q.size(0), ceil_div(x_q.size(1), 128)))
@@ -614,13 +719,14 @@ class EPDispatcher:
         fixed = self.capacity is not None
         if fixed and t > self.capacity:
             raise ValueError(f"x: fixed-capacity mode holds at most capacity={self.capacity} tokens, got {t}")
-        # ids are checked in normal mode only, folded into the counts sync below
-        _check_topk_idx(topk_idx, self.num_experts, self.num_ranks, check_values=False)
+        # ids are checked in normal mode folded into the counts sync below; in fixed-capacity mode by the
+        # reference on CPU tensors, on CUDA only with DEEPKERNELS_CHECK=1 (else ids outside [0, E) are unused)
+        _check_topk_idx(topk_idx, self.num_experts, self.num_ranks, check_values=fixed and run_device_checks(topk_idx))
         topk_idx = topk_idx.contiguous()
         dev, R, L = ref.device, self.num_ranks, self.num_local_experts
 
         per_rank, per_expert, in_rank = torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx, self.num_experts, R)
-        pos = dispatch_positions(in_rank, self.capacity)
+        pos = _dispatch_positions(in_rank, self.capacity)
         if fixed:
             num_send = num_recv = R * self.capacity
             send_counts = recv_counts = recv_expert = rcnt = None
@@ -640,7 +746,7 @@ class EPDispatcher:
             recv_counts = rc[:, 0].tolist()
             recv_expert = rc[:, 1:].sum(0).tolist()
             num_send, num_recv = sum(send_counts), sum(recv_counts)
-        src = positions_to_src_idx(pos, num_send)
+        src = _positions_to_src_idx(pos, num_send)
 
         # payload of each send row
         if is_pair:
@@ -694,6 +800,7 @@ class EPDispatcher:
         the receiver-side [num_recv, k] weights (0 where the slot's expert is not local), like
         ``handle.recv_weights``. No host sync. (:meth:`combine_experts` applies weights on the source
         instead, without this extra collective.)"""
+        _check_handle(handle)
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(handle.num_tokens, None))
         src = handle.src_idx.long().clamp(min=0)
         k = handle.send_local.size(1)
@@ -706,6 +813,10 @@ class EPDispatcher:
         """Dispatch new data along a previous dispatch's routing (no counts exchange, no host sync, one
         all_to_all_single): x [T, H] float (optionally quantised while packing) or an (e4m3, scale)
         pair -> recv_x."""
+        _check_handle(handle)
+        use_fp8 = check_bool("use_fp8", use_fp8)
+        if isinstance(x, (tuple, list)) and len(x) != 2:
+            raise TypeError(f"x: expected a tensor or a pair (x_fp8, scale), got a {type(x).__name__} of length {len(x)}")
         ref = x[0] if isinstance(x, (tuple, list)) else x
         check_tensor("x[0]" if ref is not x else "x", ref, ndim=2, shape=(handle.num_tokens, None))
         src = handle.src_idx
@@ -728,6 +839,7 @@ class EPDispatcher:
         weighted sum over that row's local experts, see :meth:`DispatchHandle.expert_reduce`).
         Returns: [T, H] in y's dtype, fp32 accumulation over ranks; zero for tokens with no expert.
         """
+        _check_handle(handle)
         check_tensor("y", y, dtypes=_FLOAT_DTYPES, shape=(handle.num_recv, None))
         back = self._a2a(y.contiguous(), handle.num_send, handle.recv_counts, handle.send_counts)
         return unpermute_reduce(back, handle.pos)
@@ -750,7 +862,10 @@ class EPDispatcher:
         (in slot order, zero rows where fewer), in ONE all_to_all_single; so this moves min(k, L) times
         the bytes of :meth:`combine`, which instead needs the weights on the expert side at dispatch.
         """
+        _check_handle(handle)
         check_tensor("expert_out", expert_out, dtypes=_FLOAT_DTYPES)
+        if layout not in ("masked", "contiguous"):
+            raise ValueError(f"layout: expected 'contiguous' or 'masked', got {layout!r}")
         if layout == "masked":
             check_tensor("expert_out", expert_out, shape=(handle.num_local_experts, None, None))
             if alignment_or_max_m not in (None, expert_out.size(1)):

@@ -41,7 +41,20 @@ from __future__ import annotations
 import torch
 
 from .. import moe as _moe
-from .._ops import check_tensor
+from .._ops import check_bool, check_int, check_tensor
+
+
+def _unpack_handle(handle, low_latency: bool):
+    """The (EPDispatcher, DispatchHandle) pair this Buffer's dispatch returned, else a TypeError naming it."""
+    if (not isinstance(handle, tuple) or len(handle) != 2 or not isinstance(handle[0], _moe.EPDispatcher)
+            or not isinstance(handle[1], _moe.DispatchHandle)):
+        which = "low_latency_dispatch" if low_latency else "dispatch"
+        raise TypeError(f"handle: expected the handle that Buffer.{which} returned, got {type(handle).__name__}")
+    d, hd = handle
+    if low_latency != (d.capacity is not None):
+        raise ValueError(f"handle: expected a handle from Buffer.{'low_latency_dispatch' if low_latency else 'dispatch'}"
+                         f", got one from Buffer.{'dispatch' if low_latency else 'low_latency_dispatch'}")
+    return d, hd
 
 
 class EventOverlap:
@@ -84,12 +97,15 @@ class Buffer:
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config=None, previous_event=None,
                  async_finish: bool = False, allocate_on_comm_stream: bool = False):
         if handle is not None:
-            d, hd = handle
+            d, hd = _unpack_handle(handle, low_latency=False)
             return d.dispatch_cached(x, hd), None, None, None, handle, EventOverlap()
         if topk_idx is None or topk_weights is None or num_tokens_per_expert is None:
-            raise ValueError("dispatch: without a handle, topk_idx, topk_weights and num_tokens_per_expert are required")
-        if not isinstance(expert_alignment, int) or expert_alignment < 1:
-            raise ValueError(f"expert_alignment: expected a positive int, got {expert_alignment!r}")
+            missing = [n for n, v in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
+                                      ("num_tokens_per_expert", num_tokens_per_expert)) if v is None]
+            raise ValueError(f"{', '.join(missing)}: expected a tensor (required without a handle), got None")
+        expert_alignment = check_int("expert_alignment", expert_alignment, min_value=1)
+        check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64), ndim=1)
+        check_tensor("topk_weights", topk_weights, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
         d = self._dispatcher(num_tokens_per_expert.numel())
         recv_x, hd = d.dispatch(tuple(x) if isinstance(x, (tuple, list)) else x, topk_idx, topk_weights.float())
         counts = [-(-c // expert_alignment) * expert_alignment for c in hd.num_recv_tokens_per_expert_list]
@@ -97,14 +113,18 @@ class Buffer:
 
     def combine(self, x: torch.Tensor, handle, topk_weights: torch.Tensor | None = None, bias=None, config=None,
                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        d, hd = handle
+        d, hd = _unpack_handle(handle, low_latency=False)
         combined = d.combine(x, hd)
         if bias is not None:
-            for b in (bias if isinstance(bias, (tuple, list)) else (bias,)):
+            for i, b in enumerate(bias if isinstance(bias, (tuple, list)) else (bias,)):
                 if b is not None:
+                    check_tensor(f"bias[{i}]" if isinstance(bias, (tuple, list)) else "bias", b,
+                                 shape=tuple(combined.shape), device=combined.device)
                     combined = combined + b
         combined_w = None
         if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                         shape=(hd.num_recv, hd.topk_idx.size(1)))
             back = d._a2a(topk_weights.float().contiguous(), sum(hd.send_counts), hd.recv_counts, hd.send_counts)
             k = back.size(1)
             pos = hd.pos
@@ -155,12 +175,14 @@ class Buffer:
         round_scale / use_ue8m0 (power-of-two / UE8M0 scales) are not supported and raise ValueError;
         dispatch_wait_recv_cost_stats, async_finish are accepted and ignored.
         """
-        if round_scale or use_ue8m0:
+        if check_bool("round_scale", round_scale) or check_bool("use_ue8m0", use_ue8m0):
             raise ValueError(f"round_scale/use_ue8m0: expected False (fp32 per-128 scales only), got "
                              f"round_scale={round_scale}, use_ue8m0={use_ue8m0}")
-        if not isinstance(num_max_dispatch_tokens_per_rank, int) or num_max_dispatch_tokens_per_rank < 0:
-            raise ValueError(f"num_max_dispatch_tokens_per_rank: expected a non-negative int, "
-                             f"got {num_max_dispatch_tokens_per_rank!r}")
+        use_fp8 = check_bool("use_fp8", use_fp8)
+        return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
+        num_max_dispatch_tokens_per_rank = check_int("num_max_dispatch_tokens_per_rank",
+                                                     num_max_dispatch_tokens_per_rank, min_value=0)
+        num_experts = check_int("num_experts", num_experts, min_value=1)
         if isinstance(x, torch.Tensor) and x.dim() == 2 and x.size(0) > num_max_dispatch_tokens_per_rank:
             raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank="
                              f"{num_max_dispatch_tokens_per_rank} tokens, got {x.size(0)}")
@@ -180,7 +202,7 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
         """A bf16 [L, R * max_tokens, H] tensor to write expert outputs into; pass it as ``x`` to
         low_latency_combine (zero_copy makes no difference here)."""
-        d, hd = handle
+        d, hd = _unpack_handle(handle, low_latency=True)
         return torch.empty((d.num_local_experts, hd.num_recv, hd.hidden), dtype=torch.bfloat16,
                            device=hd.recv_local_idx.device)
 
@@ -199,12 +221,14 @@ class Buffer:
         Each received row returns min(k, L) rows (its local slots' outputs, unweighted); the source
         applies the weights. use_logfmt, zero_copy, async_finish, combine_wait_recv_cost_stats are ignored.
         """
-        d, hd = handle
+        d, hd = _unpack_handle(handle, low_latency=True)
+        return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
         check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), shape=tuple(hd.topk_idx.shape))
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(hd.topk_idx.shape))
         w = torch.where(topk_idx >= 0, topk_weights, 0.0)
         combined = d.combine_experts(x, hd, w, layout="masked")
         if out is not None:
+            check_tensor("out", out, dtypes=(combined.dtype,), shape=tuple(combined.shape), device=combined.device)
             out.copy_(combined)
             combined = out
         return combined, EventOverlap(), (lambda: None) if return_recv_hook else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import gemm as _gemm
+from .._ops import check_int, check_pair, check_tensor
 
 _TMA_ALIGNMENT_BYTES = 16
 
@@ -28,6 +29,9 @@ def get_m_alignment_for_contiguous_layout() -> int:
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:
     """x rounded up so that x elements of element_size bytes span a multiple of 16 bytes."""
+    x, element_size = check_int("x", x, min_value=0), check_int("element_size", element_size, min_value=1)
+    if _TMA_ALIGNMENT_BYTES % element_size != 0:
+        raise ValueError(f"element_size: expected a divisor of {_TMA_ALIGNMENT_BYTES} bytes, got {element_size}")
     alignment = _TMA_ALIGNMENT_BYTES // element_size
     return ceil_div(x, alignment) * alignment
 
@@ -35,6 +39,7 @@ def get_tma_aligned_size(x: int, element_size: int) -> int:
 def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
     """[..., M, K/128] fp32 scales -> the same values in a column-major layout with the M stride padded
     to 16 bytes (stride(-2) == 1, stride(-1) == aligned M), as DeepGEMM's TMA loads want."""
+    check_tensor("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected 2 or 3 dims [G?, M, K/128], got shape {list(x.shape)}")
     m, k_groups = x.shape[-2:]
@@ -49,17 +54,21 @@ def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
 
 def gemm_fp8_fp8_bf16_nt(lhs: tuple, rhs: tuple, out: torch.Tensor) -> None:
     """out[M, N] = lhs @ rhs^T with lhs = (fp8 [M, K], fp32 [M, K/128]), rhs = (fp8 [N, K], fp32 [N/128, K/128])."""
+    lhs, rhs = check_pair("lhs", lhs), check_pair("rhs", rhs)
+    check_tensor("out", out)  # DeepGEMM writes into a given out (no allocation)
     _gemm.fp8_gemm_nt(lhs[0], lhs[1], rhs[0], rhs[1], out)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: tuple, rhs: tuple, out: torch.Tensor, m_indices: torch.Tensor) -> None:
     """Grouped over rows: rhs = (fp8 [G, N, K], fp32 [G, N/128, K/128]); m_indices int32 [M], -1 = padding row."""
+    lhs, rhs = check_pair("lhs", lhs), check_pair("rhs", rhs)
     _gemm.m_grouped_fp8_gemm_nt_contiguous(lhs[0], lhs[1], rhs[0], rhs[1], out, m_indices)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple, rhs: tuple, out: torch.Tensor, masked_m: torch.Tensor,
                                           expected_m: int) -> None:
     """Batched over groups: lhs = (fp8 [G, Mmax, K], fp32 [G, Mmax, K/128]); only masked_m[g] rows are valid."""
+    lhs, rhs = check_pair("lhs", lhs), check_pair("rhs", rhs)
     _gemm.m_grouped_fp8_gemm_nt_masked(lhs[0], lhs[1], rhs[0], rhs[1], out, masked_m, expected_m)
 
 
