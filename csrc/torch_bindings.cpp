@@ -357,6 +357,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
   p.kv_fp8 = fp8;
   p.block_table = block_table.data_ptr<int>();
   p.block_table_stride = block_table.stride(0);
+  p.num_blocks = static_cast<int>(kv_cache.size(0));
+  p.max_blocks = static_cast<int>(block_table.size(1));
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
   p.tile_scheduler_metadata = tile_scheduler_metadata.data_ptr<int>();
   p.num_splits = num_splits.data_ptr<int>();
@@ -399,7 +401,8 @@ void write_mla_kv_cache(at::Tensor& kv_cache, const std::optional<at::Tensor>& k
   deepkernels::mla::MlaWriteCacheParams p{kv.data_ptr(), static_cast<int>(to_dtype(kv.scalar_type(), "kv")),
                                           slots.data_ptr<int64_t>(), kv_cache.data_ptr(),
                                           fp8 ? kv_scale->data_ptr<float>() : nullptr, fp8, kv.size(0),
-                                          static_cast<int>(kv_cache.size(2)), static_cast<int>(kv_cache.size(1))};
+                                          kv_cache.size(0) * kv_cache.size(1), static_cast<int>(kv_cache.size(2)),
+                                          static_cast<int>(kv_cache.size(1))};
   deepkernels::mla::mla_write_cache(p, current_stream());
   check_launch();
 }

@@ -51,10 +51,12 @@ same plan, partials and combine. An e4m3 cache keeps the portable kernel.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
 
+from . import _ops
 from ._ops import check_same_device, check_tensor, define_op
 
 HEAD_DIM_QK = 576
@@ -96,7 +98,7 @@ def get_mla_decode_metadata_ref(cache_seqlens: torch.Tensor, num_q_tokens_per_he
                                 num_sm_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     device = cache_seqlens.device
     b = cache_seqlens.numel()
-    lens = cache_seqlens.to(torch.int64)
+    lens = cache_seqlens.to(torch.int64).clamp(min=0)  # a negative length (invalid) has no work, as in the kernel
     blocks = (lens + BLOCK_TOKENS - 1) // BLOCK_TOKENS                      # [b]
     ends = torch.cumsum(blocks, 0)                                           # inclusive end per sequence
     starts = ends - blocks
@@ -136,6 +138,60 @@ def get_mla_decode_metadata_ref(cache_seqlens: torch.Tensor, num_q_tokens_per_he
     return meta.to(torch.int32), num_splits.to(torch.int32)
 
 
+def _first_bad(mask: torch.Tensor) -> list[int]:
+    return [int(i) for i in mask.nonzero()[0].tolist()]
+
+
+def check_cache_indices(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                        plan: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Value checks of the paged-cache indices, with one host synchronisation; ValueError naming the argument.
+
+    cache_seqlens[i] >= 0 and ceil(cache_seqlens[i] / page_size) <= max_blocks; the block-table entries of the
+    pages each sequence uses lie in [0, num_blocks); and, when ``plan`` = (tile_scheduler_metadata, num_splits)
+    is given, it is the plan of these cache_seqlens (the kernels trust it). The reference path runs these
+    always; on CUDA the kernels trust the values (as FlashMLA does) unless DEEPKERNELS_CHECK=1.
+    """
+    page, num_blocks, max_blocks = kv_cache.size(1), kv_cache.size(0), block_table.size(1)
+    lens = cache_seqlens.long()
+    needed = (lens.clamp(min=0) + page - 1) // page
+    used = torch.arange(max_blocks, device=lens.device)[None, :] < needed[:, None]
+    bad_entry = used & ((block_table < 0) | (block_table >= num_blocks))
+    flags = [(lens < 0).any(), (needed > max_blocks).any(), bad_entry.any()]
+    if plan is not None:
+        meta, splits = plan
+        ref_meta, ref_splits = get_mla_decode_metadata_ref(cache_seqlens, 1, 1, meta.size(0))
+        flags.append((meta != ref_meta).any() | (splits != ref_splits).any())  # shapes checked by the caller
+    negative, too_long, bad, *stale = torch.stack(flags).tolist()
+    if negative:
+        i = _first_bad(lens < 0)[0]
+        raise ValueError(f"cache_seqlens: expected lengths >= 0, got cache_seqlens[{i}] = {int(lens[i])}")
+    if too_long:
+        i = _first_bad(needed > max_blocks)[0]
+        raise ValueError(f"cache_seqlens: cache_seqlens[{i}] = {int(lens[i])} needs {int(needed[i])} pages of "
+                         f"{page} tokens, but block_table has only {max_blocks} columns (max_blocks)")
+    if bad:
+        i, j = _first_bad(bad_entry)
+        raise ValueError(f"block_table: expected entries in [0, num_blocks={num_blocks}) for the pages a sequence "
+                         f"uses, got block_table[{i}, {j}] = {int(block_table[i, j])} (page {j} of sequence {i}, "
+                         f"cache_seqlens[{i}] = {int(lens[i])})")
+    if stale and stale[0]:
+        raise ValueError("tile_scheduler_metadata / num_splits: expected the plan of these cache_seqlens with "
+                         f"num_sm_parts = {plan[0].size(0)}, got a different one (call get_mla_decode_metadata "
+                         "again after cache_seqlens change)")
+
+
+def _checks_on(device: torch.device) -> bool:
+    """Value checks run on the CPU always, on CUDA only with DEEPKERNELS_CHECK=1 (one sync each); never while
+    tracing (torch.compile) or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return _ops.device_checks_enabled()
+
+
 def _gather_sequence(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, block_table_row: torch.Tensor,
                      length: int) -> torch.Tensor:
     """The first ``length`` cached rows of one sequence, fp32 [length, h_kv, 576]; reads only those slots."""
@@ -162,9 +218,15 @@ def mla_decode_with_kvcache_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_t
 def mla_attention_fp32(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                        cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float, causal: bool,
                        kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference maths with an fp32 output (any float q / cache dtype): out [b,s_q,h_q,dv], lse [b,h_q,s_q]."""
+    """The reference maths with an fp32 output (any float q / cache dtype): out [b,s_q,h_q,dv], lse [b,h_q,s_q].
+
+    Raises ValueError (before reading the cache) for a negative length, a length beyond the block table or an
+    out-of-range block-table entry in a used page. A query row that sees no key gets out 0 and lse +inf;
+    every other row gets the plain maths, so a NaN in q, in a key row it reads or in that row's kv_scale
+    reaches its out and lse (as in torch SDPA)."""
     b, s_q, h_q, _ = q.shape
     h_kv = kv_cache.size(2)
+    check_cache_indices(kv_cache, block_table, cache_seqlens)
     out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
     lse = torch.full((b, h_q, s_q), float("inf"), dtype=torch.float32, device=q.device)
     for i, length in enumerate(cache_seqlens.tolist()):
@@ -177,8 +239,10 @@ def mla_attention_fp32(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
             last_visible = length - s_q + torch.arange(s_q, device=q.device)  # per query token
             hidden = torch.arange(length, device=q.device)[None, :] > last_visible[:, None]
             scores = scores.masked_fill(hidden, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)                             # [h_q, s_q]
-        seen = torch.isfinite(row_lse)
+            seen = (last_visible >= 0)[None, :].expand(h_q, s_q)              # rows that see at least one key
+        else:
+            seen = torch.ones(h_q, s_q, dtype=torch.bool, device=q.device)
+        row_lse = torch.logsumexp(scores, dim=-1)                             # [h_q, s_q]; NaN stays NaN
         probs = torch.exp(scores - torch.where(seen, row_lse, 0.0).unsqueeze(-1))
         o = torch.matmul(probs, kv[..., :head_dim_v])                         # [h_q, s_q, dv]
         out[i] = torch.where(seen.unsqueeze(-1), o, 0.0).transpose(0, 1)
@@ -189,6 +253,7 @@ def mla_attention_fp32(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
 def write_mla_kv_cache_ref(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
     page = kv_cache.size(1)
+    check_slot_mapping(slot_mapping, kv_cache.size(0) * page)  # before any write
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     rows = kv[keep]
@@ -241,22 +306,26 @@ def get_mla_decode_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k
     """The split plan for :func:`mla_decode_with_kvcache` (layout in the module docstring).
 
     Args:
-        cache_seqlens: [b] int32 key lengths (on the device that will run the decode).
-        num_q_tokens_per_head_k: s_q * h_q // h_kv (query rows that share one cache head).
-        num_heads_k: h_kv.
-        num_sm_parts: parts of the key axis; default fills the device once (see default_num_sm_parts).
+        cache_seqlens: [b] int32 key lengths >= 0 (on the device that will run the decode).
+        num_q_tokens_per_head_k: s_q * h_q // h_kv (query rows that share one cache head), an int >= 1.
+        num_heads_k: h_kv, an int >= 1.
+        num_sm_parts: parts of the key axis, an int >= 1; default fills the device once (see default_num_sm_parts).
     Returns:
         (tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1]), on cache_seqlens' device.
         Computed with device ops only (no host sync): safe inside CUDA-graph capture.
+    Raises:
+        TypeError for a non-tensor or a non-int count; ValueError for a wrong dtype/shape, a count < 1, or (CPU
+        tensors always, CUDA with DEEPKERNELS_CHECK=1) a negative length.
     """
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
-    for name, v in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    num_q_tokens_per_head_k = _ops.check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, min_value=1)
+    num_heads_k = _ops.check_int("num_heads_k", num_heads_k, min_value=1)
     if num_sm_parts is None:
         num_sm_parts = default_num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
-    if not isinstance(num_sm_parts, int) or num_sm_parts < 1:
-        raise ValueError(f"num_sm_parts: expected a positive int, got {num_sm_parts!r}")
+    num_sm_parts = _ops.check_int("num_sm_parts", num_sm_parts, min_value=1)
+    if _checks_on(cache_seqlens.device) and cache_seqlens.numel() and bool((cache_seqlens < 0).any()):
+        i = _first_bad(cache_seqlens < 0)[0]
+        raise ValueError(f"cache_seqlens: expected lengths >= 0, got cache_seqlens[{i}] = {int(cache_seqlens[i])}")
     return torch.ops.deepkernels.get_mla_decode_metadata(cache_seqlens.contiguous(), num_q_tokens_per_head_k,
                                                          num_heads_k, num_sm_parts)
 
@@ -268,6 +337,8 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
     if kv_cache.size(1) % PAGE_MULTIPLE != 0 or kv_cache.size(1) == 0:
         raise ValueError(f"kv_cache: page size (dim 1) must be a positive multiple of {PAGE_MULTIPLE}, "
                          f"got {kv_cache.size(1)}")
+    if kv_cache.size(2) == 0:
+        raise ValueError(f"kv_cache: expected at least one head (dim 2), got shape {list(kv_cache.shape)}")
     align = 16 // kv_cache.element_size()  # rows are read in 16-byte vectors
     if any(kv_cache.stride(d) % align for d in range(3)):  # (the binding also checks the base address)
         raise ValueError(f"kv_cache: rows must start on 16-byte boundaries (strides multiples of {align} elements), "
@@ -279,7 +350,21 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
         check_tensor("kv_scale", kv_scale, dtypes=(torch.float32,), shape=tuple(kv_cache.shape[:3]),
                      device=kv_cache.device, contiguous=True)
     elif kv_scale is not None:
-        raise ValueError("kv_scale: only valid with a float8_e4m3fn kv_cache, got a bfloat16 cache and a scale")
+        check_tensor("kv_scale", kv_scale)
+        raise ValueError(f"kv_scale: only valid with a float8_e4m3fn kv_cache, got a "
+                         f"{str(kv_cache.dtype).removeprefix('torch.')} cache and a scale")
+
+
+def _check_softmax_scale(softmax_scale) -> float:
+    if softmax_scale is None:
+        return HEAD_DIM_QK ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale: expected a positive finite float (or None for 576 ** -0.5), got "
+                        f"{type(softmax_scale).__name__} {softmax_scale!r}")
+    value = float(softmax_scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"softmax_scale: expected a positive finite float, got {value}")
+    return value
 
 
 def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -291,15 +376,21 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     Args:
         q: [b, s_q, h_q, 576] bf16.  kv_cache: [num_blocks, page_size, h_kv, 576] bf16 or e4m3.
         block_table: [b, max_blocks] int32.  cache_seqlens: [b] int32.
-        head_dim_v: 512 (V = first 512 dims of each cached row).
+        head_dim_v: the int 512 (V = first 512 dims of each cached row).
         tile_scheduler_metadata, num_splits: from :func:`get_mla_decode_metadata` for these cache_seqlens
             and num_q_tokens_per_head_k = s_q * h_q // h_kv.
-        softmax_scale: default 576 ** -0.5.  causal: bottom-right mask when s_q > 1.
+        softmax_scale: a positive finite float; default 576 ** -0.5.  causal: a bool; bottom-right mask when s_q > 1.
         kv_scale: [num_blocks, page_size, h_kv] fp32, required iff kv_cache is e4m3.
     Returns:
         (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32 natural log; +inf for rows that see no key).
+        NaN in q, in a cached row a query reads, or in that row's kv_scale makes its out and lse NaN.
     Raises:
-        TypeError / ValueError naming the argument for wrong dtypes, shapes, devices or head ratios.
+        TypeError for a non-tensor argument, a non-bool causal, a non-int head_dim_v or a non-real softmax_scale;
+        ValueError naming the argument for wrong dtypes, shapes, strides, devices, head ratios and values.
+        Index values (cache_seqlens >= 0 and within the block table, used block-table entries in
+        [0, num_blocks), the plan matching cache_seqlens) are checked for CPU tensors; on CUDA they are trusted,
+        as in FlashMLA (an out-of-range page is never read: the rows that see it come out NaN), unless
+        DEEPKERNELS_CHECK=1, which validates them with one device sync (not inside CUDA-graph capture).
     """
     check_tensor("q", q, dtypes=(torch.bfloat16,), ndim=4, inner_contiguous=True)
     if q.size(3) != HEAD_DIM_QK:
@@ -309,6 +400,7 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     h_kv = kv_cache.size(2)
     if h_q % h_kv != 0:
         raise ValueError(f"q: number of heads ({h_q}) must be a multiple of kv_cache heads ({h_kv})")
+    head_dim_v = _ops.check_int("head_dim_v", head_dim_v)
     if head_dim_v != HEAD_DIM_V:
         raise ValueError(f"head_dim_v: expected {HEAD_DIM_V} (the latent part of the 576-dim row), got {head_dim_v}")
     check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, inner_contiguous=True)
@@ -317,17 +409,30 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(b,), contiguous=True)
     check_tensor("tile_scheduler_metadata", tile_scheduler_metadata, dtypes=(torch.int32,),
                  shape=(None, METADATA_SIZE), contiguous=True)
+    if tile_scheduler_metadata.size(0) == 0:
+        raise ValueError("tile_scheduler_metadata: expected at least one part (shape [num_sm_parts >= 1, 8]), "
+                         "got shape [0, 8]")
     check_tensor("num_splits", num_splits, dtypes=(torch.int32,), shape=(b + 1,), contiguous=True)
     check_same_device(q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
                       tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits, kv_scale=kv_scale)
-    if softmax_scale is None:
-        softmax_scale = HEAD_DIM_QK ** -0.5
-    softmax_scale = float(softmax_scale)
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale}")
+    softmax_scale = _check_softmax_scale(softmax_scale)
+    causal = _ops.check_bool("causal", causal)
+    if _checks_on(q.device):
+        check_cache_indices(kv_cache, block_table, cache_seqlens, (tile_scheduler_metadata, num_splits))
     return torch.ops.deepkernels.mla_decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, head_dim_v,
                                                          tile_scheduler_metadata, num_splits, softmax_scale,
-                                                         bool(causal), kv_scale)
+                                                         causal, kv_scale)
+
+
+def check_slot_mapping(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """Every slot is -1 (skip) or in [0, num_slots = num_blocks * page_size); one host sync. ValueError otherwise."""
+    if slot_mapping.numel() == 0:
+        return
+    bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
+    if bool(bad.any()):
+        i = _first_bad(bad)[0]
+        raise ValueError(f"slot_mapping: expected -1 (skip) or a slot in [0, num_blocks * page_size = {num_slots}), "
+                         f"got slot_mapping[{i}] = {int(slot_mapping[i])} (nothing was written)")
 
 
 def write_mla_kv_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv: torch.Tensor,
@@ -335,13 +440,17 @@ def write_mla_kv_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv
     """Write (and for an e4m3 cache, quantise) new rows into the paged cache, in place.
 
     Args:
-        kv_cache: [num_blocks, page_size, h_kv, 576] bf16 or e4m3 (mutated).
+        kv_cache: [num_blocks, page_size, h_kv, 576] bf16 or e4m3 (mutated), contiguous.
         kv_scale: [num_blocks, page_size, h_kv] fp32 for an e4m3 cache (mutated), else None.
         kv: [t, h_kv, 576] bf16/fp32/fp16: 512 latent dims then 64 rope dims of each new token.
         slot_mapping: [t] int64 or int32: token j goes to page slot_mapping[j] // page_size, slot
             slot_mapping[j] % page_size; -1 skips the token (padding).
     e4m3 rows: scale = max(amax over the 576 dims, 1e-4) / 448, stored value = rne(x * 448 / amax),
     so the row reads back as kv_cache.float() * kv_scale (one scale per token and head).
+    Raises:
+        TypeError / ValueError naming the argument, before anything is written; slot values other than -1
+        and [0, num_blocks * page_size) are checked for CPU tensors, on CUDA with DEEPKERNELS_CHECK=1 (else
+        trusted; the kernel skips them rather than write out of bounds).
     """
     _check_cache(kv_cache, kv_scale)
     h_kv = kv_cache.size(2)
@@ -350,7 +459,9 @@ def write_mla_kv_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64, torch.int32), shape=(kv.size(0),),
                  device=kv_cache.device, contiguous=True)
     if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache: expected a contiguous tensor for writes")
+        raise ValueError(f"kv_cache: expected a contiguous tensor for writes, got strides {kv_cache.stride()}")
+    if _checks_on(kv_cache.device):
+        check_slot_mapping(slot_mapping, kv_cache.size(0) * kv_cache.size(1))
     torch.ops.deepkernels.write_mla_kv_cache(kv_cache, kv_scale, kv, slot_mapping)
 
 

@@ -1,19 +1,22 @@
 #pragma once
 // Merge of the split partials by lse: for query row (batch, token, head) with splits i,
 //   lse = log(sum_i exp(lse_i)),  out = sum_i exp(lse_i - lse) * o_i   (o_i already normalised).
-// A row with no split (empty sequence) or whose splits all have lse_i = -inf gets out 0, lse +inf.
+// A row with no split (empty sequence) or whose splits all have lse_i = -inf gets out 0, lse +inf; a NaN
+// lse_i (NaN in q, a key row or its scale) makes the row's lse and out NaN. A negative cache_seqlens entry
+// (invalid; trusted unless DEEPKERNELS_CHECK=1) gives NaN, so the error shows.
 // Sequences with exactly one split were finished by the split-KV kernel and are skipped here.
 #include <cuda_bf16.h>
 
 #include "../common/fp8.cuh"
 #include "config.h"
 #include "params.h"
+#include "split_output.cuh"
 
 namespace deepkernels::mla {
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = nan_propagating_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -32,11 +35,16 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const M
   const int batch = static_cast<int>(global_row / rows_q);
   const int row = static_cast<int>(global_row % rows_q);  // token * h_q + head
   const int token = row / p.h_q, head = row % p.h_q;
-  const int first = p.num_splits[batch], last = p.num_splits[batch + 1];
-  if (last - first == 1) return;  // written directly by the split-KV kernel
+  const int raw_first = p.num_splits[batch], raw_last = p.num_splits[batch + 1];
+  if (raw_last - raw_first == 1) return;  // written directly by the split-KV kernel
+  // clamped to the partial buffers (b + num_sm_parts splits) in case the plan does not match
+  const int total_splits = p.batch + p.num_sm_parts;
+  const int first = max(0, min(raw_first, total_splits)), last = max(first, min(raw_last, total_splits));
 
-  float max_lse = -INFINITY;
-  for (int i = first + lane; i < last; i += 32) max_lse = fmaxf(max_lse, p.lse_accum[int64_t(i) * rows_q + row]);
+  float max_lse = p.cache_seqlens[batch] < 0 ? __int_as_float(0x7fffffff) : -INFINITY;
+  for (int i = first + lane; i < last; i += 32) {
+    max_lse = nan_propagating_max(max_lse, p.lse_accum[int64_t(i) * rows_q + row]);
+  }
   max_lse = warp_max(max_lse);
   float sum = 0.f;
   if (max_lse != -INFINITY) {
@@ -47,7 +55,12 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const M
   const float lse = seen ? max_lse + logf(sum) : INFINITY;
 
   float acc[4][4] = {};
-  if (seen) {
+  if (isnan(lse)) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[j][k] = lse;
+  } else if (seen) {
     for (int i = first; i < last; ++i) {
       const float weight = expf(p.lse_accum[int64_t(i) * rows_q + row] - lse);
       if (weight == 0.f) continue;  // a split with no visible key: its o_i is 0 anyway

@@ -6,6 +6,7 @@
 // (when it ends inside i). Parts past T are marked empty (begin_batch = end_batch = b).
 #include "config.h"
 #include "params.h"
+#include "split_output.cuh"
 
 namespace deepkernels::mla {
 
@@ -16,15 +17,17 @@ __device__ __forceinline__ void for_each_split_of_part(const MlaDecodeParams& p,
   const int* meta = p.tile_scheduler_metadata + blockIdx.x * kMetadataSize;
   const int begin_batch = meta[0], begin_block = meta[1], end_batch = meta[2], end_block = meta[3];
   const int begin_split = meta[4];
-  if (begin_batch >= p.batch) return;  // empty part
+  if (begin_batch < 0 || begin_batch >= p.batch) return;  // empty part (or a plan for another batch)
   for (int batch = begin_batch; batch <= end_batch && batch < p.batch; ++batch) {
     const int seqlen = p.cache_seqlens[batch];
-    const int num_blocks = (seqlen + kBlockTokens - 1) / kBlockTokens;
-    const int lo = batch == begin_batch ? begin_block : 0;
-    const int hi = batch == end_batch ? end_block : num_blocks;
+    const int num_blocks = num_work_blocks(seqlen);
+    // clamped so a plan that does not match cache_seqlens stays inside the sequence (and int range)
+    const int lo = batch == begin_batch ? max(0, min(begin_block, num_blocks)) : 0;
+    const int hi = batch == end_batch ? max(0, min(end_block, num_blocks)) : num_blocks;
     if (hi <= lo) continue;  // an empty sequence inside the part owns no split
     const int split = batch == begin_batch ? begin_split : p.num_splits[batch];
-    attend(batch, lo * kBlockTokens, min(hi * kBlockTokens, seqlen), seqlen, split);
+    const int64_t hi_key = static_cast<int64_t>(hi) * kBlockTokens;
+    attend(batch, lo * kBlockTokens, hi_key < seqlen ? static_cast<int>(hi_key) : seqlen, seqlen, split);
   }
 }
 
@@ -50,7 +53,7 @@ __global__ void __launch_bounds__(kMetadataThreads) mla_metadata_kernel(const Ml
 
   // pass 1: total work blocks T
   int local = 0;
-  for (int i = tid; i < p.batch; i += kMetadataThreads) local += (p.cache_seqlens[i] + kBlockTokens - 1) / kBlockTokens;
+  for (int i = tid; i < p.batch; i += kMetadataThreads) local += num_work_blocks(p.cache_seqlens[i]);
   const int total_incl = block_inclusive_scan(local, scratch);
   if (tid == kMetadataThreads - 1) total_blocks = total_incl;
   if (tid == 0) {
@@ -75,7 +78,7 @@ __global__ void __launch_bounds__(kMetadataThreads) mla_metadata_kernel(const Ml
   // pass 2: per chunk of sequences, scan blocks and split counts, write num_splits and part bounds
   for (int base = 0; base < p.batch; base += kMetadataThreads) {
     const int i = base + tid;
-    const int blocks = i < p.batch ? (p.cache_seqlens[i] + kBlockTokens - 1) / kBlockTokens : 0;
+    const int blocks = i < p.batch ? num_work_blocks(p.cache_seqlens[i]) : 0;
     const int end = carry_blocks + block_inclusive_scan(blocks, scratch);
     const int start = end - blocks;
     const int first_part = start / per_part;

@@ -13,8 +13,10 @@ struct MlaDecodeParams {
   int64_t kv_block_stride, kv_page_stride, kv_head_stride;
   const float* kv_scale;         // fp32 [num_blocks, page_size, h_kv] contiguous; null for bf16
   bool kv_fp8;
-  const int* block_table;        // int32 [b, max_blocks]
+  const int* block_table;        // int32 [b, max_blocks]; entries are trusted (DEEPKERNELS_CHECK=1 validates
+                                 // them): an entry outside [0, num_blocks) is never dereferenced, its keys score NaN
   int64_t block_table_stride;
+  int num_blocks, max_blocks;    // kv_cache.size(0), block_table.size(1): the bounds of those guards
   const int* cache_seqlens;      // int32 [b]
   const int* tile_scheduler_metadata;  // int32 [num_sm_parts, 8]
   const int* num_splits;         // int32 [b + 1]
@@ -44,6 +46,7 @@ struct MlaWriteCacheParams {
   float* cache_scale;            // [num_blocks, page, h_kv] (e4m3 only)
   bool cache_fp8;
   int64_t num_tokens;
+  int64_t num_slots;             // num_blocks * page: slots outside [0, num_slots) are skipped, never written
   int h_kv, page_size;
 };
 

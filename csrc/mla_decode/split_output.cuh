@@ -11,20 +11,36 @@
 
 namespace deepkernels::mla {
 
+// fmaxf drops NaN; the softmax and the merge must keep it, so a NaN in q, a key row that is read or its
+// scale reaches the row's max, lse and output (as in FlashMLA and torch SDPA).
+__device__ __forceinline__ float nan_propagating_max(float a, float b) {
+  return (isnan(a) || isnan(b)) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+}
+
+// Work blocks (kBlockTokens keys) of a sequence; a negative length (invalid, DEEPKERNELS_CHECK=1 reports it)
+// has none, and no `seqlen + 63` overflow for lengths near INT_MAX.
+__device__ __forceinline__ int num_work_blocks(int seqlen) {
+  return seqlen <= 0 ? 0 : (seqlen - 1) / kBlockTokens + 1;
+}
+
 struct SplitOutput {
-  bool direct;
+  bool direct, valid;
   int batch, split, rows_q;
   float* o_split;
   __nv_bfloat16* out_batch;
 
   __device__ __forceinline__ SplitOutput(const MlaDecodeParams& p, int batch_, int split_)
-      : direct(p.num_splits[batch_ + 1] - p.num_splits[batch_] == 1), batch(batch_), split(split_),
+      : direct(p.num_splits[batch_ + 1] - p.num_splits[batch_] == 1),
+        // a split index outside the b + num_sm_parts partial buffers (a plan that does not match cache_seqlens)
+        // writes nothing rather than out of bounds
+        valid(direct || (split_ >= 0 && split_ < p.batch + p.num_sm_parts)), batch(batch_), split(split_),
         rows_q(p.s_q * p.h_q),
         o_split(p.o_accum + static_cast<int64_t>(split_) * rows_q * kHeadDimV),
         out_batch(static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(batch_) * rows_q * kHeadDimV) {}
 
   // Output columns col, col + 1 of query row (token * h_q + head): offset = that row * kHeadDimV + col.
   __device__ __forceinline__ void store_pair(int64_t offset, float x, float y) const {
+    if (!valid) return;
     if (direct) {
       *reinterpret_cast<uint32_t*>(out_batch + offset) = pack_bf16x2(x, y);
     } else {
@@ -32,12 +48,14 @@ struct SplitOutput {
     }
   }
 
-  // row_max: the row's running max of the log2-scaled scores; sum: its sum of exp2 (0: no key visible).
-  __device__ __forceinline__ void store_lse(const MlaDecodeParams& p, int token, int head, float row_max,
+  // seen: the row saw a key in this split (its running max is not -inf; NaN counts as seen, so it propagates);
+  // row_max: the running max of the log2-scaled scores; sum: its sum of exp2.
+  __device__ __forceinline__ void store_lse(const MlaDecodeParams& p, int token, int head, bool seen, float row_max,
                                             float sum) const {
+    if (!valid) return;
     // natural log: (max_log2 + log2(sum)) * ln 2. A row with no visible key: -inf for a partial (weight 0
     // in the merge), +inf in the final output.
-    const float lse = sum > 0.f ? (row_max + log2f(sum)) * 0.6931471805599453f : (direct ? INFINITY : -INFINITY);
+    const float lse = seen ? (row_max + log2f(sum)) * 0.6931471805599453f : (direct ? INFINITY : -INFINITY);
     if (direct) {
       p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + token] = lse;
     } else {

@@ -50,46 +50,54 @@ __device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, Smem& sm, 
   }
 }
 
-// Row offsets (elements) and per-token scales of keys [n0, n0 + kBlockN) into `stage`; keys at or past
-// kv_end get offset 0 / scale 0 and their block-table entries are never read.
+// Row offsets (elements) and per-token scales of keys [n0, n0 + kBlockN) into `stage`. Keys at or past
+// kv_end get offset -1 (zero-filled, never read) / scale 0 and their block-table entries are never read.
+// A block-table entry outside [0, num_blocks), or a key past the block table's max_blocks pages (values are
+// trusted; DEEPKERNELS_CHECK=1 validates them), is never dereferenced either: offset -1 and scale NaN, so
+// the rows that see that key come out NaN instead of reading another sequence's (or no) memory.
 template <bool kFp8, typename Smem>
 __device__ __forceinline__ void lookup_k_rows(const MlaDecodeParams& p, Smem& sm, int stage, int batch, int kv_head,
                                               int n0, int kv_end) {
   if (threadIdx.x < kBlockN) {
     const int pos = n0 + threadIdx.x;
-    int64_t offset = 0;
+    int64_t offset = -1;
     float token_scale = 0.f;
     if (pos < kv_end) {
-      const int page = p.block_table[batch * p.block_table_stride + pos / p.page_size];
+      const int block = pos / p.page_size;
+      const int page = block >= 0 && block < p.max_blocks ? p.block_table[batch * p.block_table_stride + block] : -1;
       const int slot = pos % p.page_size;
-      offset = page * p.kv_block_stride + slot * p.kv_page_stride + kv_head * p.kv_head_stride;
-      token_scale = kFp8 ? p.kv_scale[(static_cast<int64_t>(page) * p.page_size + slot) * p.h_kv + kv_head] : 1.f;
+      if (page >= 0 && page < p.num_blocks) {
+        offset = page * p.kv_block_stride + slot * p.kv_page_stride + kv_head * p.kv_head_stride;
+        token_scale = kFp8 ? p.kv_scale[(static_cast<int64_t>(page) * p.page_size + slot) * p.h_kv + kv_head] : 1.f;
+      } else {
+        token_scale = __int_as_float(0x7fffffff);
+      }
     }
     sm.token_offset[stage][threadIdx.x] = offset;
     sm.token_scale[stage][threadIdx.x] = token_scale;
   }
 }
 
-// Loads keys [n0, n0 + kBlockN) of a sequence into `stage`; rows at or past kv_end are zero and never
-// read. token_offset[stage] must already hold this tile's row offsets (after a barrier).
+// Loads keys [n0, n0 + kBlockN) of a sequence into `stage`; rows with offset -1 (at or past kv_end, or an
+// invalid page) are zero and never read. token_offset[stage] must already hold this tile's row offsets (after a
+// barrier).
 template <bool kFp8, typename Smem>
-__device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, int stage, int n0, int kv_end) {
+__device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, int stage) {
   if constexpr (Smem::kStagedFp8) {
     constexpr int kChunksPerRow = kHeadDim / 16;  // 16 B = 16 e4m3
     const auto* kv = static_cast<const uint8_t*>(p.kv);
     for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
       const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
-      const bool valid = n0 + r < kv_end;
-      ptx::cp_async_16(&sm.k_raw[stage][r][chunk * 16], kv + (valid ? sm.token_offset[stage][r] : 0) + chunk * 16,
-                       valid);
+      const int64_t offset = sm.token_offset[stage][r];
+      ptx::cp_async_16(&sm.k_raw[stage][r][chunk * 16], kv + (offset >= 0 ? offset : 0) + chunk * 16, offset >= 0);
     }
   } else if constexpr (!kFp8) {
     constexpr int kChunksPerRow = kHeadDim / 8;
     const auto* kv = static_cast<const __nv_bfloat16*>(p.kv);
     for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
       const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
-      const bool valid = n0 + r < kv_end;
-      ptx::cp_async_16(&sm.k[stage][r][chunk * 8], kv + (valid ? sm.token_offset[stage][r] : 0) + chunk * 8, valid);
+      const int64_t offset = sm.token_offset[stage][r];
+      ptx::cp_async_16(&sm.k[stage][r][chunk * 8], kv + (offset >= 0 ? offset : 0) + chunk * 8, offset >= 0);
     }
   } else {
     constexpr int kChunksPerRow = kHeadDim / 16;  // 16 B = 16 e4m3
@@ -97,8 +105,9 @@ __device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, 
     for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
       const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
       uint4 converted[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-      if (n0 + r < kv_end) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kv + sm.token_offset[stage][r] + chunk * 16));
+      const int64_t offset = sm.token_offset[stage][r];
+      if (offset >= 0) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kv + offset + chunk * 16));
         e4m3x16_to_bf16(raw, converted);
       }
       *reinterpret_cast<uint4*>(&sm.k[stage][r][chunk * 16]) = converted[0];
@@ -158,7 +167,7 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
     const int stage = t % kStages, n0 = kv_begin + t * kBlockN;
     lookup_k_rows<kFp8>(p, sm, stage, batch, kv_head, n0, kv_end);
     __syncthreads();
-    load_k_tile<kFp8>(p, sm, stage, n0, kv_end);
+    load_k_tile<kFp8>(p, sm, stage);
     ptx::cp_async_commit();
   };
 #pragma unroll 1
@@ -237,13 +246,13 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
       for (int j = 0; j < 4; ++j) {
         const int pos = n0 + sm_col + j;
         s[j] = (pos < kv_end && pos <= sm_last_visible) ? raw[j] * scale_log2 * token_scale[sm_col + j] : -INFINITY;
-        tile_max = fmaxf(tile_max, s[j]);
+        tile_max = nan_propagating_max(tile_max, s[j]);
       }
 #pragma unroll
       for (int offset = 1; offset < kSoftmaxThreadsPerRow; offset <<= 1) {
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+        tile_max = nan_propagating_max(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
       }
-      const float new_max = fmaxf(row_max, tile_max);
+      const float new_max = nan_propagating_max(row_max, tile_max);
       const float ref = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet stays all-zero
       const float alpha = ptx::ex2(row_max - ref);
       float tile_sum = 0.f;
@@ -319,19 +328,21 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
       const int row = row0 + r;
       if (row >= rows_total) continue;
       const int out_row = (row / heads_per_kv) * p.h_q + kv_head * heads_per_kv + row % heads_per_kv;
-      const float l = sm.row_sum[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // A row that saw no key is exactly 0 (its P was 0, but 0 times a NaN V row of a masked key is NaN).
+      const bool seen = sm.row_max[r] != -INFINITY;
+      const float inv = 1.f / sm.row_sum[r];
       const int64_t col0 = static_cast<int64_t>(out_row) * kHeadDimV + warp * kDimsPerWarp + (lane % 4) * 2;
 #pragma unroll
       for (int nt = 0; nt < kDimsPerWarp / 8; ++nt) {
-        output.store_pair(col0 + nt * 8, acc_o[mt][nt][half * 2] * inv, acc_o[mt][nt][half * 2 + 1] * inv);
+        output.store_pair(col0 + nt * 8, seen ? acc_o[mt][nt][half * 2] * inv : 0.f,
+                          seen ? acc_o[mt][nt][half * 2 + 1] * inv : 0.f);
       }
     }
   }
   if (tid < kBlockM && row0 + tid < rows_total) {
     const int row = row0 + tid;
-    output.store_lse(p, row / heads_per_kv, kv_head * heads_per_kv + row % heads_per_kv, sm.row_max[tid],
-                     sm.row_sum[tid]);
+    output.store_lse(p, row / heads_per_kv, kv_head * heads_per_kv + row % heads_per_kv,
+                     sm.row_max[tid] != -INFINITY, sm.row_max[tid], sm.row_sum[tid]);
   }
   __syncthreads();  // the next sequence reuses sQ and the row statistics
 }

@@ -23,7 +23,8 @@
 // Why cp.async and not TMA: the tile is gathered through block_table in pages of any multiple of 16 tokens
 // (a 64-key tile spans 1-4 pages, page 48 not even aligned); cp.async issues one 16-byte copy per (row,
 // chunk) with a per-row source, and its zero-fill (src-size 0) clears rows at or past the split end for
-// free -- those cache slots may hold NaN, and P = 0 times a NaN V row would still be NaN in the MMA. TMA
+// free -- those cache slots may hold NaN, and P = 0 times a NaN V row would still be NaN in the MMA. (Rows
+// of an out-of-range block-table entry are NaN-filled instead, so the error shows.) TMA
 // would need a host tensor map, boxes of 16 rows per page and an explicit zeroing pass over tail rows.
 // TODO(next, needs a GPU): mbarrier-tracked column-block arrival so S starts on the first 8 KB; overlap
 // S(t + 1) with P V(t) across the warpgroups (FlashMLA-style); an e4m3 path (convert in smem).
@@ -89,21 +90,41 @@ struct RowStats {
 };
 static_assert(sizeof(RowStats) == kStaticSmemBytes, "static shared memory as launch.cu expects");
 
-// Element offset of the cache row of key `pos` (pos must be < the sequence length).
+// A loader row's source: an element offset >= 0, or one of these.
+constexpr int64_t kZeroRow = -1;     // at or past the split end: zero-filled, never read
+constexpr int64_t kInvalidRow = -2;  // a block-table entry outside [0, num_blocks) (or past max_blocks): NaN-filled
+
+// Element offset of the cache row of key `pos` (pos must be < the sequence length), or kInvalidRow: block-table
+// values are trusted (DEEPKERNELS_CHECK=1 validates them) but an out-of-range page is never dereferenced; its
+// key scores NaN so the rows that see it show the error.
 __device__ __forceinline__ int64_t kv_row_offset(const MlaDecodeParams& p, int batch, int kv_head, int pos) {
-  const int page = p.block_table[batch * p.block_table_stride + pos / p.page_size];
+  const int block = pos / p.page_size;
+  const int page = block >= 0 && block < p.max_blocks ? p.block_table[batch * p.block_table_stride + block] : -1;
+  if (page < 0 || page >= p.num_blocks) return kInvalidRow;
   return page * p.kv_block_stride + (pos % p.page_size) * p.kv_page_stride + kv_head * p.kv_head_stride;
 }
 
 // Loader mapping (Q and K tiles): thread -> rows lr and lr + 32 (lr = tid / 8), chunk lc = tid % 8 of each
-// of the 9 column blocks. A warp instruction covers 4 rows x 128 contiguous bytes.
-__device__ __forceinline__ void load_rows(uint32_t dst_tile, const __nv_bfloat16* src0, bool valid0,
-                                          const __nv_bfloat16* src1, bool valid1, int lr, int lc) {
-  const uint32_t dst0 = dst_tile + swizzle(lr, lc), dst1 = dst_tile + swizzle(lr + 32, lc);
+// of the 9 column blocks. A warp instruction covers 4 rows x 128 contiguous bytes. Row i comes from
+// src + offset[i] (cp.async), or is zero-filled (kZeroRow, cp.async src-size 0) or NaN-filled (kInvalidRow,
+// plain stores, published to the tensor cores by the fence.proxy.async before the tile is used).
+__device__ __forceinline__ void load_rows(uint8_t* smem, uint32_t smem_base, uint32_t dst_tile,
+                                          const __nv_bfloat16* src, const int64_t (&offset)[2], int lr, int lc) {
 #pragma unroll
-  for (int cb = 0; cb < kColBlocks; ++cb) {
-    ptx::cp_async_16(dst0 + cb * kColBlockBytes, src0 + cb * 64 + lc * 8, valid0);
-    ptx::cp_async_16(dst1 + cb * kColBlockBytes, src1 + cb * 64 + lc * 8, valid1);
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t dst = dst_tile + swizzle(lr + 32 * i, lc);
+    if (offset[i] == kInvalidRow) {
+      const uint4 nan4 = make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);  // bf16 NaN x 8
+#pragma unroll
+      for (int cb = 0; cb < kColBlocks; ++cb) {
+        *reinterpret_cast<uint4*>(smem + (dst - smem_base) + cb * kColBlockBytes) = nan4;
+      }
+    } else {
+      const bool valid = offset[i] >= 0;
+      const __nv_bfloat16* row = src + (valid ? offset[i] : 0);
+#pragma unroll
+      for (int cb = 0; cb < kColBlocks; ++cb) ptx::cp_async_16(dst + cb * kColBlockBytes, row + cb * 64 + lc * 8, valid);
+    }
   }
 }
 
@@ -123,32 +144,28 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
   // Q rows (zero past the end) and K tile 0, one cp.async group.
   {
     const auto* q = static_cast<const __nv_bfloat16*>(p.q);
-    const __nv_bfloat16* src[2];
-    bool valid[2];
+    int64_t q_off[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = row0 + lr + 32 * i;
-      valid[i] = row < rows_total;
-      const int token = valid[i] ? row / heads_per_kv : 0;
-      const int head = kv_head * heads_per_kv + (valid[i] ? row % heads_per_kv : 0);
-      src[i] = q + batch * p.q_batch_stride + token * p.q_seq_stride + head * p.q_head_stride;
+      q_off[i] = row < rows_total ? batch * p.q_batch_stride + (row / heads_per_kv) * p.q_seq_stride +
+                                        (kv_head * heads_per_kv + row % heads_per_kv) * p.q_head_stride
+                                  : kZeroRow;
     }
-    load_rows(smem_base + kOffQ, src[0], valid[0], src[1], valid[1], lr, lc);
+    load_rows(smem, smem_base, smem_base + kOffQ, q, q_off, lr, lc);
   }
   const int num_tiles = (kv_end - kv_begin + kBlockN - 1) / kBlockN;
-  // Cache-row offsets of this thread's two loader rows for the next tile to issue (0 past kv_end: never read).
+  // Cache-row offsets of this thread's two loader rows for the next tile to issue (kZeroRow past kv_end).
   int64_t next_off[2];
   auto lookup = [&](int tile) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int pos = kv_begin + tile * kBlockN + lr + 32 * i;
-      next_off[i] = pos < kv_end ? kv_row_offset(p, batch, kv_head, pos) : 0;
+      next_off[i] = pos < kv_end ? kv_row_offset(p, batch, kv_head, pos) : kZeroRow;
     }
   };
   auto issue = [&](int tile) {
-    const int pos = kv_begin + tile * kBlockN + lr;
-    load_rows(smem_base + kOffK + (tile % kStages) * kTileBytes, kv + next_off[0], pos < kv_end, kv + next_off[1],
-              pos + 32 < kv_end, lr, lc);
+    load_rows(smem, smem_base, smem_base + kOffK + (tile % kStages) * kTileBytes, kv, next_off, lr, lc);
     ptx::cp_async_commit();
   };
   lookup(0);
@@ -217,14 +234,14 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
           const int pos = n0 + wg * kKeysPerWarpgroup + 8 * i + 2 * t4 + j;
           float& v = s[4 * i + 2 * h + j];
           v = (pos < kv_end && pos <= last_visible[h]) ? v * scale_log2 : -INFINITY;
-          tile_max[h] = fmaxf(tile_max[h], v);
+          tile_max[h] = nan_propagating_max(tile_max[h], v);
         }
       }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      tile_max[h] = nan_propagating_max(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = nan_propagating_max(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
       if (t4 == 0) stats.max[wg][warp * 16 + g + 8 * h] = tile_max[h];
     }
     __syncthreads();  // both halves' row maxima
@@ -232,7 +249,7 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float other = stats.max[wg ^ 1][warp * 16 + g + 8 * h];
-      const float new_max = fmaxf(row_max[h], fmaxf(tile_max[h], other));
+      const float new_max = nan_propagating_max(row_max[h], nan_propagating_max(tile_max[h], other));
       ref[h] = new_max == -INFINITY ? 0.f : new_max;  // a row with no key yet stays all-zero
       alpha[h] = ptx::ex2(row_max[h] - ref[h]);
       row_max[h] = new_max;
@@ -292,11 +309,15 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
     if (row >= rows_total) continue;
     const int token = row / heads_per_kv, head = kv_head * heads_per_kv + row % heads_per_kv;
     const float l = stats.sum[0][r] + stats.sum[1][r];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    // A row that saw no key is exactly 0 (its P was 0, but 0 times a NaN V row of a masked key is NaN).
+    const bool seen = row_max[h] != -INFINITY;
+    const float inv = 1.f / l;
     const int64_t col0 = static_cast<int64_t>(token * p.h_q + head) * kHeadDimV + wg * kDimsPerWarpgroup + 2 * t4;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) output.store_pair(col0 + 8 * i, o[4 * i + 2 * h] * inv, o[4 * i + 2 * h + 1] * inv);
-    if (wg == 0 && t4 == 0) output.store_lse(p, token, head, row_max[h], l);
+    for (int i = 0; i < 32; ++i) {
+      output.store_pair(col0 + 8 * i, seen ? o[4 * i + 2 * h] * inv : 0.f, seen ? o[4 * i + 2 * h + 1] * inv : 0.f);
+    }
+    if (wg == 0 && t4 == 0) output.store_lse(p, token, head, seen, row_max[h], l);
   }
   __syncthreads();  // the next split reuses Q, the K ring and the row statistics
 }

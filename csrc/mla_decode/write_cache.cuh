@@ -19,7 +19,9 @@ __global__ void __launch_bounds__(kWriteWarps * 32) mla_write_cache_kernel(const
   const int64_t token = item / p.h_kv;
   const int head = static_cast<int>(item % p.h_kv);
   const int64_t slot = p.slot_mapping[token];
-  if (slot < 0) return;
+  // -1 skips (padding); any other slot outside [0, num_slots) is trusted not to occur (DEEPKERNELS_CHECK=1
+  // validates slot_mapping) and is skipped rather than written out of bounds.
+  if (slot < 0 || slot >= p.num_slots) return;
   const T* src = static_cast<const T*>(p.kv) + item * kHeadDim;
   const int64_t dst_row = slot * p.h_kv + head;  // [num_blocks * page, h_kv] rows of the contiguous cache
 
