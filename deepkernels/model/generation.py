@@ -10,6 +10,7 @@ The tokens are exactly plain greedy decoding's; ``GenerationStats`` reports the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Sequence
 
@@ -58,20 +59,19 @@ class GenerationStats:
 
 def make_cache(model, batch_size: int, max_seq_len: int, page_size: int = 64, dtype: torch.dtype | None = None,
                mtp: bool = False):
-    """A paged latent cache for ``model``: per layer [num_blocks, page_size, 1, 512 + 64].
+    """A paged latent cache for ``model``: per layer [num_blocks, page_size, 1, kv_lora_rank + qk_rope_head_dim].
 
     ``dtype`` defaults to float32 for a float32 model (exact, pure-torch attention) and bfloat16 otherwise
     (the decode kernel's cache); float8_e4m3fn gives the FP8 cache with per-token scales. ``mtp``: also a
-    layer for each of the model's MTP layers (indices num_hidden_layers..)."""
+    layer for each of the model's MTP layers (indices num_hidden_layers..). DeepSeek's geometry (512 + 64, the
+    576-dim row) decodes with ``mla_decode_with_kvcache``; any other runs the same paged cache through the
+    pure-torch attention (``mla_attention_fp32``)."""
     c = model.config
-    if (c.kv_lora_rank, c.qk_rope_head_dim) != (512, 64):
-        raise ValueError(f"paged MLA decode needs kv_lora_rank 512 and qk_rope_head_dim 64 (the 576-dim cache row), "
-                         f"got {c.kv_lora_rank} and {c.qk_rope_head_dim}; use generate(..., use_cache=False)")
     if dtype is None:
         dtype = torch.float32 if model.dtype == torch.float32 else torch.bfloat16
     num_layers = c.num_hidden_layers + (model.num_mtp_layers if mtp else 0)
     return PagedMLAKVCache(num_layers, batch_size, max_seq_len, page_size=page_size, dtype=dtype,
-                           device=model.device)
+                           device=model.device, kv_lora_rank=c.kv_lora_rank, rope_dim=c.qk_rope_head_dim)
 
 
 def set_cache_lengths(cache, lengths: torch.Tensor) -> None:
@@ -95,17 +95,102 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: flo
                              1, generator=generator).view(-1).to(logits.device)
 
 
-def _as_prompts(input_ids) -> list[torch.Tensor]:
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_prompts(input_ids, vocab_size: int) -> list[torch.Tensor]:
+    """input_ids -> a list of 1-D int64 prompts; TypeError / ValueError naming ``input_ids`` otherwise."""
     if isinstance(input_ids, torch.Tensor):
+        if input_ids.dtype not in _INT_DTYPES:
+            raise TypeError(f"input_ids: expected an integer tensor (int64 token ids), got {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [B, T] or a list of 1-D prompts, got shape {tuple(input_ids.shape)}")
-        return list(input_ids)
-    prompts = [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
-    if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
-        raise ValueError("input_ids: expected a non-empty list of non-empty 1-D token sequences")
+        if input_ids.size(0) == 0 or input_ids.size(1) == 0:
+            raise ValueError(f"input_ids: expected B >= 1 prompts of T >= 1 tokens, got shape {tuple(input_ids.shape)}")
+        prompts = list(input_ids.long())
+    elif isinstance(input_ids, (list, tuple)):
+        if not input_ids:
+            raise ValueError("input_ids: expected a non-empty list of non-empty 1-D token sequences, got []")
+        prompts = []
+        for i, p in enumerate(input_ids):
+            if isinstance(p, torch.Tensor):
+                if p.dtype not in _INT_DTYPES:
+                    raise TypeError(f"input_ids[{i}]: expected integer token ids, got a {p.dtype} tensor")
+                t = p.long()
+            elif isinstance(p, (list, tuple)):
+                if not all(_is_int(x) for x in p):
+                    bad = next(x for x in p if not _is_int(x))
+                    raise TypeError(f"input_ids[{i}]: expected int token ids, got {bad!r} ({type(bad).__name__})")
+                t = torch.tensor(list(p), dtype=torch.long)
+            else:
+                raise TypeError(f"input_ids[{i}]: expected a list of ints or a 1-D tensor, got {type(p).__name__}")
+            if t.dim() != 1 or t.numel() == 0:
+                raise ValueError(f"input_ids[{i}]: expected a non-empty 1-D token sequence, got shape "
+                                 f"{tuple(t.shape)}")
+            prompts.append(t)
+    else:
+        raise TypeError(f"input_ids: expected a [B, T] integer tensor or a list of token-id lists, got "
+                        f"{type(input_ids).__name__}")
+    for i, p in enumerate(prompts):
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"input_ids[{i}]: token ids must be in [0, vocab_size={vocab_size}), got "
+                             f"{lo if lo < 0 else hi}")
     return prompts
+
+
+def _check_generate_args(model, max_new_tokens, temperature, top_p, eos_token_id, use_cache, page_size,
+                         cache_dtype, generator, return_stats, on_token, use_mtp) -> list[int]:
+    """TypeError / ValueError naming the argument, what was expected and what was given; -> the eos ids."""
+    vocab = model.config.vocab_size
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise (ValueError if _is_int(max_new_tokens) else TypeError)(
+            f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{name}: expected a float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature: expected a finite float >= 0 (0 = greedy), got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a float in (0, 1], got {top_p}")
+    if eos_token_id is None:
+        eos = []
+    elif _is_int(eos_token_id):
+        eos = [eos_token_id]
+    elif isinstance(eos_token_id, (list, tuple, torch.Tensor)):
+        eos = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else list(eos_token_id)
+        if isinstance(eos_token_id, torch.Tensor) and (eos_token_id.dim() > 1 or eos_token_id.is_floating_point()):
+            raise TypeError(f"eos_token_id: expected an int or a list of ints, got a {eos_token_id.dtype} tensor "
+                            f"of shape {tuple(eos_token_id.shape)}")
+        if not all(_is_int(e) for e in eos):
+            raise TypeError(f"eos_token_id: expected an int or a list of ints, got {eos_token_id!r}")
+    else:
+        raise TypeError(f"eos_token_id: expected an int, a list of ints or None, got {eos_token_id!r}")
+    bad = [e for e in eos if not 0 <= e < vocab]
+    if bad:
+        raise ValueError(f"eos_token_id: expected ids in [0, vocab_size={vocab}), got {bad[0]}")
+    for name, value in (("use_cache", use_cache), ("return_stats", return_stats), ("use_mtp", use_mtp)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
+    if not _is_int(page_size):
+        raise TypeError(f"page_size: expected an int, got {page_size!r}")
+    if page_size <= 0 or page_size % 16:
+        raise ValueError(f"page_size: expected a positive multiple of 16, got {page_size}")
+    if cache_dtype is not None and cache_dtype not in _CACHE_DTYPES:
+        raise (ValueError if isinstance(cache_dtype, torch.dtype) else TypeError)(
+            f"cache_dtype: expected None or one of {[str(d) for d in _CACHE_DTYPES]}, got {cache_dtype!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token: expected a callable or None, got {type(on_token).__name__}")
+    return eos
 
 
 @torch.no_grad()
@@ -132,15 +217,23 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         [B, T + max_new_tokens] LongTensor for tensor input, else a list of 1-D tensors (prompt + new tokens);
         with ``return_stats`` also a :class:`GenerationStats` (prefill and decode tokens/s).
     """
-    prompts = _as_prompts(input_ids)
+    if getattr(model, "config", None) is None or not callable(model):
+        raise TypeError(f"model: expected a DeepseekV3ForCausalLM, got {type(model).__name__}")
+    eos_ids = _check_generate_args(model, max_new_tokens, temperature, top_p, eos_token_id, use_cache, page_size,
+                                   cache_dtype, generator, return_stats, on_token, use_mtp)
+    prompts = _as_prompts(input_ids, model.config.vocab_size)
     device = model.device
     b = len(prompts)
     lengths = torch.tensor([p.numel() for p in prompts], device=device)
     t_max = int(lengths.max())
+    max_pos = model.config.max_position_embeddings
+    if t_max + max_new_tokens > max_pos:
+        raise ValueError(f"max_new_tokens: the longest prompt ({t_max} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"= {t_max + max_new_tokens} exceeds max_position_embeddings={max_pos}")
     padded = torch.zeros(b, t_max, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         padded[i, : p.numel()] = p.to(device)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     stats = GenerationStats(prompt_tokens=int(lengths.sum()), batch_size=b)
     new = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)

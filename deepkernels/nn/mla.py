@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import mla as _mla
+from .cpu_fast_path import cpu_fast_path_active
 
 KV_LORA_RANK = _mla.HEAD_DIM_V     # 512
 ROPE_DIM = _mla.HEAD_DIM_QK - _mla.HEAD_DIM_V  # 64
@@ -37,8 +38,10 @@ class PagedMLAKVCache(nn.Module):
 
     def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, page_size: int = 64,
                  dtype: torch.dtype = torch.bfloat16, device=None, shuffle_blocks: bool = False,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, kv_lora_rank: int = KV_LORA_RANK, rope_dim: int = ROPE_DIM):
         super().__init__()
+        # rows of another geometry than the decode kernel's 512 + 64 (other configs) run the pure-torch attention
+        self.kv_lora_rank, self.rope_dim, self.row_dim = kv_lora_rank, rope_dim, kv_lora_rank + rope_dim
         if page_size % _mla.PAGE_MULTIPLE != 0 or page_size <= 0:
             raise ValueError(f"page_size: expected a positive multiple of {_mla.PAGE_MULTIPLE}, got {page_size}")
         if dtype not in (torch.bfloat16, torch.float32, _mla.FP8_DTYPE):
@@ -53,7 +56,7 @@ class PagedMLAKVCache(nn.Module):
         order = torch.randperm(self.num_blocks)[:needed] if shuffle_blocks else torch.arange(needed)
         self.register_buffer("block_table", order.view(batch_size, -1).to(device=device, dtype=torch.int32),
                              persistent=False)
-        self.register_buffer("kv", torch.zeros(num_layers, self.num_blocks, page_size, 1, _mla.HEAD_DIM_QK,
+        self.register_buffer("kv", torch.zeros(num_layers, self.num_blocks, page_size, 1, self.row_dim,
                                                dtype=dtype, device=device), persistent=False)
         scale = (torch.ones(num_layers, self.num_blocks, page_size, 1, dtype=torch.float32, device=device)
                  if dtype == _mla.FP8_DTYPE else None)
@@ -77,6 +80,77 @@ class PagedMLAKVCache(nn.Module):
     def reset(self) -> None:
         self.seqlens.zero_()
 
+    # -- CPU fast path --------------------------------------------------------------------------------
+    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+        """fp32 / bf16 caches on the CPU (not emulated, no autograd): plain indexed stores and a batched masked
+        attention instead of the write / decode ops (same maths; see deepkernels.nn.cpu_fast_path)."""
+        return self.dtype != _mla.FP8_DTYPE and cpu_fast_path_active(x) and self.kv.device.type == "cpu"
+
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        """Whether attend/append run the CPU fast path for input ``x`` (then no decode split plan is needed)."""
+        return self._fast_path_ok(x)
+
+    def _identity_pages(self) -> bool:
+        """True when sequence i owns blocks i*max_blocks .. (i+1)*max_blocks-1 in order (the default table):
+        each layer's cache is then a [b, max_blocks * page_size, row] view, no gather needed."""
+        key = (self.block_table.data_ptr(), self.block_table._version, tuple(self.block_table.shape))
+        if getattr(self, "_identity_key", None) != key:
+            b, mb = self.block_table.shape
+            expect = torch.arange(b * mb, dtype=torch.int32, device=self.block_table.device).view(b, mb)
+            self._identity = (b, mb) == (self.batch_size, self.max_blocks_per_seq) and \
+                torch.equal(self.block_table, expect)
+            self._identity_key = key
+        return self._identity
+
+    def sequence_rows(self, layer: int, length: int) -> torch.Tensor:
+        """The first ``length`` cache rows of every sequence, [b, length, row] in the cache dtype: a view of the
+        cache with the default block table, else gathered through it."""
+        b, page, row = self.batch_size, self.page_size, self.kv.size(-1)
+        if self._identity_pages():
+            n = b * self.max_blocks_per_seq
+            return self.kv[layer, :n].view(b, self.max_blocks_per_seq * page, row)[:, :length]
+        blocks = self.block_table[:, : -(-length // page)].long()
+        return self.kv[layer][blocks].view(b, -1, row)[:, :length]
+
+    def _append_fast(self, layer: int, rows: torch.Tensor, t: int) -> None:
+        lengths, row = self.seqlens[layer], self.kv.size(-1)
+        capacity = self.max_blocks_per_seq * self.page_size
+        if t and int(lengths.max()) + t > capacity:  # a CPU tensor: reading it costs no device sync
+            raise ValueError(f"append: {t} new tokens overflow the cache capacity {capacity} (sequence lengths "
+                             f"{lengths.tolist()}); build the cache with a larger max_seq_len")
+        pos = lengths.long()[:, None] + torch.arange(t, device=lengths.device)
+        if self._identity_pages():
+            slots = pos + torch.arange(self.batch_size, device=pos.device)[:, None] * capacity
+        else:
+            pages = self.block_table.long().gather(1, pos // self.page_size)
+            slots = pages * self.page_size + pos % self.page_size
+        self.kv[layer].view(-1, row)[slots.view(-1)] = rows.view(-1, row).to(self.dtype)
+        lengths += t
+
+    def _attend_fast(self, layer: int, q_nope, q_pe, w_uk, w_uv, softmax_scale: float, causal: bool):
+        """mla_decode_absorbed's maths for all sequences at once: the reference's fp32 attention (bf16 cache:
+        the decode kernel's bf16 query and bf16 output), masked per sequence length instead of gathered."""
+        b, s, h, _ = q_nope.shape
+        rank = w_uk.size(-1)
+        lengths = self.seqlens[layer]
+        length = int(lengths.max()) if b else 0
+        kv = self.sequence_rows(layer, length).float()                          # [b, L, row]
+        q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float()), q_pe.float()], dim=-1)
+        if self.dtype == torch.bfloat16:
+            q = q.to(torch.bfloat16).float()
+        scores = torch.matmul(q.view(b, s * h, -1), kv.transpose(1, 2)).view(b, s, h, length)
+        limit = lengths.long()[:, None].expand(b, s)
+        if causal:  # bottom-right: query token i sees keys < length - s + 1 + i
+            limit = limit - s + 1 + torch.arange(s, device=limit.device)
+        hidden = torch.arange(length, device=limit.device) >= limit[:, :, None]  # [b, s, L]
+        probs = torch.softmax(scores.masked_fill_(hidden[:, :, None], float("-inf")) * softmax_scale, dim=-1)
+        if b and int(limit.min()) <= 0:  # a query that sees no key: output 0 (the reference's)
+            probs = probs.nan_to_num_(0.0)
+        out = torch.matmul(probs.view(b, s * h, length), kv[..., :rank]).view(b, s, h, rank)
+        if self.dtype == torch.bfloat16:
+            out = out.to(torch.bfloat16).float()
+        return torch.einsum("bshc,hcv->bshv", out, w_uv.float()).to(q_nope.dtype)
+
     def slot_mapping(self, layer: int, num_tokens: int) -> torch.Tensor:
         """[b * t] int64 cache slots (page * page_size + offset) of the next t tokens of each sequence."""
         pos = self.seqlens[layer].long()[:, None] + torch.arange(num_tokens, device=self.seqlens.device)
@@ -87,20 +161,26 @@ class PagedMLAKVCache(nn.Module):
                softmax_scale: float, causal: bool = True,
                metadata: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """:func:`mla_decode_absorbed` over this layer's cache (call after ``append`` of the same tokens)."""
+        if self._fast_path_ok(q_nope):
+            return self._attend_fast(layer, q_nope, q_pe, w_uk, w_uv, softmax_scale, causal)
         return mla_decode_absorbed(q_nope, q_pe, w_uk, w_uv, self.kv_cache(layer), self.block_table,
                                    self.layer_seqlens(layer), softmax_scale, causal, self.kv_scale(layer), metadata)
 
     def append(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Write latent [b, t, 512] and k_pe [b, t, 64] at each sequence's current length; advance it by t."""
         b, t = latent.shape[:2]
-        if latent.shape != (self.batch_size, t, KV_LORA_RANK) or k_pe.shape != (self.batch_size, t, ROPE_DIM):
-            raise ValueError(f"append: expected latent [{self.batch_size}, t, {KV_LORA_RANK}] and k_pe "
-                             f"[{self.batch_size}, t, {ROPE_DIM}], got {list(latent.shape)} and {list(k_pe.shape)}")
-        rows = torch.cat([latent, k_pe.to(latent.dtype)], dim=-1).reshape(b * t, 1, _mla.HEAD_DIM_QK)
+        if latent.shape != (self.batch_size, t, self.kv_lora_rank) or k_pe.shape != (self.batch_size, t, self.rope_dim):
+            raise ValueError(f"append: expected latent [{self.batch_size}, t, {self.kv_lora_rank}] and k_pe "
+                             f"[{self.batch_size}, t, {self.rope_dim}], got {list(latent.shape)} and {list(k_pe.shape)}")
+        rows = torch.cat([latent, k_pe.to(latent.dtype)], dim=-1).reshape(b * t, 1, self.row_dim)
+        if self._fast_path_ok(rows):
+            return self._append_fast(layer, rows, t)
         slots = self.slot_mapping(layer, t)
         if self.dtype == torch.float32:  # fp32 cache (CPU model checks): plain indexing, no rounding
-            flat = self.kv[layer].view(-1, 1, _mla.HEAD_DIM_QK)
+            flat = self.kv[layer].view(-1, 1, self.row_dim)
             flat[slots] = rows.float()
+        elif self.row_dim != _mla.HEAD_DIM_QK:  # another geometry: the reference write (any row size)
+            _mla.write_mla_kv_cache_ref(self.kv[layer], self.kv_scale(layer), rows.float(), slots)
         else:
             src = rows.contiguous() if rows.dtype in (torch.bfloat16, torch.float32, torch.float16) else rows.float()
             _mla.write_mla_kv_cache(self.kv[layer], self.kv_scale(layer), src.contiguous(), slots)
@@ -128,8 +208,9 @@ def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Te
     b, s, h, _ = q_nope.shape
     q_latent = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float())
     q = torch.cat([q_latent, q_pe.float()], dim=-1)
-    if kv_cache.dtype == torch.float32:
-        out, _ = _mla.mla_attention_fp32(q, kv_cache, block_table, cache_seqlens, KV_LORA_RANK, softmax_scale,
+    if kv_cache.dtype == torch.float32 or kv_cache.size(-1) != _mla.HEAD_DIM_QK:
+        # fp32 caches, and rows of another geometry than the kernel's 512 + 64: the same maths in pure torch
+        out, _ = _mla.mla_attention_fp32(q, kv_cache, block_table, cache_seqlens, w_uk.size(-1), softmax_scale,
                                          causal, kv_scale)
     else:
         if metadata is None:
