@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .config import CheckpointError
+
 _CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -44,12 +46,57 @@ class ProgressBar:
 
 
 def _parse_ids(text: str) -> list[int]:
-    return [int(t) for t in text.replace(",", " ").split()]
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids: expected comma-separated integer token ids, got {text!r}") from None
+    if not ids:
+        raise ValueError(f"--prompt-ids: expected at least one token id, got {text!r}")
+    return ids
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line ``error: ...`` (exit 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _check_args(args) -> None:
+    """Flag values the model run would reject later: ValueError naming the flag, before loading anything."""
+    import math
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens: expected an int >= 0, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature: expected a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+    if args.page_size <= 0 or args.page_size % 16:
+        raise ValueError(f"--page-size: expected a positive multiple of 16, got {args.page_size}")
+    if args.warmup not in (0, 1):
+        raise ValueError(f"--warmup: expected 0 or 1, got {args.warmup}")
+    if args.eos_token_id is not None and args.eos_token_id < 0:
+        raise ValueError(f"--eos-token-id: expected a token id >= 0, got {args.eos_token_id}")
+    for text in args.prompt_ids:
+        _parse_ids(text)
+    if any(text == "" for text in args.prompt):
+        raise ValueError("--prompt: expected a non-empty text, got ''")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device: {args.device!r} asked for, but torch sees no CUDA GPU")
 
 
 def cmd_generate(args) -> int:
     from . import generate, load_model, load_tokenizer
 
+    _check_args(args)
     if not args.prompt and not args.prompt_ids:
         args.prompt_ids = ["0,1,2,3"]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +125,8 @@ def cmd_generate(args) -> int:
     prompts += [_parse_ids(p) for p in args.prompt_ids]
     bad = [i for p in prompts for i in p if not 0 <= i < c.vocab_size]
     if bad:
-        print(f"error: token ids {bad[:8]} out of range [0, {c.vocab_size})", file=sys.stderr)
+        print(f"error: --prompt/--prompt-ids: token ids {bad[:8]} out of range [0, vocab_size={c.vocab_size})",
+              file=sys.stderr)
         return 2
     if args.warmup:  # first calls pay one-time costs (allocator, kernel selection): keep them out of tokens/s
         generate(model, [prompts[0][:4]], max_new_tokens=2, use_cache=not args.no_cache, page_size=args.page_size,
@@ -107,9 +155,9 @@ def cmd_generate(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepkernels.model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m deepkernels.model", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate text / tokens with paged MLA decode")
     g.add_argument("--model", default="tiny",
                    help="checkpoint directory (config.json + safetensors), or 'tiny', 'tiny-v2', 'tiny-v2-lite'")
@@ -134,7 +182,17 @@ def main(argv=None) -> int:
                         "greedy, prints the draft acceptance rate")
     g.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:  # bad values, bad checkpoints (CheckpointError): the message names them
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, CheckpointError) else 1
+    except (OSError, RuntimeError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
