@@ -458,7 +458,7 @@ at::Tensor moe_permute(const at::Tensor& x_in, const at::Tensor& src_idx) {
   const auto x = x_in.contiguous();
   auto out = at::empty({src_idx.size(0), x.size(1)}, x.options());
   deepkernels::moe::PermuteParams p{x.data_ptr(), src_idx.data_ptr<int32_t>(), out.data_ptr(), src_idx.size(0),
-                                    x.size(1) * static_cast<int64_t>(x.element_size())};
+                                    x.size(1) * static_cast<int64_t>(x.element_size()), x.size(0)};
   deepkernels::moe::permute(p, current_stream());
   check_launch();
   return out;
@@ -474,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor> moe_permute_fp8(const at::Tensor& x_in, const
   const DType dtype = to_dtype(x.scalar_type(), "x");
   TORCH_CHECK(dtype != DType::kFloat8E4M3, "x: expected float32, bfloat16 or float16, got float8_e4m3fn");
   deepkernels::moe::PermuteFp8Params p{x.data_ptr(), dtype, src_idx.data_ptr<int32_t>(),
-                                       static_cast<uint8_t*>(out.data_ptr()), scale.data_ptr<float>(), n, h};
+                                       static_cast<uint8_t*>(out.data_ptr()), scale.data_ptr<float>(), n, h, x.size(0)};
   deepkernels::moe::permute_fp8(p, current_stream());
   check_launch();
   return {out, scale};
@@ -503,7 +503,7 @@ at::Tensor moe_unpermute_reduce(const at::Tensor& y_in, const at::Tensor& pos,
   const auto y = y_in.contiguous();
   auto out = at::empty({pos.size(0), y.size(1)}, y.options());
   deepkernels::moe::UnpermuteReduceParams p{y.data_ptr(), dtype, pos.data_ptr<int32_t>(), w, out.data_ptr(),
-                                            pos.size(0), y.size(1), static_cast<int>(pos.size(1))};
+                                            pos.size(0), y.size(1), static_cast<int>(pos.size(1)), y.size(0)};
   deepkernels::moe::unpermute_reduce(p, current_stream());
   check_launch();
   return out;

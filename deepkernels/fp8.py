@@ -21,6 +21,8 @@ So a non-finite input is never hidden: its group's scale is NaN or inf and dequa
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._ops import ceil_div, check_dtype_arg, check_tensor, define_op
@@ -127,7 +129,7 @@ def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dim [..., K], got a 0-dim tensor")
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(lead), k)  # (-1 is ambiguous for K = 0)
     if k > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     q, scale = torch.ops.deepkernels.per_token_cast_to_fp8(x2)

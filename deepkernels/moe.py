@@ -192,6 +192,7 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         naming the argument for a wrong dtype/ndim, num_experts % num_ranks != 0, or an id outside [-1, E).
     """
     check_values = check_bool("check_values", check_values)
+    num_ranks = check_int("num_ranks", num_ranks, min_value=1)
     _check_topk_idx(topk_idx, num_experts, num_ranks, check_values or run_device_checks(topk_idx))
     return torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx.contiguous(), num_experts, num_ranks)
 
@@ -718,7 +719,7 @@ class EPDispatcher:
         check_same_device(x=ref, topk_idx=topk_idx, topk_weights=topk_weights)
         fixed = self.capacity is not None
         if fixed and t > self.capacity:
-            raise ValueError(f"x: fixed-capacity mode holds at most capacity={self.capacity} tokens, got {t}")
+            raise ValueError(f"x: expected at most capacity={self.capacity} tokens (fixed-capacity mode), got {t}")
         # ids are checked in normal mode folded into the counts sync below; in fixed-capacity mode by the
         # reference on CPU tensors, on CUDA only with DEEPKERNELS_CHECK=1 (else ids outside [0, E) are unused)
         _check_topk_idx(topk_idx, self.num_experts, self.num_ranks, check_values=fixed and run_device_checks(topk_idx))

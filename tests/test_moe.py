@@ -430,7 +430,7 @@ def test_bad_inputs():
         disp.dispatch(x, torch.tensor([[0, 1], [1, 2]]), w)
     with pytest.raises(ValueError, match=r"topk_weights: expected shape \[1, 2\]"):
         disp.dispatch(x, torch.tensor([[0, 1]]), torch.rand(1, 3))
-    with pytest.raises(ValueError, match="x: fixed-capacity mode holds at most capacity=0"):
+    with pytest.raises(ValueError, match=r"x: expected at most capacity=0 tokens \(fixed-capacity mode\), got 1"):
         moe.EPDispatcher(None, num_experts=8, capacity=0).dispatch(x, torch.tensor([[0, 1]]), w)
     recv, hd = disp.dispatch(x, torch.tensor([[0, 1]]), w)
     with pytest.raises(ValueError, match=r"y: expected shape \[1, \*\]"):
@@ -1004,7 +1004,7 @@ def test_low_latency_overflow_and_bad_inputs():
     w = torch.tensor([[0.5, 0.25], [1.0, 0.5], [2.0, 0.0]])
     with pytest.raises(ValueError, match="x: expected at most num_max_dispatch_tokens_per_rank=2 tokens, got 3"):
         buf.low_latency_dispatch(x, ids, 2, 2, use_fp8=False)
-    with pytest.raises(ValueError, match="x: fixed-capacity mode holds at most capacity=2 tokens, got 3"):
+    with pytest.raises(ValueError, match=r"x: expected at most capacity=2 tokens \(fixed-capacity mode\), got 3"):
         moe.EPDispatcher(None, num_experts=2, capacity=2).dispatch(x, ids, w)
     with pytest.raises(ValueError, match="round_scale/use_ue8m0: expected False"):
         buf.low_latency_dispatch(x, ids, 4, 2, use_ue8m0=True)

@@ -63,10 +63,17 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_nt_portable_kernel(Fp8GemmP
     return p.mode != GemmMode::kGroupedContiguous || p.m_indices[row] == group;
   };
 
-  if (group < 0 || group >= p.num_groups) {  // contiguous padding tile (or a group id out of range): zero rows
+  // Contiguous: a row whose id is not its tile's group is not computed. A padding row (-1) is written as 0;
+  // any other id (out of [0, G), or a segment not aligned to BLOCK_M: m_indices is trusted, not checked on
+  // the host) as NaN, so a bad layout is visible instead of plausible.
+  const auto fill_of = [&](int row) {
+    return p.mode == GemmMode::kGroupedContiguous && p.m_indices[row] != -1 ? __int_as_float(0x7fffffff) : 0.0f;
+  };
+
+  if (group < 0 || group >= p.num_groups) {  // contiguous padding tile (or a bad first id): nothing computed
     for (int i = threadIdx.x; i < kBlockM * kBlockN; i += kThreads) {
       const int row = m0 + i / kBlockN, col = n0 + i % kBlockN;
-      if (row < p.m && col < p.n) out[row * p.out_row_stride + col] = __float2bfloat16_rn(0.0f);
+      if (row < p.m && col < p.n) out[row * p.out_row_stride + col] = __float2bfloat16_rn(fill_of(row));
     }
     return;
   }
@@ -148,13 +155,14 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_nt_portable_kernel(Fp8GemmP
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + warp_m + mt * 16 + gid + half * 8;
       if (row >= rows_valid && !(p.mode == GemmMode::kGroupedContiguous && row < p.m)) continue;
-      const bool zero_row = !row_in_group(row);  // contiguous padding rows inside a group's tile
+      const bool keep = row_in_group(row);  // else a contiguous padding row (0) or a bad id (NaN)
+      const float fill = keep ? 0.0f : fill_of(row);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         const int col = n0 + warp_n + nt * 8 + tig * 2;
         if (col >= p.n) continue;
-        const float v0 = zero_row ? 0.0f : total[mt][nt][half * 2 + 0];
-        const float v1 = zero_row ? 0.0f : total[mt][nt][half * 2 + 1];
+        const float v0 = keep ? total[mt][nt][half * 2 + 0] : fill;
+        const float v1 = keep ? total[mt][nt][half * 2 + 1] : fill;
         *reinterpret_cast<__nv_bfloat162*>(out + row * p.out_row_stride + col) = __floats2bfloat162_rn(v0, v1);
       }
     }

@@ -106,7 +106,8 @@ class Scheduler {
     t.b_group = group_;
     if (mode_ == GemmMode::kGroupedContiguous) {
       // NOTE: group segments start at multiples of 128 (>= BLOCK_M), so a tile never spans two groups and
-      // its first row names its group; -1 (padding) or an id >= G makes the whole tile zeros.
+      // its first row names its group; -1 (padding) or an id >= G: nothing computed (the epilogue writes 0 for
+      // -1 rows, NaN for any other id; see gemm.py: m_indices is trusted on the device).
       const int g = __ldg(m_indices_ + t.m0);
       t.b_group = (g >= 0 && g < num_groups_) ? g : -1;
     }
@@ -248,14 +249,21 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
       for (int h = 0; h < 2; ++h) {
         const int row = t.m0 + row_in_tile + 8 * h;
         if (row >= t.rows) continue;  // masked: rows >= masked_m[g] stay untouched
-        bool zero = t.b_group < 0;
-        if (p.mode == GemmMode::kGroupedContiguous && !zero) zero = __ldg(p.m_indices + row) != t.b_group;
+        // contiguous: a row whose id is not its tile's group is not computed: 0 for padding (-1), NaN for any
+        // other id (out of [0, G) or a segment not aligned to BLOCK_M; m_indices is trusted, see gemm.py)
+        bool keep = t.b_group >= 0;
+        float fill = 0.0f;
+        if (p.mode == GemmMode::kGroupedContiguous) {
+          const int row_group = __ldg(p.m_indices + row);
+          keep = keep && row_group == t.b_group;
+          if (row_group != -1) fill = __int_as_float(0x7fffffff);
+        }
         __nv_bfloat16* dst = out + static_cast<int64_t>(row) * p.out_row_stride;
 #pragma unroll
         for (int i = 0; i < kBN / 8; ++i) {
           const int col = t.n0 + 8 * i + col_in_tile;
           if (col >= p.n) continue;
-          const float v0 = zero ? 0.0f : total[4 * i + 2 * h], v1 = zero ? 0.0f : total[4 * i + 2 * h + 1];
+          const float v0 = keep ? total[4 * i + 2 * h] : fill, v1 = keep ? total[4 * i + 2 * h + 1] : fill;
           *reinterpret_cast<__nv_bfloat162*>(dst + col) = __floats2bfloat162_rn(v0, v1);
         }
       }

@@ -11,6 +11,18 @@ namespace deepkernels::moe {
 // four independent loads in flight per lane before their stores.
 template <typename V> __device__ __forceinline__ V load_nc(const V* p) { return __ldg(p); }
 
+// All bits set: NaN in every float dtype (fp32/bf16/fp16/e4m3), -1 in the integer ones.
+template <typename V> __device__ __forceinline__ V poison_bits() {
+  if constexpr (sizeof(V) == 16) {
+    return make_uint4(~0u, ~0u, ~0u, ~0u);
+  } else {
+    return static_cast<V>(~V{});
+  }
+}
+
+// A trusted index outside [-1, n): never dereferenced; its output is poisoned (NaN) instead.
+__device__ __forceinline__ bool bad_index(int64_t i, int64_t n) { return i < -1 || i >= n; }
+
 template <typename V>
 __global__ void __launch_bounds__(kThreads) permute_kernel(PermuteParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -19,8 +31,9 @@ __global__ void __launch_bounds__(kThreads) permute_kernel(PermuteParams p) {
   const int32_t src = __ldg(p.src_idx + row);
   const int64_t n = p.row_bytes / static_cast<int64_t>(sizeof(V));
   V* __restrict__ dst = reinterpret_cast<V*>(static_cast<char*>(p.out) + row * p.row_bytes);
-  if (src < 0) {
-    for (int64_t i = lane; i < n; i += 32) dst[i] = V{};
+  if (src < 0 || src >= p.num_src) {
+    const V fill = bad_index(src, p.num_src) ? poison_bits<V>() : V{};
+    for (int64_t i = lane; i < n; i += 32) dst[i] = fill;
     return;
   }
   const V* __restrict__ s = reinterpret_cast<const V*>(static_cast<const char*>(p.x) + src * p.row_bytes);
@@ -126,7 +139,8 @@ __global__ void __launch_bounds__(kThreads) permute_fp8_kernel(PermuteFp8Params 
   const int lane = threadIdx.x % 32;
   if (row >= p.num_out) return;
   const int32_t src = __ldg(p.src_idx + row);
-  const T* x = src >= 0 ? static_cast<const T*>(p.x) + static_cast<int64_t>(src) * p.hidden : nullptr;
+  const bool poison = bad_index(src, p.num_src);
+  const T* x = src >= 0 && !poison ? static_cast<const T*>(p.x) + static_cast<int64_t>(src) * p.hidden : nullptr;
   uint8_t* out = p.out + row * p.hidden;
   const int64_t groups = ceil_div<int64_t>(p.hidden, kGroup);
   float* scale = p.scale + row * groups;
@@ -135,6 +149,10 @@ __global__ void __launch_bounds__(kThreads) permute_fp8_kernel(PermuteFp8Params 
     float v0[kElemsPerLane], v1[kElemsPerLane];
     load8<T, kVec>(x, base + lane * kElemsPerLane, p.hidden, v0);
     load8<T, kVec>(x, base + kSlab + lane * kElemsPerLane, p.hidden, v1);
+    if (poison) {
+#pragma unroll
+      for (int i = 0; i < kElemsPerLane; ++i) v0[i] = v1[i] = __int_as_float(0x7fffffff);
+    }
     quantize_store_slab<kVec>(v0, base, lane, p.hidden, groups, out, scale);
     if (base + kSlab < p.hidden) quantize_store_slab<kVec>(v1, base + kSlab, lane, p.hidden, groups, out, scale);
   }
@@ -158,6 +176,18 @@ __global__ void __launch_bounds__(kThreads) unpermute_reduce_kernel(UnpermuteRed
   }
   const T* y = static_cast<const T*>(p.y);
   T* out = static_cast<T*>(p.out) + t * p.hidden;
+  // pos is trusted: a token with an index outside [-1, num_rows) reads nothing and gets a NaN row.
+  int bad = lane < p.topk && bad_index(my_pos, p.num_rows);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) bad |= __shfl_xor_sync(0xffffffffu, bad, offset);
+  if (bad) {
+    float nan8[kElemsPerLane];
+#pragma unroll
+    for (int i = 0; i < kElemsPerLane; ++i) nan8[i] = __int_as_float(0x7fffffff);
+    for (int64_t base = 0; base < p.hidden; base += kSlab)
+      store8<T, kVec>(out, base + lane * kElemsPerLane, p.hidden, nan8);
+    return;
+  }
   for (int64_t base = 0; base < p.hidden; base += kSlab) {
     const int64_t col = base + lane * kElemsPerLane;
     float acc[kElemsPerLane];
