@@ -27,8 +27,55 @@ def discover() -> dict:
     return dict(sorted(suites.items()))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line ``error: ...`` (exit 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu or cuda, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {text!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _check_out(path: str) -> None:
+    """--out must be a writable file path (checked before the suites run, not after)."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out: expected a JSON file path, got the directory {path!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    existing = parent
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise ValueError(f"--out: {existing!r} is a file, not a directory")
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--out: cannot write under {existing!r}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, ImportError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list) -> int:
     if argv[:1] == ["plot"]:  # python -m bench plot [--results DIR] [--out DIR]
         from bench import plot
 
@@ -38,8 +85,7 @@ def main(argv=None) -> int:
 
         return report.main(argv[1:])
     suites = discover()
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=[*suites, "all", "plot", "report"],
                         help="suite to run, or plot (bench/plot.py), or report (bench/report.py)")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
@@ -47,7 +93,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = _device(args.device)
+    if args.out is not None:
+        _check_out(args.out)
     on_cpu = device.type == "cpu"
     ctx = common.Context(device=device, quick=args.quick or on_cpu,
                          warmup=1 if on_cpu else 5, repeats=3 if on_cpu else 20)

@@ -19,7 +19,15 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+def _results_dir() -> str:
+    """bench/results in a checkout; ./bench-results when bench runs from an installed package."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(os.path.join(os.path.dirname(here), "setup.py")):
+        return os.path.join(here, "results")
+    return os.path.join(os.getcwd(), "bench-results")
+
+
+RESULTS_DIR = _results_dir()
 
 
 @dataclasses.dataclass

@@ -1,18 +1,27 @@
-"""DeepSeek-V3 model: prefill and decode tokens/s, ours (deepkernels.model, paged MLA decode) beside
-transformers' DeepseekV3ForCausalLM on the same config and weights, in the same run.
+"""DeepSeek-V3 model: prefill and decode tokens/s, ours (deepkernels.model.generate, paged MLA decode) beside
+transformers' DeepseekV3ForCausalLM on the same config and weights, in the same run, measured the same way.
 
-CPU (smoke): the built-in tiny config in fp32. GPU: a larger random config in bf16 that fits one device
-(real MLA geometry: latent 512 + rope 64, 128-dim heads; 64 experts, top-6).
+Both sides are timed as their users run them: one ``generate`` call, greedy, a fixed number of new tokens (no
+early stop), the library's default cache (transformers: ``generate`` with its DynamicCache, which it creates
+itself; ours: the paged MLA latent cache). For each batch size and prompt length:
+    prefill_s = median wall time of generate(max_new_tokens=1)          (prompt forward + first token)
+    total_s   = median wall time of generate(max_new_tokens=steps + 1)
+    decode_s  = total_s - prefill_s                                     (steps cached decode steps)
+so prefill tokens/s = batch * prompt / prefill_s and decode tokens/s = batch * steps / decode_s, for ours and the
+peer alike (``time_generate``, ``peer_generate``).
+
+CPU (smoke): the built-in tiny config in fp32, batch 1 and 8. GPU: a larger random config in bf16 that fits
+one device (real MLA geometry: latent 512 + rope 64, 128-dim heads; 64 experts, top-6), batch 1, 8 and 32.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
-from deepkernels.model import DeepseekV3Config, DeepseekV3ForCausalLM
-from deepkernels.model.generation import make_cache
+from deepkernels.model import DeepseekV3Config, DeepseekV3ForCausalLM, generate
 
 from .common import Context, Row
 
@@ -22,73 +31,95 @@ GPU_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, mo
                   num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=768,
                   kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
                   num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=1, first_k_dense_replace=1)
+CPU_CASES = [(1, 32), (8, 32)]       # (batch, prompt tokens)
+GPU_CASES = [(1, 512), (8, 512), (32, 128)]
 
 
-def _sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _median_s(fn, setup, ctx: Context) -> float:
+def _median_s(fn: Callable[[], object], ctx: Context) -> float:
     samples = []
     for i in range(ctx.warmup + ctx.repeats):
-        state = setup()
         _sync(ctx.device)
         t0 = time.perf_counter()
-        fn(state)
+        fn()
         _sync(ctx.device)
         if i >= ctx.warmup:
             samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
 
-def _ours(model, ids, steps, ctx):
+def time_generate(run: Callable[[int], torch.Tensor], ids: torch.Tensor, steps: int, ctx: Context
+                  ) -> tuple[float, float]:
+    """(prefill_s, decode_s) of a generate function ``run(n) -> [B, T + n]``: the median of run(1) and the
+    median of run(steps + 1) minus it (``steps`` decode steps). Checks every call returns exactly n new tokens."""
     b, t = ids.shape
 
-    def prefill():
-        cache = make_cache(model, b, t + steps + 1)
-        logits = model(ids, cache=cache, prefill=True)
-        return cache, logits[:, -1].argmax(-1)
+    def checked(n):
+        out = run(n)
+        if tuple(out.shape) != (b, t + n):
+            raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {(b, t + n)}: it stopped early")
+        return out
 
-    def decode(state):
-        cache, tok = state
-        for _ in range(steps):
-            tok = model(tok[:, None], cache=cache)[:, -1].argmax(-1)
-
-    return _median_s(lambda s: prefill(), lambda: None, ctx), _median_s(decode, prefill, ctx)
+    prefill_s = _median_s(lambda: checked(1), ctx)
+    total_s = _median_s(lambda: checked(steps + 1), ctx)
+    return prefill_s, max(total_s - prefill_s, 1e-9)
 
 
-def _transformers(hf, ids, steps, ctx):
-    from transformers import DynamicCache
+def transformers_generate_fn(hf, ids: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """``n -> hf.generate(...)`` as a transformers user runs it: greedy, the default cache (use_cache=True: a
+    DynamicCache it creates itself), exactly n new tokens (min_new_tokens = n, no eos stop)."""
+    from transformers import GenerationConfig
 
-    def prefill():
-        cache = DynamicCache(config=hf.config)
-        out = hf(ids, past_key_values=cache, use_cache=True)
-        return cache, out.logits[:, -1].argmax(-1)
+    mask = torch.ones_like(ids)
 
-    def decode(state):
-        cache, tok = state
-        for _ in range(steps):
-            tok = hf(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+    def run(n: int) -> torch.Tensor:
+        config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                                  pad_token_id=0, eos_token_id=None)
+        return hf.generate(ids, attention_mask=mask, generation_config=config)
 
-    return _median_s(lambda s: prefill(), lambda: None, ctx), _median_s(decode, prefill, ctx)
+    return run
+
+
+def ours_generate_fn(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """``n -> deepkernels.model.generate(model, ids, max_new_tokens=n)``: greedy, paged MLA cache, no eos."""
+    return lambda n: generate(model, ids, max_new_tokens=n)
+
+
+def peer_generate(hf, ids: torch.Tensor, steps: int, ctx: Context) -> tuple[float, float]:
+    """transformers' (prefill_s, decode_s) for ``steps`` decode steps over ``ids``: see the module doc."""
+    return time_generate(transformers_generate_fn(hf, ids), ids, steps, ctx)
+
+
+def ours_generate(model: DeepseekV3ForCausalLM, ids: torch.Tensor, steps: int, ctx: Context) -> tuple[float, float]:
+    """Ours, measured exactly as ``peer_generate`` measures transformers."""
+    return time_generate(ours_generate_fn(model, ids), ids, steps, ctx)
+
+
+def make_peer(model: DeepseekV3ForCausalLM, ctx: Context):
+    """transformers' model with ``model``'s config and weights (None when transformers is not installed)."""
+    try:
+        from deepkernels.model.hf import to_transformers
+
+        return to_transformers(model, "sdpa" if ctx.is_cuda else "eager")
+    except ImportError:
+        return None
 
 
 @torch.no_grad()
 def run(ctx: Context) -> list[Row]:
     if ctx.is_cuda:
         config = DeepseekV3Config.from_dict({**DeepseekV3Config.from_pretrained("tiny").to_dict(), **GPU_CONFIG})
-        dtype, cases, steps = torch.bfloat16, [(1, 512), (8, 512), (32, 128)], 32
+        dtype, cases, steps = torch.bfloat16, GPU_CASES, 32
         name = f"random-h{config.hidden_size}-l{config.num_hidden_layers}-e{config.n_routed_experts}"
     else:
-        config, dtype, cases, steps, name = DeepseekV3Config.from_pretrained("tiny"), torch.float32, [(4, 32)], 8, "tiny"
+        config, dtype, cases, steps, name = DeepseekV3Config.from_pretrained("tiny"), torch.float32, CPU_CASES, 8, \
+            "tiny"
     model = DeepseekV3ForCausalLM(config, device=ctx.device, dtype=dtype).init_random_weights(0).eval()
-    try:
-        from deepkernels.model.hf import to_transformers
-
-        hf = to_transformers(model, "sdpa" if ctx.is_cuda else "eager")
-    except ImportError:
-        hf = None
+    hf = make_peer(model, ctx)
     variants = [("", model)]
     if ctx.is_cuda:  # the same weights in FP8 (Fp8Linear -> fp8_gemm_nt), beside bf16 transformers
         fp8_config = DeepseekV3Config.from_dict({**config.to_dict(), "quantization_config": {
@@ -97,15 +128,17 @@ def run(ctx: Context) -> list[Row]:
                          .init_random_weights(0).eval()))
     rows = []
     for b, t in cases:
-        ids = torch.randint(0, config.vocab_size, (b, t), device=ctx.device)
-        peer_prefill, peer_decode = _transformers(hf, ids, steps, ctx) if hf is not None else (None, None)
+        ids = torch.randint(0, config.vocab_size, (b, t), device=ctx.device,
+                            generator=torch.Generator(device="cpu").manual_seed(b * 1000 + t)) \
+            if ctx.device.type == "cpu" else torch.randint(0, config.vocab_size, (b, t), device=ctx.device)
+        peer_prefill, peer_decode = peer_generate(hf, ids, steps, ctx) if hf is not None else (None, None)
         for variant, m in variants:
-            ours_prefill, ours_decode = _ours(m, ids, steps, ctx)
+            ours_prefill, ours_decode = ours_generate(m, ids, steps, ctx)
             case = {"config": name, "dtype": "fp8" if variant else str(dtype).replace("torch.", ""), "batch": b,
-                    "prompt": t}
+                    "prompt": t, "new_tokens": steps}
             for phase, ours_s, peer_s, tokens in (("prefill", ours_prefill, peer_prefill, b * t),
                                                   ("decode", ours_decode, peer_decode, b * steps)):
                 rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
-                                "transformers" if peer_s else None, tokens / peer_s if peer_s else None,
-                                ours_s * 1e3))
+                                "transformers generate (DynamicCache)" if peer_s else None,
+                                tokens / peer_s if peer_s else None, ours_s * 1e3))
     return rows

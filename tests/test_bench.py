@@ -192,3 +192,82 @@ def test_emu_vs_gpu_compares_and_runs_emulated_side():
             "mla_combine_kernel", "mla_metadata_kernel", "mla_write_cache_kernel", "layout_kernel",
             "permute_kernel", "permute_fp8_kernel", "unpermute_reduce_kernel", "per_token_cast_to_fp8_kernel",
             "per_block_cast_to_fp8_kernel", "cast_from_fp8_kernel"} <= ran, ran
+
+
+# ------------------------------------------------------------------------------------------------
+# bench model: the transformers peer is measured as its users run it (generate, default cache)
+
+def _tiny_pair():
+    import torch
+
+    pytest.importorskip("transformers")
+    from deepkernels.model import load_model
+    from deepkernels.model.hf import to_transformers
+
+    model = load_model("tiny")
+    return model, to_transformers(model, "eager"), torch.randint(0, 1024, (2, 6), generator=torch.Generator()
+                                                                  .manual_seed(0))
+
+
+def test_model_peer_decodes_through_its_cache():
+    """An uncached peer (the full sequence recomputed per token, or a cache that is not passed on) fails here:
+    after the prefill every forward of transformers' generate must see one new token per sequence and a
+    past_key_values already holding the prompt and the tokens so far; and it makes the same tokens as ours."""
+    import torch
+
+    from bench import model as bench_model
+    from deepkernels.model import generate
+
+    model, hf, ids = _tiny_pair()
+    calls = []
+    forward = hf.forward
+
+    def spy(*args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.x calls it ``cache``
+        calls.append((tuple(input_ids.shape), None if past is None else past.get_seq_length()))
+        return forward(*args, **kwargs)
+
+    hf.forward = spy
+    out = bench_model.transformers_generate_fn(hf, ids)(5)
+    assert out.shape == (2, 11)
+    assert len(calls) == 5, calls  # one prefill + 4 decode steps
+    assert calls[0][0] == (2, 6)
+    for step, (shape, cached) in enumerate(calls[1:]):
+        assert shape == (2, 1), f"decode step {step} fed {shape}: not a cached decode"
+        assert cached == 6 + step, f"decode step {step}: cache holds {cached} tokens, expected {6 + step}"
+    assert torch.equal(out, generate(model, ids, max_new_tokens=5))
+    assert torch.equal(bench_model.ours_generate_fn(model, ids)(5), out)
+
+
+def test_model_time_generate_rejects_an_early_stop():
+    import torch
+
+    from bench import model as bench_model
+    from bench.common import Context
+
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    ctx = Context(device=torch.device("cpu"), warmup=0, repeats=1)
+    with pytest.raises(RuntimeError, match="stopped early"):
+        bench_model.time_generate(lambda n: torch.zeros(2, 4 + max(n - 1, 1), dtype=torch.long), ids, 3, ctx)
+    prefill, decode = bench_model.time_generate(lambda n: torch.zeros(2, 4 + n, dtype=torch.long), ids, 3, ctx)
+    assert prefill > 0 and decode > 0
+
+
+def test_model_bench_rows_batch_1_and_8(monkeypatch):
+    """`python -m bench model` on the CPU: prefill and decode rows at batch 1 and 8, ours and the peer."""
+    import math
+
+    import torch
+
+    pytest.importorskip("transformers")
+    from bench import model as bench_model
+    from bench.common import Context
+
+    monkeypatch.setattr(bench_model, "CPU_CASES", [(1, 8), (8, 8)])
+    rows = bench_model.run(Context(device=torch.device("cpu"), quick=True, warmup=0, repeats=1))
+    got = {(r.case["batch"], r.case["phase"]) for r in rows}
+    assert got == {(1, "prefill"), (1, "decode"), (8, "prefill"), (8, "decode")}, got
+    for r in rows:
+        assert r.metric == "tokens/s" and math.isfinite(r.ours) and r.ours > 0
+        assert r.peer.startswith("transformers generate") and r.peer_value > 0
