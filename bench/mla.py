@@ -47,12 +47,13 @@ def _make(b, s_q, h_q, mean_sk, device, cache_dtype=torch.bfloat16):
         block_table[i, :n] = perm[used:used + n]
         used += n
     num_blocks = int(blocks.sum())
-    kv = torch.randn(num_blocks, PAGE, 1, 576, device=device, dtype=torch.bfloat16) / 4
+    dtype16 = torch.float16 if cache_dtype == torch.float16 else torch.bfloat16  # fp16: q and cache (FlashMLA's mode)
+    kv = torch.randn(num_blocks, PAGE, 1, 576, device=device, dtype=dtype16) / 4
     kv_scale = None
     if cache_dtype == torch.float8_e4m3fn:
         kv_scale = (kv.float().abs().amax(-1).clamp(min=1e-4) / 448)
         kv = (kv.float() / kv_scale[..., None]).to(cache_dtype)
-    q = torch.randn(b, s_q, h_q, 576, device=device, dtype=torch.bfloat16) / 4
+    q = torch.randn(b, s_q, h_q, 576, device=device, dtype=dtype16) / 4
     return q, kv, kv_scale, block_table.to(device), lens.to(device), lens
 
 
@@ -104,10 +105,12 @@ def run(ctx: Context) -> list[Row]:
     # the memory-bound target is a fraction of this device's measured copy bandwidth (2 GiB moved)
     copy = round(copy_gbps(2 << 30, ctx), 1) if ctx.is_cuda else None
     if ctx.quick or not ctx.is_cuda:
-        grid = [(2, 1, 16, 128, torch.bfloat16), (2, 2, 16, 128, torch.bfloat16), (2, 1, 16, 128, torch.float8_e4m3fn)]
+        grid = [(2, 1, 16, 128, torch.bfloat16), (2, 2, 16, 128, torch.bfloat16), (2, 1, 16, 128, torch.float8_e4m3fn),
+                (2, 1, 16, 128, torch.float16)]
     else:
         grid = [(BATCH, s_q, h_q, sk, torch.bfloat16) for sk in MEAN_SK for s_q in S_Q for h_q in H_Q]
         grid += [(BATCH, s_q, h_q, 8192, torch.float8_e4m3fn) for s_q in S_Q for h_q in (16, 128)]
+        grid += [(BATCH, s_q, h_q, 8192, torch.float16) for s_q in S_Q for h_q in (16, 128)]
     for b, s_q, h_q, mean_sk, cache_dtype in grid:
         q, kv, kv_scale, block_table, lens, lens_host = _make(b, s_q, h_q, mean_sk, ctx.device, cache_dtype)
         total = int(lens_host.sum())
@@ -124,7 +127,7 @@ def run(ctx: Context) -> list[Row]:
         metric = "TFLOPS" if compute_bound else "GB/s"
         value = (lambda t: tflop / (t / 1e3)) if compute_bound else (lambda t: gbytes / (t / 1e3))
         case = {"b": b, "s_q": s_q, "h_q": h_q, "mean_sk": mean_sk, "page": PAGE,
-                "cache": "e4m3" if kv_scale is not None else "bf16", "causal": True}
+                "cache": {torch.float8_e4m3fn: "e4m3", torch.float16: "fp16"}.get(cache_dtype, "bf16"), "causal": True}
         default_out = None
         for label, variant in kernel_variants(ctx, "DEEPKERNELS_MLA_SM90"):
             with variant:
@@ -141,8 +144,9 @@ def run(ctx: Context) -> list[Row]:
                         continue
                 t_ours = time_ms(ours, ctx)
             peer, t_peer = None, None
-            if cache_dtype == torch.bfloat16 and label == "default":
-                runner = _flashinfer_runner(q, kv, block_table, lens, h_q, True) if ctx.is_cuda else None
+            if cache_dtype != torch.float8_e4m3fn and label == "default":
+                runner = (_flashinfer_runner(q, kv, block_table, lens, h_q, True)
+                          if ctx.is_cuda and cache_dtype == torch.bfloat16 else None)
                 if runner is not None:
                     peer, t_peer = "flashinfer", time_ms(runner, ctx)
                 else:

@@ -306,12 +306,14 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
                          {&num_splits, "num_splits"}}) {
     check_cuda(*t, name);
   }
-  TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == 576 && q_in.scalar_type() == at::kBFloat16,
-              "q: expected bf16 [b, s_q, h_q, 576], got ", q_in.scalar_type(), " ", q_in.sizes());
+  const bool fp16 = q_in.scalar_type() == at::kHalf;
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(3) == 576 && (fp16 || q_in.scalar_type() == at::kBFloat16),
+              "q: expected bf16 or fp16 [b, s_q, h_q, 576], got ", q_in.scalar_type(), " ", q_in.sizes());
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(3) == 576, "kv_cache: expected [blocks, page, h_kv, 576], got ",
               kv_cache.sizes());
   const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK(fp8 || kv_cache.scalar_type() == at::kBFloat16, "kv_cache: expected bf16 or e4m3, got ",
+  TORCH_CHECK((fp8 && !fp16) || kv_cache.scalar_type() == q_in.scalar_type(),
+              "kv_cache: expected q's dtype (", q_in.scalar_type(), ") or e4m3 with a bf16 q, got ",
               kv_cache.scalar_type());
   TORCH_CHECK(rows_16b_aligned(kv_cache, fp8 ? 16 : 8), "kv_cache: rows must be 16-byte aligned with unit last stride");
   TORCH_CHECK(kv_cache.size(1) % 16 == 0, "kv_cache: page size must be a multiple of 16, got ", kv_cache.size(1));
@@ -374,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
   p.page_size = static_cast<int>(kv_cache.size(1));
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
+  p.fp16 = fp16;
   if (b > 0 && s_q > 0 && h_q > 0) {
     deepkernels::mla::mla_decode(p, current_stream());
     check_launch();
@@ -389,7 +392,8 @@ void write_mla_kv_cache(at::Tensor& kv_cache, const std::optional<at::Tensor>& k
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(3) == 576 && kv_cache.is_contiguous(),
               "kv_cache: expected contiguous [blocks, page, h_kv, 576]");
   const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK(fp8 || kv_cache.scalar_type() == at::kBFloat16, "kv_cache: expected bf16 or e4m3");
+  TORCH_CHECK(fp8 || kv_cache.scalar_type() == at::kBFloat16 || kv_cache.scalar_type() == at::kHalf,
+              "kv_cache: expected bf16, fp16 or e4m3");
   TORCH_CHECK(!fp8 || (kv_scale.has_value() && kv_scale->is_contiguous() && kv_scale->scalar_type() == at::kFloat &&
                        kv_scale->numel() == kv_cache.numel() / 576),
               "kv_scale: expected contiguous fp32 [num_blocks, page, h_kv] for an e4m3 cache");
@@ -403,6 +407,7 @@ void write_mla_kv_cache(at::Tensor& kv_cache, const std::optional<at::Tensor>& k
                                           fp8 ? kv_scale->data_ptr<float>() : nullptr, fp8, kv.size(0),
                                           kv_cache.size(0) * kv_cache.size(1), static_cast<int>(kv_cache.size(2)),
                                           static_cast<int>(kv_cache.size(1))};
+  p.cache_fp16 = kv_cache.scalar_type() == at::kHalf;
   deepkernels::mla::mla_write_cache(p, current_stream());
   check_launch();
 }

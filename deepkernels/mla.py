@@ -1,8 +1,9 @@
 """MLA paged decode attention (DeepSeek-V3 Multi-head Latent Attention, absorbed form; anchor: FlashMLA).
 
 Shapes (b = batch, s_q = query tokens per sequence, h_q = query heads, h_kv = cache heads, d = 576):
-  * q           [b, s_q, h_q, 576]  bf16, unit stride in the last dim
-  * kv_cache    [num_blocks, page_size, h_kv, 576]  bf16, or float8_e4m3fn with ``kv_scale``
+  * q           [b, s_q, h_q, 576]  bf16 or fp16, unit stride in the last dim
+  * kv_cache    [num_blocks, page_size, h_kv, 576]  q's dtype (bf16 or fp16, as FlashMLA), or float8_e4m3fn
+                 with ``kv_scale`` (bf16 q only)
                  (row = 512 latent dims, which are also V, then 64 rope dims). page_size % 16 == 0.
   * kv_scale    [num_blocks, page_size, h_kv] fp32 (fp8 cache only): one scale per cached token and
                  head, covering all 576 dims of the row; the value is ``kv_cache.float() * kv_scale``.
@@ -11,7 +12,7 @@ Shapes (b = batch, s_q = query tokens per sequence, h_q = query heads, h_kv = ca
                  ``ceil(cache_seqlens[i] / page_size)`` entries of a row are read; the others may hold
                  anything (garbage, -1, huge values), and cache slots at or past the length are never read.
   * cache_seqlens [b] int32 >= 0.
-  * out [b, s_q, h_q, 512] bf16 and lse [b, h_q, s_q] fp32, natural log:
+  * out [b, s_q, h_q, 512] in q's dtype and lse [b, h_q, s_q] fp32, natural log:
     lse = log(sum_j exp(scale * q.k_j)), out = sum_j softmax_j * v_j with v_j = k_j[:512].
     A query row that sees no key (an empty sequence, or a causal row above the diagonal) gets out 0
     and lse +inf (the combine step gives such a row weight 0).
@@ -70,7 +71,8 @@ SM90_ENV = "DEEPKERNELS_MLA_SM90"
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_CLAMP = 1e-4
-_CACHE_DTYPES = (torch.bfloat16, FP8_DTYPE)
+_Q_DTYPES = (torch.bfloat16, torch.float16)
+_CACHE_DTYPES = (torch.bfloat16, torch.float16, FP8_DTYPE)
 
 
 def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
@@ -212,7 +214,7 @@ def mla_decode_with_kvcache_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_t
     # The split plan only schedules work; the maths is plain attention per sequence in fp32.
     out, lse = mla_attention_fp32(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                                   kv_scale)
-    return out.to(torch.bfloat16), lse
+    return out.to(q.dtype), lse
 
 
 def mla_attention_fp32(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -277,7 +279,7 @@ def _metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_p
 def _decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                  softmax_scale, causal, kv_scale=None):
     b, s_q, h_q, _ = q.shape
-    return (q.new_empty((b, s_q, h_q, head_dim_v), dtype=torch.bfloat16),
+    return (q.new_empty((b, s_q, h_q, head_dim_v), dtype=q.dtype),
             q.new_empty((b, h_q, s_q), dtype=torch.float32))
 
 
@@ -355,6 +357,10 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
                          f"{str(kv_cache.dtype).removeprefix('torch.')} cache and a scale")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_softmax_scale(softmax_scale) -> float:
     if softmax_scale is None:
         return HEAD_DIM_QK ** -0.5
@@ -374,7 +380,8 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     """Paged MLA decode attention (layouts, masks and edge cases in the module docstring).
 
     Args:
-        q: [b, s_q, h_q, 576] bf16.  kv_cache: [num_blocks, page_size, h_kv, 576] bf16 or e4m3.
+        q: [b, s_q, h_q, 576] bf16 or fp16.  kv_cache: [num_blocks, page_size, h_kv, 576] in q's dtype, or e4m3
+            (with a bf16 q).
         block_table: [b, max_blocks] int32.  cache_seqlens: [b] int32.
         head_dim_v: the int 512 (V = first 512 dims of each cached row).
         tile_scheduler_metadata, num_splits: from :func:`get_mla_decode_metadata` for these cache_seqlens
@@ -382,7 +389,7 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         softmax_scale: a positive finite float; default 576 ** -0.5.  causal: a bool; bottom-right mask when s_q > 1.
         kv_scale: [num_blocks, page_size, h_kv] fp32, required iff kv_cache is e4m3.
     Returns:
-        (out [b, s_q, h_q, 512] bf16, lse [b, h_q, s_q] fp32 natural log; +inf for rows that see no key).
+        (out [b, s_q, h_q, 512] in q's dtype, lse [b, h_q, s_q] fp32 natural log; +inf for rows that see no key).
         NaN in q, in a cached row a query reads, or in that row's kv_scale makes its out and lse NaN.
     Raises:
         TypeError for a non-tensor argument, a non-bool causal, a non-int head_dim_v or a non-real softmax_scale;
@@ -392,10 +399,15 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         as in FlashMLA (an out-of-range page is never read: the rows that see it come out NaN), unless
         DEEPKERNELS_CHECK=1, which validates them with one device sync (not inside CUDA-graph capture).
     """
-    check_tensor("q", q, dtypes=(torch.bfloat16,), ndim=4, inner_contiguous=True)
+    check_tensor("q", q, dtypes=_Q_DTYPES, ndim=4, inner_contiguous=True)
     if q.size(3) != HEAD_DIM_QK:
         raise ValueError(f"q: expected last dim {HEAD_DIM_QK} (512 latent + 64 rope), got {q.size(3)}")
     _check_cache(kv_cache, kv_scale)
+    if kv_cache.dtype != q.dtype and not (kv_cache.dtype == FP8_DTYPE and q.dtype == torch.bfloat16):
+        raise ValueError(f"kv_cache: expected q's dtype ({_dtype_name(q.dtype)})"
+                         f"{' or float8_e4m3fn' if q.dtype == torch.bfloat16 else ''}"
+                         f", got {_dtype_name(kv_cache.dtype)}"
+                         f"{' (an e4m3 cache is read with a bfloat16 q)' if kv_cache.dtype == FP8_DTYPE else ''}")
     b, s_q, h_q, _ = q.shape
     h_kv = kv_cache.size(2)
     if h_q % h_kv != 0:
@@ -440,7 +452,7 @@ def write_mla_kv_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv
     """Write (and for an e4m3 cache, quantise) new rows into the paged cache, in place.
 
     Args:
-        kv_cache: [num_blocks, page_size, h_kv, 576] bf16 or e4m3 (mutated), contiguous.
+        kv_cache: [num_blocks, page_size, h_kv, 576] bf16, fp16 or e4m3 (mutated), contiguous.
         kv_scale: [num_blocks, page_size, h_kv] fp32 for an e4m3 cache (mutated), else None.
         kv: [t, h_kv, 576] bf16/fp32/fp16: 512 latent dims then 64 rope dims of each new token.
         slot_mapping: [t] int64 or int32: token j goes to page slot_mapping[j] // page_size, slot

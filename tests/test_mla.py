@@ -24,7 +24,8 @@ DSV3_SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2
 
 def make_case(lens, s_q, h_q, h_kv=1, page=64, cache_dtype=torch.bfloat16, device="cpu", extra_blocks=3, std=0.25):
     """q, a paged cache with NaN in every slot past each length, a shuffled block table whose unused
-    entries are poisoned, and (for e4m3) the per-token scales written by write_mla_kv_cache."""
+    entries are poisoned, and (for e4m3) the per-token scales written by write_mla_kv_cache. An fp16 cache
+    comes with an fp16 q (FlashMLA's --dtype fp16 mode); bf16 and e4m3 caches with a bf16 q."""
     b = len(lens)
     max_blocks = max(1, max(-(-n // page) for n in lens)) + 1
     num_blocks = sum(-(-n // page) for n in lens) + extra_blocks
@@ -35,9 +36,10 @@ def make_case(lens, s_q, h_q, h_kv=1, page=64, cache_dtype=torch.bfloat16, devic
         k = -(-n // page)
         block_table[i, :k] = perm[used:used + k].to(torch.int32)
         used += k
-    q = (torch.randn(b, s_q, h_q, 576) * std).to(torch.bfloat16)
+    q_dtype = torch.float16 if cache_dtype == torch.float16 else torch.bfloat16
+    q = (torch.randn(b, s_q, h_q, 576) * std).to(q_dtype)
     latent = torch.randn(sum(lens), h_kv, 576) * std
-    kv_cache = torch.full((num_blocks, page, h_kv, 576), float("nan"), dtype=torch.bfloat16)
+    kv_cache = torch.full((num_blocks, page, h_kv, 576), float("nan"), dtype=q_dtype)
     kv_scale = None
     if cache_dtype == E4M3:
         kv_cache = kv_cache.to(E4M3)  # e4m3fn NaN
@@ -45,7 +47,7 @@ def make_case(lens, s_q, h_q, h_kv=1, page=64, cache_dtype=torch.bfloat16, devic
     slots = torch.cat([block_table[i, torch.arange(n) // page].long() * page + torch.arange(n) % page
                        for i, n in enumerate(lens)]) if sum(lens) else torch.zeros(0, dtype=torch.int64)
     with reference():  # the case is built on the CPU by the reference, emulated test or not
-        deepkernels.write_mla_kv_cache(kv_cache, kv_scale, latent.to(torch.bfloat16), slots)
+        deepkernels.write_mla_kv_cache(kv_cache, kv_scale, latent.to(q_dtype), slots)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     to = lambda t: None if t is None else t.to(device)
     return dict(q=to(q), kv_cache=to(kv_cache), block_table=to(block_table), cache_seqlens=to(seqlens),
@@ -129,11 +131,12 @@ def test_reference_vs_independent(lens, s_q, h_q, h_kv, page, causal):
     assert (lse.double()[fin] - ref_lse[fin]).abs().max().item() < 1e-5 if fin.any() else True
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("lens,s_q,h_q,h_kv,page,causal", CASES, ids=CASE_IDS)
-def test_decode_op_contract(lens, s_q, h_q, h_kv, page, causal):
-    case = make_case(lens, s_q, h_q, h_kv, page)
+def test_decode_op_contract(lens, s_q, h_q, h_kv, page, causal, dtype):
+    case = make_case(lens, s_q, h_q, h_kv, page, cache_dtype=dtype)
     out, lse = run_decode(case, s_q, h_q, causal, DSV3_SCALE)
-    assert out.dtype == torch.bfloat16 and out.shape == (len(lens), s_q, h_q, 512)
+    assert out.dtype == dtype and out.shape == (len(lens), s_q, h_q, 512)
     assert lse.dtype == torch.float32 and lse.shape == (len(lens), h_q, s_q)
     assert not out.isnan().any(), "NaN from slots past the length leaked into out"
     for i, n in enumerate(lens):
@@ -372,13 +375,33 @@ def test_torch_compile():
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
 
 
-def test_flash_mla_compat():
-    case = make_case([50, 3], 2, 16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_flash_mla_compat(dtype):
+    """bf16 and FlashMLA's --dtype fp16 mode (q, cache and out fp16)."""
+    case = make_case([50, 3], 2, 16, cache_dtype=dtype)
     meta, splits = flash_mla.get_mla_metadata(case["cache_seqlens"], 2 * 16 // 1, 1)
     out, lse = flash_mla.flash_mla_with_kvcache(case["q"], case["kv_cache"], case["block_table"],
                                                 case["cache_seqlens"], 512, meta, splits, causal=True)
     ref, ref_lse = run_decode(case, 2, 16, True, None)
-    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    fp32, _ = mla.mla_attention_fp32(case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512,
+                                     576 ** -0.5, True)
+    _assert_close_flashmla(out, fp32, f"compat {dtype}")
+
+
+def test_fp16_q_needs_fp16_cache():
+    case = make_case([20, 5], 1, 16, cache_dtype=torch.float16)
+    for cache, scale, match in [(case["kv_cache"].to(torch.bfloat16), None, "kv_cache: expected q's dtype"),
+                                (case["kv_cache"].to(E4M3), torch.ones(case["kv_cache"].shape[:3]),
+                                 "e4m3 cache is read with a bfloat16 q")]:
+        with pytest.raises(ValueError, match=match):
+            deepkernels.mla_decode_with_kvcache(case["q"], cache, case["block_table"], case["cache_seqlens"], 512,
+                                                *deepkernels.get_mla_decode_metadata(case["cache_seqlens"], 16, 1),
+                                                kv_scale=scale)
+    with pytest.raises(ValueError, match="kv_cache: expected q's dtype"):
+        bf16 = make_case([20, 5], 1, 16)
+        deepkernels.mla_decode_with_kvcache(bf16["q"], case["kv_cache"], bf16["block_table"], bf16["cache_seqlens"],
+                                            512, *deepkernels.get_mla_decode_metadata(bf16["cache_seqlens"], 16, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +582,7 @@ def test_kernel_numerics_emulation_meets_cuda_tolerance(lens, s_q, h_q, h_kv, pa
 
 def _expected_splitkv_kernel(cache_dtype):
     """The split-KV kernel the launch code picks (the emulated device is an sm_90 one)."""
-    sm90 = os.environ.get(mla.SM90_ENV) == "1" and cache_dtype == torch.bfloat16
+    sm90 = os.environ.get(mla.SM90_ENV) == "1" and cache_dtype in (torch.bfloat16, torch.float16)
     return "mla_splitkv_sm90_kernel" if sm90 else "mla_splitkv_kernel"
 
 
@@ -587,7 +610,7 @@ def _check_decode_vs_reference(device, lens, s_q, h_q, h_kv, page, causal, cache
     assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3 if fin.any() else True
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, E4M3], ids=["bf16", "fp16", "e4m3"])
 @per_device("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES, EMU_CASES, ids=case_id)
 def test_kernel_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype):
     _check_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype)
@@ -730,7 +753,7 @@ def test_kernel_metadata_matches_reference(kernel_device):
 @pytest.mark.parametrize("row_dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 def test_kernel_write_kv_cache_matches_reference(kernel_device, row_dtype):
-    for dtype in (torch.bfloat16, E4M3):
+    for dtype in (torch.bfloat16, torch.float16, E4M3):
         cache = torch.zeros(8, 64, 1, 576, dtype=dtype, device=kernel_device)
         scale = torch.zeros(8, 64, 1, device=kernel_device) if dtype == E4M3 else None
         rows = torch.randn(100, 1, 576, device=kernel_device).to(row_dtype)
@@ -744,6 +767,55 @@ def test_kernel_write_kv_cache_matches_reference(kernel_device, row_dtype):
         assert torch.equal(cache.cpu().view(torch.uint8), ref_cache.view(torch.uint8)), f"{dtype} from {row_dtype}"
         if scale is not None:
             assert torch.equal(scale.cpu(), ref_scale), f"{dtype} scales from {row_dtype}"
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashMLA's own test shapes (its tests/test_flash_mla.py: b 128, mean s_k 4096, h_q 16/32/64/128, s_q 1/2,
+# h_kv 1, page 64, varlen lengths ~ normal(s_k, s_k / 2), causal, bf16 and --dtype fp16), on the GPU at b 32
+# and s_k 4096, emulated at b 3 and s_k 160; both split-KV kernels (portable and the opt-in sm_90a one).
+
+def flashmla_lens(b, mean, varlen, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if not varlen:
+        return [mean] * b
+    return (torch.randn(b, generator=g) * mean / 2 + mean).clamp(min=1).round().int().tolist()
+
+
+FLASHMLA_SHAPES = [(s_q, h_q, varlen) for s_q in (1, 2) for h_q in (16, 32, 64, 128) for varlen in (False, True)]
+FLASHMLA_EMU_SHAPES = [(1, 16, True), (1, 64, False), (2, 32, True), (2, 128, True)]
+
+
+def _flashmla_id(c):
+    return f"sq{c[0]}_h{c[1]}{'_varlen' if c[2] else ''}"
+
+
+@pytest.mark.parametrize("sm90", ["0", "1"], ids=["portable", "sm90"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@per_device("s_q,h_q,varlen", FLASHMLA_SHAPES, FLASHMLA_EMU_SHAPES, ids=_flashmla_id)
+def test_kernel_flashmla_shapes(kernel_device, s_q, h_q, varlen, dtype, sm90, monkeypatch):
+    if sm90 == "1":
+        _skip_unless_sm90(kernel_device)
+    monkeypatch.setenv(mla.SM90_ENV, sm90)
+    b, mean = (32, 4096) if torch.device(kernel_device).type == "cuda" else (3, 160)
+    lens = flashmla_lens(b, mean, varlen, seed=s_q * 1000 + h_q)
+    case = make_case(lens, s_q, h_q, 1, 64, cache_dtype=dtype, device=kernel_device)
+    meta, splits = flash_mla.get_mla_metadata(case["cache_seqlens"], s_q * h_q, 1)
+    emulated = torch.device(kernel_device).type == "cpu"
+    before = _kernel_launches() if emulated else None
+    with _poisoned_outputs(kernel_device):
+        out, lse = flash_mla.flash_mla_with_kvcache(case["q"], case["kv_cache"], case["block_table"],
+                                                    case["cache_seqlens"], 512, meta, splits, causal=True)
+    synchronize(kernel_device)
+    if emulated:
+        assert _expected_splitkv_kernel(dtype) in _launched_since(before), _launched_since(before)
+    with reference():
+        ref, ref_lse = mla.mla_attention_fp32(case["q"].cpu(), case["kv_cache"].cpu(), case["block_table"].cpu(),
+                                              case["cache_seqlens"].cpu(), 512, 576 ** -0.5, True)
+    assert out.dtype == dtype
+    _assert_close_flashmla(out.cpu(), ref, f"FlashMLA shape b={b} s_q={s_q} h_q={h_q} {dtype} sm90={sm90}")
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse.cpu()[fin] - ref_lse[fin]).abs().max() < 1e-3
 
 
 @pytest.mark.cuda

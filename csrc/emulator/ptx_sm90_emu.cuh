@@ -1,7 +1,7 @@
 #pragma once
 // Emulated csrc/common/ptx_sm90.cuh: mbarrier (arrival count, transaction bytes, phase parity), 3-D TMA tile
 // loads through the emulated CUtensorMap (128B swizzle, out-of-bounds zero fill, the full box counted in
-// transaction bytes), and wgmma (e4m3 m64nNk32, bf16 m64n32k16, bf16 m64n256k16 with an MN-major B) reading
+// transaction bytes), and wgmma (e4m3 m64nNk32, bf16/f16 m64n32k16, bf16/f16 m64n256k16 with an MN-major B) reading
 // its operands through a general decode of the shared-memory matrix descriptor.
 // Sources: PTX ISA 9.7.13.15 (mbarrier), 9.7.9.27 (cp.async.bulk.tensor), 9.7.15 (wgmma: 9.7.15.5.1 matrix
 // descriptor and shared-memory layouts, 9.7.15.5.1.1 the D fragment), CUTLASS cute/arch/mma_sm90_desc.hpp.
@@ -144,7 +144,7 @@ inline uint32_t element_addr(const Desc& d, Major major, int esize, int mn, int 
 // wgmma.wait_group is undefined in the ISA); a register written meanwhile is reported at completion.
 constexpr uint32_t kAccPoison = 0x7FC0DEADu;
 struct AccBuf { float* regs[128]; int nregs = 0; int pending = 0; std::vector<float> v; };
-struct WgmmaOp { int n, k; bool fp8, trans_b; uint64_t da, db; bool scale_d; AccBuf* acc; };
+struct WgmmaOp { int n, k; bool fp8, trans_b; uint64_t da, db; bool scale_d; AccBuf* acc; bool f16 = false; };
 struct WgState {
   std::vector<WgmmaOp> open;
   std::deque<std::vector<WgmmaOp>> groups;
@@ -168,8 +168,13 @@ inline float bf16_bits_to_float(uint16_t h) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-// rows x k operand (row = row of A / column of B) -> out[row * k + kk]
-inline void load_operand(uint64_t desc, gmma::Major major, bool fp8, int rows, int k, float* out) {
+inline float f16_bits_to_float(uint16_t h) {
+  __half_raw r;
+  r.x = h;
+  return __half2float(__half(r));
+}
+// rows x k operand (row = row of A / column of B) -> out[row * k + kk]; 16-bit elements are bf16, or f16
+inline void load_operand(uint64_t desc, gmma::Major major, bool fp8, int rows, int k, float* out, bool f16 = false) {
   const gmma::Desc d = gmma::decode(desc);
   const int esize = fp8 ? 1 : 2;
   for (int r = 0; r < rows; ++r)
@@ -180,7 +185,7 @@ inline void load_operand(uint64_t desc, gmma::Major major, bool fp8, int rows, i
       } else {
         uint16_t h;
         std::memcpy(&h, p, 2);
-        out[r * k + kk] = bf16_bits_to_float(h);
+        out[r * k + kk] = f16 ? f16_bits_to_float(h) : bf16_bits_to_float(h);
       }
     }
 }
@@ -193,8 +198,8 @@ inline bool is_acc_poison(float f) {
 // d[4 i + 2 h + j] = D[16 w + l / 4 + 8 h][8 i + 2 (l % 4) + j].
 inline void wgmma_execute(WgmmaOp& op) {
   std::vector<float> A(size_t(64) * op.k), B(size_t(op.n) * op.k);
-  load_operand(op.da, gmma::Major::K, op.fp8, 64, op.k, A.data());
-  load_operand(op.db, op.trans_b ? gmma::Major::MN : gmma::Major::K, op.fp8, op.n, op.k, B.data());
+  load_operand(op.da, gmma::Major::K, op.fp8, 64, op.k, A.data(), op.f16);
+  load_operand(op.db, op.trans_b ? gmma::Major::MN : gmma::Major::K, op.fp8, op.n, op.k, B.data(), op.f16);
   AccBuf& acc = *op.acc;
   for (int t = 0; t < 128; ++t) {
     const int w = t / 32, l = t % 32;
@@ -231,15 +236,16 @@ inline void sm90_cta_end() {
 }
 inline const int g_sm90_hooks = register_cta_hooks(&sm90_cta_start, &sm90_cta_end);
 
-template <int kN, int kK, bool kFp8, bool kTransB>
+template <int kN, int kK, bool kFp8, bool kTransB, bool kF16 = false>
 inline void wgmma_issue(float* d, uint64_t da, uint64_t db, int scale_d) {
   struct Arg { float* d; uint64_t da, db; int acc; } a{d, da, db, scale_d};
   static const std::string op_name = std::string("wgmma.mma_async.m64n") + std::to_string(kN) + "k" +
-                                     std::to_string(kK) + (kFp8 ? ".e4m3" : ".bf16") + (kTransB ? ".tnspB" : "");
+                                     std::to_string(kK) + (kFp8 ? ".e4m3" : kF16 ? ".f16" : ".bf16") +
+                                     (kTransB ? ".tnspB" : "");
   emu::warp_collective<128>(op_name.c_str(), &a, [](void** args) {
     const Arg& a0 = *static_cast<Arg*>(args[0]);
     WgState& s = g_wg[flat_tid() / 128];
-    WgmmaOp op{kN, kK, kFp8, kTransB, a0.da, a0.db, a0.acc != 0, nullptr};
+    WgmmaOp op{kN, kK, kFp8, kTransB, a0.da, a0.db, a0.acc != 0, nullptr, kF16};
     for (int t = 0; t < 128; ++t) {
       const Arg* x = static_cast<Arg*>(args[t]);
       if (x->da != op.da || x->db != op.db || (x->acc != 0) != op.scale_d)
@@ -392,6 +398,12 @@ inline void wgmma_m64n32k16_bf16(float (&d)[16], uint64_t a, uint64_t b, int acc
 }
 inline void wgmma_m64n256k16_bf16_tnsp_b(float (&d)[128], uint64_t a, uint64_t b) {
   emu::wgmma_issue<256, 16, false, true>(d, a, b, 1);
+}
+inline void wgmma_m64n32k16_f16(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<32, 16, false, false, true>(d, a, b, accumulate);
+}
+inline void wgmma_m64n256k16_f16_tnsp_b(float (&d)[128], uint64_t a, uint64_t b) {
+  emu::wgmma_issue<256, 16, false, true, true>(d, a, b, 1);
 }
 
 }  // namespace deepkernels::ptx::sm90

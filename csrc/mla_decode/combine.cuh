@@ -75,10 +75,13 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const M
       }
     }
   }
-  auto* out = static_cast<__nv_bfloat16*>(p.out) + (int64_t(batch) * rows_q + row) * kHeadDimV;
+  // out: 16-bit (bf16, or fp16 when p.fp16), 2 bytes per element either way
+  auto* out = static_cast<uint16_t*>(p.out) + (int64_t(batch) * rows_q + row) * kHeadDimV;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint2 packed = make_uint2(pack_bf16x2(acc[j][0], acc[j][1]), pack_bf16x2(acc[j][2], acc[j][3]));
+    const uint2 packed = p.fp16 ? make_uint2(pack_16x2<__half>(acc[j][0], acc[j][1]),
+                                             pack_16x2<__half>(acc[j][2], acc[j][3]))
+                                : make_uint2(pack_bf16x2(acc[j][0], acc[j][1]), pack_bf16x2(acc[j][2], acc[j][3]));
     *reinterpret_cast<uint2*>(out + 4 * lane + 128 * j) = packed;
   }
   if (lane == 0) p.lse[(int64_t(batch) * p.h_q + head) * p.s_q + token] = lse;

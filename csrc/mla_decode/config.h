@@ -1,7 +1,9 @@
 #pragma once
 // Tile sizes of the MLA decode kernels.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 namespace deepkernels::mla {
 
@@ -39,16 +41,18 @@ static_assert(kSoftmaxThreadsPerRow * 4 == kBlockN, "each softmax thread owns 4 
 // launch.cu picks the deepest that fits the device's opt-in shared memory limit.
 // e4m3 cache: with kStages > 1 the raw e4m3 rows are multi-buffered by cp.async (k_raw) and converted
 // into the single bf16 tile `k` right before use; with one stage they are converted through registers
-// on load (no k_raw).
-template <int kStages, bool kFp8>
+// on load (no k_raw). T: the 16-bit type of q, P and the tiles (bf16, or fp16 with an fp16 cache).
+template <int kStages, bool kFp8, typename T = __nv_bfloat16>
 struct SplitKvSmem {
+  static_assert(!kFp8 || std::is_same_v<T, __nv_bfloat16>, "an e4m3 cache is read with bf16 q");
+  using Elem = T;
   static constexpr bool kStagedFp8 = kFp8 && kStages > 1;
   static constexpr int kBf16Stages = kFp8 ? 1 : kStages;
-  __nv_bfloat16 q[kBlockM][kRowStride];
-  __nv_bfloat16 k[kBf16Stages][kBlockN][kRowStride];
+  T q[kBlockM][kRowStride];
+  T k[kBf16Stages][kBlockN][kRowStride];
   uint8_t k_raw[kStagedFp8 ? kStages : 1][kBlockN][kStagedFp8 ? kHeadDim : 16];
   float s[kSplitK][kBlockM][kSStride];  // partial scores of each dim slice
-  __nv_bfloat16 p[kBlockM][kPStride];
+  T p[kBlockM][kPStride];
   float alpha[kBlockM];
   float row_sum[kBlockM];
   float row_max[kBlockM];

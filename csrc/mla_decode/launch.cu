@@ -15,14 +15,14 @@ namespace deepkernels::mla {
 
 namespace {
 
-template <bool kFp8, int kStages>
+template <typename T, bool kFp8, int kStages>
 void launch_splitkv(const MlaDecodeParams& p, cudaStream_t stream) {
-  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem<kStages, kFp8>));
+  constexpr int kSmem = static_cast<int>(sizeof(SplitKvSmem<kStages, kFp8, T>));
   // Attribute set on every launch: cheap, and correct on whichever device is current.
-  cudaFuncSetAttribute(mla_splitkv_kernel<kFp8, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  cudaFuncSetAttribute(mla_splitkv_kernel<T, kFp8, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   const int heads_per_kv = p.h_q / p.h_kv;
   const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + kBlockM - 1) / kBlockM);
-  launch_kernel<mla_splitkv_kernel<kFp8, kStages>>(grid, kThreads, kSmem, stream, p);
+  launch_kernel<mla_splitkv_kernel<T, kFp8, kStages>>(grid, kThreads, kSmem, stream, p);
 }
 
 // Deepest K pipeline the device's opt-in shared memory allows: 3 stages (~155 KB) on sm_80 (163 KB)
@@ -40,20 +40,20 @@ bool device_fits(int smem_bytes) {
   return smem_optin >= smem_bytes;
 }
 
-template <bool kFp8>
+template <typename T, bool kFp8>
 void launch_splitkv_pipelined(const MlaDecodeParams& p, cudaStream_t stream) {
   const int stages = max_stages();
-  if (stages >= 3 && device_fits(static_cast<int>(sizeof(SplitKvSmem<3, kFp8>)))) {
-    launch_splitkv<kFp8, 3>(p, stream);
-  } else if (stages >= 2 && device_fits(static_cast<int>(sizeof(SplitKvSmem<2, kFp8>)))) {
-    launch_splitkv<kFp8, 2>(p, stream);
+  if (stages >= 3 && device_fits(static_cast<int>(sizeof(SplitKvSmem<3, kFp8, T>)))) {
+    launch_splitkv<T, kFp8, 3>(p, stream);
+  } else if (stages >= 2 && device_fits(static_cast<int>(sizeof(SplitKvSmem<2, kFp8, T>)))) {
+    launch_splitkv<T, kFp8, 2>(p, stream);
   } else {
-    launch_splitkv<kFp8, 1>(p, stream);
+    launch_splitkv<T, kFp8, 1>(p, stream);
   }
 }
 
 // The sm_90a wgmma kernel (splitkv_sm90.cuh) is opt-in (DEEPKERNELS_MLA_SM90=1, read on every call) until a
-// GPU session validates it. It runs for a bf16 cache on an sm_90 device whose loaded binary is the sm_90a
+// GPU session validates it. It runs for a bf16 or fp16 cache on an sm_90 device whose loaded binary is the sm_90a
 // build; an e4m3 cache, other devices, or a build without 90a fall back to the portable kernel.
 constexpr int kMaxDevices = 64;
 
@@ -75,7 +75,7 @@ bool use_sm90(const MlaDecodeParams& p) {
   if (device >= kMaxDevices) return false;
   if (usable[device].load(std::memory_order_relaxed) == 0) {
     cudaFuncAttributes attr{};
-    bool ok = cudaFuncGetAttributes(&attr, sm90::mla_splitkv_sm90_kernel) == cudaSuccess;
+    bool ok = cudaFuncGetAttributes(&attr, sm90::mla_splitkv_sm90_kernel<__nv_bfloat16>) == cudaSuccess;
     if (!ok) cudaGetLastError();
     // ptxVersion tells a JIT of compute_89 PTX (89) from the sm_90a build (90); a stub also has few registers.
     ok = ok && attr.ptxVersion >= 90 && attr.numRegs > 64 &&
@@ -86,11 +86,13 @@ bool use_sm90(const MlaDecodeParams& p) {
   return usable[device].load(std::memory_order_relaxed) == 1;
 }
 
+template <typename T>
 void launch_sm90(const MlaDecodeParams& p, cudaStream_t stream) {
-  cudaFuncSetAttribute(sm90::mla_splitkv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
+  cudaFuncSetAttribute(sm90::mla_splitkv_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       sm90::kSmemBytes);
   const int heads_per_kv = p.h_q / p.h_kv;
   const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + sm90::kBlockM - 1) / sm90::kBlockM);
-  launch_kernel<sm90::mla_splitkv_sm90_kernel>(grid, sm90::kThreads, sm90::kSmemBytes, stream, p);
+  launch_kernel<sm90::mla_splitkv_sm90_kernel<T>>(grid, sm90::kThreads, sm90::kSmemBytes, stream, p);
 }
 
 }  // namespace
@@ -98,9 +100,17 @@ void launch_sm90(const MlaDecodeParams& p, cudaStream_t stream) {
 void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (p.num_sm_parts > 0) {
-    if (use_sm90(p)) launch_sm90(p, stream);
-    else if (p.kv_fp8) launch_splitkv_pipelined<true>(p, stream);
-    else launch_splitkv_pipelined<false>(p, stream);
+    // an e4m3 cache comes with bf16 q (checked by the binding)
+    if (use_sm90(p)) {
+      if (p.fp16) launch_sm90<__half>(p, stream);
+      else launch_sm90<__nv_bfloat16>(p, stream);
+    } else if (p.kv_fp8) {
+      launch_splitkv_pipelined<__nv_bfloat16, true>(p, stream);
+    } else if (p.fp16) {
+      launch_splitkv_pipelined<__half, false>(p, stream);
+    } else {
+      launch_splitkv_pipelined<__nv_bfloat16, false>(p, stream);
+    }
   }
   const int64_t rows = static_cast<int64_t>(p.batch) * p.s_q * p.h_q;
   const dim3 grid(static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps));

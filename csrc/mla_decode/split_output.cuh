@@ -3,9 +3,12 @@
 // bf16 out and lse directly (combine.cuh skips it); otherwise the split's output, normalised by its own
 // softmax sum, goes to the fp32 o_accum scratch and its lse to lse_accum for combine.cuh to merge.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/fp8.cuh"
+#include "../common/ptx.cuh"
 #include "config.h"
 #include "params.h"
 
@@ -23,11 +26,33 @@ __device__ __forceinline__ int num_work_blocks(int seqlen) {
   return seqlen <= 0 ? 0 : (seqlen - 1) / kBlockTokens + 1;
 }
 
+// Two floats rounded (to nearest even) to the 16-bit type T and packed, element 0 in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_16x2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return float_to_half_bits<__half>(lo) | (float_to_half_bits<__half>(hi) << 16);
+  } else {
+    return pack_bf16x2(lo, hi);
+  }
+}
+
+// D (fp32) += A B with 16-bit inputs of type T: mma.sync m16n8k16.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    ptx::mma_f16_16816(d, a, b0, b1);
+  } else {
+    ptx::mma_bf16_16816(d, a, b0, b1);
+  }
+}
+
+// T: the 16-bit type of out (bf16 or fp16).
+template <typename T>
 struct SplitOutput {
   bool direct, valid;
   int batch, split, rows_q;
   float* o_split;
-  __nv_bfloat16* out_batch;
+  T* out_batch;
 
   __device__ __forceinline__ SplitOutput(const MlaDecodeParams& p, int batch_, int split_)
       : direct(p.num_splits[batch_ + 1] - p.num_splits[batch_] == 1),
@@ -36,13 +61,13 @@ struct SplitOutput {
         valid(direct || (split_ >= 0 && split_ < p.batch + p.num_sm_parts)), batch(batch_), split(split_),
         rows_q(p.s_q * p.h_q),
         o_split(p.o_accum + static_cast<int64_t>(split_) * rows_q * kHeadDimV),
-        out_batch(static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(batch_) * rows_q * kHeadDimV) {}
+        out_batch(static_cast<T*>(p.out) + static_cast<int64_t>(batch_) * rows_q * kHeadDimV) {}
 
   // Output columns col, col + 1 of query row (token * h_q + head): offset = that row * kHeadDimV + col.
   __device__ __forceinline__ void store_pair(int64_t offset, float x, float y) const {
     if (!valid) return;
     if (direct) {
-      *reinterpret_cast<uint32_t*>(out_batch + offset) = pack_bf16x2(x, y);
+      *reinterpret_cast<uint32_t*>(out_batch + offset) = pack_16x2<T>(x, y);
     } else {
       *reinterpret_cast<float2*>(o_split + offset) = make_float2(x, y);
     }

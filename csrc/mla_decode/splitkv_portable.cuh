@@ -1,5 +1,5 @@
 #pragma once
-// Split-KV MLA decode for sm_80+: bf16 mma.sync (m16n8k16) for S = Q K^T and O = P V with an fp32
+// Split-KV MLA decode for sm_80+: bf16 (or f16) mma.sync (m16n8k16) for S = Q K^T and O = P V with an fp32
 // online softmax; K rows arrive by cp.async through the block table (e4m3 rows are converted to bf16
 // exactly on load, their per-token scale applied to the fp32 scores and to P).
 //
@@ -38,14 +38,15 @@ template <typename Smem>
 __device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, Smem& sm, int batch, int kv_head,
                                             int row0, int rows_total, int heads_per_kv) {
   constexpr int kChunksPerRow = kHeadDim / 8;  // 16 B = 8 bf16
-  const auto* q = static_cast<const __nv_bfloat16*>(p.q);
+  using T = typename Smem::Elem;
+  const auto* q = static_cast<const T*>(p.q);
   for (int c = threadIdx.x; c < kBlockM * kChunksPerRow; c += kThreads) {
     const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
     const int row = row0 + r;
     const bool valid = row < rows_total;
     const int token = valid ? row / heads_per_kv : 0;
     const int head = kv_head * heads_per_kv + (valid ? row % heads_per_kv : 0);
-    const __nv_bfloat16* src = q + batch * p.q_batch_stride + token * p.q_seq_stride + head * p.q_head_stride;
+    const T* src = q + batch * p.q_batch_stride + token * p.q_seq_stride + head * p.q_head_stride;
     ptx::cp_async_16(&sm.q[r][chunk * 8], src + chunk * 8, valid);
   }
 }
@@ -93,7 +94,7 @@ __device__ __forceinline__ void load_k_tile(const MlaDecodeParams& p, Smem& sm, 
     }
   } else if constexpr (!kFp8) {
     constexpr int kChunksPerRow = kHeadDim / 8;
-    const auto* kv = static_cast<const __nv_bfloat16*>(p.kv);
+    const auto* kv = static_cast<const typename Smem::Elem*>(p.kv);
     for (int c = threadIdx.x; c < kBlockN * kChunksPerRow; c += kThreads) {
       const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
       const int64_t offset = sm.token_offset[stage][r];
@@ -130,8 +131,8 @@ __device__ __forceinline__ void convert_staged_k_tile(Smem& sm, int stage) {
 }
 
 // Attention of this CTA's query rows over keys [kv_begin, kv_end) of one sequence -> split `split`.
-template <bool kFp8, int kStages>
-__device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8>& sm, int batch, int kv_head, int m_block,
+template <typename T, bool kFp8, int kStages>
+__device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8, T>& sm, int batch, int kv_head, int m_block,
                              int kv_begin, int kv_end, int seqlen, int split) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int heads_per_kv = p.h_q / p.h_kv;
@@ -187,7 +188,7 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
       ptx::cp_async_wait_all();  // the last kStages - 1 tiles: drain
     }
     __syncthreads();
-    if constexpr (SplitKvSmem<kStages, kFp8>::kStagedFp8) {
+    if constexpr (SplitKvSmem<kStages, kFp8, T>::kStagedFp8) {
       convert_staged_k_tile(sm, stage);  // sm.k[0] was last read by tile t - 1, which ended with a barrier
       __syncthreads();
     }
@@ -212,8 +213,8 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
         for (int jp = 0; jp < kBlockN / 16; ++jp) {
           uint32_t b[4];  // keys [16 jp, +16) x dims [k0, +16): b0 b1 for key tile 2 jp, b2 b3 for 2 jp + 1
           ptx::ldmatrix_x4(b, &k_tile[(jp * 2 + lane / 16) * 8 + lane % 8][k0 + ((lane / 8) % 2) * 8]);
-          ptx::mma_bf16_16816(acc_s[jp * 2], a, b[0], b[1]);
-          ptx::mma_bf16_16816(acc_s[jp * 2 + 1], a, b[2], b[3]);
+          mma_16816<T>(acc_s[jp * 2], a, b[0], b[1]);
+          mma_16816<T>(acc_s[jp * 2 + 1], a, b[2], b[3]);
         }
       }
 #pragma unroll
@@ -270,8 +271,8 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
       row_max = new_max;
       // V rows of an e4m3 cache carry the same per-token scale: fold it into P.
       uint2 packed;
-      packed.x = pack_bf16x2(prob[0] * token_scale[sm_col], prob[1] * token_scale[sm_col + 1]);
-      packed.y = pack_bf16x2(prob[2] * token_scale[sm_col + 2], prob[3] * token_scale[sm_col + 3]);
+      packed.x = pack_16x2<T>(prob[0] * token_scale[sm_col], prob[1] * token_scale[sm_col + 1]);
+      packed.y = pack_16x2<T>(prob[2] * token_scale[sm_col + 2], prob[3] * token_scale[sm_col + 3]);
       *reinterpret_cast<uint2*>(&sm.p[sm_row][sm_col]) = packed;
       if (tid % kSoftmaxThreadsPerRow == 0) sm.alpha[sm_row] = alpha;
     }
@@ -302,8 +303,8 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
                                           [warp * kDimsPerWarp + np * 16 + (lane / 16) * 8]);
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            ptx::mma_bf16_16816(acc_o[mt][np * 2], a[mt], b[0], b[1]);
-            ptx::mma_bf16_16816(acc_o[mt][np * 2 + 1], a[mt], b[2], b[3]);
+            mma_16816<T>(acc_o[mt][np * 2], a[mt], b[0], b[1]);
+            mma_16816<T>(acc_o[mt][np * 2 + 1], a[mt], b[2], b[3]);
           }
         }
       }
@@ -319,7 +320,7 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
   }
   __syncthreads();
 
-  const SplitOutput output(p, batch, split);
+  const SplitOutput<T> output(p, batch, split);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -347,12 +348,13 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
   __syncthreads();  // the next sequence reuses sQ and the row statistics
 }
 
-template <bool kFp8, int kStages>
+// T: bf16 or fp16 (q, the 16-bit cache, P and out); kFp8: e4m3 cache (with bf16 q).
+template <typename T, bool kFp8, int kStages>
 __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_kernel(const MlaDecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& sm = *reinterpret_cast<SplitKvSmem<kStages, kFp8>*>(smem_raw);
+  auto& sm = *reinterpret_cast<SplitKvSmem<kStages, kFp8, T>*>(smem_raw);
   for_each_split_of_part(p, [&](int batch, int kv_begin, int kv_end, int seqlen, int split) {
-    attend_split<kFp8, kStages>(p, sm, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, seqlen, split);
+    attend_split<T, kFp8, kStages>(p, sm, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, seqlen, split);
   });
 }
 

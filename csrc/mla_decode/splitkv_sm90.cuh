@@ -1,6 +1,6 @@
 #pragma once
 // Hopper (sm_90a) split-KV MLA decode, OFF by default (DEEPKERNELS_MLA_SM90=1 enables it on an sm_90
-// device with a bf16 cache; an e4m3 cache always runs the portable kernel). NOT YET RUN ON A GPU.
+// device with a bf16 or fp16 cache; an e4m3 cache always runs the portable kernel). NOT YET RUN ON A GPU.
 //
 // Same contract as splitkv_portable.cuh: grid (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / 64)); CTA
 // (part, kv head, m block) walks the splits of its part (tile_scheduler_metadata row) and writes, per split,
@@ -29,7 +29,9 @@
 // TODO(next, needs a GPU): mbarrier-tracked column-block arrival so S starts on the first 8 KB; overlap
 // S(t + 1) with P V(t) across the warpgroups (FlashMLA-style); an e4m3 path (convert in smem).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/ptx.cuh"
 #include "../common/ptx_sm90.cuh"
@@ -108,20 +110,22 @@ __device__ __forceinline__ int64_t kv_row_offset(const MlaDecodeParams& p, int b
 // of the 9 column blocks. A warp instruction covers 4 rows x 128 contiguous bytes. Row i comes from
 // src + offset[i] (cp.async), or is zero-filled (kZeroRow, cp.async src-size 0) or NaN-filled (kInvalidRow,
 // plain stores, published to the tensor cores by the fence.proxy.async before the tile is used).
+template <typename T>
 __device__ __forceinline__ void load_rows(uint8_t* smem, uint32_t smem_base, uint32_t dst_tile,
-                                          const __nv_bfloat16* src, const int64_t (&offset)[2], int lr, int lc) {
+                                          const T* src, const int64_t (&offset)[2], int lr, int lc) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const uint32_t dst = dst_tile + swizzle(lr + 32 * i, lc);
     if (offset[i] == kInvalidRow) {
-      const uint4 nan4 = make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);  // bf16 NaN x 8
+      constexpr uint32_t kNan2 = std::is_same_v<T, __half> ? 0x7e007e00u : 0x7fc07fc0u;  // two f16 / bf16 NaN
+      const uint4 nan4 = make_uint4(kNan2, kNan2, kNan2, kNan2);
 #pragma unroll
       for (int cb = 0; cb < kColBlocks; ++cb) {
         *reinterpret_cast<uint4*>(smem + (dst - smem_base) + cb * kColBlockBytes) = nan4;
       }
     } else {
       const bool valid = offset[i] >= 0;
-      const __nv_bfloat16* row = src + (valid ? offset[i] : 0);
+      const T* row = src + (valid ? offset[i] : 0);
 #pragma unroll
       for (int cb = 0; cb < kColBlocks; ++cb) ptx::cp_async_16(dst + cb * kColBlockBytes, row + cb * 64 + lc * 8, valid);
     }
@@ -129,6 +133,8 @@ __device__ __forceinline__ void load_rows(uint8_t* smem, uint32_t smem_base, uin
 }
 
 // Attention of this CTA's 64 query rows over keys [kv_begin, kv_end) of one sequence -> split `split`.
+// T: bf16 or fp16 (q, cache, P, out): the f16 wgmma variants for fp16.
+template <typename T>
 __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* smem, uint32_t smem_base,
                                              RowStats& stats, int batch, int kv_head, int m_block, int kv_begin,
                                              int kv_end, int seqlen, int split) {
@@ -138,12 +144,12 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
   const int rows_total = p.s_q * heads_per_kv;
   const int row0 = m_block * kBlockM;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const auto* kv = static_cast<const __nv_bfloat16*>(p.kv);
+  const auto* kv = static_cast<const T*>(p.kv);
   const int lr = tid / 8, lc = tid % 8;
 
   // Q rows (zero past the end) and K tile 0, one cp.async group.
   {
-    const auto* q = static_cast<const __nv_bfloat16*>(p.q);
+    const auto* q = static_cast<const T*>(p.q);
     int64_t q_off[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -214,7 +220,11 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint32_t off = (cb * kColBlockBytes + kk * 32) >> 4;
-        ptx::sm90::wgmma_m64n32k16_bf16(s, desc_q + off, desc_k + off, cb + kk > 0);
+        if constexpr (std::is_same_v<T, __half>) {
+          ptx::sm90::wgmma_m64n32k16_f16(s, desc_q + off, desc_k + off, cb + kk > 0);
+        } else {
+          ptx::sm90::wgmma_m64n32k16_bf16(s, desc_q + off, desc_k + off, cb + kk > 0);
+        }
       }
     }
     ptx::sm90::wgmma_commit();
@@ -263,7 +273,7 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
         const float p0 = ptx::ex2(s[4 * i + 2 * h] - ref[h]), p1 = ptx::ex2(s[4 * i + 2 * h + 1] - ref[h]);
         row_sum[h] += p0 + p1;
         const int row = warp * 16 + g + 8 * h;
-        *reinterpret_cast<uint32_t*>(smem + kOffP + swizzle(row, wg * 4 + i) + t4 * 4) = pack_bf16x2(p0, p1);
+        *reinterpret_cast<uint32_t*>(smem + kOffP + swizzle(row, wg * 4 + i) + t4 * 4) = pack_16x2<T>(p0, p1);
       }
     }
 #pragma unroll
@@ -284,7 +294,12 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
     ptx::sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      ptx::sm90::wgmma_m64n256k16_bf16_tnsp_b(o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * kRowBytes) >> 4));
+      const uint64_t a = desc_p + ((kk * 32) >> 4), b = desc_v + ((kk * 16 * kRowBytes) >> 4);
+      if constexpr (std::is_same_v<T, __half>) {
+        ptx::sm90::wgmma_m64n256k16_f16_tnsp_b(o, a, b);
+      } else {
+        ptx::sm90::wgmma_m64n256k16_bf16_tnsp_b(o, a, b);
+      }
     }
     ptx::sm90::wgmma_commit();
     ptx::sm90::wgmma_wait<0>();
@@ -301,7 +316,7 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
   }
   __syncthreads();
 
-  const SplitOutput output(p, batch, split);
+  const SplitOutput<T> output(p, batch, split);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = warp * 16 + g + 8 * h;
@@ -324,6 +339,7 @@ __device__ __forceinline__ void attend_split(const MlaDecodeParams& p, uint8_t* 
 
 #endif  // sm_90a
 
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_sm90_kernel(const MlaDecodeParams p) {
 #if DEEPKERNELS_SM90A
   __shared__ RowStats stats;
@@ -332,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_sm90_kernel(const Mla
   const uint32_t base = (raw + 1023u) & ~1023u;
   uint8_t* smem = sm90_smem + (base - raw);
   for_each_split_of_part(p, [&](int batch, int kv_begin, int kv_end, int seqlen, int split) {
-    attend_split(p, smem, base, stats, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, seqlen, split);
+    attend_split<T>(p, smem, base, stats, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, seqlen, split);
   });
 #else
   (void)p;

@@ -29,9 +29,15 @@ __global__ void __launch_bounds__(kWriteWarps * 32) mla_write_cache_kernel(const
 #pragma unroll
   for (int j = 0; j < kElemsPerLaneWrite; ++j) v[j] = to_float(src[lane + 32 * j]);
   if (!p.cache_fp8) {
-    auto* dst = static_cast<__nv_bfloat16*>(p.cache) + dst_row * kHeadDim;
+    if (p.cache_fp16) {
+      auto* dst = static_cast<__half*>(p.cache) + dst_row * kHeadDim;
 #pragma unroll
-    for (int j = 0; j < kElemsPerLaneWrite; ++j) dst[lane + 32 * j] = __float2bfloat16_rn(v[j]);
+      for (int j = 0; j < kElemsPerLaneWrite; ++j) dst[lane + 32 * j] = __float2half_rn(v[j]);
+    } else {
+      auto* dst = static_cast<__nv_bfloat16*>(p.cache) + dst_row * kHeadDim;
+#pragma unroll
+      for (int j = 0; j < kElemsPerLaneWrite; ++j) dst[lane + 32 * j] = __float2bfloat16_rn(v[j]);
+    }
     return;
   }
   float amax = 0.f;

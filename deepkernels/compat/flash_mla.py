@@ -1,5 +1,6 @@
 """FlashMLA-compatible entry points: ``from deepkernels.compat.flash_mla import get_mla_metadata,
-flash_mla_with_kvcache`` runs code written for ``flash_mla`` unchanged (dense decode, bf16 cache).
+flash_mla_with_kvcache`` runs code written for ``flash_mla`` unchanged (dense decode; q and cache bf16, or
+fp16 as in FlashMLA's ``--dtype fp16`` mode, out in q's dtype).
 
 Differences: the tile-scheduler metadata is deepkernels' own layout (opaque to callers, as in FlashMLA);
 FlashMLA's sparse (``indices``) attention is not provided; an fp8 cache is deepkernels' layout
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _ops
 from .. import mla as _mla
 
 
@@ -19,6 +21,9 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
     Returns: (tile_scheduler_metadata [num_sm_parts, 8] int32, num_splits [b + 1] int32)."""
     if topk is not None:
         raise NotImplementedError("get_mla_metadata: sparse attention (topk) is not provided by deepkernels")
+    _ops.check_bool("is_fp8_kvcache", is_fp8_kvcache)
+    if num_heads_q is not None:
+        _ops.check_int("num_heads_q", num_heads_q, min_value=1)
     return _mla.get_mla_decode_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 
@@ -30,9 +35,11 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Args: q [b, s_q, h_q, 576]; k_cache [num_blocks, page_size, h_k, 576]; block_table [b, max_blocks] int32;
     cache_seqlens [b] int32; head_dim_v 512; metadata from get_mla_metadata; softmax_scale default 576^-0.5.
-    Returns: (out [b, s_q, h_q, 512] bf16, softmax_lse [b, h_q, s_q] fp32)."""
+    q and k_cache: both bf16 or both fp16 (or an e4m3 k_cache with kv_scale and a bf16 q).
+    Returns: (out [b, s_q, h_q, 512] in q's dtype, softmax_lse [b, h_q, s_q] fp32)."""
     if indices is not None:
         raise NotImplementedError("flash_mla_with_kvcache: sparse attention (indices) is not provided by deepkernels")
+    is_fp8_kvcache = _ops.check_bool("is_fp8_kvcache", is_fp8_kvcache)
     if descale_q is not None or descale_k is not None:
         raise NotImplementedError("flash_mla_with_kvcache: descale_q/descale_k are not supported; "
                                   "pass an e4m3 k_cache with a per-token kv_scale instead")

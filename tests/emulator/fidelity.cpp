@@ -296,13 +296,18 @@ void test_ldmatrix() {
 
 // ======== 3. wgmma: operands from shared memory through descriptors, D read through CUTLASS's CLayout ========
 // Places element (mn, k) of a [rows][cols] operand at byte `base` + Swizzle<B,4,3>(esize * layout(mn, k)).
+// 16-bit elements are bf16, or f16 when `f16`.
 void place(std::vector<uint8_t>& img, uint32_t base, const CuteLayout& l, int swizzle_bits, int esize, int rows,
-           int cols, const std::vector<float>& v) {
+           int cols, const std::vector<float>& v, bool f16 = false) {
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < cols; ++c) {
       const uint32_t a = base + cute_swizzle(uint32_t(esize * l(r, c)), swizzle_bits);
       if (esize == 1) img.at(a) = e4m3_bits(v[r * cols + c]);
-      else { const uint16_t h = bf16_bits(v[r * cols + c]); (void)img.at(a + 1); std::memcpy(&img[a], &h, 2); }
+      else {
+        const uint16_t h = f16 ? f16_bits(v[r * cols + c]) : bf16_bits(v[r * cols + c]);
+        (void)img.at(a + 1);
+        std::memcpy(&img[a], &h, 2);
+      }
     }
 }
 // The ISA canonical layouts (9.7.15.5.1.2.1.3), in elements: 128B swizzle K-major and MN-major, no-swizzle K-major.
@@ -331,24 +336,29 @@ __global__ void wgmma_e4m3_kernel(const uint8_t* img, int bytes, int off_b, floa
   sm90::wgmma_wait<0>();
   for (int i = 0; i < 32; ++i) out[threadIdx.x * 32 + i] = d[i];
 }
+template <bool kF16>
 __global__ void wgmma_bf16_n32_kernel(const uint8_t* img, int bytes, uint64_t da, uint64_t db, float* out) {
   uint8_t* base = stage(img, bytes);
   float d[16];
   for (float& x : d) x = 1e6f;
   sm90::wgmma_fence();
-  sm90::wgmma_m64n32k16_bf16(d, relocate(da, base), relocate(db, base), 0);
-  sm90::wgmma_m64n32k16_bf16(d, relocate(da, base), relocate(db, base), 1);   // D = 2 A B
+  for (int acc = 0; acc < 2; ++acc) {   // D = 2 A B
+    if constexpr (kF16) sm90::wgmma_m64n32k16_f16(d, relocate(da, base), relocate(db, base), acc);
+    else sm90::wgmma_m64n32k16_bf16(d, relocate(da, base), relocate(db, base), acc);
+  }
   sm90::wgmma_commit();
   sm90::wgmma_wait<0>();
   for (int i = 0; i < 16; ++i) out[threadIdx.x * 16 + i] = d[i];
 }
+template <bool kF16>
 __global__ void wgmma_bf16_n256_kernel(const uint8_t* img, int bytes, uint64_t da, uint64_t db, const float* c,
                                        float* out) {
   uint8_t* base = stage(img, bytes);
   float d[128];
   for (int i = 0; i < 128; ++i) d[i] = c[threadIdx.x * 128 + i];   // accumulates: D = A B + C
   sm90::wgmma_fence();
-  sm90::wgmma_m64n256k16_bf16_tnsp_b(d, relocate(da, base), relocate(db, base));
+  if constexpr (kF16) sm90::wgmma_m64n256k16_f16_tnsp_b(d, relocate(da, base), relocate(db, base));
+  else sm90::wgmma_m64n256k16_bf16_tnsp_b(d, relocate(da, base), relocate(db, base));
   sm90::wgmma_commit();
   sm90::wgmma_wait<0>();
   for (int i = 0; i < 128; ++i) out[threadIdx.x * 128 + i] = d[i];
@@ -399,30 +409,43 @@ void test_wgmma() {
     launch<wgmma_e4m3_kernel>(128, img.size() + kPad, img.data(), int(img.size()), 8192, out.data());
     check_d(out, ref, 64, "wgmma m64n64k32 e4m3 (K-major, 128B swizzle, smem_desc_k_major_sw128, 2 k-steps): D = A B");
   }
+  // bf16, then f16: values k/8 + 1/256 need 9 significant bits, exact in f16 but not in bf16 (so an f16 operand
+  // read as bf16 fails); every product and sum stays exact in fp32.
+  for (const bool f16 : {false, true}) {
+  const char* type = f16 ? "f16" : "bf16";
+  auto value = [&] { return f16 ? small_int(-8, 8) / 8 + 1.f / 256 : small_int(-4, 4); };
+  auto launch_n32 = [&](auto... args) {
+    if (f16) launch<wgmma_bf16_n32_kernel<true>>(args...);
+    else launch<wgmma_bf16_n32_kernel<false>>(args...);
+  };
+  auto launch_n256 = [&](auto... args) {
+    if (f16) launch<wgmma_bf16_n256_kernel<true>>(args...);
+    else launch<wgmma_bf16_n256_kernel<false>>(args...);
+  };
   std::vector<float> A(64 * 16);
-  for (float& x : A) x = small_int(-4, 4);
+  for (float& x : A) x = value();
   const CuteLayout la = cute_layout(kKMajorSw128, {{"T", 8}, {"SBO", 512}});
   const uint64_t da = cutlass_desc(0, 16, 1024, 1);   // 128B swizzle: LBO unused ("assumed 1")
   {  // bf16 m64n32k16: A K-major 128B swizzle; B K-major without swizzle (LBO 128 B between the two K core
      // matrices, SBO 256 B between 8-row groups), the descriptor built with CUTLASS's bitfields
     std::vector<float> B(32 * 16), ref(64 * 32, 0.f);
-    for (float& x : B) x = small_int(-4, 4);
+    for (float& x : B) x = value();
     for (int m = 0; m < 64; ++m)
       for (int n = 0; n < 32; ++n)
         for (int k = 0; k < 16; ++k) ref[m * 32 + n] += 2 * A[m * 16 + k] * B[n * 16 + k];
     std::vector<uint8_t> img(8192 + 1024, 0);
-    place(img, 0, la, 3, 2, 64, 16, A);
-    place(img, 8192, cute_layout(kKMajorNone, {{"T", 8}, {"SBO", 128}, {"LBO", 64}}), 0, 2, 32, 16, B);
+    place(img, 0, la, 3, 2, 64, 16, A, f16);
+    place(img, 8192, cute_layout(kKMajorNone, {{"T", 8}, {"SBO", 128}, {"LBO", 64}}), 0, 2, 32, 16, B, f16);
     std::vector<float> out(128 * 16, NAN);
-    launch<wgmma_bf16_n32_kernel>(128, img.size() + kPad, img.data(), int(img.size()), da,
+    launch_n32(128, img.size() + kPad, img.data(), int(img.size()), da,
                                   cutlass_desc(8192, 128, 256, 0), out.data());
     check_d(out, ref, 32,
-            "wgmma m64n32k16 bf16 (A K-major 128B swizzle, B K-major no swizzle), scale-d 0 then 1: D = 2 A B");
+            std::string("wgmma m64n32k16 ") + type + " (A K-major 128B swizzle, B K-major no swizzle), scale-d 0 then 1: D = 2 A B");
   }
   {  // bf16 m64n256k16 .tnspB: B [k][n] MN-major, 128B swizzle: 64-column atoms (8 K rows x 128 B) with
      // SBO = 1024 B between the two 8-row K groups and LBO = 2048 B between 64-column blocks (ISA 9.7.15.5.1.2.1)
     std::vector<float> Bkn(16 * 256), Bnk(256 * 16), ref(64 * 256), c(128 * 128);
-    for (float& x : Bkn) x = small_int(-4, 4);
+    for (float& x : Bkn) x = value();
     for (int k = 0; k < 16; ++k)
       for (int n = 0; n < 256; ++n) Bnk[n * 16 + k] = Bkn[k * 256 + n];
     for (float& x : ref) x = small_int(-50, 50);   // C
@@ -433,13 +456,15 @@ void test_wgmma() {
       for (int n = 0; n < 256; ++n)
         for (int k = 0; k < 16; ++k) ref[m * 256 + n] += A[m * 16 + k] * Bkn[k * 256 + n];
     std::vector<uint8_t> img(8192 + 8192, 0);
-    place(img, 0, la, 3, 2, 64, 16, A);
-    place(img, 8192, cute_layout(kMnMajorSw128, {{"T", 8}, {"LBO", 1024}, {"SBO", 512}}), 3, 2, 256, 16, Bnk);
+    place(img, 0, la, 3, 2, 64, 16, A, f16);
+    place(img, 8192, cute_layout(kMnMajorSw128, {{"T", 8}, {"LBO", 1024}, {"SBO", 512}}), 3, 2, 256, 16, Bnk,
+          f16);
     std::vector<float> out(128 * 128, NAN);
-    launch<wgmma_bf16_n256_kernel>(128, img.size() + kPad, img.data(), int(img.size()), da,
+    launch_n256(128, img.size() + kPad, img.data(), int(img.size()), da,
                                    cutlass_desc(8192, 2048, 1024, 1), c.data(), out.data());
     check_d(out, ref, 256,
-            "wgmma m64n256k16 bf16 .tnspB (B MN-major, 128B swizzle, hand-built descriptor): D = A B + C");
+            std::string("wgmma m64n256k16 ") + type + " .tnspB (B MN-major, 128B swizzle, hand-built descriptor): D = A B + C");
+  }
   }
 }
 
