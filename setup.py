@@ -184,7 +184,8 @@ if ext_modules:
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(
-    packages=find_packages(include=["deepkernels", "deepkernels.*"]),
+    # bench ships too: `python -m bench` and `python -m deepkernels.demo` (which runs it) work when installed
+    packages=find_packages(include=["deepkernels", "deepkernels.*", "bench"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

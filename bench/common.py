@@ -139,6 +139,8 @@ def kernel_variants(ctx: Context, flag: str) -> list[tuple[str, contextlib.Abstr
 def git_commit() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if not os.path.exists(os.path.join(root, "setup.py")):  # an installed bench: no checkout to ask
+            raise OSError("not a checkout")
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

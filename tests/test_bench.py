@@ -271,3 +271,47 @@ def test_model_bench_rows_batch_1_and_8(monkeypatch):
     for r in rows:
         assert r.metric == "tokens/s" and math.isfinite(r.ours) and r.ours > 0
         assert r.peer.startswith("transformers generate") and r.peer_value > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# packaging: the demo (and the bench it runs) from an installed package, outside the checkout
+
+def test_demo_runs_from_an_installed_package(tmp_path):
+    """A pure-Python install (DEEPKERNELS_SKIP_CUDA=1) into a fresh --target directory, then
+    `python -m deepkernels.demo` and `python -m bench` run from a directory outside the checkout: the wheel
+    ships the bench package the demo imports."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "results", "_build_info.py", "*.egg-info")
+    for d in ("deepkernels", "bench"):
+        shutil.copytree(os.path.join(ROOT, d), src / d, ignore=skip)
+    for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(ROOT, f), src / f)
+    site = tmp_path / "site"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DEEPKERNELS_EMULATE")}
+    env.update(DEEPKERNELS_SKIP_CUDA="1", DEEPKERNELS_SKIP_EMULATOR="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--target", str(site), str(src)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (site / "bench" / "__main__.py").exists() and (site / "deepkernels" / "demo.py").exists()
+    assert not list(site.glob("deepkernels/_C*")), "a pure-Python install built an extension"
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    env["PYTHONPATH"] = str(site)
+    where = subprocess.run([sys.executable, "-c", "import deepkernels, bench; print(deepkernels.__file__); "
+                            "print(bench.__file__)"], capture_output=True, text=True, env=env, cwd=run_dir,
+                           timeout=120)
+    assert where.returncode == 0, where.stderr
+    assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
+    demo = subprocess.run([sys.executable, "-m", "deepkernels.demo", "--device", "cpu", "--max-new-tokens", "3",
+                           "--bench", "quant"], capture_output=True, text=True, env=env, cwd=run_dir, timeout=300)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "tokens/s" in demo.stdout and "per_token_cast_to_fp8" in demo.stdout
+    assert "quant" in demo.stdout and "# wrote" in demo.stdout
+    assert list((run_dir / "bench-results").glob("*.json*")), "bench results not written under the cwd"
+    bad = subprocess.run([sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, env=env,
+                         cwd=run_dir, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
