@@ -22,7 +22,7 @@ def make_inputs(lens=(20, 5), s_q=1, h_q=16, cache_dtype=torch.bfloat16, q_dtype
     g = torch.Generator().manual_seed(seed)
     need = [-(-n // PAGE) for n in lens]
     num_blocks = num_blocks or sum(need) + 2
-    max_blocks = max_blocks or max(1, max(need)) + 1
+    max_blocks = max_blocks or max(1, max(need, default=0)) + 1
     perm = torch.randperm(num_blocks, generator=g)
     block_table = torch.full((len(lens), max_blocks), -1, dtype=torch.int32)
     used = 0
@@ -515,3 +515,44 @@ def test_nan_past_length_never_leaks_and_empty_rows_stay_zero(emu_on):
         assert not out.float().isnan().any() and not lse.isnan().any()
         assert (out[0, 0] == 0).all() and torch.isinf(lse[0, :, 0]).all()
         assert (out[1] == 0).all() and (lse[1] == math.inf).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# valid edge cases: accepted by both paths, and the emulated kernels agree with the reference
+
+def _full_table_case():
+    """Lengths that use every column of the block table, and the last block of the cache."""
+    args = make_inputs(lens=(3 * PAGE, 2 * PAGE + 1), max_blocks=3)
+    args["block_table"] = args["block_table"].clone()
+    args["block_table"][0, 2] = args["kv_cache"].size(0) - 1
+    return args
+
+
+EDGE_CASES = {
+    "empty-batch": lambda: make_inputs(lens=(), h_q=16),
+    "all-empty": lambda: make_inputs(lens=(0, 0, 0)),
+    "one-token": lambda: make_inputs(lens=(1,)),
+    "full-table": _full_table_case,
+    "s_q-2-causal-short": lambda: {**make_inputs(lens=(1, 2, 0), s_q=2), "causal": True},
+    "fp16": lambda: make_inputs(lens=(37, 5), q_dtype=torch.float16, cache_dtype=torch.float16),
+    "e4m3": lambda: make_inputs(lens=(37, 5), cache_dtype=E4M3),
+    "numpy-scalars": lambda: {**make_inputs(lens=(20, 5)), "head_dim_v": __import__("numpy").int64(512),
+                              "softmax_scale": __import__("numpy").float32(0.05)},
+}
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_valid_edge_cases_reference_equals_kernel(emu_on, name):
+    args = EDGE_CASES[name]()
+    if name == "full-table":  # rewrite the rows of the page swapped in, so the last block holds real data
+        page = int(args["block_table"][0, 2])
+        args["kv_cache"][page] = (torch.randn(PAGE, 1, 576) / 4).to(args["kv_cache"].dtype)
+    with reference():
+        ref_out, ref_lse = deepkernels.mla_decode_with_kvcache(**args)
+    out, lse = deepkernels.mla_decode_with_kvcache(**args)
+    assert out.dtype == args["q"].dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert not out.float().isnan().any() and not lse.isnan().any(), name
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), name
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=8e-4 if args["kv_scale"] is None else 4e-3,
+                               rtol=2.01 / 128)
