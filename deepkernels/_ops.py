@@ -249,7 +249,7 @@ def check_pair(name: str, value) -> tuple:
 def check_index_values(name: str, t: torch.Tensor, low: int, high: int, what: str = "values") -> None:
     """Every element of integer tensor ``t`` in [low, high) (a host read: one sync on a CUDA tensor).
     ValueError naming the argument, the range, the offending range and the first bad position."""
-    if t.numel() == 0:
+    if t.numel() == 0 or t.device.type == "meta":  # meta: no values (shape-only tracing)
         return
     bad = (t < low) | (t >= high)
     if bool(bad.any()):
@@ -276,10 +276,13 @@ def run_device_checks(t: torch.Tensor) -> bool:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
+        first, device = next(iter(devices.items()))
+        name, other = next((n, d) for n, d in devices.items() if d != device)
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"expected all tensors on one device, got {listing}")
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of {first}; all tensors on one "
+                         f"device), got {other} ({listing})")
 
 
 def ceil_div(a: int, b: int) -> int:

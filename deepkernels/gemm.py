@@ -164,7 +164,7 @@ def check_m_indices_values(m_indices: torch.Tensor, num_groups: int) -> None:
     only padding rows (-1) follow a segment's end inside its last tile. These are exactly the inputs on
     which the reference and the CUDA kernel (which gives a tile the group of its first row) agree."""
     m = m_indices.numel()
-    if m == 0:
+    if m == 0 or m_indices.device.type == "meta":
         return
     align = M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT
     ids = m_indices.reshape(-1)
@@ -198,9 +198,11 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     Raises TypeError (a non-tensor argument) or ValueError naming the argument (dtype, shape, scale shape,
     layout, N/K not multiples of 16, contiguity, device mismatch) before any launch.
     """
-    m, n, _ = _check_dense_args(a, a_scale, b, b_scale, out)
+    m, n, k = _check_dense_args(a, a_scale, b, b_scale, out)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    if k == 0:  # an empty sum (the kernels need K >= 16)
+        return out.zero_()
     torch.ops.deepkernels.fp8_gemm_nt(a, a_scale, b, b_scale, out)
     return out
 
@@ -225,6 +227,10 @@ def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: 
     _check_contiguous_args(a, a_scale, b, b_scale, out, m_indices)
     if run_device_checks(m_indices):
         check_m_indices_values(m_indices, b.size(0))
+    if a.size(1) == 0:  # an empty sum: every row is 0 (the kernels need K >= 16); CPU values still checked
+        if m_indices.device.type == "cpu":
+            check_m_indices_values(m_indices, b.size(0))
+        return out.zero_()
     torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, out, m_indices)
     return out
 
@@ -246,6 +252,11 @@ def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torc
     expected_m = _check_masked_args(a, a_scale, b, b_scale, out, masked_m, expected_m)
     if run_device_checks(masked_m):
         check_masked_m_values(masked_m, a.size(1))
+    if a.size(2) == 0:  # an empty sum: rows < masked_m[g] are 0 (no host sync; the kernels need K >= 16)
+        if masked_m.device.type == "cpu":
+            check_masked_m_values(masked_m, a.size(1))
+        rows = torch.arange(a.size(1), device=out.device)[None, :] < masked_m[:, None]
+        return out.masked_fill_(rows[..., None], 0.0)
     torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, out, masked_m, expected_m)
     return out
 

@@ -152,7 +152,7 @@ def _check_topk_idx(topk_idx, num_experts: int, num_ranks: int | None, check_val
 
 
 def _check_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
-    if topk_idx.numel() > 0 and bool(((topk_idx < -1) | (topk_idx >= num_experts)).any()):
+    if topk_idx.numel() > 0 and topk_idx.device.type != "meta" and bool(((topk_idx < -1) | (topk_idx >= num_experts)).any()):
         lo, hi = int(topk_idx.min()), int(topk_idx.max())
         raise ValueError(f"topk_idx: expected expert ids in [0, {num_experts}) or -1 (unused), "
                          f"got values in [{lo}, {hi}]")
@@ -447,6 +447,10 @@ def _world(group) -> tuple[int, int]:
     if group is None:
         return 0, 1
     import torch.distributed as dist
+
+    if dist.is_available() and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group: expected a torch.distributed ProcessGroup or None (one process), "
+                        f"got {type(group).__name__}")
 
     return dist.get_rank(group), dist.get_world_size(group)
 
