@@ -280,6 +280,10 @@ def positions_to_src_idx(pos: torch.Tensor, num_rows: int) -> torch.Tensor:
     num_rows = check_int("num_rows", num_rows, min_value=0)
     if pos.device.type == "cpu" or run_device_checks(pos):
         check_index_values("pos", pos, -1, num_rows, "rows (-1 = none)")
+        used = pos[pos >= 0]
+        if used.unique().numel() != used.numel():
+            raise ValueError(f"pos: expected each row at most once, got {used.numel() - used.unique().numel()} "
+                             f"repeated rows")
     return _positions_to_src_idx(pos, num_rows)
 
 
@@ -552,6 +556,7 @@ class DispatchHandle:
 
     def to_contiguous(self, recv_x, alignment: int = 1):
         """recv_x [N, H] (or an (fp8, scale) pair) -> the rows in contiguous layout (+ m_indices)."""
+        self._check_recv_x(recv_x)
         pos, m_idx, _, m = self.contiguous_layout(alignment)
         src = _positions_to_src_idx(pos, m)
         if isinstance(recv_x, tuple):
@@ -561,6 +566,7 @@ class DispatchHandle:
     def to_masked(self, recv_x, max_m: int | None = None):
         """recv_x [N, H] (or (fp8, scale)) -> [L, max_m, H] (or a pair) and masked_m [L]. Rows of an
         expert from masked_m on are zero (fp8: zero with scale 1e-4/448)."""
+        self._check_recv_x(recv_x)
         pos, masked_m, max_m = self.masked_layout(max_m)
         src = _positions_to_src_idx(pos, self.num_local_experts * max_m)
         view = lambda t: t.view(self.num_local_experts, max_m, t.size(1))  # noqa: E731
@@ -568,13 +574,32 @@ class DispatchHandle:
             return (view(permute(recv_x[0], src)), view(permute(recv_x[1], src))), masked_m
         return view(permute(recv_x, src)), masked_m
 
+    def _check_recv_x(self, recv_x) -> None:
+        """recv_x as dispatch returned it: [num_recv, H] (or an (e4m3, scale) pair of num_recv rows)."""
+        if isinstance(recv_x, tuple):
+            if len(recv_x) != 2:
+                raise TypeError(f"recv_x: expected a tensor or an (x_fp8, scale) pair, got a tuple of length "
+                                f"{len(recv_x)}")
+            check_tensor("recv_x[0]", recv_x[0], ndim=2, shape=(self.num_recv, None))
+            check_tensor("recv_x[1]", recv_x[1], ndim=2, shape=(self.num_recv, None))
+        else:
+            check_tensor("recv_x", recv_x, ndim=2, shape=(self.num_recv, None))
+
     def _expert_pos(self, expert_out: torch.Tensor, layout: str, alignment_or_max_m):
         """(expert_pos [N, k], expert_out as [rows, H]) for an expert-output tensor in ``layout``."""
         if layout == "contiguous":
             check_tensor("expert_out", expert_out, ndim=2)
-            return self.contiguous_layout(alignment_or_max_m or 1)[0], expert_out
+            pos, _, _, m = self.contiguous_layout(1 if alignment_or_max_m is None else alignment_or_max_m)
+            if expert_out.size(0) != m:
+                raise ValueError(f"expert_out: expected {m} rows (the contiguous layout with alignment "
+                                 f"{alignment_or_max_m or 1}), got shape {list(expert_out.shape)}")
+            return pos, expert_out
         if layout == "masked":
-            return self.masked_layout(alignment_or_max_m)[0], expert_out.reshape(-1, expert_out.size(-1))
+            check_tensor("expert_out", expert_out, shape=(self.num_local_experts, None, None))
+            if alignment_or_max_m is not None and alignment_or_max_m != expert_out.size(1):
+                raise ValueError(f"alignment_or_max_m: expected None or expert_out.size(1)={expert_out.size(1)}, "
+                                 f"got {alignment_or_max_m!r}")
+            return self.masked_layout(expert_out.size(1))[0], expert_out.reshape(-1, expert_out.size(-1))
         raise ValueError(f"layout: expected 'contiguous' or 'masked', got {layout!r}")
 
     def expert_reduce(self, expert_out: torch.Tensor, layout: str = "contiguous", alignment_or_max_m=None):
@@ -846,6 +871,7 @@ class EPDispatcher:
         """
         _check_handle(handle)
         check_tensor("y", y, dtypes=_FLOAT_DTYPES, shape=(handle.num_recv, None))
+        check_same_device(y=y, handle_pos=handle.pos)
         back = self._a2a(y.contiguous(), handle.num_send, handle.recv_counts, handle.send_counts)
         return unpermute_reduce(back, handle.pos)
 

@@ -446,6 +446,18 @@ BAD = [
     ("ep-contig-align", lambda: _dispatched()[2].contiguous_layout(0), ValueError, "alignment"),
     ("ep-contig-align-float", lambda: _dispatched()[2].contiguous_layout(8.0), TypeError, "alignment"),
     ("ep-reduce-layout", lambda: _dispatched()[2].expert_reduce(torch.randn(4, 256), "rows"), ValueError, "layout"),
+    ("ep-reduce-masked-experts", lambda: (lambda d, r, h: h.expert_reduce(torch.randn(3, 5, 256), "masked"))(
+        *_dispatched()), ValueError, "expert_out"),
+    ("ep-reduce-masked-arg", lambda: (lambda d, r, h: h.expert_reduce(torch.randn(4, 5, 256), "masked", 3))(
+        *_dispatched()), ValueError, "alignment_or_max_m"),
+    ("ep-reduce-contig-rows", lambda: (lambda d, r, h: h.expert_reduce(torch.randn(2, 256), "contiguous"))(
+        *_dispatched()), ValueError, "expert_out"),
+    ("ep-to-masked-rows", lambda: (lambda d, r, h: h.to_masked(r[:1]))(*_dispatched()), ValueError, "recv_x"),
+    ("ep-to-contig-list", lambda: (lambda d, r, h: h.to_contiguous([r]))(*_dispatched()), TypeError, "recv_x"),
+    ("ep-to-masked-triple", lambda: (lambda d, r, h: h.to_masked((r, r, r)))(*_dispatched()), TypeError, "recv_x"),
+    ("ep-combine-meta", lambda: (lambda d, r, h: d.combine(r.to("meta"), h))(*_dispatched()), ValueError,
+     "handle_pos"),
+    ("p2s-repeated", lambda: moe.positions_to_src_idx(_m_idx([[0, 1], [1, -1]]), 4), ValueError, "pos"),
     ("ep-xw-shape", lambda: (lambda d, r, h: d.exchange_weights(WTS[:1], h))(*_dispatched()), ValueError,
      "topk_weights"),
 
@@ -583,7 +595,14 @@ def test_valid_edges_on_the_reference():
     assert moe.permute(X, torch.empty(0, dtype=torch.int32)).shape == (0, 256)
     assert moe.unpermute_reduce(Y, torch.full((2, 3), -1, dtype=torch.int32)).abs().sum() == 0
     assert moe.get_dispatch_layout(torch.empty(0, 2, dtype=torch.int64), 4, 2)[2].shape == (0, 2)
-    assert moe.positions_to_src_idx(POS, 4).tolist() == [0, 0, 1, 2]
+    assert moe.positions_to_src_idx(_m_idx([[0, 3], [2, -1], [-1, -1]]), 5).tolist() == [0, -1, 1, 0, -1]
+    # the masked expert layout takes its max_m from expert_out (any size), not from a default
+    d, recv, hd = _dispatched()
+    w = hd.recv_weights
+    y = torch.randn(4, 5, 256)
+    got = hd.expert_reduce(y, "masked")
+    pos = hd.masked_layout(5)[0]
+    assert torch.equal(got, moe.unpermute_reduce(y.reshape(20, 256), pos, w))
     # meta tensors (shape-only tracing): no value checks, shapes out
     assert moe.get_dispatch_layout(IDS.to("meta"), 4, 2)[2].shape == (3, 2)
 
