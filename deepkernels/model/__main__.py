@@ -25,10 +25,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 class ProgressBar:
     """A plain-text progress bar on stderr (\\r-updated on a terminal, one final line otherwise)."""
 
-    def __init__(self, total: int, stream=sys.stderr, width: int = 30):
-        self.total, self.stream, self.width = total, stream, width
+    def __init__(self, total: int, stream=None, width: int = 30):
+        self.total, self.stream, self.width = total, sys.stderr if stream is None else stream, width
         self.start = time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.closed = False
 
     def update(self, done: int) -> None:
