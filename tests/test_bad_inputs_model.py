@@ -700,3 +700,29 @@ def test_clis_in_a_subprocess_print_no_traceback(tmp_path):
         assert proc.returncode == code, (argv, proc.returncode, proc.stderr)
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# save_pretrained and sample_next_token
+
+def test_bad_save_pretrained_arguments(tmp_path, model):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for kwargs, exc, needle in (({"model": "tiny"}, TypeError, "model"), ({"directory": 3}, TypeError, "directory"),
+                                ({"fp8": "yes"}, TypeError, "fp8"), ({"max_shard_bytes": 0}, ValueError,
+                                                                     "max_shard_bytes"),
+                                ({"directory": str(a_file)}, ValueError, "not a directory")):
+        kwargs = {"model": model, "directory": str(tmp_path / "out"), **kwargs}
+        _raises(exc, lambda: save_pretrained(**kwargs), needle)
+
+
+def test_bad_sample_next_token_arguments():
+    from deepkernels.model import sample_next_token
+
+    logits = torch.randn(2, 8)
+    for args, exc, needle in (((torch.randn(8),), TypeError, "logits"), ((logits.long(),), TypeError, "logits"),
+                              (("x",), TypeError, "logits"), ((logits, -1.0), ValueError, "temperature"),
+                              ((logits, float("nan")), ValueError, "temperature"),
+                              ((logits, 1.0, 0.0), ValueError, "top_p"), ((logits, 1.0, 2.0), ValueError, "top_p")):
+        _raises(exc, lambda: sample_next_token(*args), needle)
+    assert torch.equal(sample_next_token(logits), logits.argmax(-1))

@@ -82,6 +82,15 @@ def set_cache_lengths(cache, lengths: torch.Tensor) -> None:
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, vocab] -> token ids [B]: argmax when temperature == 0, else nucleus sampling."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise TypeError(f"logits: expected a floating-point [B, vocab] tensor, got "
+                        f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
+                        f"{' ' + str(logits.dtype) if isinstance(logits, torch.Tensor) else ''}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite float, got {value!r}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature: expected >= 0 and top_p: expected in (0, 1], got {temperature}, {top_p}")
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)

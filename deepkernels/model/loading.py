@@ -367,6 +367,16 @@ def save_pretrained(model: DeepseekV3ForCausalLM, directory: str, fp8: bool = Fa
 
     from ..fp8 import per_block_cast_to_fp8
 
+    if not isinstance(model, DeepseekV3ForCausalLM):
+        raise TypeError(f"model: expected a DeepseekV3ForCausalLM, got {type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a path (str or os.PathLike), got {type(directory).__name__}")
+    if not isinstance(fp8, bool):
+        raise TypeError(f"fp8: expected True or False, got {fp8!r}")
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes: expected an int >= 1, got {max_shard_bytes!r}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"directory: {os.fspath(directory)!r} exists and is not a directory")
     os.makedirs(directory, exist_ok=True)
     config = model.config
     tensors: dict[str, torch.Tensor] = {}
