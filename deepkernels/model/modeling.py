@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..mla import get_mla_decode_metadata
+from ..nn.cpu_fast_path import cpu_fast_path_active
 from ..nn.linear import Fp8Linear
 from ..nn.mlp import MLP, make_linear
 from ..nn.moe import MoE
@@ -102,12 +103,32 @@ class RotaryEmbedding(nn.Module):
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, heads, rope_dim]; cos/sin [B, T, rope_dim/2]."""
+        if cpu_fast_path_active(x):
+            return self._apply_fast(x, cos, sin)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
             x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def _apply_fast(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` as [x1 | x2] * [cos | cos] + [x2 | x1] * [-sin | sin]: the same products and sums
+        (bit-identical), two gathers and three elementwise ops; the tables are built once per forward (the
+        layers share ``cos``/``sin``)."""
+        tables = getattr(self, "_fast_tables", None)
+        if tables is None or tables[0] is not cos or tables[1] is not sin:
+            half = x.size(-1) // 2
+            if self.interleave:  # [evens | odds] and [odds | evens]
+                order = torch.cat([torch.arange(0, 2 * half, 2), torch.arange(1, 2 * half, 2)])
+            else:
+                order = torch.arange(2 * half)
+            swapped = torch.cat([order[half:], order[:half]])
+            tables = (cos, sin, torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None],
+                      order.to(x.device), swapped.to(x.device))
+            self._fast_tables = tables
+        _, _, cos2, sin2, order, swapped = tables
+        return x.index_select(-1, order) * cos2 + x.index_select(-1, swapped) * sin2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,14 +187,37 @@ class MLAttention(nn.Module):
         w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2)
 
+    def _fused_input_proj(self):
+        """(weight, bias) of the projections that read the layer input -- q_a_proj (or q_proj) and
+        kv_a_proj_with_mqa -- stacked into one matrix for the CPU fast path: a cached copy, rebuilt when a
+        parameter changes; None when one of them is FP8."""
+        mods = (self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa)
+        if not all(type(m) is nn.Linear for m in mods) or (mods[0].bias is None) != (mods[1].bias is None):
+            return None
+        params = [p for m in mods for p in (m.weight, m.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = getattr(self, "_fused_input", None)
+        if cached is None or cached[0] != key:
+            bias = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+            cached = self._fused_input = (key, (torch.cat([m.weight for m in mods]), bias), mods[0].out_features)
+        return cached[1], cached[2]
+
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
                 cache=None, prefill: bool = False, decode_metadata=None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(b, t, self.num_heads, self.qk_head_dim)
+        fused = self._fused_input_proj() if cpu_fast_path_active(x) else None
+        if fused is not None:  # one matmul for both projections of x
+            (weight, bias), n_q = fused
+            q, kv_a = F.linear(x, weight, bias).split([n_q, weight.size(0) - n_q], dim=-1)
+            if self.q_lora_rank is not None:
+                q = self.q_b_proj(self.q_a_layernorm(q))
+        else:
+            q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            kv_a = self.kv_a_proj_with_mqa(x)
+        q = q.reshape(b, t, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = rope.apply(q_pe, cos, sin)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = rope.apply(k_pe.unsqueeze(2), cos, sin)  # [b, t, 1, rope]
 
@@ -264,7 +308,7 @@ def _shared_decode_metadata(cache, num_new_tokens: int, num_heads: int):
     """The decode kernel's split plan depends only on the lengths, equal in every layer after its append:
     compute it once per step (on the device, no host sync) and share it across layers."""
     kv = cache.kv_cache(0)
-    if kv.dtype == torch.float32:  # fp32 caches run the pure-torch attention: no plan
+    if kv.dtype == torch.float32 or cache.uses_fast_path(kv):  # pure-torch attention (fp32, CPU fast path): no plan
         return None
     lengths = cache.cache_seqlens + num_new_tokens
     return get_mla_decode_metadata(lengths, num_new_tokens * num_heads // kv.size(2), kv.size(2))

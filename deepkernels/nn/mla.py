@@ -115,41 +115,59 @@ class PagedMLAKVCache(nn.Module):
     def _append_fast(self, layer: int, rows: torch.Tensor, t: int) -> None:
         lengths, row = self.seqlens[layer], self.kv.size(-1)
         capacity = self.max_blocks_per_seq * self.page_size
-        if t and int(lengths.max()) + t > capacity:  # a CPU tensor: reading it costs no device sync
+        host = lengths.tolist()  # a CPU tensor: reading it costs no device sync
+        if t and max(host) + t > capacity:
             raise ValueError(f"append: {t} new tokens overflow the cache capacity {capacity} (sequence lengths "
-                             f"{lengths.tolist()}); build the cache with a larger max_seq_len")
-        pos = lengths.long()[:, None] + torch.arange(t, device=lengths.device)
+                             f"{host}); build the cache with a larger max_seq_len")
         if self._identity_pages():
-            slots = pos + torch.arange(self.batch_size, device=pos.device)[:, None] * capacity
+            slots = [i * capacity + n + j for i, n in enumerate(host) for j in range(t)]
         else:
-            pages = self.block_table.long().gather(1, pos // self.page_size)
-            slots = pages * self.page_size + pos % self.page_size
-        self.kv[layer].view(-1, row)[slots.view(-1)] = rows.view(-1, row).to(self.dtype)
+            table, page = self.block_table.tolist(), self.page_size
+            slots = [table[i][(n + j) // page] * page + (n + j) % page for i, n in enumerate(host) for j in range(t)]
+        self.kv[layer].view(-1, row)[torch.tensor(slots, device=rows.device)] = rows.view(-1, row).to(self.dtype)
         lengths += t
+        # attend() right after reads the new lengths from here instead of the tensor (valid while unchanged)
+        self._host_lengths = (layer, self.seqlens._version, [n + t for n in host])
+
+    def _lengths_on_host(self, layer: int) -> list[int]:
+        cached = getattr(self, "_host_lengths", None)
+        if cached is not None and cached[0] == layer and cached[1] == self.seqlens._version:
+            return cached[2]
+        return self.seqlens[layer].tolist()
 
     def _attend_fast(self, layer: int, q_nope, q_pe, w_uk, w_uv, softmax_scale: float, causal: bool):
         """mla_decode_absorbed's maths for all sequences at once: the reference's fp32 attention (bf16 cache:
-        the decode kernel's bf16 query and bf16 output), masked per sequence length instead of gathered."""
-        b, s, h, _ = q_nope.shape
+        the decode kernel's bf16 query and bf16 output) over a [b, L, row] view of the cache, keys past each
+        sequence's length (and the bottom-right causal mask) masked out."""
+        b, s, h, d_nope = q_nope.shape
         rank = w_uk.size(-1)
-        lengths = self.seqlens[layer]
-        length = int(lengths.max()) if b else 0
+        host = self._lengths_on_host(layer)
+        length = max(host, default=0)
+        if length == 0:  # no keys anywhere: every output is 0
+            return q_nope.new_zeros(b, s, h, w_uv.size(-1))
         kv = self.sequence_rows(layer, length).float()                          # [b, L, row]
-        q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float()), q_pe.float()], dim=-1)
+        # absorb W_UK per head: [h, b*s, d_nope] @ [h, d_nope, rank]
+        q_latent = torch.bmm(q_nope.reshape(b * s, h, d_nope).float().transpose(0, 1), w_uk.float())
+        q = torch.cat([q_latent.transpose(0, 1).view(b, s, h, rank), q_pe.float()], dim=-1)
         if self.dtype == torch.bfloat16:
             q = q.to(torch.bfloat16).float()
-        scores = torch.matmul(q.view(b, s * h, -1), kv.transpose(1, 2)).view(b, s, h, length)
-        limit = lengths.long()[:, None].expand(b, s)
-        if causal:  # bottom-right: query token i sees keys < length - s + 1 + i
-            limit = limit - s + 1 + torch.arange(s, device=limit.device)
-        hidden = torch.arange(length, device=limit.device) >= limit[:, :, None]  # [b, s, L]
-        probs = torch.softmax(scores.masked_fill_(hidden[:, :, None], float("-inf")) * softmax_scale, dim=-1)
-        if b and int(limit.min()) <= 0:  # a query that sees no key: output 0 (the reference's)
+        scores = torch.bmm(q.view(b, s * h, -1), kv.transpose(1, 2)).view(b, s, h, length)
+        shortest = min(host)
+        if shortest < length or (causal and s > 1):
+            limit = torch.tensor(host, device=kv.device)[:, None].expand(b, s)
+            if causal:  # bottom-right: query token i sees keys < length - s + 1 + i
+                limit = limit - s + 1 + torch.arange(s, device=kv.device)
+            hidden = torch.arange(length, device=kv.device) >= limit[:, :, None]  # [b, s, L]
+            scores.masked_fill_(hidden[:, :, None], float("-inf"))
+        probs = torch.softmax(scores.mul_(softmax_scale), dim=-1)
+        if shortest - (s - 1 if causal else 0) <= 0:  # a query that sees no key: output 0 (the reference's)
             probs = probs.nan_to_num_(0.0)
-        out = torch.matmul(probs.view(b, s * h, length), kv[..., :rank]).view(b, s, h, rank)
+        out = torch.bmm(probs.view(b, s * h, length), kv[..., :rank])             # [b, s*h, rank]
         if self.dtype == torch.bfloat16:
             out = out.to(torch.bfloat16).float()
-        return torch.einsum("bshc,hcv->bshv", out, w_uv.float()).to(q_nope.dtype)
+        # map back through W_UV per head: [h, b*s, rank] @ [h, rank, d_v]
+        out = torch.bmm(out.view(b * s, h, rank).transpose(0, 1), w_uv.float())
+        return out.transpose(0, 1).reshape(b, s, h, -1).to(q_nope.dtype)
 
     def slot_mapping(self, layer: int, num_tokens: int) -> torch.Tensor:
         """[b * t] int64 cache slots (page * page_size + offset) of the next t tokens of each sequence."""

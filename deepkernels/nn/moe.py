@@ -22,7 +22,17 @@ from torch import nn
 from .. import fp8 as _fp8
 from .._ops import ceil_div
 from ..moe import EPDispatcher
+from .cpu_fast_path import cpu_fast_path_active
 from .mlp import MLP
+
+# CPU fast path: when the tokens' k slots at least cover the experts (T * k >= E) and there are at most this
+# many tokens, the routed experts run densely (every expert on every token: one matmul and two batched ones,
+# no per-expert loop; the weights are read once either way); otherwise the (token, slot) pairs are sorted by
+# expert and each used expert runs once on its rows (few slots: only the used experts' weights are read;
+# many tokens: no wasted flops).
+DENSE_EXPERTS_MAX_TOKENS = 16
+# ... and the dense path's stacked copy of the routed experts' weights is kept only below this size.
+DENSE_EXPERTS_MAX_BYTES = 1 << 30
 
 
 def grouped_gemm_ops():
@@ -272,9 +282,105 @@ class MoE(nn.Module):
         out = torch.stack([expert(xm[i]) for i, expert in enumerate(experts)]) if experts else xm
         return handle.expert_reduce(out, "masked")
 
+    # -- CPU fast path (one rank, float experts) ---------------------------------------------------
+    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+        d = self.dispatcher
+        return (not self.fp8 and not self.fp8_dispatch and d.num_ranks == 1 and d.capacity is None
+                and cpu_fast_path_active(x))
+
+    def _expert_weights(self):
+        """Stacked copies of the experts' weights for the CPU fast path, rebuilt when a parameter changes
+        (pointer or in-place version): (w13 [E, 2I, H] (gate; up), w2t [E, I, H] (down^T), their per-expert
+        views, and the shared experts' (gate; up) [2Is, H] and down [H, Is] or None); None when the routed
+        experts are too large to hold twice."""
+        experts = self.local_experts()
+        mlps = experts + ([self.shared_experts] if self.shared_experts is not None else [])
+        params = [p for e in mlps for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = getattr(self, "_fast_weights", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if sum(p.numel() * p.element_size() for p in params) > DENSE_EXPERTS_MAX_BYTES:
+            return None
+        w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
+        w2t = torch.stack([e.down_proj.weight.t() for e in experts])
+        sh = self.shared_experts
+        shared = None if sh is None else (torch.cat([sh.gate_proj.weight, sh.up_proj.weight]), sh.down_proj.weight)
+        weights = (w13, w2t, list(w13.unbind(0)), list(w2t.unbind(0)), shared)
+        self._fast_weights = (key, weights)
+        return weights
+
+    def _routed_dense(self, x2, topk_idx, topk_w, weights):
+        """sum_j w_j * expert_j(x) with every expert run on every token (few tokens: decode): one matmul for all
+        gate/up projections, one batched matmul for the down projections, the weighted sum over experts (zero
+        weight for unselected ones) in fp32 as a third."""
+        w13, w2t = weights[:2]
+        t, i = x2.size(0), self.intermediate_size
+        e = w13.size(0)
+        gu = torch.matmul(x2, w13.view(e * 2 * i, -1).t()).view(t, e, 2 * i)
+        act = F.silu(gu[..., :i]) * gu[..., i:]                                  # [t, e, i]
+        y = torch.bmm(act.transpose(0, 1), w2t)                                  # [e, t, h] in x's dtype
+        dense_w = torch.zeros(t, 1, e, dtype=torch.float32, device=x2.device).scatter_(2, topk_idx[:, None],
+                                                                                      topk_w[:, None])
+        return torch.bmm(dense_w, y.transpose(0, 1).float()).squeeze(1)          # [t, h] fp32
+
+    def _routed_sorted(self, x2, topk_idx, topk_w, weights):
+        """sum_j w_j * expert_j(x) with the (token, slot) pairs sorted by expert: one matmul pair per used
+        expert on its contiguous rows (few pairs: only the used experts' weights are read; many tokens: no
+        wasted flops)."""
+        t, k = topk_idx.shape
+        num_experts = self.dispatcher.num_local_experts
+        if t * k <= 64:  # a few pairs: order them on the host (a CPU tensor, no device sync)
+            ids = topk_idx.view(-1).tolist()
+            pairs = sorted(range(t * k), key=ids.__getitem__)
+            counts = [0] * num_experts
+            for e in ids:
+                counts[e] += 1
+            order = torch.tensor(pairs, device=x2.device)
+        else:
+            flat = topk_idx.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=num_experts).tolist()
+        token = order // k
+        xs = x2.index_select(0, token)
+        ys = torch.empty_like(xs)
+        i, start = self.intermediate_size, 0
+        experts = self.local_experts() if weights is None else None
+        for e, c in enumerate(counts):
+            if c:
+                if weights is None:
+                    ys[start:start + c] = experts[e](xs[start:start + c])
+                else:  # gate and up in one matmul
+                    gu = F.linear(xs[start:start + c], weights[2][e])
+                    torch.matmul(F.silu(gu[:, :i]) * gu[:, i:], weights[3][e], out=ys[start:start + c])
+            start += c
+        out = torch.zeros(t, x2.size(1), dtype=torch.float32, device=x2.device)
+        return out.index_add_(0, token, ys.float() * topk_w.view(-1)[order].unsqueeze(1))
+
+    def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum in fp32 (as expert_reduce), cast, plus the shared experts."""
+        topk_idx, topk_w = self.gate(x2)
+        weights = self._expert_weights()
+        t, k = topk_idx.shape
+        if weights is not None and t <= DENSE_EXPERTS_MAX_TOKENS and t * k >= self.dispatcher.num_local_experts:
+            out = self._routed_dense(x2, topk_idx, topk_w, weights)
+        else:
+            out = self._routed_sorted(x2, topk_idx, topk_w, weights)
+        out = out.to(x2.dtype)
+        if self.shared_experts is None:
+            return out
+        if weights is None:
+            return out + self.shared_experts(x2)
+        w13, w2 = weights[4]
+        gu = F.linear(x2, w13)
+        i = w2.size(1)
+        return out + F.linear(F.silu(gu[:, :i]) * gu[:, i:], w2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
+        if self._fast_path_ok(x2):
+            return self._forward_fast(x2).view(shape)
         topk_idx, topk_w = self.gate(x2)
         recv_x, handle = self.dispatcher.dispatch(x2, topk_idx, topk_w, use_fp8=self.fp8_dispatch)
         y = self._run_experts(recv_x, handle, x.dtype)
