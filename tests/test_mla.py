@@ -355,8 +355,15 @@ def test_opcheck():
     opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
             (fp8["q"], fp8["kv_cache"], fp8["block_table"], fp8["cache_seqlens"], 512, meta, splits, 0.1, True,
              fp8["kv_scale"]))
-    cache = torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16)
-    opcheck(torch.ops.deepkernels.write_mla_kv_cache, (cache, None, torch.randn(3, 1, 576), torch.tensor([0, 5, 31])))
+    fp16 = make_case([20, 5], 2, 16, cache_dtype=torch.float16)
+    meta, splits = deepkernels.get_mla_decode_metadata(fp16["cache_seqlens"], 32, 1)
+    opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
+            (fp16["q"], fp16["kv_cache"], fp16["block_table"], fp16["cache_seqlens"], 512, meta, splits, 0.1, True,
+             None))
+    for dtype in (torch.bfloat16, torch.float16):
+        cache = torch.zeros(2, 16, 1, 576, dtype=dtype)
+        opcheck(torch.ops.deepkernels.write_mla_kv_cache,
+                (cache, None, torch.randn(3, 1, 576), torch.tensor([0, 5, 31])))
     opcheck(torch.ops.deepkernels.write_mla_kv_cache,
             (torch.zeros(2, 16, 1, 576, dtype=E4M3), torch.ones(2, 16, 1), torch.randn(3, 1, 576).to(torch.bfloat16),
              torch.tensor([0, -1, 31])))
@@ -724,6 +731,10 @@ def test_kernel_opcheck(kernel_device):
     opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
             (case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512, meta, splits, 0.1, True,
              case["kv_scale"]))
+    fp16 = make_case([20, 70], 2, 16, cache_dtype=torch.float16, device=kernel_device)
+    opcheck(torch.ops.deepkernels.mla_decode_with_kvcache,
+            (fp16["q"], fp16["kv_cache"], fp16["block_table"], fp16["cache_seqlens"], 512, meta, splits, 0.1, True,
+             None))
     cache = torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16, device=kernel_device)
     opcheck(torch.ops.deepkernels.write_mla_kv_cache,
             (cache, None, torch.randn(3, 1, 576, device=kernel_device), torch.tensor([0, 5, 31], device=kernel_device)))
