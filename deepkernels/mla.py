@@ -38,16 +38,22 @@ boundary yields one split per sequence it touches. Outputs:
     ``num_splits[i] .. num_splits[i+1]-1`` (none when L_i == 0). total splits <= b + num_sm_parts.
 
 CUDA (csrc/mla_decode/, sm_80+): grid (num_sm_parts, h_kv, ceil(s_q*h_q/h_kv / 32)); each CTA takes 32 query
-rows and walks its part's key ranges in 32-key tiles (bf16 mma.sync for Q K^T and P V, fp32 online softmax,
+rows and walks its part's key ranges in 32-key tiles (bf16 or f16 mma.sync for Q K^T and P V, fp32 online softmax,
 1-3 stage cp.async pipeline through the block table, e4m3 rows converted to bf16 exactly with the token
 scale folded into the scores and P). A split's partial (output normalised by its own sum, fp32, and its lse)
 goes to a scratch buffer of b + num_sm_parts splits and a combine kernel merges them by lse; a sequence with
 a single split is written directly. Metadata, decode and combine launch without host synchronisation.
 
 Hopper (opt-in, not yet validated on a GPU): with ``DEEPKERNELS_MLA_SM90=1`` (read on every call) an sm_90
-device with a bf16 cache runs csrc/mla_decode/splitkv_sm90.cuh instead: 64 query rows per CTA, two
+device with a bf16 or fp16 cache runs csrc/mla_decode/splitkv_sm90.cuh instead: 64 query rows per CTA, two
 warpgroups, 64-key tiles in a 2-stage cp.async ring, wgmma for Q K^T and for P V with the K tile reused as V;
 same plan, partials and combine. An e4m3 cache keeps the portable kernel.
+
+Untrusted values: on the CPU (reference and emulator) the lengths, the used block-table entries, the plan and
+the cache-write slots are validated before any read or write (ValueError naming the argument). On CUDA they
+are trusted, as in FlashMLA, unless ``DEEPKERNELS_CHECK=1`` (one device sync per call); unchecked, the kernels
+still never touch memory out of range: a bad page or a negative length gives NaN rows, a bad slot is skipped.
+NaN: a NaN in q, in a cached row that a query reads, or in that row's kv_scale reaches its out and lse.
 """
 from __future__ import annotations
 
