@@ -15,10 +15,11 @@ E4M3 = torch.float8_e4m3fn
 PAGE = 16
 
 
-def make_inputs(lens=(20, 5), s_q=1, h_q=16, cache_dtype=torch.bfloat16, q_dtype=torch.bfloat16, num_blocks=None,
+def make_inputs(lens=(20, 5), s_q=1, h_q=16, cache_dtype=torch.bfloat16, q_dtype=None, num_blocks=None,
                 max_blocks=None, seed=0):
     """A valid decode call: q, a NaN-poisoned paged cache (slots past each length), a shuffled block table with
-    -1 in its unused entries, the plan."""
+    -1 in its unused entries, the plan. q is fp16 with an fp16 cache, else bf16."""
+    q_dtype = q_dtype or (torch.float16 if cache_dtype == torch.float16 else torch.bfloat16)
     g = torch.Generator().manual_seed(seed)
     need = [-(-n // PAGE) for n in lens]
     num_blocks = num_blocks or sum(need) + 2
@@ -369,7 +370,7 @@ def _raw_decode(args):
 
 
 @pytest.mark.parametrize("sm90", ["0", "1"], ids=["portable", "sm90"])
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, E4M3], ids=["bf16", "fp16", "e4m3"])
 @pytest.mark.parametrize("change,bad_seq", [(_entry(-1), 0), (_entry(2**30, row=1), 1), (_entry(-2**31), 0),
                                             (_seqlen(3 * PAGE + 20), 0), (_seqlen(-5, i=1), 1)],
                          ids=["minus1", "huge", "int-min", "beyond-table", "negative-len"])
@@ -456,6 +457,9 @@ NAN_CASES = [  # (what, lens, s_q, causal, num_sm_parts, cache dtype)
     ("scale", (300, 20), 1, False, 8, E4M3),
     ("scale", (40, 20), 2, True, 1, E4M3),
     ("q", (1, 20), 2, True, 3, torch.bfloat16),            # the NaN query row sees no key: out 0, lse +inf
+    ("q", (300, 20), 2, True, 8, torch.float16),
+    ("key-latent", (300, 20), 1, False, 8, torch.float16),
+    ("key-rope", (40, 20), 2, True, 1, torch.float16),
 ]
 
 
