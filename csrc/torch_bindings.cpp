@@ -264,6 +264,104 @@ DEEPKERNELS_LIBRARY_IMPL(m) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// fp8_gemm (training): weight-gradient GEMMs, fp32 out accumulated, 1x128 per-row scales on both operands
+
+namespace wgrad_gemm_binding {
+
+void check_wgrad_operand(const at::Tensor& t, const char* name) {
+  fp8_gemm_binding::check_fp8_operand(t, name);
+  TORCH_CHECK(t.dim() == 2, name, ": expected 2 dims, got ", t.sizes());
+}
+
+void check_scale(const at::Tensor& scale, const char* name, int64_t rows, int64_t k_blocks) {
+  TORCH_CHECK(on_kernel_device(scale) && scale.scalar_type() == at::kFloat && scale.dim() == 2 &&
+                  scale.size(0) == rows && scale.size(1) == k_blocks,
+              name, ": expected a float32 ", kKernelDevice, " tensor [", rows, ", ", k_blocks, "], got ",
+              scale.scalar_type(), " ", scale.sizes(), " on ", scale.device());
+}
+
+void wgrad_gemm_fp8_fp8_fp32_nt(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                const at::Tensor& b_scale, const at::Tensor& out) {
+  check_wgrad_operand(a, "a");
+  check_wgrad_operand(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(1), "a and b: K differs (", a.size(1), " vs ", b.size(1), ")");
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1), k_blocks = (k + 127) / 128;
+  check_scale(a_scale, "a_scale", m, k_blocks);
+  check_scale(b_scale, "b_scale", n, k_blocks);
+  TORCH_CHECK(on_kernel_device(out) && out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == m &&
+                  out.size(1) == n && (n <= 1 || out.stride(1) == 1),
+              "out: expected a float32 ", kKernelDevice, " tensor [", m, ", ", n, "] with unit stride along N, got ",
+              out.scalar_type(), " ", out.sizes(), " strides ", out.strides());
+  deepkernels::fp8_gemm::WgradGemmParams p{};
+  p.a = static_cast<const uint8_t*>(a.data_ptr());
+  p.a_row_stride = a.stride(0);
+  p.a_scale = a_scale.data_ptr<float>();
+  p.a_scale_row_stride = a_scale.stride(0);
+  p.a_scale_col_stride = a_scale.stride(1);
+  p.b = static_cast<const uint8_t*>(b.data_ptr());
+  p.b_row_stride = b.stride(0);
+  p.b_scale = b_scale.data_ptr<float>();
+  p.b_scale_row_stride = b_scale.stride(0);
+  p.b_scale_col_stride = b_scale.stride(1);
+  p.out = out.data_ptr<float>();
+  p.out_row_stride = out.stride(0);
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  const KernelDeviceGuard guard(a.device());
+  deepkernels::fp8_gemm::wgrad_gemm_nt(p, current_stream());
+  check_launch();
+}
+
+void k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                          const at::Tensor& b_scale, const at::Tensor& out, at::IntArrayRef ks) {
+  TORCH_CHECK(on_kernel_device(out) && out.scalar_type() == at::kFloat && out.dim() == 3 && out.is_contiguous() &&
+                  out.size(0) == static_cast<int64_t>(ks.size()),
+              "out: expected a contiguous float32 ", kKernelDevice, " tensor [G = len(ks) = ", ks.size(),
+              ", M, N], got ", out.scalar_type(), " ", out.sizes());
+  const int64_t m = out.size(1), n = out.size(2);
+  int64_t total_k = 0, scale_rows = 0;
+  for (size_t g = 0; g < ks.size(); ++g) {
+    TORCH_CHECK(ks[g] >= 0 && ks[g] % 16 == 0, "ks[", g, "]: expected a non-negative multiple of 16, got ", ks[g]);
+    total_k += ks[g];
+    scale_rows += (ks[g] + 127) / 128;
+  }
+  const auto check_flat = [&](const at::Tensor& t, const char* name, int64_t rows) {
+    check_cuda(t, name);
+    TORCH_CHECK(t.scalar_type() == at::kFloat8_e4m3fn && t.is_contiguous() && t.numel() == rows * total_k,
+                name, ": expected a contiguous float8_e4m3fn tensor of ", rows * total_k, " elements, got ",
+                t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, ": data pointer must be 16-byte aligned");
+  };
+  check_flat(a, "a", m);
+  check_flat(b, "b", n);
+  check_scale(a_scale, "a_scale", scale_rows, m);
+  check_scale(b_scale, "b_scale", scale_rows, n);
+  TORCH_CHECK(a_scale.is_contiguous() && b_scale.is_contiguous(), "a_scale and b_scale: expected contiguous tensors");
+  const std::vector<int64_t> ks_host(ks.begin(), ks.end());
+  deepkernels::fp8_gemm::KGroupedWgradGemmParams p{};
+  p.a = static_cast<const uint8_t*>(a.data_ptr());
+  p.a_scale = a_scale.data_ptr<float>();
+  p.b = static_cast<const uint8_t*>(b.data_ptr());
+  p.b_scale = b_scale.data_ptr<float>();
+  p.out = out.data_ptr<float>();
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.num_groups = static_cast<int>(ks.size());
+  p.ks = ks_host.data();
+  const KernelDeviceGuard guard(out.device());
+  deepkernels::fp8_gemm::k_grouped_wgrad_gemm_nt(p, current_stream());
+  check_launch();
+}
+
+}  // namespace wgrad_gemm_binding
+
+DEEPKERNELS_LIBRARY_IMPL(m) {
+  m.impl("wgrad_gemm_fp8_fp8_fp32_nt", &wgrad_gemm_binding::wgrad_gemm_fp8_fp8_fp32_nt);
+  m.impl("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", &wgrad_gemm_binding::k_grouped_wgrad_gemm_fp8_fp8_fp32_nt);
+}
+
+// ---------------------------------------------------------------------------------------------
 // mla_decode: split plan, paged decode, cache write
 
 namespace mla_decode_binding {

@@ -5,6 +5,7 @@
 #include "gemm_portable.cuh"
 #include "launch.h"
 #include "sm90.cuh"
+#include "wgrad_portable.cuh"
 
 namespace deepkernels::fp8_gemm {
 
@@ -41,6 +42,39 @@ const char* fp8_gemm_nt(const Fp8GemmParams& p, cudaStream_t stream) {
                   static_cast<unsigned>(p.mode == GemmMode::kGroupedMasked ? p.num_groups : 1));
   launch_kernel<fp8_gemm_nt_portable_kernel>(grid, kThreads, 0, stream, p);
   return nullptr;
+}
+
+void wgrad_gemm_nt(const WgradGemmParams& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0 || p.k == 0) return;  // out += 0
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)));
+  launch_kernel<wgrad_gemm_portable_kernel>(grid, kThreads, 0, stream, p);
+}
+
+void k_grouped_wgrad_gemm_nt(const KGroupedWgradGemmParams& p, cudaStream_t stream) {
+  // One launch per group (K differs per group; the offsets come from the host's ks, so no device sync).
+  int64_t k0 = 0, scale_row0 = 0;
+  for (int g = 0; g < p.num_groups; ++g) {
+    const int64_t k = p.ks[g], k_blocks = ceil_div(k, static_cast<int64_t>(kBlockK));
+    WgradGemmParams q{};
+    q.a = p.a + p.m * k0;
+    q.a_row_stride = k;
+    q.a_scale = p.a_scale + scale_row0 * p.m;
+    q.a_scale_row_stride = 1;
+    q.a_scale_col_stride = p.m;
+    q.b = p.b + p.n * k0;
+    q.b_row_stride = k;
+    q.b_scale = p.b_scale + scale_row0 * p.n;
+    q.b_scale_row_stride = 1;
+    q.b_scale_col_stride = p.n;
+    q.out = p.out + static_cast<int64_t>(g) * p.m * p.n;
+    q.out_row_stride = p.n;
+    q.m = p.m;
+    q.n = p.n;
+    q.k = static_cast<int>(k);
+    wgrad_gemm_nt(q, stream);
+    k0 += k;
+    scale_row0 += k_blocks;
+  }
 }
 
 }  // namespace deepkernels::fp8_gemm

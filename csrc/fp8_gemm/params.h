@@ -30,3 +30,42 @@ struct Fp8GemmParams {
 };
 
 }  // namespace deepkernels::fp8_gemm
+
+namespace deepkernels::fp8_gemm {
+
+// Weight-gradient GEMM: out += (a * a_scale) @ (b * b_scale)^T, fp32, both operands 1x128 per-row scaled
+// along K (the token dimension in wgrad). Strides are in elements.
+//   a        e4m3 [m, k], unit stride along k, rows 16-byte aligned
+//   a_scale  fp32 [m, ceil(k/128)], any row/col strides
+//   b        e4m3 [n, k], unit stride along k, rows 16-byte aligned
+//   b_scale  fp32 [n, ceil(k/128)], any row/col strides
+//   out      fp32 [m, n], unit stride along n: read and written (accumulated)
+struct WgradGemmParams {
+  const uint8_t* a;
+  int64_t a_row_stride;
+  const float* a_scale;
+  int64_t a_scale_row_stride, a_scale_col_stride;
+  const uint8_t* b;
+  int64_t b_row_stride;
+  const float* b_scale;
+  int64_t b_scale_row_stride, b_scale_col_stride;
+  float* out;
+  int64_t out_row_stride;
+  int m, n, k;
+};
+
+// K-grouped weight gradients in DeepGEMM's flat layout: group g multiplies the [m, ks[g]] block of a at
+// element m * sum(ks[:g]) by the [n, ks[g]] block of b at n * sum(ks[:g]), with scales
+// a_scale [sum(ceil(ks/128)), m] and b_scale [sum(ceil(ks/128)), n] (row j = one K block's scales of every
+// row), accumulating into out[g] ([num_groups, m, n] contiguous). ks is a HOST array of num_groups ints.
+struct KGroupedWgradGemmParams {
+  const uint8_t* a;
+  const float* a_scale;
+  const uint8_t* b;
+  const float* b_scale;
+  float* out;
+  int m, n, num_groups;
+  const int64_t* ks;
+};
+
+}  // namespace deepkernels::fp8_gemm
