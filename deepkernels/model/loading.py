@@ -228,7 +228,12 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
     # every check passed: allocate, then fill every parameter and persistent buffer from the checkpoint
     if any(t.is_meta for t in state.values()):
         model.to_empty(device=device if device is not None else "cpu")
-        model.model.rotary_emb.reset_parameters()  # the only non-persistent buffer: computed, not loaded
+        for name, module in model.named_modules():  # non-persistent buffers (RoPE's inv_freq) are computed
+            if any(module._buffers.get(n) is not None for n in module._non_persistent_buffers_set):
+                if not hasattr(module, "reset_parameters"):
+                    raise RuntimeError(f"{name or 'model'}: non-persistent buffers and no reset_parameters() to "
+                                       "rebuild them after a meta-device build")
+                module.reset_parameters()
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         state = model.state_dict()
@@ -317,7 +322,7 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device = "cpu", d
                               {"load_mtp": load_mtp, "dequantize_fp8": dequantize_fp8, "random_init": random_init,
                                "check_finite": check_finite})
     directory = None
-    if isinstance(name_or_path, str) and name_or_path in PRESETS and not os.path.isdir(name_or_path):
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:  # (a directory of that name: pass "./tiny")
         config = config if config is not None else PRESETS[name_or_path]()
     elif os.path.isdir(name_or_path):
         directory = os.fspath(name_or_path)
