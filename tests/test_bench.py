@@ -144,6 +144,19 @@ def test_gemm_bench_refuses_to_time_a_wrong_kernel(monkeypatch):
     assert "DEEPKERNELS_GEMM_SM90" not in os.environ
 
 
+def test_gemm_cpu_smoke_has_training_gemm_rows_beside_a_peer(tmp_path):
+    out = tmp_path / "g.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "gemm", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["case"]["kind"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"dense", "contiguous", "masked", "wgrad", "k_grouped_wgrad"} <= rows.keys(), rows.keys()
+    for kind in ("wgrad", "k_grouped_wgrad"):
+        r = rows[kind]
+        assert r["ours"] > 0 and r["peer"].startswith("torch.matmul") and r["peer_value"] > 0 and r["ratio"] > 0, r
+        assert r["extra"]["calc_diff_vs_reference"] < 1e-4, r
+
+
 def test_moe_cpu_smoke_has_low_latency_rows(tmp_path):
     out = tmp_path / "m.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "moe", "--device", "cpu", "--out", str(out)],
