@@ -500,6 +500,20 @@ BAD = [
     ("dep-ll-stats", lambda: deep_ep.Buffer(None).low_latency_dispatch(
         X, IDS, 4, 4, cumulative_local_expert_recv_stats=torch.zeros(3, dtype=torch.int32)), ValueError,
      "cumulative_local_expert_recv_stats"),
+    ("dep-nvl-str", lambda: deep_ep.Buffer(None, num_nvl_bytes="1e9"), TypeError, "num_nvl_bytes"),
+    ("dep-rdma-negative", lambda: deep_ep.Buffer(None, num_rdma_bytes=-1), ValueError, "num_rdma_bytes"),
+    ("dep-layout-async-str", lambda: deep_ep.Buffer(None).get_dispatch_layout(IDS, 4, async_finish="yes"), TypeError,
+     "async_finish"),
+    ("dep-dispatch-worst", lambda: deep_ep.Buffer(None).dispatch(
+        X, topk_idx=IDS, topk_weights=WTS, num_tokens_per_expert=torch.ones(4, dtype=torch.int32),
+        num_worst_tokens=-1), ValueError, "num_worst_tokens"),
+    ("dep-hint-float", lambda: deep_ep.Buffer.get_low_latency_rdma_size_hint(4.5, 256, 2, 4), TypeError,
+     "num_max_dispatch_tokens_per_rank"),
+    ("dep-clean-str", lambda: deep_ep.Buffer(None).clean_low_latency_buffer(4, "256", 4), TypeError, "hidden"),
+    ("dep-llc-zero-copy", lambda: (lambda b, p, h: b.low_latency_combine(p, IDS, WTS, h, zero_copy="no"))(
+        *_ll_handle()), TypeError, "zero_copy"),
+    ("dg-ceil-zero", lambda: deep_gemm.ceil_div(5, 0), ValueError, "y"),
+    ("dg-ceil-float", lambda: deep_gemm.ceil_div(5.0, 2), TypeError, "x"),
     ("dep-llc-handle", lambda: deep_ep.Buffer(None).low_latency_combine(X, IDS, WTS, None), TypeError, "handle"),
     ("dep-llc-normal-handle", lambda: (lambda b, h: b.low_latency_combine(X, IDS, WTS, h))(*_ep_buffer_handle()),
      ValueError, "handle"),

@@ -44,6 +44,12 @@ from .. import moe as _moe
 from .._ops import check_bool, check_int, check_tensor
 
 
+def _check_flags(**flags) -> None:
+    """DeepEP's boolean options that this Buffer accepts and ignores still have to be bools."""
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
 def _unpack_handle(handle, low_latency: bool):
     """The (EPDispatcher, DispatchHandle) pair this Buffer's dispatch returned, else a TypeError naming it."""
     if (not isinstance(handle, tuple) or len(handle) != 2 or not isinstance(handle[0], _moe.EPDispatcher)
@@ -79,7 +85,8 @@ class Buffer:
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, **_ignored):
         self.group = group
         self.rank, self.group_size = _moe._world(group)
-        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, min_value=0)
+        self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, min_value=0)
         self._dispatchers: dict[int, _moe.EPDispatcher] = {}
 
     def _dispatcher(self, num_experts: int) -> _moe.EPDispatcher:
@@ -89,6 +96,7 @@ class Buffer:
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        _check_flags(async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
         per_rank, per_expert, in_rank = _moe.get_dispatch_layout(topk_idx, num_experts, self.group_size)
         return per_rank, None, per_expert, in_rank, EventOverlap()
 
@@ -96,6 +104,8 @@ class Buffer:
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config=None, previous_event=None,
                  async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        _check_flags(async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+        check_int("num_worst_tokens", num_worst_tokens, min_value=0)
         if handle is not None:
             d, hd = _unpack_handle(handle, low_latency=False)
             return d.dispatch_cached(x, hd), None, None, None, handle, EventOverlap()
@@ -113,6 +123,7 @@ class Buffer:
 
     def combine(self, x: torch.Tensor, handle, topk_weights: torch.Tensor | None = None, bias=None, config=None,
                 previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        _check_flags(async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
         d, hd = _unpack_handle(handle, low_latency=False)
         combined = d.combine(x, hd)
         if bias is not None:
@@ -142,10 +153,17 @@ class Buffer:
                                        num_experts: int) -> int:
         """Bytes of one low-latency dispatch's send + receive buffers (bf16 rows; metadata not counted).
         Informational: this Buffer allocates per call, so the size passed to ``Buffer(...)`` is ignored."""
+        num_max_dispatch_tokens_per_rank = check_int("num_max_dispatch_tokens_per_rank",
+                                                     num_max_dispatch_tokens_per_rank, min_value=0)
+        hidden, num_ranks = check_int("hidden", hidden, min_value=0), check_int("num_ranks", num_ranks, min_value=1)
+        check_int("num_experts", num_experts, min_value=1)
         return 2 * num_ranks * (_moe.SLOT_HEADER_BYTES + num_max_dispatch_tokens_per_rank * hidden * 2)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """No-op: every low-latency call packs a fresh buffer (padding rows and gaps are zeroed)."""
+        check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, min_value=0)
+        check_int("hidden", hidden, min_value=0)
+        check_int("num_experts", num_experts, min_value=1)
 
     def _ll_dispatcher(self, num_experts: int, num_max_dispatch_tokens_per_rank: int) -> _moe.EPDispatcher:
         key = ("ll", num_experts, num_max_dispatch_tokens_per_rank)
@@ -180,6 +198,7 @@ class Buffer:
                              f"round_scale={round_scale}, use_ue8m0={use_ue8m0}")
         use_fp8 = check_bool("use_fp8", use_fp8)
         return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
+        _check_flags(async_finish=async_finish)
         num_max_dispatch_tokens_per_rank = check_int("num_max_dispatch_tokens_per_rank",
                                                      num_max_dispatch_tokens_per_rank, min_value=0)
         num_experts = check_int("num_experts", num_experts, min_value=1)
@@ -223,6 +242,7 @@ class Buffer:
         """
         d, hd = _unpack_handle(handle, low_latency=True)
         return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
+        _check_flags(use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish)
         check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), shape=tuple(hd.topk_idx.shape))
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(hd.topk_idx.shape))
         w = torch.where(topk_idx >= 0, topk_weights, 0.0)

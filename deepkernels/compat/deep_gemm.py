@@ -20,6 +20,7 @@ _TMA_ALIGNMENT_BYTES = 16
 
 
 def ceil_div(x: int, y: int) -> int:
+    x, y = check_int("x", x), check_int("y", y, min_value=1)
     return (x + y - 1) // y
 
 
