@@ -14,8 +14,8 @@ the sign bit of a NaN byte, which is not part of the contract):
   * a group (1x128 row group, or 128x128 block) that contains a NaN gets scale NaN and ALL its values NaN
     (e4m3 0x7F / 0xFF), whatever else it holds (also an inf);
   * a group that contains +-inf (and no NaN) gets scale +inf; the inf elements become NaN (inf * 448/inf)
-    and every finite element becomes 0 (+-0: x * 448/inf), so dequantising gives NaN there and NaN*0... =
-    NaN (inf * 0) for the finite ones too: the whole group dequantises to NaN;
+    and every finite element becomes +-0 (x * 448/inf); dequantising gives NaN for all of them (NaN * inf
+    and 0 * inf): the whole group dequantises to NaN;
   * every other group is unaffected (its own amax, its own scale).
 So a non-finite input is never hidden: its group's scale is NaN or inf and dequantises to NaN.
 """
