@@ -726,3 +726,16 @@ def test_bad_sample_next_token_arguments():
                               ((logits, 1.0, 0.0), ValueError, "top_p"), ((logits, 1.0, 2.0), ValueError, "top_p")):
         _raises(exc, lambda: sample_next_token(*args), needle)
     assert torch.equal(sample_next_token(logits), logits.argmax(-1))
+
+
+def test_generate_numpy_inputs(model):
+    """numpy ids and ints are accepted like tensors and ints (integer dtypes only)."""
+    np = pytest.importorskip("numpy")
+    ref = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, eos_token_id=1)
+    out = generate(model, np.array([[1, 2, 3]]), max_new_tokens=np.int64(2), eos_token_id=np.int64(1))
+    assert isinstance(out, torch.Tensor) and torch.equal(out, ref)
+    outs = generate(model, [np.array([1, 2, 3]), [np.int32(4), 5]], max_new_tokens=2, eos_token_id=np.array([1]))
+    assert torch.equal(outs[0], ref[0])
+    _raises(TypeError, lambda: generate(model, np.array([[1.5, 2.0]]), max_new_tokens=1), "input_ids", "float64")
+    _raises(TypeError, lambda: generate(model, [[np.float32(1.0)]], max_new_tokens=1), "input_ids[0]")
+    _raises(TypeError, lambda: generate(model, np.array([[True]]), max_new_tokens=1), "input_ids", "bool")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -109,11 +110,20 @@ _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int, or a numpy integer (not a bool)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+
+
+def _as_tensor_if_array(x):
+    """numpy arrays (anything with ``__array__`` that is not a list) -> tensors."""
+    if not isinstance(x, (torch.Tensor, list, tuple, str, bytes, numbers.Number)) and hasattr(x, "__array__"):
+        return torch.as_tensor(x)
+    return x
 
 
 def _as_prompts(input_ids, vocab_size: int) -> list[torch.Tensor]:
     """input_ids -> a list of 1-D int64 prompts; TypeError / ValueError naming ``input_ids`` otherwise."""
+    input_ids = _as_tensor_if_array(input_ids)
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dtype not in _INT_DTYPES:
             raise TypeError(f"input_ids: expected an integer tensor (int64 token ids), got {input_ids.dtype}")
@@ -129,6 +139,7 @@ def _as_prompts(input_ids, vocab_size: int) -> list[torch.Tensor]:
             raise ValueError("input_ids: expected a non-empty list of non-empty 1-D token sequences, got []")
         prompts = []
         for i, p in enumerate(input_ids):
+            p = _as_tensor_if_array(p)
             if isinstance(p, torch.Tensor):
                 if p.dtype not in _INT_DTYPES:
                     raise TypeError(f"input_ids[{i}]: expected integer token ids, got a {p.dtype} tensor")
@@ -137,7 +148,7 @@ def _as_prompts(input_ids, vocab_size: int) -> list[torch.Tensor]:
                 if not all(_is_int(x) for x in p):
                     bad = next(x for x in p if not _is_int(x))
                     raise TypeError(f"input_ids[{i}]: expected int token ids, got {bad!r} ({type(bad).__name__})")
-                t = torch.tensor(list(p), dtype=torch.long)
+                t = torch.tensor([int(x) for x in p], dtype=torch.long)
             else:
                 raise TypeError(f"input_ids[{i}]: expected a list of ints or a 1-D tensor, got {type(p).__name__}")
             if t.dim() != 1 or t.numel() == 0:
@@ -169,17 +180,19 @@ def _check_generate_args(model, max_new_tokens, temperature, top_p, eos_token_id
         raise ValueError(f"temperature: expected a finite float >= 0 (0 = greedy), got {temperature}")
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p: expected a float in (0, 1], got {top_p}")
+    eos_token_id = _as_tensor_if_array(eos_token_id)
     if eos_token_id is None:
         eos = []
     elif _is_int(eos_token_id):
-        eos = [eos_token_id]
+        eos = [int(eos_token_id)]
     elif isinstance(eos_token_id, (list, tuple, torch.Tensor)):
-        eos = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else list(eos_token_id)
+        eos = eos_token_id.reshape(-1).tolist() if isinstance(eos_token_id, torch.Tensor) else list(eos_token_id)
         if isinstance(eos_token_id, torch.Tensor) and (eos_token_id.dim() > 1 or eos_token_id.is_floating_point()):
             raise TypeError(f"eos_token_id: expected an int or a list of ints, got a {eos_token_id.dtype} tensor "
                             f"of shape {tuple(eos_token_id.shape)}")
         if not all(_is_int(e) for e in eos):
             raise TypeError(f"eos_token_id: expected an int or a list of ints, got {eos_token_id!r}")
+        eos = [int(e) for e in eos]
     else:
         raise TypeError(f"eos_token_id: expected an int, a list of ints or None, got {eos_token_id!r}")
     bad = [e for e in eos if not 0 <= e < vocab]
@@ -230,6 +243,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         raise TypeError(f"model: expected a DeepseekV3ForCausalLM, got {type(model).__name__}")
     eos_ids = _check_generate_args(model, max_new_tokens, temperature, top_p, eos_token_id, use_cache, page_size,
                                    cache_dtype, generator, return_stats, on_token, use_mtp)
+    max_new_tokens, page_size = int(max_new_tokens), int(page_size)  # numpy ints -> int
+    input_ids = _as_tensor_if_array(input_ids)  # a numpy array: returned as a tensor, like a tensor input
     prompts = _as_prompts(input_ids, model.config.vocab_size)
     device = model.device
     b = len(prompts)
