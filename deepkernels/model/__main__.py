@@ -107,7 +107,8 @@ def cmd_generate(args) -> int:
         print("error: --mtp (speculative decoding with the MTP layer) is greedy and cached only: drop "
               "--temperature / --no-cache", file=sys.stderr)
         return 2
-    model = load_model(args.model, device=device, dtype=_DTYPES[args.dtype], seed=args.seed, load_mtp=args.mtp)
+    model = load_model(args.model, device=device, dtype=_DTYPES[args.dtype], seed=args.seed, load_mtp=args.mtp,
+                       random_init=args.random_init)
     tokenizer = load_tokenizer(args.model)
     c = model.config
     mtp = f" + {model.num_mtp_layers} MTP" if model.num_mtp_layers else ""
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     g.add_argument("--eos-token-id", type=int, default=None,
                    help="stop token (default: the tokenizer's eos when the model directory has a tokenizer)")
     g.add_argument("--seed", type=int, default=0, help="random weights (no checkpoint) and sampling")
+    g.add_argument("--random-init", action="store_true",
+                   help="a checkpoint directory's config.json with seeded random weights (its safetensors unread)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="non-FP8 weights and activations (default: bfloat16 on cuda, float32 on cpu)")

@@ -76,8 +76,8 @@ class _Header:
             paths = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.safetensors")))
             if not paths:
                 raise CheckpointError(f"{directory}: no *.safetensors weights and no {INDEX_FILE} (a config.json "
-                                      "alone is not a checkpoint; load_model(..., random_init=True) builds it with "
-                                      "random weights)")
+                                      "alone is not a checkpoint; load_model(..., random_init=True) / the CLI's "
+                                      "--random-init build its config with random weights)")
             weight_map = None
         in_file: dict[str, set[str]] = {}
         for name in paths:
