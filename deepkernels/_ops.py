@@ -210,9 +210,16 @@ def _type_name(value) -> str:
 def check_int(name: str, value, *, min_value: int | None = None, max_value: int | None = None) -> int:
     """An int argument (numpy / 0-dim-free integer types via __index__; never a bool, a float or a string);
     returns it as a Python int. TypeError for another type, ValueError outside [min_value, max_value]."""
-    if isinstance(value, bool) or isinstance(value, torch.Tensor) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{name}: expected an int, got {_type_name(value)} {value!r}")
-    value = int(value.__index__())
+    bad = isinstance(value, bool) or isinstance(value, torch.Tensor) or not hasattr(type(value), "__index__")
+    if not bad:
+        try:
+            index = int(value.__index__())
+        except (TypeError, ValueError):  # e.g. a numpy array that is not an integer scalar
+            bad = True
+    if bad:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise TypeError(f"{name}: expected an int, got {_type_name(value)} {shown}")
+    value = index
     if min_value is not None and value < min_value:
         raise ValueError(f"{name}: expected an int >= {min_value}, got {value}")
     if max_value is not None and value > max_value:
