@@ -1,6 +1,8 @@
 """Helpers for tests and benchmarks: the anchors' error metric, poisoning, and device gates."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -30,12 +32,16 @@ def cuda_kernels_available() -> bool:
     return torch.cuda.is_available() and extension_loaded()
 
 
+@contextlib.contextmanager
 def reference():
     """``with reference(): ...`` runs ops on CPU tensors on the pure-torch references even while the
-    emulator is on (a test's oracle inside an emulated test)."""
+    emulator is on (a test's oracle inside an emulated test); the modules' CPU fast paths
+    (``deepkernels.nn.cpu_fast_path``) are off too, so the oracle is the references' maths."""
     from ._ops import emulate
+    from .nn.cpu_fast_path import cpu_fast_path
 
-    return emulate(False)
+    with emulate(False), cpu_fast_path(False):
+        yield
 
 
 def synchronize(device) -> None:

@@ -114,21 +114,16 @@ class RotaryEmbedding(nn.Module):
 
     def _apply_fast(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """:meth:`apply` as [x1 | x2] * [cos | cos] + [x2 | x1] * [-sin | sin]: the same products and sums
-        (bit-identical), two gathers and three elementwise ops; the tables are built once per forward (the
+        (bit-identical) in two copies and three elementwise ops; the tables are built once per forward (the
         layers share ``cos``/``sin``)."""
         tables = getattr(self, "_fast_tables", None)
         if tables is None or tables[0] is not cos or tables[1] is not sin:
-            half = x.size(-1) // 2
-            if self.interleave:  # [evens | odds] and [odds | evens]
-                order = torch.cat([torch.arange(0, 2 * half, 2), torch.arange(1, 2 * half, 2)])
-            else:
-                order = torch.arange(2 * half)
-            swapped = torch.cat([order[half:], order[:half]])
-            tables = (cos, sin, torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None],
-                      order.to(x.device), swapped.to(x.device))
+            tables = (cos, sin, torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None])
             self._fast_tables = tables
-        _, _, cos2, sin2, order, swapped = tables
-        return x.index_select(-1, order) * cos2 + x.index_select(-1, swapped) * sin2
+        _, _, cos2, sin2 = tables
+        if self.interleave:  # (x0, x1), (x2, x3), ... -> [evens | odds]
+            x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        return x * cos2 + x.roll(x.size(-1) // 2, -1) * sin2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +231,19 @@ class MLAttention(nn.Module):
         b, t, h, _ = q_nope.shape
         kv = self.kv_b_proj(latent).view(b, t, h, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        if cpu_fast_path_active(q_nope):
+            # the same attention as three batched ops (CPU SDPA takes its slow math path when v's head dim
+            # differs from q's, as in DeepSeek-V3), q and k built head-major in one copy each; scores and
+            # softmax in fp32 (for low-precision models too, as transformers' eager attention)
+            q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1).view(b * h, t, -1)
+            k = torch.cat([k_nope.transpose(1, 2), k_pe.transpose(1, 2).expand(b, h, t, self.qk_rope_head_dim)],
+                          dim=-1).view(b * h, t, -1)
+            causal = torch.full((t, t), float("-inf"), device=q.device).triu_(1)
+            scores = torch.baddbmm(causal.expand(b * h, t, t), q.float(), k.float().transpose(1, 2),
+                                   alpha=self.softmax_scale)
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+            out = torch.bmm(probs, v.transpose(1, 2).reshape(b * h, t, -1))
+            return out.view(b, h, t, -1).transpose(1, 2)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe.expand(b, t, h, self.qk_rope_head_dim)], dim=-1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)

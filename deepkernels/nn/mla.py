@@ -112,19 +112,28 @@ class PagedMLAKVCache(nn.Module):
         blocks = self.block_table[:, : -(-length // page)].long()
         return self.kv[layer][blocks].view(b, -1, row)[:, :length]
 
-    def _append_fast(self, layer: int, rows: torch.Tensor, t: int) -> None:
+    def _append_fast(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+        b, t, rank = latent.shape
         lengths, row = self.seqlens[layer], self.kv.size(-1)
         capacity = self.max_blocks_per_seq * self.page_size
         host = lengths.tolist()  # a CPU tensor: reading it costs no device sync
         if t and max(host) + t > capacity:
             raise ValueError(f"append: {t} new tokens overflow the cache capacity {capacity} (sequence lengths "
                              f"{host}); build the cache with a larger max_seq_len")
-        if self._identity_pages():
-            slots = [i * capacity + n + j for i, n in enumerate(host) for j in range(t)]
+        if self._identity_pages() and min(host, default=0) == max(host, default=0):  # one strided store
+            n = host[0] if host else 0
+            dst = self.sequence_rows(layer, capacity)[:, n:n + t]
+            dst[..., :rank] = latent
+            dst[..., rank:] = k_pe
         else:
-            table, page = self.block_table.tolist(), self.page_size
-            slots = [table[i][(n + j) // page] * page + (n + j) % page for i, n in enumerate(host) for j in range(t)]
-        self.kv[layer].view(-1, row)[torch.tensor(slots, device=rows.device)] = rows.view(-1, row).to(self.dtype)
+            if self._identity_pages():
+                slots = [i * capacity + n + j for i, n in enumerate(host) for j in range(t)]
+            else:
+                table, page = self.block_table.tolist(), self.page_size
+                slots = [table[i][(n + j) // page] * page + (n + j) % page
+                         for i, n in enumerate(host) for j in range(t)]
+            rows = torch.cat([latent, k_pe.to(latent.dtype)], dim=-1).view(-1, row)
+            self.kv[layer].view(-1, row)[torch.tensor(slots, device=rows.device)] = rows.to(self.dtype)
         lengths += t
         # attend() right after reads the new lengths from here instead of the tensor (valid while unchanged)
         self._host_lengths = (layer, self.seqlens._version, [n + t for n in host])
@@ -190,9 +199,9 @@ class PagedMLAKVCache(nn.Module):
         if latent.shape != (self.batch_size, t, self.kv_lora_rank) or k_pe.shape != (self.batch_size, t, self.rope_dim):
             raise ValueError(f"append: expected latent [{self.batch_size}, t, {self.kv_lora_rank}] and k_pe "
                              f"[{self.batch_size}, t, {self.rope_dim}], got {list(latent.shape)} and {list(k_pe.shape)}")
+        if self._fast_path_ok(latent):
+            return self._append_fast(layer, latent, k_pe)
         rows = torch.cat([latent, k_pe.to(latent.dtype)], dim=-1).reshape(b * t, 1, self.row_dim)
-        if self._fast_path_ok(rows):
-            return self._append_fast(layer, rows, t)
         slots = self.slot_mapping(layer, t)
         if self.dtype == torch.float32:  # fp32 cache (CPU model checks): plain indexing, no rounding
             flat = self.kv[layer].view(-1, 1, self.row_dim)
