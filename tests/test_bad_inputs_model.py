@@ -102,6 +102,10 @@ CONFIG_CASES = {
     "model_type_llama": (_set(model_type="llama"), ["model_type", "llama"]),
     "model_type_v32": (_set(model_type="deepseek_v32"), ["model_type", "deepseek_v32"]),
     "model_type_int": (_set(model_type=3), ["model_type"]),
+    "architectures_llama": (_set(architectures=["LlamaForCausalLM"]), ["architectures", "LlamaForCausalLM"]),
+    "architectures_str": (_set(architectures="DeepseekV3ForCausalLM"), ["architectures"]),
+    "no_model_type_llama_arch": (lambda c: [c.pop("model_type"), c.update(architectures=["LlamaForCausalLM"])]
+                                 and None, ["model_type"]),
     "no_model_type_no_arch": (lambda c: [c.pop("model_type"), c.pop("architectures", None)] and None,
                               ["model_type", "missing"]),
     # ill-typed fields
@@ -224,6 +228,12 @@ _V3_RELEASED = {
 
 # ------------------------------------------------------------------------------------------------
 # checkpoint files
+
+def test_config_without_model_type_but_deepseek_architecture(tmp_path, ckpt, model):
+    d = _with_config(tmp_path, ckpt, lambda c: c.pop("model_type") and None)
+    loaded = load_model(str(d))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
 
 def test_config_json_only(tmp_path, ckpt):
     d = tmp_path / "c"

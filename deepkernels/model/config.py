@@ -315,6 +315,14 @@ class DeepseekV3Config:
         if model_type is not None and model_type not in MODEL_TYPES:
             raise ValueError(f"model_type: expected one of {list(MODEL_TYPES)} (DeepSeek-V2/V2.5/V3/R1), got "
                              f"{model_type!r}")
+        archs = d.get("architectures")
+        if archs is not None:
+            if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+                raise TypeError(f"architectures: expected a list of class names, got {archs!r}")
+            other = [a for a in archs if not a.startswith("Deepseek")]
+            if other:
+                raise ValueError(f"architectures: expected DeepseekV3ForCausalLM or DeepseekV2ForCausalLM, got "
+                                 f"{other} (another model's config.json?)")
         fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if require:
             given = {_ALIASES.get(k, k) for k in d}
