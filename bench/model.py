@@ -3,12 +3,13 @@ transformers' DeepseekV3ForCausalLM on the same config and weights, in the same 
 
 Both sides are timed as their users run them: one ``generate`` call, greedy, a fixed number of new tokens (no
 early stop), the library's default cache (transformers: ``generate`` with its DynamicCache, which it creates
-itself; ours: the paged MLA latent cache). For each batch size and prompt length:
-    prefill_s = median wall time of generate(max_new_tokens=1)          (prompt forward + first token)
-    total_s   = median wall time of generate(max_new_tokens=steps + 1)
-    decode_s  = total_s - prefill_s                                     (steps cached decode steps)
-so prefill tokens/s = batch * prompt / prefill_s and decode tokens/s = batch * steps / decode_s, for ours and the
-peer alike (``time_generate``, ``peer_generate``).
+itself; ours: the paged MLA latent cache). Each run makes steps + 1 new tokens and timestamps each new token as
+it reaches the host (transformers: a streamer, ours: ``on_token``; both copy the tokens to the host, which
+transformers' loop syncs on anyway):
+    prefill_s = first token's time - the call's start      (setup, prompt forward, first token)
+    decode_s  = last token's time - first token's time       (steps cached decode steps)
+medians over the repeats; prefill tokens/s = batch * prompt / prefill_s, decode tokens/s = batch * steps /
+decode_s, for ours and the peer alike (``time_generate``, ``peer_generate``, ``ours_generate``).
 
 CPU (smoke): the built-in tiny config in fp32, batch 1 and 8. GPU: a larger random config in bf16 that fits
 one device (real MLA geometry: latent 512 + rope 64, 128-dim heads; 64 experts, top-6), batch 1, 8 and 32.
@@ -40,53 +41,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_s(fn: Callable[[], object], ctx: Context) -> float:
-    samples = []
+def time_generate(run: Callable[[int, Callable[[], None]], torch.Tensor], ids: torch.Tensor, steps: int,
+                  ctx: Context) -> tuple[float, float]:
+    """(prefill_s, decode_s): medians over ctx.warmup + ctx.repeats runs of ``run(steps + 1, stamp) -> [B, T + n]``,
+    which must call ``stamp()`` once per new token, when the token is on the host. Checks every run returns
+    exactly steps + 1 new tokens with one stamp each (no early stop, no uncounted work)."""
+    b, t = ids.shape
+    n = steps + 1
+    prefill, decode = [], []
     for i in range(ctx.warmup + ctx.repeats):
+        stamps: list[float] = []
         _sync(ctx.device)
         t0 = time.perf_counter()
-        fn()
+        out = run(n, lambda: stamps.append(time.perf_counter()))
         _sync(ctx.device)
+        if tuple(out.shape) != (b, t + n) or len(stamps) != n:
+            raise RuntimeError(f"generate returned {tuple(out.shape)} with {len(stamps)} token stamps, expected "
+                               f"{(b, t + n)} and {n}: it stopped early or skipped tokens")
         if i >= ctx.warmup:
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+            prefill.append(stamps[0] - t0)
+            decode.append(stamps[-1] - stamps[0])
+    return statistics.median(prefill), max(statistics.median(decode), 1e-9)
 
 
-def time_generate(run: Callable[[int], torch.Tensor], ids: torch.Tensor, steps: int, ctx: Context
-                  ) -> tuple[float, float]:
-    """(prefill_s, decode_s) of a generate function ``run(n) -> [B, T + n]``: the median of run(1) and the
-    median of run(steps + 1) minus it (``steps`` decode steps). Checks every call returns exactly n new tokens."""
-    b, t = ids.shape
-
-    def checked(n):
-        out = run(n)
-        if tuple(out.shape) != (b, t + n):
-            raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {(b, t + n)}: it stopped early")
-        return out
-
-    prefill_s = _median_s(lambda: checked(1), ctx)
-    total_s = _median_s(lambda: checked(steps + 1), ctx)
-    return prefill_s, max(total_s - prefill_s, 1e-9)
-
-
-def transformers_generate_fn(hf, ids: torch.Tensor) -> Callable[[int], torch.Tensor]:
-    """``n -> hf.generate(...)`` as a transformers user runs it: greedy, the default cache (use_cache=True: a
-    DynamicCache it creates itself), exactly n new tokens (min_new_tokens = n, no eos stop)."""
+def transformers_generate_fn(hf, ids: torch.Tensor):
+    """``run(n, stamp=None) -> hf.generate(...)`` as a transformers user runs it: greedy, the default cache
+    (use_cache=True: a DynamicCache it creates itself), exactly n new tokens (min_new_tokens = n, no eos stop);
+    ``stamp()`` is called from a streamer as each new token reaches the host."""
     from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
 
     mask = torch.ones_like(ids)
 
-    def run(n: int) -> torch.Tensor:
+    class Stamps(BaseStreamer):
+        def __init__(self, stamp):
+            self.stamp, self.prompt_seen = stamp, False
+
+        def put(self, value):
+            if self.prompt_seen:  # the first put is the prompt
+                self.stamp()
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    def run(n: int, stamp: Callable[[], None] | None = None) -> torch.Tensor:
         config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                                   pad_token_id=0, eos_token_id=None)
-        return hf.generate(ids, attention_mask=mask, generation_config=config)
+        return hf.generate(ids, attention_mask=mask, generation_config=config,
+                           streamer=Stamps(stamp) if stamp is not None else None)
 
     return run
 
 
-def ours_generate_fn(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> Callable[[int], torch.Tensor]:
-    """``n -> deepkernels.model.generate(model, ids, max_new_tokens=n)``: greedy, paged MLA cache, no eos."""
-    return lambda n: generate(model, ids, max_new_tokens=n)
+def ours_generate_fn(model: DeepseekV3ForCausalLM, ids: torch.Tensor):
+    """``run(n, stamp=None) -> deepkernels.model.generate(model, ids, max_new_tokens=n)``: greedy, paged MLA
+    cache, no eos; ``stamp()`` from ``on_token`` once the token is on the host."""
+    def run(n: int, stamp: Callable[[], None] | None = None) -> torch.Tensor:
+        on_token = None if stamp is None else (lambda step, token: (token.cpu(), stamp()))
+        return generate(model, ids, max_new_tokens=n, on_token=on_token)
+
+    return run
 
 
 def peer_generate(hf, ids: torch.Tensor, steps: int, ctx: Context) -> tuple[float, float]:

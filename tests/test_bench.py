@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -261,10 +262,27 @@ def test_model_time_generate_rejects_an_early_stop():
 
     ids = torch.zeros(2, 4, dtype=torch.long)
     ctx = Context(device=torch.device("cpu"), warmup=0, repeats=1)
+    def fake(n, stamp, made=None):
+        for _ in range(n if made is None else made):
+            time.sleep(0.001)
+            stamp()
+        return torch.zeros(2, 4 + (n if made is None else made), dtype=torch.long)
+
     with pytest.raises(RuntimeError, match="stopped early"):
-        bench_model.time_generate(lambda n: torch.zeros(2, 4 + max(n - 1, 1), dtype=torch.long), ids, 3, ctx)
-    prefill, decode = bench_model.time_generate(lambda n: torch.zeros(2, 4 + n, dtype=torch.long), ids, 3, ctx)
-    assert prefill > 0 and decode > 0
+        bench_model.time_generate(lambda n, stamp: fake(n, stamp, made=n - 1), ids, 3, ctx)
+    prefill, decode = bench_model.time_generate(fake, ids, 3, ctx)
+    assert prefill >= 0.001 and decode >= 0.003  # 1 sleep before the first stamp, 3 more up to the last
+
+
+def test_model_timing_stamps_every_token():
+    """Both generate functions call stamp() once per new token, in order."""
+    from bench import model as bench_model
+
+    model, hf, ids = _tiny_pair()
+    for fn in (bench_model.transformers_generate_fn(hf, ids), bench_model.ours_generate_fn(model, ids)):
+        stamps = []
+        out = fn(4, lambda: stamps.append(time.perf_counter()))
+        assert out.shape == (2, 10) and len(stamps) == 4 and stamps == sorted(stamps)
 
 
 def test_model_bench_rows_batch_1_and_8(monkeypatch):
