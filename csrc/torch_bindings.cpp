@@ -309,7 +309,8 @@ void wgrad_gemm_fp8_fp8_fp32_nt(const at::Tensor& a, const at::Tensor& a_scale, 
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   const KernelDeviceGuard guard(a.device());
-  deepkernels::fp8_gemm::wgrad_gemm_nt(p, current_stream());
+  const char* error = deepkernels::fp8_gemm::wgrad_gemm_nt(p, current_stream());
+  TORCH_CHECK(error == nullptr, error);
   check_launch();
 }
 
@@ -350,7 +351,8 @@ void k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(const at::Tensor& a, const at::Tensor&
   p.num_groups = static_cast<int>(ks.size());
   p.ks = ks_host.data();
   const KernelDeviceGuard guard(out.device());
-  deepkernels::fp8_gemm::k_grouped_wgrad_gemm_nt(p, current_stream());
+  const char* error = deepkernels::fp8_gemm::k_grouped_wgrad_gemm_nt(p, current_stream());
+  TORCH_CHECK(error == nullptr, error);
   check_launch();
 }
 

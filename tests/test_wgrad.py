@@ -312,3 +312,75 @@ def test_kernel_binding_refuses_bad_inputs_directly(kernel_device):
     if kernel_device == "cpu":
         assert _emulated_launches() == before
     gemm.wgrad_gemm_fp8_fp8_fp32_nt(aq, sa, bq, sb, residual)  # an emulated test must launch the kernel once
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hopper (sm_90a) TMA/wgmma wgrad kernel: opt-in with DEEPKERNELS_GEMM_SM90=1, as the forward kernel; on the
+# GPU only on sm_90, emulated everywhere (the emulator models an sm_90a device). Small emulated SM counts make
+# CTAs walk several tiles so the ring's mbarrier phases wrap.
+
+def _use_sm90(monkeypatch, kernel_device, sms: int = 4) -> None:
+    if kernel_device == "cpu":
+        monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", str(sms))
+    elif not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the TMA/wgmma kernel is built for sm_90a only")
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+
+
+def _launches(name: str) -> int:
+    return deepkernels.emulator_stats()["kernels"].get(name, 0)
+
+
+SM90_SHAPES = [(1, 16, 16), (65, 48, 144), (130, 72, 400), (200, 260, 640)]
+
+
+@pytest.mark.parametrize("blocks", ["64x64", "64x128", "128x64", "128x128"])
+@pytest.mark.parametrize("m, n, k", SM90_SHAPES)
+def test_kernel_sm90_wgrad_matches_reference(kernel_device, m, n, k, blocks, monkeypatch):
+    _use_sm90(monkeypatch, kernel_device)
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90_BLOCKS", blocks)
+    (aq, sa, bq, sb), residual, want = _wgrad_case(m, n, k, kernel_device)
+    sa = deep_gemm.get_col_major_tma_aligned_tensor(sa)  # DeepGEMM's layout on one side, row-major on the other
+    out = residual.clone()
+    before_sm90, before_portable = _launches("wgrad_gemm_sm90_kernel"), _emulated_launches()
+    gemm.wgrad_gemm_fp8_fp8_fp32_nt(aq, sa, bq, sb, out)
+    if kernel_device == "cpu":
+        assert _launches("wgrad_gemm_sm90_kernel") == before_sm90 + 1, "the emulated sm90 wgrad kernel did not run"
+        assert _emulated_launches() == before_portable, "the portable kernel ran instead"
+    ref = residual.cpu().clone()
+    gemm.wgrad_gemm_fp8_fp8_fp32_nt_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), ref)
+    got = out.cpu()
+    assert not torch.isnan(got).any(), f"{(m, n, k, blocks)}: NaN in out"
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3, msg=f"{(m, n, k, blocks)}: sm90 kernel vs reference")
+    if k >= 128:
+        diff = calc_diff(got - residual.cpu(), want - residual.cpu())
+        assert diff < 1e-3, f"{(m, n, k, blocks)}: vs unquantised calc_diff {diff:.2e}"
+
+
+def test_kernel_sm90_k_grouped_and_views(kernel_device, monkeypatch):
+    _use_sm90(monkeypatch, kernel_device, sms=2)
+    ks, m, n = [256, 0, 144, 16], 40, 72
+    (a, sa, b, sb), want = _k_grouped_case(m, n, ks, kernel_device)
+    residual = torch.randn(len(ks), m, n, device=kernel_device)
+    out = residual.clone()
+    before = _launches("wgrad_gemm_sm90_kernel")
+    gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, out, ks)
+    if kernel_device == "cpu":
+        assert _launches("wgrad_gemm_sm90_kernel") == before + 3
+    ref = residual.cpu().clone()
+    gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt_ref(a.cpu(), sa.cpu(), b.cpu(), sb.cpu(), ref, ks)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-3)
+    assert torch.equal(out[1].cpu(), residual[1].cpu())
+    # a row-strided operand view (stride k + 64) and an output view with padding columns
+    big = torch.randn(48, 320, dtype=torch.bfloat16, device=kernel_device)
+    aq_full, _ = _per_token(big)
+    aq = aq_full[:, 64:]
+    sa2 = torch.rand(48, 2, device=kernel_device) + 0.5
+    bq, sb2 = _per_token(torch.randn(40, 256, dtype=torch.bfloat16, device=kernel_device))
+    out_big = torch.randn(48, 48, device=kernel_device)
+    padding = out_big[:, 40:].clone()
+    ref2 = out_big[:, :40].cpu().clone()
+    gemm.wgrad_gemm_fp8_fp8_fp32_nt_ref(aq.cpu(), sa2.cpu(), bq.cpu(), sb2.cpu(), ref2)
+    gemm.wgrad_gemm_fp8_fp8_fp32_nt(aq, sa2, bq, sb2, out_big[:, :40])
+    torch.testing.assert_close(out_big[:, :40].cpu(), ref2, rtol=1e-5, atol=1e-3)
+    assert torch.equal(out_big[:, 40:], padding), "columns past N were written"

@@ -6,6 +6,7 @@
 #include "launch.h"
 #include "sm90.cuh"
 #include "wgrad_portable.cuh"
+#include "wgrad_sm90.cuh"
 
 namespace deepkernels::fp8_gemm {
 
@@ -44,13 +45,24 @@ const char* fp8_gemm_nt(const Fp8GemmParams& p, cudaStream_t stream) {
   return nullptr;
 }
 
-void wgrad_gemm_nt(const WgradGemmParams& p, cudaStream_t stream) {
-  if (p.m == 0 || p.n == 0 || p.k == 0) return;  // out += 0
+const char* wgrad_gemm_nt(const WgradGemmParams& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0 || p.k == 0) return nullptr;  // out += 0
+  if (use_sm90()) {
+    const char* error = nullptr;
+    switch (sm90::launch_wgrad(p, stream, &error)) {
+      case sm90::LaunchResult::kLaunched: return nullptr;
+      case sm90::LaunchResult::kError:
+        cudaGetLastError();  // the message is the report: leave no runtime error for a later launch check
+        return error;
+      case sm90::LaunchResult::kUnsupported: break;
+    }
+  }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)));
   launch_kernel<wgrad_gemm_portable_kernel>(grid, kThreads, 0, stream, p);
+  return nullptr;
 }
 
-void k_grouped_wgrad_gemm_nt(const KGroupedWgradGemmParams& p, cudaStream_t stream) {
+const char* k_grouped_wgrad_gemm_nt(const KGroupedWgradGemmParams& p, cudaStream_t stream) {
   // One launch per group (K differs per group; the offsets come from the host's ks, so no device sync).
   int64_t k0 = 0, scale_row0 = 0;
   for (int g = 0; g < p.num_groups; ++g) {
@@ -71,10 +83,11 @@ void k_grouped_wgrad_gemm_nt(const KGroupedWgradGemmParams& p, cudaStream_t stre
     q.m = p.m;
     q.n = p.n;
     q.k = static_cast<int>(k);
-    wgrad_gemm_nt(q, stream);
+    if (const char* error = wgrad_gemm_nt(q, stream)) return error;
     k0 += k;
     scale_row0 += k_blocks;
   }
+  return nullptr;
 }
 
 }  // namespace deepkernels::fp8_gemm

@@ -11,13 +11,16 @@ namespace deepkernels::fp8_gemm {
 // (DEEPKERNELS_GEMM_SM90=1) cannot run on this build/device; nothing was launched then.
 const char* fp8_gemm_nt(const Fp8GemmParams& params, cudaStream_t stream);
 
-// Weight-gradient GEMM (portable mma.sync kernel on every arch): out[m, n] += a @ b^T in fp32, 1x128 per-row
-// scales on both operands. Requirements checked by the caller: k % 16 == 0, a/b rows and base pointers
-// 16-byte aligned. Any m, n; k == 0 launches nothing.
-void wgrad_gemm_nt(const WgradGemmParams& params, cudaStream_t stream);
+// Weight-gradient GEMM: out[m, n] += a @ b^T in fp32, 1x128 per-row scales on both operands. The portable
+// mma.sync kernel on every arch; the sm_90a TMA/wgmma kernel with DEEPKERNELS_GEMM_SM90=1 on sm_90 (opt-in,
+// as for fp8_gemm_nt). Requirements checked by the caller: k % 16 == 0, a/b rows and base pointers 16-byte
+// aligned. Any m, n; k == 0 launches nothing. Returns nullptr once enqueued, else why the opt-in kernel
+// cannot run here (nothing launched).
+const char* wgrad_gemm_nt(const WgradGemmParams& params, cudaStream_t stream);
 
 // K-grouped weight gradients (DeepGEMM's flat layout, see params.h): one wgrad_gemm_nt launch per group with
 // ks[g] > 0. Requirements: every ks[g] % 16 == 0, a/b base pointers 16-byte aligned, scales and out contiguous.
-void k_grouped_wgrad_gemm_nt(const KGroupedWgradGemmParams& params, cudaStream_t stream);
+// Returns nullptr, or the first group's launch error (later groups not launched).
+const char* k_grouped_wgrad_gemm_nt(const KGroupedWgradGemmParams& params, cudaStream_t stream);
 
 }  // namespace deepkernels::fp8_gemm
