@@ -188,7 +188,7 @@ def _wgrad_rows(ctx: Context) -> list[Row]:
         rows += _timed(ctx, {"kind": "wgrad", "m": m, "n": n, "k": k}, 2 * m * n * k,
                        lambda: gemm.wgrad_gemm_fp8_fp8_fp32_nt(aq, sa, bq, sb, out),
                        lambda: _into(gemm.wgrad_gemm_fp8_fp8_fp32_nt_ref, residual.clone(), aq, sa, bq, sb),
-                       _wgrad_peer(aq, sa, bq, sb, residual), prepare=lambda: out.copy_(residual), flag=None)
+                       _wgrad_peer(aq, sa, bq, sb, residual), prepare=lambda: out.copy_(residual))
     for groups, base_k, m, n in k_grouped:
         ks = [base_k + 128 * (-1) ** g for g in range(groups - 1)]  # K varies around base_k, as DeepGEMM's test
         ks.append(base_k * groups - sum(ks))
@@ -208,7 +208,7 @@ def _wgrad_rows(ctx: Context) -> list[Row]:
                        lambda: _into(gemm.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt_ref, residual.clone(), a, sa, b, sb,
                                      ks=ks),
                        (peer[0] + f", {groups} calls", lambda: [fn() for fn in peer_fns]),
-                       prepare=lambda: out.copy_(residual), flag=None)
+                       prepare=lambda: out.copy_(residual))
     return rows
 
 
