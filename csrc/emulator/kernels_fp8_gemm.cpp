@@ -3,4 +3,5 @@
 
 #include "../fp8_gemm/launch.cu"
 
+// One array for every sm90 kernel of the family (forward and wgrad both declare sm90::smem_raw).
 DEEPKERNELS_EMU_DYNAMIC_SMEM(deepkernels::fp8_gemm::sm90, uint8_t, smem_raw);
