@@ -43,9 +43,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.FAST_MAX_ELEMENTS and cpu_fast_path_active(x):
+            return self._forward_fast(x)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    # decode-sized inputs: one fused layer_norm beats the five small ops above; larger ones run them
+    FAST_MAX_ELEMENTS = 1 << 13
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same norm as a layer_norm over [x, -x]: its mean is 0 and its variance mean(x^2), so the first
+        half is x * rsqrt(mean(x^2) + eps); one fused kernel instead of five ops (equal to ~1 ulp)."""
+        xf = x.float()
+        n = xf.size(-1)
+        both = torch.cat([xf, xf.neg()], dim=-1)
+        w = self.weight
+        if x.dtype != torch.float32 or w.dtype != torch.float32:
+            return w * F.layer_norm(both, (2 * n,), None, None, self.eps)[..., :n].to(x.dtype)
+        cached = self.__dict__.get("_weight2")
+        if cached is None or cached[0] is not w or cached[1] != (w.data_ptr(), w._version):
+            cached = self.__dict__["_weight2"] = (w, (w.data_ptr(), w._version), torch.cat([w, w]))
+        return F.layer_norm(both, (2 * n,), cached[2], None, self.eps)[..., :n]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,14 +93,16 @@ class PagedMLAKVCache(nn.Module):
     def _identity_pages(self) -> bool:
         """True when sequence i owns blocks i*max_blocks .. (i+1)*max_blocks-1 in order (the default table):
         each layer's cache is then a [b, max_blocks * page_size, row] view, no gather needed."""
-        key = (self.block_table.data_ptr(), self.block_table._version, tuple(self.block_table.shape))
-        if getattr(self, "_identity_key", None) != key:
+        table = self.block_table
+        key = (table, table.data_ptr(), table._version)
+        cached = self.__dict__.get("_identity_key")
+        if cached is None or cached[0] is not table or cached[1:] != key[1:]:
             b, mb = self.block_table.shape
             expect = torch.arange(b * mb, dtype=torch.int32, device=self.block_table.device).view(b, mb)
-            self._identity = (b, mb) == (self.batch_size, self.max_blocks_per_seq) and \
+            self.__dict__["_identity"] = (b, mb) == (self.batch_size, self.max_blocks_per_seq) and \
                 torch.equal(self.block_table, expect)
-            self._identity_key = key
-        return self._identity
+            self.__dict__["_identity_key"] = key
+        return self.__dict__["_identity"]
 
     def sequence_rows(self, layer: int, length: int) -> torch.Tensor:
         """The first ``length`` cache rows of every sequence, [b, length, row] in the cache dtype: a view of the

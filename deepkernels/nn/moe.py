@@ -35,6 +35,25 @@ DENSE_EXPERTS_MAX_TOKENS = 16
 DENSE_EXPERTS_MAX_BYTES = 1 << 30
 
 
+def _grouped_mm_works() -> bool:
+    """Whether torch._grouped_mm (one call for a matmul per expert segment, no Python loop) runs float CPU
+    tensors here with transposed weights and gives the per-segment matmuls' results (checked once)."""
+    global _GROUPED_MM_OK
+    if _GROUPED_MM_OK is None:
+        try:
+            a, w = torch.randn(5, 16), torch.randn(3, 8, 16)
+            offs = torch.tensor([2, 2, 5], dtype=torch.int32)
+            out = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+            ref = torch.cat([F.linear(a[:2], w[0]), F.linear(a[2:], w[2])])
+            _GROUPED_MM_OK = bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-5))
+        except Exception:  # older torch, or no CPU kernel: the per-expert loop
+            _GROUPED_MM_OK = False
+    return _GROUPED_MM_OK
+
+
+_GROUPED_MM_OK: bool | None = None
+
+
 def grouped_gemm_ops():
     """deepkernels.gemm when it provides the grouped FP8 GEMMs (FP8 GEMM family), else None."""
     try:
@@ -107,8 +126,8 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring_func: str = "sigmo
         else:
             group_scores = grouped.amax(dim=-1)
         group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+        drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)
+        choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(t, e)
     topk_idx = choice.topk(top_k, dim=-1, sorted=False)[1]
     w = scores.gather(1, topk_idx)
     if topk_method == "noaux_tc":
@@ -293,13 +312,16 @@ class MoE(nn.Module):
         (pointer or in-place version): (w13 [E, 2I, H] (gate; up), w2t [E, I, H] (down^T), their per-expert
         views, and the shared experts' (gate; up) [2Is, H] and down [H, Is] or None); None when the routed
         experts are too large to hold twice."""
+        cached = self.__dict__.get("_fast_weights")
+        if cached is not None:  # cheap validity check: the same parameter objects, storage and versions
+            slots, key, weights = cached
+            if all(d[n] is p and p.data_ptr() == ptr and p._version == v for (d, n), (p, ptr, v) in zip(slots, key)):
+                return weights
         experts = self.local_experts()
         mlps = experts + ([self.shared_experts] if self.shared_experts is not None else [])
-        params = [p for e in mlps for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cached = getattr(self, "_fast_weights", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        slots = [(lin._parameters, "weight") for e in mlps for lin in (e.gate_proj, e.up_proj, e.down_proj)]
+        params = [d[n] for d, n in slots]
+        key = [(p, p.data_ptr(), p._version) for p in params]
         if sum(p.numel() * p.element_size() for p in params) > DENSE_EXPERTS_MAX_BYTES:
             return None
         w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
@@ -307,7 +329,7 @@ class MoE(nn.Module):
         sh = self.shared_experts
         shared = None if sh is None else (torch.cat([sh.gate_proj.weight, sh.up_proj.weight]), sh.down_proj.weight)
         weights = (w13, w2t, list(w13.unbind(0)), list(w2t.unbind(0)), shared)
-        self._fast_weights = (key, weights)
+        self.__dict__["_fast_weights"] = (slots, key, weights)
         return weights
 
     def _routed_dense(self, x2, topk_idx, topk_w, weights):
@@ -325,11 +347,11 @@ class MoE(nn.Module):
         return torch.bmm(dense_w, y.transpose(0, 1).float()).squeeze(1)          # [t, h] fp32
 
     def _routed_sorted(self, x2, topk_idx, topk_w, weights):
-        """sum_j w_j * expert_j(x) with the (token, slot) pairs sorted by expert: one matmul pair per used
+        """sum_j w_j * expert_j(x) with the (token, slot) pairs sorted by expert: a matmul pair per used
         expert on its contiguous rows (few pairs: only the used experts' weights are read; many tokens: no
-        wasted flops)."""
+        wasted flops), all segments in one grouped matmul each where torch has it for the CPU."""
         t, k = topk_idx.shape
-        num_experts = self.dispatcher.num_local_experts
+        num_experts, i = self.dispatcher.num_local_experts, self.intermediate_size
         if t * k <= 64:  # a few pairs: order them on the host (a CPU tensor, no device sync)
             ids = topk_idx.view(-1).tolist()
             pairs = sorted(range(t * k), key=ids.__getitem__)
@@ -340,11 +362,20 @@ class MoE(nn.Module):
         else:
             flat = topk_idx.reshape(-1)
             order = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=num_experts).tolist()
+            counts = torch.bincount(flat, minlength=num_experts)
         token = order // k
         xs = x2.index_select(0, token)
+        w = topk_w.view(-1)[order].unsqueeze(1)
+        out = torch.zeros(t, x2.size(1), dtype=torch.float32, device=x2.device)
+        if weights is not None and t * k > 64 and _grouped_mm_works():  # every segment in one call, no loop
+            offs = torch.as_tensor(counts, device=x2.device).cumsum(0).to(torch.int32)
+            gu = torch._grouped_mm(xs, weights[0].transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(F.silu(gu[:, :i]) * gu[:, i:], weights[1], offs=offs)
+            return out.index_add_(0, token, ys.float() * w)
+        if not isinstance(counts, list):
+            counts = counts.tolist()
         ys = torch.empty_like(xs)
-        i, start = self.intermediate_size, 0
+        start = 0
         experts = self.local_experts() if weights is None else None
         for e, c in enumerate(counts):
             if c:
@@ -354,8 +385,7 @@ class MoE(nn.Module):
                     gu = F.linear(xs[start:start + c], weights[2][e])
                     torch.matmul(F.silu(gu[:, :i]) * gu[:, i:], weights[3][e], out=ys[start:start + c])
             start += c
-        out = torch.zeros(t, x2.size(1), dtype=torch.float32, device=x2.device)
-        return out.index_add_(0, token, ys.float() * topk_w.view(-1)[order].unsqueeze(1))
+        return out.index_add_(0, token, ys.float() * w)
 
     def _forward_fast(self, x2: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum in fp32 (as expert_reduce), cast, plus the shared experts."""
