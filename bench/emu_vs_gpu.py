@@ -112,7 +112,8 @@ def case_list() -> list[tuple[str, str, dict, Callable]]:
         return run
 
     for kernel, flags in (("portable 3 stages", {}), ("portable 1 stage", {"DEEPKERNELS_MLA_STAGES": "1"}),
-                          ("sm90", {"DEEPKERNELS_MLA_SM90": "1"})):
+                          ("sm90", {"DEEPKERNELS_MLA_SM90": "1"}),
+                          ("sm90_pipelined", {"DEEPKERNELS_MLA_VARIANT": "sm90_pipelined"})):
         cases.append((f"mla_decode bf16 {kernel}", "accumulation", flags, decode(torch.bfloat16)))
     cases.append(("mla_decode e4m3 portable", "accumulation", {}, decode(torch.float8_e4m3fn)))
 

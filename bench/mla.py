@@ -7,6 +7,7 @@ bytes = sum(L) * h_kv * 576 * kv_bytes (+ scales for e4m3) + b * s_q * h_q * (57
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,7 +18,7 @@ from deepkernels import mla
 
 from deepkernels.testing import calc_diff
 
-from .common import Context, Row, copy_gbps, kernel_variants, time_ms
+from .common import Context, Row, copy_gbps, env_var, kernel_variants, time_ms
 
 FAMILY = "mla"
 
@@ -100,6 +101,23 @@ def _flashinfer_runner(q, kv, block_table, lens, h_q, causal):
         return None
 
 
+def _variants(ctx: Context, cache_dtype: torch.dtype) -> list[tuple[str, contextlib.AbstractContextManager]]:
+    """(label, context) per split-KV kernel to time: the default and the legacy sm90 switch (bench.common), plus
+    every further DEEPKERNELS_MLA_VARIANT that runs here for this cache dtype (sm_90: sm90_pipelined). Each context
+    also pins DEEPKERNELS_MLA_VARIANT, so a value set outside the bench does not leak into the default row."""
+    @contextlib.contextmanager
+    def pinned(inner, variant):
+        with env_var(mla.VARIANT_ENV, variant), inner:
+            yield
+
+    variants = [(label, pinned(cm, None)) for label, cm in kernel_variants(ctx, mla.SM90_ENV)]
+    if ctx.is_cuda and torch.cuda.get_device_capability(ctx.device) == (9, 0):
+        for name in ("sm90_pipelined",):
+            if cache_dtype in mla.MLA_VARIANTS[name]:
+                variants.append((name, pinned(env_var(mla.SM90_ENV, None), name)))
+    return variants
+
+
 def run(ctx: Context) -> list[Row]:
     rows = []
     # the memory-bound target is a fraction of this device's measured copy bandwidth (2 GiB moved)
@@ -129,7 +147,7 @@ def run(ctx: Context) -> list[Row]:
         case = {"b": b, "s_q": s_q, "h_q": h_q, "mean_sk": mean_sk, "page": PAGE,
                 "cache": {torch.float8_e4m3fn: "e4m3", torch.float16: "fp16"}.get(cache_dtype, "bf16"), "causal": True}
         default_out = None
-        for label, variant in kernel_variants(ctx, "DEEPKERNELS_MLA_SM90"):
+        for label, variant in _variants(ctx, cache_dtype):
             with variant:
                 extra = {"kernel": label, **({"copy_GB/s": copy} if copy else {})}
                 got = ours()[0]

@@ -477,6 +477,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   p.fp16 = fp16;
+  // DEEPKERNELS_MLA_VARIANT (read per call): an unknown name or a variant that cannot run here, before any launch
+  const std::string variant_error = deepkernels::mla::mla_decode_variant_error(p);
+  TORCH_CHECK_VALUE(variant_error.empty(), variant_error);
   if (b > 0 && s_q > 0 && h_q > 0) {
     deepkernels::mla::mla_decode(p, current_stream());
     check_launch();

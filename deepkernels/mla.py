@@ -44,10 +44,14 @@ scale folded into the scores and P). A split's partial (output normalised by its
 goes to a scratch buffer of b + num_sm_parts splits and a combine kernel merges them by lse; a sequence with
 a single split is written directly. Metadata, decode and combine launch without host synchronisation.
 
-Hopper (opt-in, not yet validated on a GPU): with ``DEEPKERNELS_MLA_SM90=1`` (read on every call) an sm_90
-device with a bf16 or fp16 cache runs csrc/mla_decode/splitkv_sm90.cuh instead: 64 query rows per CTA, two
-warpgroups, 64-key tiles in a 2-stage cp.async ring, wgmma for Q K^T and for P V with the K tile reused as V;
-same plan, partials and combine. An e4m3 cache keeps the portable kernel.
+Hopper (opt-in, not yet validated on a GPU): ``DEEPKERNELS_MLA_VARIANT`` (read on every call; see
+MLA_VARIANTS) picks the split-KV kernel: ``portable``, ``sm90`` (csrc/mla_decode/splitkv_sm90.cuh: 64 query
+rows per CTA, two warpgroups, 64-key tiles in a 2-stage cp.async ring, wgmma for Q K^T and for P V with the K
+tile reused as V) or ``sm90_pipelined`` (splitkv_sm90_pipelined.cuh: FlashMLA's structure, a producer
+warpgroup filling an mbarrier ring, whole tiles alternating between the math warpgroups, P in registers). The
+sm90 variants take a bf16 or fp16 cache on an sm_90 device; naming one that cannot run raises a ValueError.
+The legacy ``DEEPKERNELS_MLA_SM90=1`` means "sm90 where it runs" (an e4m3 cache keeps the portable kernel).
+Same plan, partials and combine for all.
 
 Untrusted values: on the CPU (reference and emulator) the lengths, the used block-table entries, the plan and
 the cache-write slots are validated before any read or write (ValueError naming the argument). On CUDA they
@@ -73,28 +77,72 @@ METADATA_SIZE = 8          # int32 words per part in tile_scheduler_metadata
 PAGE_MULTIPLE = 16
 BLOCK_M = 32               # query rows (s_q * h_q / h_kv flattened) per CTA of the CUDA kernel
 BLOCK_M_SM90 = 64          # ... of the opt-in sm_90a kernel (DEEPKERNELS_MLA_SM90=1)
-SM90_ENV = "DEEPKERNELS_MLA_SM90"
+SM90_ENV = "DEEPKERNELS_MLA_SM90"       # legacy switch: "1" prefers the sm90 variant where it runs
+VARIANT_ENV = "DEEPKERNELS_MLA_VARIANT"  # the split-KV kernel variant, read on every call
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_CLAMP = 1e-4
 _Q_DTYPES = (torch.bfloat16, torch.float16)
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, FP8_DTYPE)
 
+# The split-KV kernel variants (DEEPKERNELS_MLA_VARIANT) and the kv_cache dtypes each supports. All share the
+# plan, the partial/lse format and the combine kernel, so a sweep can time each on the same inputs.
+#   portable        csrc/mla_decode/splitkv_portable.cuh: sm_80+, mma.sync, 32 query rows x 32-key tiles
+#   sm90            csrc/mla_decode/splitkv_sm90.cuh: sm_90a wgmma, 64 rows, the math threads copy
+#   sm90_pipelined  csrc/mla_decode/splitkv_sm90_pipelined.cuh: sm_90a, FlashMLA's structure (producer
+#                   warpgroup, mbarrier ring, 64-key tiles alternating between the math warpgroups,
+#                   register-resident P)
+# The sm90 variants need an sm_90 device and the sm_90a build (the emulator models one). Unset: "portable"
+# (or "sm90" where it runs, when DEEPKERNELS_MLA_SM90=1). Not yet validated on a GPU: sm90, sm90_pipelined.
+MLA_VARIANTS: dict[str, tuple[torch.dtype, ...]] = {
+    "portable": (torch.bfloat16, torch.float16, FP8_DTYPE),
+    "sm90": (torch.bfloat16, torch.float16),
+    "sm90_pipelined": (torch.bfloat16, torch.float16),
+}
+SM90_VARIANTS = ("sm90", "sm90_pipelined")   # 64 query rows per CTA (BLOCK_M_SM90)
+
+
+def mla_variant() -> str | None:
+    """The variant named by DEEPKERNELS_MLA_VARIANT (None when unset or empty: the default choice).
+
+    Raises ValueError for a name that is not in MLA_VARIANTS."""
+    name = os.environ.get(VARIANT_ENV, "")
+    if name == "":
+        return None
+    if name not in MLA_VARIANTS:
+        raise ValueError(f"{VARIANT_ENV}: expected one of {', '.join(MLA_VARIANTS)} (or unset), got {name!r}")
+    return name
+
+
+def _check_variant(kv_cache: torch.Tensor) -> None:
+    """A named variant must support kv_cache's dtype (checked wherever a kernel runs; the kernel's own check
+    also refuses a device or build the variant cannot run on)."""
+    name = mla_variant()
+    if name is None:
+        return
+    if kv_cache.dtype not in MLA_VARIANTS[name]:
+        supported = ", ".join(_dtype_name(d) for d in MLA_VARIANTS[name])
+        raise ValueError(f"kv_cache: {VARIANT_ENV}={name!r} supports cache dtypes {supported}, got "
+                         f"{_dtype_name(kv_cache.dtype)} (use 'portable')")
+
 
 def default_num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """How many parts the key axis is split into: enough CTAs to fill the GPU once.
 
     The CUDA grid is (num_sm_parts, h_kv, ceil(num_q_tokens_per_head_k / BLOCK_M)); we aim at one CTA
-    per SM. BLOCK_M is 64 when the opt-in sm_90a kernel may run (DEEPKERNELS_MLA_SM90=1 on an sm_90
-    device; the plan does not know the cache dtype, and an e4m3 cache then runs the portable kernel
-    on twice as many CTAs, which is correct, only less balanced). On the CPU (reference), 4 parts so the
+    per SM. BLOCK_M is 64 when an sm_90a kernel may run (DEEPKERNELS_MLA_VARIANT=sm90 or sm90_pipelined, or
+    DEEPKERNELS_MLA_SM90=1, on an sm_90 device; the plan does not know the cache dtype, and with the legacy
+    switch an e4m3 cache then runs the portable kernel on twice as many CTAs, which is correct, only less
+    balanced). On the CPU (reference), 4 parts so the
     plan still exercises multi-split sequences.
     """
     if device.type != "cuda":
         return 4
     props = torch.cuda.get_device_properties(device)
     sms = props.multi_processor_count
-    sm90 = os.environ.get(SM90_ENV) == "1" and (props.major, props.minor) == (9, 0)
+    variant = os.environ.get(VARIANT_ENV, "")
+    sm90 = (variant in SM90_VARIANTS or (variant == "" and os.environ.get(SM90_ENV) == "1")) and \
+        (props.major, props.minor) == (9, 0)
     m_blocks = math.ceil(num_q_tokens_per_head_k / (BLOCK_M_SM90 if sm90 else BLOCK_M))
     return max(1, sms // max(1, num_heads_k * m_blocks))
 
@@ -435,6 +483,9 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
                       tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits, kv_scale=kv_scale)
     softmax_scale = _check_softmax_scale(softmax_scale)
     causal = _ops.check_bool("causal", causal)
+    variant = mla_variant()  # an unknown name is an error on every device
+    if variant is not None and (q.device.type == "cuda" or _ops.emulation_enabled()):  # a kernel runs
+        _check_variant(kv_cache)
     if _checks_on(q.device):
         check_cache_indices(kv_cache, block_table, cache_seqlens, (tile_scheduler_metadata, num_splits))
     return torch.ops.deepkernels.mla_decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, head_dim_v,

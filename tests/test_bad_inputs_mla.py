@@ -365,18 +365,34 @@ def test_cuda_checked_mode_raises_and_unchecked_shows_nan(change, monkeypatch):
 # the kernels' guards (emulated; the wrapper's checks bypassed through torch.ops): never an out-of-range access,
 # the error shows as NaN in the rows that see the bad key
 
+def _set_variant(monkeypatch, sm90):
+    """"0": the portable kernel, "1": sm90 (legacy DEEPKERNELS_MLA_SM90=1), "pipelined": DEEPKERNELS_MLA_VARIANT=
+    sm90_pipelined -- except for an e4m3 cache, which only the portable kernel reads (the legacy switch falls back
+    to it; a named sm90 variant would refuse the call)."""
+    monkeypatch.delenv(mla.VARIANT_ENV, raising=False)
+    monkeypatch.setenv(mla.SM90_ENV, "0" if sm90 == "0" else "1")
+    if sm90 == "pipelined":
+        monkeypatch.setenv(mla.VARIANT_ENV, "sm90_pipelined")
+
+
+def _skip_pipelined_fp8(sm90, cache_dtype):
+    if sm90 == "pipelined" and cache_dtype == E4M3:
+        pytest.skip("sm90_pipelined takes a bf16 or fp16 cache (e4m3: the portable kernel, covered by 'portable')")
+
+
 def _raw_decode(args):
     return torch.ops.deepkernels.mla_decode_with_kvcache(*args.values())
 
 
-@pytest.mark.parametrize("sm90", ["0", "1"], ids=["portable", "sm90"])
+@pytest.mark.parametrize("sm90", ["0", "1", "pipelined"], ids=["portable", "sm90", "sm90_pipelined"])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, E4M3], ids=["bf16", "fp16", "e4m3"])
 @pytest.mark.parametrize("change,bad_seq", [(_entry(-1), 0), (_entry(2**30, row=1), 1), (_entry(-2**31), 0),
                                             (_seqlen(3 * PAGE + 20), 0), (_seqlen(-5, i=1), 1)],
                          ids=["minus1", "huge", "int-min", "beyond-table", "negative-len"])
 @pytest.mark.emu
 def test_kernel_guards_bad_indices_show_nan(emu_on, change, bad_seq, cache_dtype, sm90, monkeypatch):
-    monkeypatch.setenv(mla.SM90_ENV, sm90)
+    _skip_pipelined_fp8(sm90, cache_dtype)
+    _set_variant(monkeypatch, sm90)
     args = make_inputs(lens=(40, 20), cache_dtype=cache_dtype)
     change(args)
     meta, splits = mla.get_mla_decode_metadata_ref(args["cache_seqlens"], 16, 1, 3)
@@ -387,11 +403,11 @@ def test_kernel_guards_bad_indices_show_nan(emu_on, change, bad_seq, cache_dtype
     assert not out[good].float().isnan().any() and torch.isfinite(lse[good]).all(), "a valid sequence got NaN"
 
 
-@pytest.mark.parametrize("sm90", ["0", "1"], ids=["portable", "sm90"])
+@pytest.mark.parametrize("sm90", ["0", "1", "pipelined"], ids=["portable", "sm90", "sm90_pipelined"])
 @pytest.mark.emu
 def test_kernel_guards_stale_plan_stays_in_bounds(emu_on, sm90, monkeypatch):
     """A plan computed for other lengths (trusted on CUDA) never writes outside the split buffers."""
-    monkeypatch.setenv(mla.SM90_ENV, sm90)
+    _set_variant(monkeypatch, sm90)
     args = make_inputs(lens=(40, 20))
     for lens in ([300, 1], [1, 1], [0, 0], [64 * 40, 5]):
         meta, splits = mla.get_mla_decode_metadata_ref(torch.tensor(lens, dtype=torch.int32), 16, 1, 3)
@@ -495,12 +511,13 @@ def test_nan_reaches_out_and_lse_reference(what, lens, s_q, causal, parts, cache
     _check_nan_case(what, lens, s_q, causal, parts, cache_dtype, emulated=False)
 
 
-@pytest.mark.parametrize("sm90", ["0", "1"], ids=["portable", "sm90"])
+@pytest.mark.parametrize("sm90", ["0", "1", "pipelined"], ids=["portable", "sm90", "sm90_pipelined"])
 @pytest.mark.parametrize("what,lens,s_q,causal,parts,cache_dtype", NAN_CASES,
                          ids=[f"{c[0]}-L{c[1][0]}-sq{c[2]}-p{c[4]}-{str(c[5])[6:]}" for c in NAN_CASES])
 @pytest.mark.emu
 def test_nan_reaches_out_and_lse_kernel(emu_on, what, lens, s_q, causal, parts, cache_dtype, sm90, monkeypatch):
-    monkeypatch.setenv(mla.SM90_ENV, sm90)
+    _skip_pipelined_fp8(sm90, cache_dtype)
+    _set_variant(monkeypatch, sm90)
     _check_nan_case(what, lens, s_q, causal, parts, cache_dtype, emulated=True)
 
 

@@ -587,10 +587,26 @@ def test_kernel_numerics_emulation_meets_cuda_tolerance(lens, s_q, h_q, h_kv, pa
                                    fp8=cache_dtype == E4M3)
 
 
+_VARIANT_KERNELS = {"portable": "mla_splitkv_kernel", "sm90": "mla_splitkv_sm90_kernel",
+                    "sm90_pipelined": "mla_splitkv_sm90_pipelined_kernel"}
+
+
 def _expected_splitkv_kernel(cache_dtype):
     """The split-KV kernel the launch code picks (the emulated device is an sm_90 one)."""
+    variant = os.environ.get(mla.VARIANT_ENV, "")
+    if variant:
+        return _VARIANT_KERNELS[variant]
     sm90 = os.environ.get(mla.SM90_ENV) == "1" and cache_dtype in (torch.bfloat16, torch.float16)
     return "mla_splitkv_sm90_kernel" if sm90 else "mla_splitkv_kernel"
+
+
+def set_variant(monkeypatch, variant):
+    """Select a split-KV variant as a sweep would: "portable", "sm90" (through the legacy DEEPKERNELS_MLA_SM90=1,
+    so that switch stays covered) or "sm90_pipelined" (DEEPKERNELS_MLA_VARIANT)."""
+    monkeypatch.delenv(mla.VARIANT_ENV, raising=False)
+    monkeypatch.setenv(mla.SM90_ENV, "1" if variant == "sm90" else "0")
+    if variant == "sm90_pipelined":
+        monkeypatch.setenv(mla.VARIANT_ENV, variant)
 
 
 def _check_decode_vs_reference(device, lens, s_q, h_q, h_kv, page, causal, cache_dtype, num_sm_parts=None):
@@ -680,11 +696,105 @@ def test_kernel_sm90_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, cau
 
 
 @pytest.mark.parametrize("num_sm_parts", [1, 3, 500])
-def test_kernel_sm90_split_counts(kernel_device, num_sm_parts, monkeypatch):
-    """Direct single-split writes, merged partials and empty parts through the sm_90a kernel."""
+@pytest.mark.parametrize("variant", ["sm90", "sm90_pipelined"])
+def test_kernel_sm90_split_counts(kernel_device, num_sm_parts, variant, monkeypatch):
+    """Direct single-split writes, merged partials and empty parts through the sm_90a kernels."""
     _skip_unless_sm90(kernel_device)
-    monkeypatch.setenv(mla.SM90_ENV, "1")
+    set_variant(monkeypatch, variant)
     _check_split_counts(kernel_device, num_sm_parts)
+
+
+# the sm90_pipelined variant (csrc/mla_decode/splitkv_sm90_pipelined.cuh, DEEPKERNELS_MLA_VARIANT=sm90_pipelined):
+# producer warpgroup + mbarrier ring, whole 64-key tiles alternating between the math warpgroups, P in registers.
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@per_device("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES, EMU_CASES, ids=case_id)
+def test_kernel_sm90_pipelined_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype,
+                                            monkeypatch):
+    """Every case through the pipelined sm_90a kernel (odd and even tile counts, so both warpgroups end a split)."""
+    _skip_unless_sm90(kernel_device)
+    set_variant(monkeypatch, "sm90_pipelined")
+    _check_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype)
+
+
+@pytest.mark.parametrize("num_sm_parts", [1, 2, 7])
+def test_kernel_sm90_pipelined_many_tiles_and_splits(kernel_device, num_sm_parts, monkeypatch):
+    """Long sequences: many trips round the 2-stage ring, several splits per CTA (phases carried across splits),
+    a split boundary inside a sequence."""
+    _skip_unless_sm90(kernel_device)
+    set_variant(monkeypatch, "sm90_pipelined")
+    lens = [1000, 0, 129, 64, 700] if torch.device(kernel_device).type == "cuda" else [520, 0, 129, 64, 200]
+    _check_decode_vs_reference(kernel_device, lens, 2, 32, 1, 48, True, torch.bfloat16, num_sm_parts)
+
+
+@pytest.fixture
+def emu_only():
+    """Emulation on for the test (the emulated device is an sm_90a one)."""
+    if not deepkernels.build_info()["emulator"]:
+        pytest.skip(f"the emulator is not built ({deepkernels.build_info()['emulator_error']})")
+    with deepkernels.emulate():
+        yield "cpu"
+
+
+def test_mla_variants_table():
+    assert set(mla.MLA_VARIANTS) == {"portable", "sm90", "sm90_pipelined"}
+    assert E4M3 in mla.MLA_VARIANTS["portable"] and E4M3 not in mla.MLA_VARIANTS["sm90_pipelined"]
+    assert all(torch.bfloat16 in d and torch.float16 in d for d in mla.MLA_VARIANTS.values())
+    assert mla.SM90_VARIANTS == ("sm90", "sm90_pipelined")
+
+
+def test_variant_env_errors(monkeypatch):
+    """An unknown name: ValueError on every path (the wrapper, and the binding through torch.ops); a variant that
+    does not support the cache dtype: ValueError where a kernel runs."""
+    case = make_case([20, 5], 1, 16)
+    meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], 16, 1, 2)
+    args = (case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512, meta, splits)
+    monkeypatch.setenv(mla.VARIANT_ENV, "sm91")
+    with pytest.raises(ValueError, match="DEEPKERNELS_MLA_VARIANT.*portable, sm90, sm90_pipelined.*'sm91'"):
+        deepkernels.mla_decode_with_kvcache(*args)
+    with pytest.raises(ValueError, match="DEEPKERNELS_MLA_VARIANT"):
+        mla.mla_variant()
+    monkeypatch.setenv(mla.VARIANT_ENV, "")
+    assert mla.mla_variant() is None
+    monkeypatch.setenv(mla.VARIANT_ENV, "sm90_pipelined")
+    assert mla.mla_variant() == "sm90_pipelined"
+    out, _ = deepkernels.mla_decode_with_kvcache(*args)  # the CPU reference: the variant does not apply
+    assert out.shape == (2, 1, 16, 512)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("variant", ["sm90", "sm90_pipelined"])
+def test_variant_env_errors_emulated(emu_only, variant, monkeypatch):
+    """Emulated: an e4m3 cache with an sm90 variant is refused by the wrapper and by the binding (before any
+    launch); an unknown name is refused by the binding too."""
+    case = make_case([20, 5], 1, 16, cache_dtype=E4M3)
+    meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], 16, 1, 2)
+    args = (case["q"], case["kv_cache"], case["block_table"], case["cache_seqlens"], 512, meta, splits, DSV3_SCALE,
+            False, case["kv_scale"])
+    monkeypatch.setenv(mla.VARIANT_ENV, variant)
+    before = _kernel_launches()
+    with pytest.raises(ValueError, match=f"kv_cache: DEEPKERNELS_MLA_VARIANT='{variant}' supports cache dtypes "
+                                         "bfloat16, float16, got float8_e4m3fn"):
+        deepkernels.mla_decode_with_kvcache(*args)
+    with pytest.raises(ValueError, match=f"DEEPKERNELS_MLA_VARIANT='{variant}' does not support an e4m3 kv_cache"):
+        torch.ops.deepkernels.mla_decode_with_kvcache(*args)
+    monkeypatch.setenv(mla.VARIANT_ENV, "fast")
+    with pytest.raises(ValueError, match="DEEPKERNELS_MLA_VARIANT='fast' is not an MLA decode variant"):
+        torch.ops.deepkernels.mla_decode_with_kvcache(*args)
+    assert _launched_since(before) == set(), "a refused call launched kernels"
+
+
+@pytest.mark.emu
+def test_variant_env_picks_each_kernel(emu_only, monkeypatch):
+    """DEEPKERNELS_MLA_VARIANT routes to each kernel (read per call) and wins over the legacy switch."""
+    monkeypatch.setenv(mla.SM90_ENV, "1")
+    for variant, kernel in _VARIANT_KERNELS.items():
+        for dtype in mla.MLA_VARIANTS[variant]:
+            monkeypatch.setenv(mla.VARIANT_ENV, variant)
+            case = make_case([70, 3], 1, 16, cache_dtype=dtype)
+            before = _kernel_launches()
+            run_decode(case, 1, 16, False, DSV3_SCALE)
+            assert _launched_since(before) == {"mla_metadata_kernel", kernel, "mla_combine_kernel"}, (variant, dtype)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=["bf16", "e4m3"])
@@ -800,13 +910,13 @@ def _flashmla_id(c):
     return f"sq{c[0]}_h{c[1]}{'_varlen' if c[2] else ''}"
 
 
-@pytest.mark.parametrize("sm90", ["0", "1"], ids=["portable", "sm90"])
+@pytest.mark.parametrize("sm90", ["0", "1", "pipelined"], ids=["portable", "sm90", "sm90_pipelined"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @per_device("s_q,h_q,varlen", FLASHMLA_SHAPES, FLASHMLA_EMU_SHAPES, ids=_flashmla_id)
 def test_kernel_flashmla_shapes(kernel_device, s_q, h_q, varlen, dtype, sm90, monkeypatch):
-    if sm90 == "1":
+    if sm90 != "0":
         _skip_unless_sm90(kernel_device)
-    monkeypatch.setenv(mla.SM90_ENV, sm90)
+    set_variant(monkeypatch, {"0": "portable", "1": "sm90", "pipelined": "sm90_pipelined"}[sm90])
     b, mean = (32, 4096) if torch.device(kernel_device).type == "cuda" else (3, 160)
     lens = flashmla_lens(b, mean, varlen, seed=s_q * 1000 + h_q)
     case = make_case(lens, s_q, h_q, 1, 64, cache_dtype=dtype, device=kernel_device)

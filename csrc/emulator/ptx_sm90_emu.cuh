@@ -1,7 +1,8 @@
 #pragma once
 // Emulated csrc/common/ptx_sm90.cuh: mbarrier (arrival count, transaction bytes, phase parity), 3-D TMA tile
 // loads through the emulated CUtensorMap (128B swizzle, out-of-bounds zero fill, the full box counted in
-// transaction bytes), and wgmma (e4m3 m64nNk32, bf16/f16 m64n32k16, bf16/f16 m64n256k16 with an MN-major B) reading
+// transaction bytes), and wgmma (e4m3 m64nNk32, bf16/f16 m64n{32,64}k16, bf16/f16 m64n256k16 with an MN-major B,
+// also with A from registers) reading
 // its operands through a general decode of the shared-memory matrix descriptor.
 // Sources: PTX ISA 9.7.13.15 (mbarrier), 9.7.9.27 (cp.async.bulk.tensor), 9.7.15 (wgmma: 9.7.15.5.1 matrix
 // descriptor and shared-memory layouts, 9.7.15.5.1.1 the D fragment), CUTLASS cute/arch/mma_sm90_desc.hpp.
@@ -144,7 +145,10 @@ inline uint32_t element_addr(const Desc& d, Major major, int esize, int mn, int 
 // wgmma.wait_group is undefined in the ISA); a register written meanwhile is reported at completion.
 constexpr uint32_t kAccPoison = 0x7FC0DEADu;
 struct AccBuf { float* regs[128]; int nregs = 0; int pending = 0; std::vector<float> v; };
-struct WgmmaOp { int n, k; bool fp8, trans_b; uint64_t da, db; bool scale_d; AccBuf* acc; bool f16 = false; };
+struct WgmmaOp {
+  int n, k; bool fp8, trans_b; uint64_t da, db; bool scale_d; AccBuf* acc; bool f16 = false;
+  std::vector<float> a_regs;   // A [64 x k] read from registers at issue (the register-A form); empty: A from smem
+};
 struct WgState {
   std::vector<WgmmaOp> open;
   std::deque<std::vector<WgmmaOp>> groups;
@@ -198,7 +202,8 @@ inline bool is_acc_poison(float f) {
 // d[4 i + 2 h + j] = D[16 w + l / 4 + 8 h][8 i + 2 (l % 4) + j].
 inline void wgmma_execute(WgmmaOp& op) {
   std::vector<float> A(size_t(64) * op.k), B(size_t(op.n) * op.k);
-  load_operand(op.da, gmma::Major::K, op.fp8, 64, op.k, A.data(), op.f16);
+  if (!op.a_regs.empty()) A = op.a_regs;
+  else load_operand(op.da, gmma::Major::K, op.fp8, 64, op.k, A.data(), op.f16);
   load_operand(op.db, op.trans_b ? gmma::Major::MN : gmma::Major::K, op.fp8, op.n, op.k, B.data(), op.f16);
   AccBuf& acc = *op.acc;
   for (int t = 0; t < 128; ++t) {
@@ -276,6 +281,58 @@ inline void wgmma_issue(float* d, uint64_t da, uint64_t db, int scale_d) {
     ++it->second.pending;
     op.acc = &it->second;
     s.open.push_back(op);
+  });
+}
+
+// Register-A form (A from registers, B a descriptor), 16-bit A: the registers are read at issue. Fragment
+// (PTX ISA 9.7.15.5.1.1 "Register Fragments", wgmma .m64nNk16 A matrix for .f16/.bf16 = the mma.m16n8k16 A
+// layout per warp): thread t = 32 w + l, 32-bit register r in 0..3 holds A[16 w + l / 4 + 8 (r % 2)]
+// [2 (l % 4) + 8 (r / 2) + e] in its half e (e = 0 low, 1 high).
+template <int kN, bool kTransB, bool kF16>
+inline void wgmma_issue_rs(float* d, const uint32_t* a_regs, uint64_t db) {
+  struct Arg { float* d; const uint32_t* a; uint64_t db; } a{d, a_regs, db};
+  static const std::string op_name = std::string("wgmma.mma_async.m64n") + std::to_string(kN) + "k16" +
+                                     (kF16 ? ".f16" : ".bf16") + ".regA" + (kTransB ? ".tnspB" : "");
+  emu::warp_collective<128>(op_name.c_str(), &a, [](void** args) {
+    const Arg& a0 = *static_cast<Arg*>(args[0]);
+    WgState& s = g_wg[flat_tid() / 128];
+    WgmmaOp op{kN, 16, false, kTransB, 0, a0.db, true, nullptr, kF16};
+    op.a_regs.assign(size_t(64) * 16, 0.f);
+    for (int t = 0; t < 128; ++t) {
+      const Arg* x = static_cast<Arg*>(args[t]);
+      if (x->db != op.db) fail("wgmma: descriptors differ across the warpgroup (divergent collective operands)");
+      const int w = t / 32, l = t % 32;
+      for (int r = 0; r < 4; ++r)
+        for (int e = 0; e < 2; ++e) {
+          const uint16_t h = uint16_t(x->a[r] >> (16 * e));
+          const int row = 16 * w + l / 4 + 8 * (r % 2), col = 2 * (l % 4) + 8 * (r / 2) + e;
+          op.a_regs[size_t(row) * 16 + col] = kF16 ? f16_bits_to_float(h) : bf16_bits_to_float(h);
+        }
+    }
+    if (!s.ever_fenced || std::find(s.touched.begin(), s.touched.end(), a0.d) != s.touched.end())
+      fail("wgmma.mma_async: accumulator registers accessed since the last wgmma.fence (or no fence before the first)");
+    (void)gmma::decode(op.db);
+    auto it = s.acc.find(a0.d);
+    if (it == s.acc.end()) {
+      AccBuf& b = s.acc[a0.d];
+      b.nregs = kN / 2;
+      b.v.resize(size_t(128) * b.nregs);
+      for (int t = 0; t < 128; ++t) {
+        b.regs[t] = static_cast<Arg*>(args[t])->d;
+        for (int r = 0; r < b.nregs; ++r) {
+          b.v[size_t(t) * b.nregs + r] = b.regs[t][r];
+          std::memcpy(&b.regs[t][r], &kAccPoison, 4);
+        }
+      }
+      it = s.acc.find(a0.d);
+    } else {
+      if (it->second.nregs != kN / 2) fail("wgmma: an in-flight accumulator reused with another shape");
+      for (int t = 0; t < 128; ++t)
+        if (it->second.regs[t] != static_cast<Arg*>(args[t])->d) fail("wgmma: accumulator chain with other registers");
+    }
+    ++it->second.pending;
+    op.acc = &it->second;
+    s.open.push_back(std::move(op));
   });
 }
 
@@ -387,6 +444,8 @@ inline void wgmma_wait() {
 }
 template <int kN>
 inline void register_fence(float (&)[kN]) {}
+template <int kN>
+inline void register_fence(uint32_t (&)[kN]) {}
 inline void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
   emu::wgmma_issue<64, 32, true, false>(d, a, b, accumulate);
 }
@@ -404,6 +463,18 @@ inline void wgmma_m64n32k16_f16(float (&d)[16], uint64_t a, uint64_t b, int accu
 }
 inline void wgmma_m64n256k16_f16_tnsp_b(float (&d)[128], uint64_t a, uint64_t b) {
   emu::wgmma_issue<256, 16, false, true, true>(d, a, b, 1);
+}
+inline void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<64, 16, false, false>(d, a, b, accumulate);
+}
+inline void wgmma_m64n64k16_f16(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<64, 16, false, false, true>(d, a, b, accumulate);
+}
+inline void wgmma_m64n256k16_bf16_rs_tnsp_b(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
+  emu::wgmma_issue_rs<256, true, false>(d, a, b);
+}
+inline void wgmma_m64n256k16_f16_rs_tnsp_b(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
+  emu::wgmma_issue_rs<256, true, true>(d, a, b);
 }
 
 }  // namespace deepkernels::ptx::sm90

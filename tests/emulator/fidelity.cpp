@@ -364,6 +364,39 @@ __global__ void wgmma_bf16_n256_kernel(const uint8_t* img, int bytes, uint64_t d
   for (int i = 0; i < 128; ++i) out[threadIdx.x * 128 + i] = d[i];
 }
 
+// Register-A form: thread t's four 32-bit A registers come from `a_frag` (host-built through CUTLASS's
+// ALayout_64x16), B [k][n] MN-major in shared memory; D = A B + C.
+template <bool kF16>
+__global__ void wgmma_rs_n256_kernel(const uint8_t* img, int bytes, const uint32_t* a_frag, uint64_t db,
+                                     const float* c, float* out) {
+  uint8_t* base = stage(img, bytes);
+  float d[128];
+  for (int i = 0; i < 128; ++i) d[i] = c[threadIdx.x * 128 + i];
+  uint32_t a[4];
+  for (int r = 0; r < 4; ++r) a[r] = a_frag[threadIdx.x * 4 + r];
+  sm90::wgmma_fence();
+  if constexpr (kF16) sm90::wgmma_m64n256k16_f16_rs_tnsp_b(d, a, relocate(db, base));
+  else sm90::wgmma_m64n256k16_bf16_rs_tnsp_b(d, a, relocate(db, base));
+  sm90::wgmma_commit();
+  sm90::wgmma_wait<0>();
+  for (int i = 0; i < 128; ++i) out[threadIdx.x * 128 + i] = d[i];
+}
+// m64n64k16, both operands K-major 128B swizzle (the MLA kernels' S = Q K^T), scale-d 0 then 1: D = 2 A B.
+template <bool kF16>
+__global__ void wgmma_n64k16_kernel(const uint8_t* img, int bytes, uint64_t da, uint64_t db, float* out) {
+  uint8_t* base = stage(img, bytes);
+  float d[32];
+  for (float& x : d) x = 1e6f;
+  sm90::wgmma_fence();
+  for (int acc = 0; acc < 2; ++acc) {
+    if constexpr (kF16) sm90::wgmma_m64n64k16_f16(d, relocate(da, base), relocate(db, base), acc);
+    else sm90::wgmma_m64n64k16_bf16(d, relocate(da, base), relocate(db, base), acc);
+  }
+  sm90::wgmma_commit();
+  sm90::wgmma_wait<0>();
+  for (int i = 0; i < 32; ++i) out[threadIdx.x * 32 + i] = d[i];
+}
+
 // CUTLASS cute/atom/mma_traits_sm90_gmma.hpp CLayout_64xN: (thread, value) -> m + 64 n.
 CuteLayout clayout_64xn(int n) {
   return cute_layout("((_4,_8,_4),(_2,_2,N8)):((_128,_1,_16),(_64,_8,_512))", {{"N8", n / 8}});
@@ -464,6 +497,43 @@ void test_wgmma() {
                                    cutlass_desc(8192, 2048, 1024, 1), c.data(), out.data());
     check_d(out, ref, 256,
             std::string("wgmma m64n256k16 ") + type + " .tnspB (B MN-major, 128B swizzle, hand-built descriptor): D = A B + C");
+
+    // The same product with A from registers: CUTLASS's ALayout_64x16 (= CLayout_64x16, (thread, value) ->
+    // m + 64 k; value v in register v / 2, low half for even v) places A[m][k] (PTX ISA 9.7.15.5.1.1.1, "Matrix
+    // Fragments for wgmma.m64nNk16", matrix A: the mma.m16n8k16 A layout per warp, warp w holding rows 16w..).
+    const CuteLayout al = clayout_64xn(16);
+    std::vector<uint32_t> frag(128 * 4, 0);
+    for (int t = 0; t < 128; ++t)
+      for (int v = 0; v < 8; ++v) {
+        const long idx = al(t, v);
+        const float x = A[(idx % 64) * 16 + idx / 64];
+        const uint32_t h = f16 ? f16_bits(x) : bf16_bits(x);
+        frag[t * 4 + v / 2] |= h << (16 * (v % 2));
+      }
+    std::vector<float> out_rs(128 * 128, NAN);
+    if (f16) launch<wgmma_rs_n256_kernel<true>>(128, img.size() + kPad, img.data(), int(img.size()), frag.data(),
+                                               cutlass_desc(8192, 2048, 1024, 1), c.data(), out_rs.data());
+    else launch<wgmma_rs_n256_kernel<false>>(128, img.size() + kPad, img.data(), int(img.size()), frag.data(),
+                                             cutlass_desc(8192, 2048, 1024, 1), c.data(), out_rs.data());
+    check_d(out_rs, ref, 256,
+            std::string("wgmma m64n256k16 ") + type +
+                " register-A (fragments through CUTLASS ALayout_64x16) .tnspB: D = A B + C");
+  }
+  {  // m64n64k16: A [64 x 16] and B [64 x 16], both K-major 128B swizzle
+    std::vector<float> B(64 * 16), ref(64 * 64, 0.f);
+    for (float& x : B) x = value();
+    for (int m = 0; m < 64; ++m)
+      for (int n = 0; n < 64; ++n)
+        for (int k = 0; k < 16; ++k) ref[m * 64 + n] += 2 * A[m * 16 + k] * B[n * 16 + k];
+    std::vector<uint8_t> img(16384, 0);
+    place(img, 0, la, 3, 2, 64, 16, A, f16);
+    place(img, 8192, la, 3, 2, 64, 16, B, f16);
+    std::vector<float> out(128 * 32, NAN);
+    if (f16) launch<wgmma_n64k16_kernel<true>>(128, img.size() + kPad, img.data(), int(img.size()), da,
+                                              cutlass_desc(8192, 16, 1024, 1), out.data());
+    else launch<wgmma_n64k16_kernel<false>>(128, img.size() + kPad, img.data(), int(img.size()), da,
+                                            cutlass_desc(8192, 16, 1024, 1), out.data());
+    check_d(out, ref, 64, std::string("wgmma m64n64k16 ") + type + " (A, B K-major 128B swizzle), scale-d 0 then 1: D = 2 A B");
   }
   }
 }
