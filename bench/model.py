@@ -33,6 +33,8 @@ GPU_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, mo
                   kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
                   num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=1, first_k_dense_replace=1)
 CPU_CASES = [(1, 32), (8, 32)]       # (batch, prompt tokens)
+CPU_STEPS = 32                       # decode steps per run on the CPU (the issue's setup: prompt 32, 32 new tokens)
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # a single-repeat smoke context: float32 only
 GPU_CASES = [(1, 512), (8, 512), (32, 128)]
 
 
@@ -104,6 +106,22 @@ def ours_generate_fn(model: DeepseekV3ForCausalLM, ids: torch.Tensor):
     return run
 
 
+def time_generate_interleaved(runs: list, ids: torch.Tensor, steps: int, ctx: Context) -> list[tuple[float, float]]:
+    """``time_generate`` for several runs with their repeats alternating (peer, ours, peer, ours, ...), so a
+    noisy shared CPU slows each alike: [(prefill_s, decode_s) medians] in the order of ``runs``."""
+    import dataclasses
+
+    one = dataclasses.replace(ctx, warmup=0, repeats=1)
+    for run in runs:
+        for _ in range(ctx.warmup):
+            time_generate(run, ids, steps, one)
+    samples: list[list[tuple[float, float]]] = [[] for _ in runs]
+    for _ in range(ctx.repeats):
+        for got, run in zip(samples, runs):
+            got.append(time_generate(run, ids, steps, one))
+    return [(statistics.median(p for p, _ in got), statistics.median(d for _, d in got)) for got in samples]
+
+
 def peer_generate(hf, ids: torch.Tensor, steps: int, ctx: Context) -> tuple[float, float]:
     """transformers' (prefill_s, decode_s) for ``steps`` decode steps over ``ids``: see the module doc."""
     return time_generate(transformers_generate_fn(hf, ids), ids, steps, ctx)
@@ -131,10 +149,12 @@ def run(ctx: Context) -> list[Row]:
         dtype, cases, steps = torch.bfloat16, GPU_CASES, 32
         name = f"random-h{config.hidden_size}-l{config.num_hidden_layers}-e{config.n_routed_experts}"
     else:
-        config, dtype, cases, steps, name = DeepseekV3Config.from_pretrained("tiny"), torch.float32, CPU_CASES, 8, \
-            "tiny"
+        config, dtype, cases, steps, name = DeepseekV3Config.from_pretrained("tiny"), torch.float32, CPU_CASES, \
+            CPU_STEPS, "tiny"
     model = DeepseekV3ForCausalLM(config, device=ctx.device, dtype=dtype).init_random_weights(0).eval()
     hf = make_peer(model, ctx)
+    if not ctx.is_cuda:
+        return _run_cpu(model, hf, config, cases, steps, name, ctx)
     variants = [("", model)]
     if ctx.is_cuda:  # the same weights in FP8 (Fp8Linear -> fp8_gemm_nt), beside bf16 transformers
         fp8_config = DeepseekV3Config.from_dict({**config.to_dict(), "quantization_config": {
@@ -151,6 +171,30 @@ def run(ctx: Context) -> list[Row]:
             ours_prefill, ours_decode = ours_generate(m, ids, steps, ctx)
             case = {"config": name, "dtype": "fp8" if variant else str(dtype).replace("torch.", ""), "batch": b,
                     "prompt": t, "new_tokens": steps}
+            for phase, ours_s, peer_s, tokens in (("prefill", ours_prefill, peer_prefill, b * t),
+                                                  ("decode", ours_decode, peer_decode, b * steps)):
+                rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
+                                "transformers generate (DynamicCache)" if peer_s else None,
+                                tokens / peer_s if peer_s else None, ours_s * 1e3))
+    return rows
+
+
+def _run_cpu(model, hf, config, cases, steps: int, name: str, ctx: Context) -> list[Row]:
+    """CPU rows: each dtype of CPU_DTYPES (the same weights cast, ours and the peer alike; float32 only in a
+    single-repeat smoke context), ours and the peer timed interleaved (``time_generate_interleaved``)."""
+    rows = []
+    for dtype in CPU_DTYPES if ctx.repeats > 1 else CPU_DTYPES[:1]:
+        m = model if dtype == model.dtype else DeepseekV3ForCausalLM(config, dtype=dtype).eval()
+        if m is not model:
+            m.load_state_dict(model.state_dict())
+        peer = hf if m is model else make_peer(m, ctx)
+        for b, t in cases:
+            ids = torch.randint(0, config.vocab_size, (b, t), generator=torch.Generator().manual_seed(b * 1000 + t))
+            runs = [ours_generate_fn(m, ids)] + ([transformers_generate_fn(peer, ids)] if peer is not None else [])
+            timed = time_generate_interleaved(runs, ids, steps, ctx)
+            (ours_prefill, ours_decode), (peer_prefill, peer_decode) = timed[0], timed[1] if peer is not None else (None, None)
+            case = {"config": name, "dtype": str(dtype).replace("torch.", ""), "batch": b, "prompt": t,
+                    "new_tokens": steps}
             for phase, ours_s, peer_s, tokens in (("prefill", ours_prefill, peer_prefill, b * t),
                                                   ("decode", ours_decode, peer_decode, b * steps)):
                 rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
