@@ -186,6 +186,8 @@ if ext_modules:
 setup(
     # bench ships too: `python -m bench` and `python -m deepkernels.demo` (which runs it) work when installed
     packages=find_packages(include=["deepkernels", "deepkernels.*", "bench"]),
+    # the GEMM tuning table (`python -m bench sweep` writes it; deepkernels.gemm reads it)
+    package_data={"deepkernels": ["tuning/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

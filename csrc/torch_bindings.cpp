@@ -211,11 +211,75 @@ Fp8GemmParams make_params(GemmMode mode, const at::Tensor& a, const at::Tensor& 
   return p;
 }
 
-void launch(const Fp8GemmParams& p, const at::Tensor& a) {
+void launch(Fp8GemmParams p, const at::Tensor& a) {
   const KernelDeviceGuard guard(a.device());
-  const char* error = deepkernels::fp8_gemm::fp8_gemm_nt(p, current_stream());
+  const char* error = nullptr;
+  const auto plan = deepkernels::fp8_gemm::fp8_gemm_plan(p, &error);
+  TORCH_CHECK(error == nullptr, error);
+  // Split-K plans (sm_90a, dense): fp32 partials of every K slice, reduced in a second launch.
+  at::Tensor workspace;
+  if (const size_t bytes = deepkernels::fp8_gemm::fp8_gemm_workspace_bytes(plan, p); bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, a.options().dtype(at::kFloat));
+    p.workspace = workspace.data_ptr<float>();
+    p.workspace_bytes = bytes;
+  }
+  error = deepkernels::fp8_gemm::fp8_gemm_nt(p, plan, current_stream());
   TORCH_CHECK(error == nullptr, error);
   check_launch();
+}
+
+// Python functions of the extension module (deepkernels.gemm.explain / the tuning table / tests):
+//   gemm_plan(mode, m, n, k, num_groups, expected_m, num_sms) -> the sm_90a plan (env > table > heuristic)
+//   gemm_last_plan() -> the plan of the last GEMM launched on this thread
+//   gemm_set_table([(mode, m, n, k, groups, expected_m, num_sms, block_m, block_n, split_k, stages), ...])
+PyObject* plan_dict(const deepkernels::fp8_gemm::GemmPlan& g) {
+  static const char* kSources[] = {"heuristic", "table", "env"};
+  return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:L,s:i,s:s}", "kernel",
+                       g.kernel == deepkernels::fp8_gemm::GemmKernel::kSm90 ? "sm90" : "portable", "block_m",
+                       g.block_m, "block_n", g.block_n, "split_k", g.split_k, "stages", g.stages, "units",
+                       static_cast<long long>(g.units), "ctas", g.ctas, "source",
+                       kSources[static_cast<int>(g.source)]);
+}
+
+PyObject* py_gemm_plan(PyObject*, PyObject* args) {
+  int mode = 0, m = 0, n = 0, k = 0, groups = 1, expected_m = 0, num_sms = 0;
+  if (!PyArg_ParseTuple(args, "iiiiiii", &mode, &m, &n, &k, &groups, &expected_m, &num_sms)) return nullptr;
+  if (mode < 0 || mode > 2 || m < 1 || n < 16 || k < 16 || groups < 1 || expected_m < 0 || num_sms < 1) {
+    PyErr_SetString(PyExc_ValueError, "gemm_plan: expected mode 0..2, m >= 1, n, k >= 16, groups, num_sms >= 1");
+    return nullptr;
+  }
+  Fp8GemmParams p{};
+  p.mode = static_cast<GemmMode>(mode);
+  p.m = m, p.n = n, p.k = k, p.num_groups = groups, p.expected_m = expected_m;
+  std::string why;
+  const char* error = nullptr;
+  const auto plan = deepkernels::fp8_gemm::plan_sm90(p, num_sms, why, &error);
+  if (error != nullptr) {
+    PyErr_SetString(PyExc_ValueError, error);
+    return nullptr;
+  }
+  return plan_dict(plan);
+}
+
+PyObject* py_gemm_last_plan(PyObject*, PyObject*) { return plan_dict(deepkernels::fp8_gemm::fp8_gemm_last_plan()); }
+
+PyObject* py_gemm_set_table(PyObject*, PyObject* arg) {
+  PyObject* seq = PySequence_Fast(arg, "gemm_set_table: expected a list of 11-int tuples");
+  if (seq == nullptr) return nullptr;
+  std::vector<deepkernels::fp8_gemm::plan::TableEntry> entries;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    deepkernels::fp8_gemm::plan::TableEntry e{};
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiiiiiiiii", &e.mode, &e.m, &e.n, &e.k, &e.num_groups,
+                          &e.expected_m, &e.num_sms, &e.block_m, &e.block_n, &e.split_k, &e.stages)) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    entries.push_back(e);
+  }
+  Py_DECREF(seq);
+  deepkernels::fp8_gemm::fp8_gemm_set_table(entries.data(), entries.size());
+  Py_RETURN_NONE;
 }
 
 void fp8_gemm_nt(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
@@ -627,10 +691,15 @@ DEEPKERNELS_LIBRARY_IMPL(m) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The extension module itself carries no Python functions: importing it runs the registrations.
+// The extension module: importing it runs the registrations; its Python functions are the GEMM plan's.
+#define DEEPKERNELS_GEMM_PY_METHODS                                                                            \
+  {"gemm_plan", fp8_gemm_binding::py_gemm_plan, METH_VARARGS, "The sm_90a GEMM plan for a problem."},          \
+      {"gemm_last_plan", fp8_gemm_binding::py_gemm_last_plan, METH_NOARGS, "The last launched GEMM's plan."}, \
+      {"gemm_set_table", fp8_gemm_binding::py_gemm_set_table, METH_O, "Replaces the GEMM tuning table."},
 #ifndef DEEPKERNELS_EMULATOR
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {DEEPKERNELS_GEMM_PY_METHODS{nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }
 #endif

@@ -20,10 +20,14 @@ tensors raises them too. Index/count tensors (m_indices, masked_m): see the grou
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import torch
 
 from ._ops import (ceil_div, check_index_values, check_int, check_same_device, check_tensor, define_op,
-                   run_device_checks)
+                   emulation_enabled, run_device_checks)
 from .fp8 import FP8_DTYPE, GROUP
 
 # Row segments of the contiguous grouped layout must start at multiples of this (the kernels' BLOCK_M).
@@ -203,6 +207,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     if k == 0:  # an empty sum (the kernels need K >= 16)
         return out.zero_()
+    _ensure_table(a)
     torch.ops.deepkernels.fp8_gemm_nt(a, a_scale, b, b_scale, out)
     return out
 
@@ -231,6 +236,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: 
         if m_indices.device.type == "cpu":
             check_m_indices_values(m_indices, b.size(0))
         return out.zero_()
+    _ensure_table(a)
     torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, out, m_indices)
     return out
 
@@ -257,12 +263,265 @@ def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torc
             check_masked_m_values(masked_m, a.size(1))
         rows = torch.arange(a.size(1), device=out.device)[None, :] < masked_m[:, None]
         return out.masked_fill_(rows[..., None], 0.0)
+    _ensure_table(a)
     torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, out, masked_m, expected_m)
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Launch plans: explain(), DEEPKERNELS_GEMM_CONFIG and the tuning table.
+#
+# The C++ launcher decides (csrc/fp8_gemm/heuristic.h); the functions below mirror that decision exactly
+# (tests/test_gemm.py checks the mirror against the C++ function over a grid of problems, and against what
+# the emulated launches record). Precedence for the opt-in sm_90a kernel: DEEPKERNELS_GEMM_CONFIG (read per
+# call) > the tuning table (deepkernels/tuning/gemm_sm90.json, entries of this device) > the heuristic.
+
+_KINDS = {"dense": 0, "contiguous": 1, "masked": 2}
+_SM90_SHAPES = ((64, 16), (64, 32), (64, 64), (64, 128), (128, 64), (128, 128))
+_SM90_SMEM_BUDGET, _SM90_MAX_STAGES, _SM90_ALIGN_SLACK = 232448, 8, 1024
+_MIN_K_BLOCKS_PER_SPLIT, _MAX_SPLIT_K, _REDUCE_LAUNCH_COST = 4, 8, 256
+TUNING_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning", "gemm_sm90.json")
+_table: list[dict] = []           # the entries pushed to the extension (this device's)
+_table_key: object = None         # which device they were chosen for
+_TABLE_FIELDS = ("kind", "m", "n", "k", "num_groups", "expected_m", "num_sms", "block_m", "block_n", "split_k",
+                 "stages")
+
+
+def sm90_max_stages(block_m: int, block_n: int) -> int:
+    """The deepest shared-memory ring the sm_90a kernel fits for a (block_m, block_n) tile."""
+    fit = (_SM90_SMEM_BUDGET - _SM90_ALIGN_SLACK - 16 * _SM90_MAX_STAGES) // ((block_m + block_n) * 128)
+    return min(fit, _SM90_MAX_STAGES)
+
+
+def _validate_sm90(kind: str, k: int, block_m: int, block_n: int, split_k: int, stages: int, where: str) -> None:
+    """The C++ validate_sm90 (heuristic.h), same messages, as ValueError."""
+    k_blocks = ceil_div(k, 128)
+    if (block_m, block_n) not in _SM90_SHAPES:
+        raise ValueError(f"{where}: expected block_m,block_n one of 64,16 64,32 64,64 64,128 128,64 128,128, "
+                         f"got {block_m},{block_n}")
+    if not 1 <= split_k <= k_blocks:
+        raise ValueError(f"{where}: expected split_k in [1, ceil(K/128) = {k_blocks}], got {split_k}")
+    if split_k > 1 and kind != "dense":
+        raise ValueError(f"{where}: expected split_k = 1 for the grouped GEMMs (split-K is dense only), got {split_k}")
+    if stages != 0 and not 2 <= stages <= sm90_max_stages(block_m, block_n):
+        raise ValueError(f"{where}: expected stages in [2, {sm90_max_stages(block_m, block_n)}] for "
+                         f"{block_m}x{block_n} tiles (or 0 = the most that fit), got {stages}")
+
+
+def _env_config(kind: str, k: int):
+    """(block_m, block_n, split_k, stages) from DEEPKERNELS_GEMM_CONFIG (or the legacy
+    DEEPKERNELS_GEMM_SM90_BLOCKS="BMxBN"), None when unset; ValueError when set but invalid."""
+    text = os.environ.get("DEEPKERNELS_GEMM_CONFIG", "")
+    if text:
+        name = "DEEPKERNELS_GEMM_CONFIG"
+        parts = text.split(",")
+        try:
+            values = [int(x) for x in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (3, 4):
+            raise ValueError(f'{name}: expected "block_m,block_n,split_k[,stages]" (integers), got "{text}"')
+        values += [0] * (4 - len(values))
+    else:
+        text = os.environ.get("DEEPKERNELS_GEMM_SM90_BLOCKS", "")
+        if not text:
+            return None
+        name = "DEEPKERNELS_GEMM_SM90_BLOCKS"
+        try:
+            bm, bn = (int(x) for x in text.split("x"))
+        except ValueError:
+            raise ValueError(f'{name}: expected "BMxBN" (e.g. 64x128), got "{text}"') from None
+        values = [bm, bn, 1, 0]
+    _validate_sm90(kind, k, *values, name)
+    return tuple(values)
+
+
+def _sm90_heuristic(kind: str, m: int, n: int, k: int, num_groups: int, expected_m: int, num_sms: int):
+    """heuristic.h's sm90_heuristic: (block_m, block_n, split_k)."""
+    m_pp = min(expected_m, m) if kind == "masked" and expected_m > 0 else m
+    problems = num_groups if kind == "masked" else 1
+    block_m = 64 if m_pp <= 64 else 128
+    k_blocks = ceil_div(k, 128)
+    best, best_key = None, None
+    for block_n in (128, 64, 32, 16):
+        if (block_m, block_n) not in _SM90_SHAPES:
+            continue
+        tiles = problems * ceil_div(m_pp, block_m) * ceil_div(n, block_n)
+        max_split = 1
+        if kind == "dense" and tiles < num_sms:
+            max_split = max(1, min(_MAX_SPLIT_K, k_blocks // _MIN_K_BLOCKS_PER_SPLIT))
+        for split in range(1, max_split + 1):
+            units = tiles * split
+            waves = ceil_div(units, num_sms)
+            cost = waves * ceil_div(k_blocks, split) * (block_m + block_n)
+            if split > 1:
+                cost += _REDUCE_LAUNCH_COST + ceil_div(8 * split * m_pp * n, 128 * num_sms)
+            low = units * 5 < waves * num_sms * 4
+            if best_key is None:
+                better = True
+            elif low != best_key[0]:
+                better = not low
+            elif cost != best_key[1]:
+                better = cost < best_key[1]
+            else:
+                better = units * best_key[3] > best_key[2] * waves
+            if better:
+                best, best_key = (block_m, block_n, split), (low, cost, units, waves)
+    return best
+
+
+def explain(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132, kind: str = "dense",
+            expected_m: int | None = None, kernel: str | None = None) -> dict:
+    """What the GEMM launcher runs for a problem: ``{"kernel", "block_m", "block_n", "split_k", "stages",
+    "units", "ctas", "sm_utilisation", "source"}``.
+
+    m, n, k: the op's M (dense: rows of a; contiguous: all rows of a; masked: Mmax, a.size(1)), N, K.
+    kind: "dense" | "contiguous" | "masked"; num_groups: G of the grouped kinds; expected_m: the masked
+    op's hint (default m). kernel: "sm90" (the opt-in TMA/wgmma kernel) or "portable"; None = the one this
+    process selects (``sm90`` when DEEPKERNELS_GEMM_SM90=1, else ``portable``; a layout TMA cannot describe
+    also falls back to portable at run time). units = output tiles x split_k (work items), ctas = CTAs
+    launched (sm90: persistent, min(units, num_sms)), sm_utilisation = units / (waves x num_sms), the share
+    of SM slots busy over the waves. source: "heuristic", "table" (deepkernels/tuning/gemm_sm90.json) or
+    "env" (DEEPKERNELS_GEMM_CONFIG). The same decision as csrc/fp8_gemm/heuristic.h (tested equal).
+    Raises ValueError for bad arguments or an invalid DEEPKERNELS_GEMM_CONFIG."""
+    m = check_int("m", m, min_value=1)
+    n = check_int("n", n, min_value=_NK_MULTIPLE)
+    k = check_int("k", k, min_value=_NK_MULTIPLE)
+    num_groups = check_int("num_groups", num_groups, min_value=1)
+    num_sms = check_int("num_sms", num_sms, min_value=1)
+    if kind not in _KINDS:
+        raise ValueError(f"kind: expected one of {list(_KINDS)}, got {kind!r}")
+    expected_m = m if expected_m is None else check_int("expected_m", expected_m, min_value=0)
+    if kind != "masked":
+        expected_m = 0
+    if kernel is None:
+        kernel = "sm90" if os.environ.get("DEEPKERNELS_GEMM_SM90") == "1" else "portable"
+    if kernel not in ("sm90", "portable"):
+        raise ValueError(f"kernel: expected 'sm90' or 'portable', got {kernel!r}")
+    problems = num_groups if kind == "masked" else 1
+    if kernel == "portable":
+        units = ceil_div(m, 64) * ceil_div(n, 64) * problems
+        plan = dict(kernel="portable", block_m=64, block_n=64, split_k=1, stages=2, units=units, ctas=units,
+                    source="heuristic")
+    else:
+        source, stages = "heuristic", 0
+        forced = _env_config(kind, k)
+        if forced is not None:
+            (block_m, block_n, split_k, stages), source = forced, "env"
+        else:
+            entry = _table_entry(kind, m, n, k, num_groups, expected_m, num_sms)
+            if entry is not None:
+                block_m, block_n, split_k, stages = (entry[f] for f in ("block_m", "block_n", "split_k", "stages"))
+                source = "table"
+            else:
+                block_m, block_n, split_k = _sm90_heuristic(kind, m, n, k, num_groups, expected_m, num_sms)
+        units = problems * ceil_div(m, block_m) * ceil_div(n, block_n) * split_k
+        plan = dict(kernel="sm90", block_m=block_m, block_n=block_n, split_k=split_k,
+                    stages=stages or sm90_max_stages(block_m, block_n), units=units, ctas=min(units, num_sms),
+                    source=source)
+    waves = ceil_div(plan["units"], num_sms)
+    plan["sm_utilisation"] = plan["units"] / (waves * num_sms)
+    return plan
+
+
+def _table_entry(kind, m, n, k, num_groups, expected_m, num_sms):
+    for e in _table:
+        if (e["kind"], e["m"], e["n"], e["k"], e["num_groups"], e["expected_m"], e["num_sms"]) == (
+                kind, m, n, k, num_groups, expected_m, num_sms):
+            try:
+                _validate_sm90(kind, k, e["block_m"], e["block_n"], e["split_k"], e["stages"], "table")
+            except ValueError:
+                return None  # the C++ lookup skips an entry that cannot run, too
+            return e
+    return None
+
+
+def load_tuning_table(path: str | None = None) -> dict:
+    """The tuning table JSON (``python -m bench sweep`` writes it): ``{"version": 1, "entries": [...]}``,
+    each entry {device, kind, m, n, k, num_groups, expected_m, num_sms, block_m, block_n, split_k, stages,
+    us, ...}. A missing file is an empty table."""
+    path = path or TUNING_TABLE_PATH
+    if not os.path.exists(path):
+        return {"version": 1, "entries": []}
+    with open(path) as f:
+        table = json.load(f)
+    if not isinstance(table, dict) or not isinstance(table.get("entries"), list):
+        raise ValueError(f"{path}: expected a JSON object with an 'entries' list")
+    return table
+
+
+def set_tuning_table(entries: list[dict] | None) -> None:
+    """Replace the table the launcher (and explain()) consult, on every device, until called with None (back
+    to the committed deepkernels/tuning/gemm_sm90.json, this device's entries). Each entry a dict with kind,
+    m, n, k, num_groups, expected_m, num_sms, block_m, block_n, split_k, stages (extra keys ignored); entries
+    that cannot run (invalid shape / split / stages for their problem) are kept but never used."""
+    global _table_key
+    _push_table([] if entries is None else entries)
+    _table_key = None if entries is None else "set_tuning_table"
+
+
+def _push_table(entries: list[dict]) -> None:
+    global _table
+    rows = []
+    for i, e in enumerate(entries):
+        missing = [f for f in _TABLE_FIELDS if f not in e]
+        if missing:
+            raise ValueError(f"entries[{i}]: expected the keys {list(_TABLE_FIELDS)}, missing {missing}")
+        if e["kind"] not in _KINDS:
+            raise ValueError(f"entries[{i}]: expected kind one of {list(_KINDS)}, got {e['kind']!r}")
+        rows.append(e)
+    tuples = [(_KINDS[e["kind"]], *(int(e[f]) for f in _TABLE_FIELDS[1:])) for e in rows]
+    for name in ("_C", "_emu"):
+        module = sys.modules.get(f"{__package__}.{name}")
+        if module is not None and hasattr(module, "gemm_set_table"):
+            module.gemm_set_table(tuples)
+    _table = [dict(e) for e in rows]
+
+
+def _device_name(t: torch.Tensor) -> str | None:
+    if t.is_cuda:
+        return torch.cuda.get_device_name(t.device)
+    if t.device.type == "cpu" and emulation_enabled():
+        return "SIMT emulator"
+    return None
+
+
+def _ensure_table(t: torch.Tensor) -> None:
+    """Push the committed table's entries for t's device to the extension (once per device change)."""
+    global _table_key
+    if t.device.type == "cpu" and not emulation_enabled():
+        return
+    key = (t.device.type, t.device.index)
+    if key == _table_key or _table_key == "set_tuning_table":
+        return
+    name = _device_name(t)
+    _push_table([e for e in load_tuning_table().get("entries", []) if e.get("device") == name])
+    _table_key = key
+
+
+def last_launch_plan() -> dict:
+    """The plan of the last GEMM launched on this thread by the kernels (emulated when emulation is on),
+    same keys as :func:`explain` less sm_utilisation; {} when no extension is loaded."""
+    module = sys.modules.get(f"{__package__}._emu" if emulation_enabled() else f"{__package__}._C")
+    return module.gemm_last_plan() if module is not None and hasattr(module, "gemm_last_plan") else {}
+
+
+def native_plan(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132, kind: str = "dense",
+                expected_m: int | None = None) -> dict:
+    """The C++ heuristic.h decision itself (the sm_90a plan) through the loaded extension (the emulator's
+    when present): what :func:`explain` with kernel="sm90" mirrors. RuntimeError when no extension is loaded."""
+    for name in ("_emu", "_C"):
+        module = sys.modules.get(f"{__package__}.{name}")
+        if module is not None and hasattr(module, "gemm_plan"):
+            em = m if expected_m is None else expected_m
+            return module.gemm_plan(_KINDS[kind], m, n, k, num_groups, em if kind == "masked" else 0, num_sms)
+    raise RuntimeError("native_plan: no compiled extension (deepkernels._C / _emu) is loaded")
+
+
 __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
            "get_m_alignment_for_contiguous_layout", "M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT"]
+__all__ += ["explain", "load_tuning_table", "set_tuning_table", "last_launch_plan", "native_plan",
+            "sm90_max_stages", "TUNING_TABLE_PATH"]
 
 
 # ----------------------------------------------------------------------------------------------

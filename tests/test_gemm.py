@@ -230,7 +230,8 @@ def _check_emulated(kernel_device, before: dict, **expected) -> None:
     if kernel_device != "cpu":
         return
     now = _emulated_kernels()
-    names = {"sm90": "fp8_gemm_sm90_kernel", "portable": "fp8_gemm_nt_portable_kernel", "ctas": "ctas"}
+    names = {"sm90": "fp8_gemm_sm90_kernel", "portable": "fp8_gemm_nt_portable_kernel", "ctas": "ctas",
+             "reduce": "fp8_gemm_splitk_reduce_kernel"}
     for key, want in expected.items():
         got = now.get(names[key], 0) - before.get(names[key], 0)
         assert got == want, f"emulated {names[key]}: {got} since the call, expected {want}"
@@ -554,3 +555,222 @@ def test_cuda_sm90_wgmma_kernel_opt_in(kernel_device, m, n, k, monkeypatch):
     assert calc_diff(out3[0].cpu(), want) < 1e-5 and out3[1, m // 2:].isnan().all()
     if m // 2:
         assert calc_diff(out3[1, :m // 2].cpu(), want[:m // 2]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans (issue 15): explain() mirrors csrc/fp8_gemm/heuristic.h; the heuristic keeps the SMs busy on the
+# DeepSeek-V3 shapes at decode sizes; DEEPKERNELS_GEMM_CONFIG selects every variant (narrow BLOCK_N, split-K,
+# ring depth), each checked against the reference under the emulator; the tuning table is consulted.
+
+def _native_module():
+    import sys
+    module = sys.modules.get("deepkernels._emu") or sys.modules.get("deepkernels._C")
+    assert module is not None and hasattr(module, "gemm_plan"), "no compiled extension with gemm_plan"
+    return module
+
+
+PLAN_KEYS = ("kernel", "block_m", "block_n", "split_k", "stages", "units", "ctas", "source")
+
+
+@pytest.mark.parametrize("kind", ["dense", "contiguous", "masked"])
+def test_explain_mirrors_the_native_heuristic(kind, monkeypatch):
+    """explain(kernel="sm90") == heuristic.h's plan_sm90 (through the extension) over a grid of problems."""
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
+    monkeypatch.delenv("DEEPKERNELS_GEMM_SM90_BLOCKS", raising=False)
+    _native_module()
+    checked = 0
+    for m in (1, 16, 63, 64, 65, 128, 129, 300, 4096):
+        for n, k in [(16, 16), (144, 400), (2112, 7168), (7168, 16384), (32768, 512), (4096, 2048)]:
+            for groups in ((1,) if kind == "dense" else (1, 4)):
+                for sms in (4, 78, 132):
+                    for expected in ((None, 1, 100) if kind == "masked" else (None,)):
+                        got = gemm.native_plan(m, n, k, groups, sms, kind, expected)
+                        want = gemm.explain(m, n, k, groups, sms, kind, expected, kernel="sm90")
+                        assert {key: want[key] for key in PLAN_KEYS} == got, (m, n, k, groups, sms, expected)
+                        checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("n, k", DSV3_NK)
+@pytest.mark.parametrize("m", [16, 64, 128])
+def test_heuristic_keeps_sms_busy_on_deepseek_shapes(m, n, k, monkeypatch):
+    """Issue 15: on every DeepSeek-V3 GEMM shape at M in {16, 64, 128}, >= 80% of the 132 SMs busy."""
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
+    monkeypatch.delenv("DEEPKERNELS_GEMM_SM90_BLOCKS", raising=False)
+    plan = gemm.explain(m, n, k, num_sms=132, kernel="sm90")
+    assert plan["sm_utilisation"] >= 0.8, plan
+    assert plan["ctas"] >= 0.8 * 132, plan
+    assert plan["units"] == plan["split_k"] * -(-m // plan["block_m"]) * -(-n // plan["block_n"])
+
+
+def test_explain_portable_and_argument_errors(monkeypatch):
+    monkeypatch.delenv("DEEPKERNELS_GEMM_SM90", raising=False)
+    plan = gemm.explain(100, 144, 400)
+    assert plan["kernel"] == "portable" and plan["ctas"] == 2 * 3 and plan["split_k"] == 1
+    assert gemm.explain(100, 144, 400, num_groups=3, kind="masked")["ctas"] == 3 * 2 * 3
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+    assert gemm.explain(100, 144, 400)["kernel"] == "sm90"
+    with pytest.raises(ValueError, match="^kind: expected one of"):
+        gemm.explain(1, 16, 16, kind="grouped")
+    with pytest.raises(ValueError, match="^n: expected"):
+        gemm.explain(1, 8, 16)
+    with pytest.raises(TypeError, match="^m: expected"):
+        gemm.explain(1.5, 16, 16)
+    with pytest.raises(ValueError, match="^kernel: expected"):
+        gemm.explain(1, 16, 16, kernel="cutlass")
+
+
+BAD_CONFIGS = [
+    ("64,16", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages]" (integers), got "64,16"'),
+    ("64,x,1", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages]" (integers), got "64,x,1"'),
+    ("128,16,1", "DEEPKERNELS_GEMM_CONFIG: expected block_m,block_n one of 64,16 64,32 64,64 64,128 128,64 128,128, "
+                 "got 128,16"),
+    ("64,64,5", "DEEPKERNELS_GEMM_CONFIG: expected split_k in [1, ceil(K/128) = 4], got 5"),
+    ("64,64,0", "DEEPKERNELS_GEMM_CONFIG: expected split_k in [1, ceil(K/128) = 4], got 0"),
+    ("128,128,1,8", "DEEPKERNELS_GEMM_CONFIG: expected stages in [2, 7] for 128x128 tiles (or 0 = the most that "
+                    "fit), got 8"),
+    ("64,64,1,1", "DEEPKERNELS_GEMM_CONFIG: expected stages in [2, 8] for 64x64 tiles (or 0 = the most that fit), "
+                  "got 1"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS)
+def test_gemm_config_env_errors(text, message, monkeypatch):
+    """A bad DEEPKERNELS_GEMM_CONFIG: explain() raises ValueError, the emulated op RuntimeError, same message,
+    nothing launched, out untouched."""
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", text)
+    with pytest.raises(ValueError) as info:
+        gemm.explain(16, 64, 512, kernel="sm90")
+    assert str(info.value) == message
+    _, _, (aq, sa), (bq, sb) = _operands(16, 64, 512)
+    out = poison_(torch.empty(16, 64, dtype=torch.bfloat16))
+    before = _emulated_kernels()
+    with deepkernels.emulate(), pytest.raises(RuntimeError) as info:
+        deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    assert message in str(info.value)
+    _check_emulated("cpu", before, sm90=0, portable=0)
+    assert out.isnan().all()
+
+
+def test_gemm_config_split_k_refused_for_grouped(monkeypatch):
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", "64,64,2")
+    message = "DEEPKERNELS_GEMM_CONFIG: expected split_k = 1 for the grouped GEMMs (split-K is dense only), got 2"
+    with pytest.raises(ValueError) as info:
+        gemm.explain(64, 64, 512, num_groups=2, kind="masked", kernel="sm90")
+    assert str(info.value) == message
+    assert gemm.explain(64, 64, 512, kernel="sm90")["split_k"] == 2
+
+
+# Every sm_90a variant through DEEPKERNELS_GEMM_CONFIG: narrow BLOCK_N, split-K (with an uneven last slice),
+# shallow rings. Shapes: partial M / N / K tiles; 9 K blocks so the splits are 3 + 3 + 3, 5 + 4, 3 + 3 + 3 + 0.
+SM90_CONFIGS = ["64,16,1", "64,32,1", "64,16,3", "64,32,2,2", "64,64,4,3", "64,128,2", "128,64,3", "128,128,1,2",
+                "128,64,1,2"]
+
+
+@pytest.mark.parametrize("config", SM90_CONFIGS)
+@pytest.mark.parametrize("kernel_device, m, n, k", _device_cases(
+    [(33, 160, 1040), (130, 48, 1104)], cuda_only=[(64, 2112, 7168)]), indirect=["kernel_device"])
+def test_cuda_sm90_every_config(config, kernel_device, m, n, k, monkeypatch):
+    sms = _use_sm90_kernel(monkeypatch, kernel_device)
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", config)
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+    before = _emulated_kernels()
+    deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    plan = gemm.explain(m, n, k, num_sms=sms, kernel="sm90")
+    assert plan["source"] == "env"
+    assert [plan[key] for key in ("block_m", "block_n", "split_k")] == [int(x) for x in config.split(",")[:3]]
+    assert {key: plan[key] for key in PLAN_KEYS} == gemm.last_launch_plan()
+    split = plan["split_k"] > 1
+    _check_emulated(kernel_device, before, sm90=1, portable=0, reduce=int(split))
+    want = torch.empty_like(out)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    _check_against_reference(out, want, (config, m, n, k))
+    if plan["split_k"] == 1:  # grouped modes on the same config: masked (rows m, 0, m // 2)
+        out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device=kernel_device))
+        masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device=kernel_device)
+        deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
+                                                 torch.stack([sb] * 3), out3, masked_m, m)
+        _check_against_reference(out3[0], want, (config, "masked group 0"))
+        _check_against_reference(out3[2, :m // 2], want[:m // 2], (config, "masked group 2"))
+        assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all()
+
+
+# The heuristic's own picks, launched: narrow tiles and split-K chosen on a small emulated device.
+@pytest.mark.parametrize("kernel_device, m, n, k, sms", _device_cases(
+    [(16, 256, 2048, 4), (64, 48, 1024, 8), (3, 32, 4096, 16), (130, 144, 512, 4)],
+    cuda_only=[(16, 2112, 7168, 0)]), indirect=["kernel_device"])
+def test_cuda_sm90_launch_matches_explain(kernel_device, m, n, k, sms, monkeypatch):
+    device_sms = _use_sm90_kernel(monkeypatch, kernel_device)
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
+    if kernel_device == "cpu":
+        monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", str(sms))
+    else:
+        sms = device_sms
+    plan = gemm.explain(m, n, k, num_sms=sms)
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+    before = _emulated_kernels()
+    deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+    assert {key: plan[key] for key in PLAN_KEYS} == gemm.last_launch_plan()
+    if kernel_device == "cpu":
+        now = _emulated_kernels()
+        reduce_ctas = 0
+        if plan["split_k"] > 1:
+            reduce_ctas = min(-(-m * n // 2 // 256), 4 * sms)
+        assert now["ctas"] - before["ctas"] == plan["ctas"] + reduce_ctas
+    _check_emulated(kernel_device, before, sm90=1, portable=0, reduce=int(plan["split_k"] > 1))
+    want = torch.empty_like(out)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    _check_against_reference(out, want, (m, n, k, plan))
+
+
+def test_emulated_heuristic_picks_cover_narrow_tiles_and_split_k():
+    """The cases above exercise the new designs through the heuristic, not only through the env override."""
+    picks = {(gemm.explain(m, n, k, num_sms=s, kernel="sm90")["block_n"],
+              gemm.explain(m, n, k, num_sms=s, kernel="sm90")["split_k"] > 1)
+             for m, n, k, s in [(16, 256, 2048, 4), (64, 48, 1024, 8), (3, 32, 4096, 16), (130, 144, 512, 4)]}
+    assert any(split for _, split in picks) and any(bn < 64 for bn, _ in picks), picks
+
+
+def test_tuning_table_is_used_by_launch_and_explain(monkeypatch):
+    """An entry for the problem on this device's SM count overrides the heuristic, in explain() and in the
+    emulated launch; an entry that cannot run is ignored by both; set_tuning_table(None) restores the file's."""
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
+    monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", "4")
+    m, n, k = 20, 96, 640
+    entry = dict(device="SIMT emulator", kind="dense", m=m, n=n, k=k, num_groups=1, expected_m=0, num_sms=4,
+                 block_m=64, block_n=32, split_k=5, stages=3)
+    heuristic = gemm.explain(m, n, k, num_sms=4)
+    assert heuristic["source"] == "heuristic" and (heuristic["block_n"], heuristic["split_k"]) != (32, 5)
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k)
+    want = torch.empty(m, n, dtype=torch.bfloat16)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    try:
+        gemm.set_tuning_table([entry, dict(entry, m=m + 1, block_m=128, block_n=16)])
+        plan = gemm.explain(m, n, k, num_sms=4)
+        assert plan["source"] == "table" and (plan["block_n"], plan["split_k"], plan["stages"]) == (32, 5, 3)
+        assert gemm.native_plan(m, n, k, num_sms=4) == {key: plan[key] for key in PLAN_KEYS}
+        assert gemm.explain(m + 1, n, k, num_sms=4)["source"] == "heuristic"  # the invalid entry: ignored
+        assert gemm.native_plan(m + 1, n, k, num_sms=4)["source"] == "heuristic"
+        assert gemm.explain(m, n, k, num_sms=132)["source"] == "heuristic"  # another device size
+        out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
+        with deepkernels.emulate():
+            deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+            assert gemm.last_launch_plan() == {key: plan[key] for key in PLAN_KEYS}
+        _check_against_reference(out, want, "table plan")
+    finally:
+        gemm.set_tuning_table(None)
+    assert gemm.explain(m, n, k, num_sms=4)["source"] == "heuristic"
+
+
+def test_committed_tuning_table_is_valid():
+    """deepkernels/tuning/gemm_sm90.json: an object with entries (measured on a GPU by `python -m bench sweep`;
+    none until a GPU run), each with the fields the dispatcher matches on and a plan that validates."""
+    table = gemm.load_tuning_table()
+    assert table["version"] == 1 and isinstance(table["entries"], list)
+    for e in table["entries"]:
+        assert isinstance(e["device"], str) and e["us"] > 0
+        gemm._validate_sm90(e["kind"], e["k"], e["block_m"], e["block_n"], e["split_k"], e["stages"], "table")

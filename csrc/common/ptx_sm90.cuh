@@ -203,6 +203,41 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
 #endif
 }
 
+// d[64 x 16] (+)= a[64 x 32] * b[16 x 32]^T, e4m3 operands K-major in shared memory (descriptors),
+// fp32 accumulators: 8 per thread (the narrow-BLOCK_N small-M GEMM tiles). `accumulate` = 0 overwrites d.
+__device__ __forceinline__ void wgmma_m64n16k32_e4m3(float (&d)[8], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
+#if DEEPKERNELS_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7"
+      "}, %8, %9, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+#endif
+}
+
+// d[64 x 32] (+)= a[64 x 32] * b[32 x 32]^T, e4m3 operands K-major in shared memory (descriptors),
+// fp32 accumulators: 16 per thread (the narrow-BLOCK_N small-M GEMM tiles). `accumulate` = 0 overwrites d.
+__device__ __forceinline__ void wgmma_m64n32k32_e4m3(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                    int accumulate) {
+#if DEEPKERNELS_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+      "}, %16, %17, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+#endif
+}
+
 // d[64 x 32] (+)= A[64 x 16] B[32 x 16]^T, bf16, both K-major in shared memory; accumulate unless first.
 __device__ __forceinline__ void wgmma_m64n32k16_bf16(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
 #if DEEPKERNELS_SM90A

@@ -452,6 +452,12 @@ inline void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t a, uint64_t b, int acc
 inline void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
   emu::wgmma_issue<128, 32, true, false>(d, a, b, accumulate);
 }
+inline void wgmma_m64n16k32_e4m3(float (&d)[8], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<16, 32, true, false>(d, a, b, accumulate);
+}
+inline void wgmma_m64n32k32_e4m3(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
+  emu::wgmma_issue<32, 32, true, false>(d, a, b, accumulate);
+}
 inline void wgmma_m64n32k16_bf16(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
   emu::wgmma_issue<32, 16, false, false>(d, a, b, accumulate);
 }

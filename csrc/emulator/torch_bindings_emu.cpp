@@ -25,6 +25,7 @@ PyObject* emulator_stats(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"stats", emulator_stats, METH_NOARGS, "Emulated launches, CTAs, fiber switches, seconds and launches per kernel."},
+    DEEPKERNELS_GEMM_PY_METHODS
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

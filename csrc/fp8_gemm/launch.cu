@@ -25,24 +25,49 @@ bool use_sm90() {
 
 }  // namespace
 
-const char* fp8_gemm_nt(const Fp8GemmParams& p, cudaStream_t stream) {
+namespace {
+thread_local GemmPlan g_last_plan;  // what the last fp8_gemm_nt call on this thread launched
+thread_local std::string g_plan_error;
+}  // namespace
+
+GemmPlan fp8_gemm_plan(const Fp8GemmParams& p, const char** error) {
+  *error = nullptr;
+  if (!use_sm90()) return plan_portable(p);
+  return sm90::plan(p, g_plan_error, error);
+}
+
+size_t fp8_gemm_workspace_bytes(const GemmPlan& plan, const Fp8GemmParams& p) { return workspace_bytes(plan, p); }
+
+const GemmPlan& fp8_gemm_last_plan() { return g_last_plan; }
+
+void fp8_gemm_set_table(const plan::TableEntry* entries, size_t count) {
+  std::lock_guard<std::mutex> lock(plan::table_mutex());
+  plan::table().assign(entries, entries + count);
+}
+
+const char* fp8_gemm_nt(const Fp8GemmParams& p, const GemmPlan& plan, cudaStream_t stream) {
   // A contiguous call with no groups still writes its rows (all padding) as zeros.
   if (p.m == 0 || p.n == 0 || (p.num_groups == 0 && p.mode != GemmMode::kGroupedContiguous)) return nullptr;
-  if (use_sm90()) {
-    // Layouts TMA cannot describe (kUnsupported) fall through to the portable kernel.
+  if (plan.kernel == GemmKernel::kSm90) {
     const char* error = nullptr;
-    switch (sm90::launch(p, stream, &error)) {
-      case sm90::LaunchResult::kLaunched: return nullptr;
-      case sm90::LaunchResult::kError:
-        cudaGetLastError();  // the message is the report: leave no runtime error for a later launch check
-        return error;
-      case sm90::LaunchResult::kUnsupported: break;
+    if (sm90::launch(p, plan, stream, &error) == sm90::LaunchResult::kLaunched) {
+      g_last_plan = plan;
+      return nullptr;
     }
+    cudaGetLastError();  // the message is the report: leave no runtime error for a later launch check
+    return error;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)),
                   static_cast<unsigned>(p.mode == GemmMode::kGroupedMasked ? p.num_groups : 1));
   launch_kernel<fp8_gemm_nt_portable_kernel>(grid, kThreads, 0, stream, p);
+  g_last_plan = plan_portable(p);
   return nullptr;
+}
+
+const char* fp8_gemm_nt(const Fp8GemmParams& p, cudaStream_t stream) {
+  const char* error = nullptr;
+  const GemmPlan plan = fp8_gemm_plan(p, &error);
+  return error != nullptr ? error : fp8_gemm_nt(p, plan, stream);
 }
 
 const char* wgrad_gemm_nt(const WgradGemmParams& p, cudaStream_t stream) {

@@ -1,4 +1,5 @@
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace deepkernels::fp8_gemm {
@@ -27,6 +28,12 @@ struct Fp8GemmParams {
   int expected_m;  // masked: typical rows per group (tile-shape hint only, 0 = unknown)
   const int* m_indices;
   const int* masked_m;
+  // Split-K (sm_90a dense only, see heuristic.h): fp32 [split_k, m, n] partial sums, reduced in a second
+  // launch. Set by the caller from fp8_gemm_workspace_bytes(); nullptr / 0 when no plan needs it.
+  float* workspace;
+  size_t workspace_bytes;
+  // Filled in by the launcher from its plan (the kernel reads them); callers leave them 0.
+  int split_k, stages;
 };
 
 }  // namespace deepkernels::fp8_gemm

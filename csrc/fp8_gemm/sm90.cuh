@@ -23,10 +23,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "../common/launch.cuh"
 #include "../common/fp8.cuh"
 #include "../common/ptx_sm90.cuh"
+#include "heuristic.h"
 #include "params.h"
 
 namespace deepkernels::fp8_gemm::sm90 {
@@ -35,8 +40,8 @@ namespace deepkernels::fp8_gemm::sm90 {
 // 128-byte swizzle row -- the widest box row a CU_TENSOR_MAP_SWIZZLE_128B tensor map allows.
 constexpr int kBlockK = 128;
 // NOTE: 227 KiB is the sm_90 per-block dynamic shared memory maximum (opt-in attribute).
-constexpr int kSmemBudget = 232448;
-constexpr int kMaxStages = 8;
+constexpr int kSmemBudget = plan::kSm90SmemBudget;
+constexpr int kMaxStages = plan::kSm90MaxStages;
 // L2 order: 8 M-blocks x all N-blocks per band, so the ~132 resident tiles share a few A row-panels and
 // ~16 B column-panels.
 constexpr int kGroupM = 8;
@@ -46,7 +51,8 @@ constexpr uint32_t kProducerRegs = 40, kMathRegs = 232;
 template <int kBM, int kBN>
 struct Config {
   static_assert(kBM == 64 || kBM == 128, "BLOCK_M: one or two 64-row math warpgroups");
-  static_assert(kBN == 64 || kBN == 128, "BLOCK_N divides 128, so a tile needs one b_scale per K block");
+  static_assert(kBN == 16 || kBN == 32 || kBN == 64 || kBN == 128,
+                "BLOCK_N divides 128, so a tile needs one b_scale per K block");
   static constexpr int kMathWarpgroups = kBM / 64;
   static constexpr int kMathThreads = 128 * kMathWarpgroups;
   static constexpr int kThreads = kMathThreads + 128;
@@ -55,7 +61,10 @@ struct Config {
   static constexpr int kAlignSlack = 1024;  // the dynamic smem base is re-aligned to 1024 in the kernel
   static constexpr int kFit = (kSmemBudget - kAlignSlack - 16 * kMaxStages) / kStageBytes;
   static constexpr int kStages = kFit < kMaxStages ? kFit : kMaxStages;
-  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes;  // dynamic: the ring
+  static_assert(kStages == plan::sm90_max_stages(kBM, kBN), "heuristic.h's stage bound is this ring's");
+  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes;  // dynamic: the ring at its deepest
+  // The ring of a launch with `stages` (2..kStages, the plan's) stages.
+  static constexpr int smem_bytes(int stages) { return kAlignSlack + stages * kStageBytes; }
   static constexpr int kBarrierBytes = 16 * kStages;  // static: the full/empty mbarriers (sm_90a image only)
   static constexpr int kAccum = kBN / 2;  // fp32 accumulators per thread of an m64nBNk32 wgmma
   static_assert(kStages >= 2, "the ring needs at least two stages");
@@ -68,6 +77,8 @@ struct Tile {
   int rows;     // valid rows of its problem: M, or masked_m[g] clamped to [0, Mmax]
   int a_group;  // masked: group of a / a_scale / out; 0 otherwise
   int b_group;  // group of b / b_scale; -1 = contiguous padding tile (written as zeros, nothing loaded)
+  int split;    // split-K slice of this work unit (0 without split-K)
+  int kb_begin, kb_end;  // its 128-wide K blocks
 };
 
 // Walks this CTA's tiles. Producer and math warpgroups each own a copy and see the same sequence (all
@@ -76,13 +87,15 @@ template <int kBM, int kBN>
 class Scheduler {
  public:
   __device__ explicit Scheduler(const Fp8GemmParams& p)
-      : mode_(p.mode), m_(p.m), num_groups_(p.num_groups), n_blocks_(ceil_div(p.n, kBN)), m_indices_(p.m_indices),
+      : mode_(p.mode), m_(p.m), num_groups_(p.num_groups), n_blocks_(ceil_div(p.n, kBN)),
+        split_k_(p.split_k > 1 ? p.split_k : 1), k_blocks_(ceil_div(p.k, kBlockK)),
+        k_per_split_(ceil_div(ceil_div(p.k, kBlockK), p.split_k > 1 ? p.split_k : 1)), m_indices_(p.m_indices),
         masked_m_(p.masked_m), next_(static_cast<int>(blockIdx.x)) {
     if (mode_ == GemmMode::kGroupedMasked) {
       load_group();
     } else {
       rows_ = m_;
-      tiles_ = ceil_div(m_, kBM) * n_blocks_;
+      tiles_ = ceil_div(m_, kBM) * n_blocks_ * split_k_;  // work units: split_k per tile (dense only)
     }
   }
 
@@ -96,7 +109,11 @@ class Scheduler {
       ++group_;
       load_group();
     }
-    const int local = tile - start_, m_blocks = ceil_div(rows_, kBM);
+    // Split-K: consecutive units are the K slices of one tile (they share its A and B panels in L2).
+    const int local = (tile - start_) / split_k_, m_blocks = ceil_div(rows_, kBM);
+    t.split = (tile - start_) % split_k_;
+    t.kb_begin = t.split * k_per_split_;
+    t.kb_end = min(t.kb_begin + k_per_split_, k_blocks_);
     const int band = local / (kGroupM * n_blocks_), first_m = band * kGroupM;
     const int band_m = min(kGroupM, m_blocks - first_m), in_band = local - band * kGroupM * n_blocks_;
     t.m0 = (first_m + in_band % band_m) * kBM;
@@ -121,7 +138,7 @@ class Scheduler {
   }
 
   GemmMode mode_;
-  int m_, num_groups_, n_blocks_;
+  int m_, num_groups_, n_blocks_, split_k_, k_blocks_, k_per_split_;
   const int* m_indices_;
   const int* masked_m_;
   int next_;
@@ -144,6 +161,7 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
   uint64_t* full = barriers;
   uint64_t* empty = barriers + C::kStages;
   const int num_k_blocks = ceil_div(p.k, kBlockK);
+  const int stages = p.stages;  // the plan's ring depth, 2..C::kStages (checked on the host)
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -167,13 +185,13 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
       uint32_t phase = 0;
       while (scheduler.next(t)) {
         if (t.b_group < 0) continue;  // padding tile: the math warpgroups write zeros, nothing to load
-        for (int kb = 0; kb < num_k_blocks; ++kb) {
+        for (int kb = t.kb_begin; kb < t.kb_end; ++kb) {
           mbarrier_wait(empty + stage, phase ^ 1u);  // the math warps released this stage
           uint8_t* stage_a = smem + stage * C::kStageBytes;
           mbarrier_arrive_expect_tx(full + stage, C::kStageBytes);
           tma_load_3d(stage_a, &tmap_a, full + stage, kb * kBlockK, t.m0, t.a_group);
           tma_load_3d(stage_a + C::kSmemA, &tmap_b, full + stage, kb * kBlockK, t.n0, t.b_group);
-          if (++stage == C::kStages) stage = 0, phase ^= 1u;
+          if (++stage == stages) stage = 0, phase ^= 1u;
         }
       }
     }
@@ -205,7 +223,7 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
         const float* a_scale_1 = a_scale + static_cast<int64_t>(row_1) * p.a_scale_row_stride;
         const float* b_scale =
             p.b_scale + (static_cast<int64_t>(t.b_group) * scale_n_blocks + t.n0 / 128) * num_k_blocks;
-        for (int kb = 0; kb < num_k_blocks; ++kb) {
+        for (int kb = t.kb_begin; kb < t.kb_end; ++kb) {
           // Scales first: their global-load latency hides behind the barrier wait and the wgmmas.
           const float scale_a_0 = __ldg(a_scale_0 + kb * p.a_scale_col_stride);
           const float scale_a_1 = __ldg(a_scale_1 + kb * p.a_scale_col_stride);
@@ -221,8 +239,12 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
             // +32 bytes along K inside the swizzled 128-byte rows = +2 in the descriptor's start field.
             if constexpr (kBN == 128) {
               wgmma_m64n128k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-            } else {
+            } else if constexpr (kBN == 64) {
               wgmma_m64n64k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+            } else if constexpr (kBN == 32) {
+              wgmma_m64n32k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+            } else {
+              wgmma_m64n16k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
             }
           }
           wgmma_commit();
@@ -230,7 +252,7 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
           wgmma_wait<0>();
           register_fence(partial);
           if (lane == 0) mbarrier_arrive(empty + stage);  // smem of this stage no longer read
-          if (++stage == C::kStages) stage = 0, phase ^= 1u;
+          if (++stage == stages) stage = 0, phase ^= 1u;
           // Promotion on CUDA cores: the fp32 partial of one 128-wide K block times its two scales.
           const float s0 = scale_a_0 * scale_b, s1 = scale_a_1 * scale_b;
 #pragma unroll
@@ -243,6 +265,24 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
         }
       }
 
+      if (p.split_k > 1) {
+        // Split-K (dense only): this slice's fp32 sums to workspace[split][row][col]; splitk_reduce_kernel adds
+        // the slices in a fixed order (deterministic) and rounds once to bf16.
+        float* ws = p.workspace + static_cast<int64_t>(t.split) * p.m * p.n;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = t.m0 + row_in_tile + 8 * h;
+          if (row >= t.rows) continue;
+#pragma unroll
+          for (int i = 0; i < kBN / 8; ++i) {
+            const int col = t.n0 + 8 * i + col_in_tile;
+            if (col >= p.n) continue;
+            *reinterpret_cast<float2*>(ws + static_cast<int64_t>(row) * p.n + col) =
+                make_float2(total[4 * i + 2 * h], total[4 * i + 2 * h + 1]);
+          }
+        }
+        continue;
+      }
       // Epilogue: bf16 pairs (n % 16 == 0, so a pair never straddles the N edge).
       __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(t.a_group) * p.out_group_stride;
 #pragma unroll
@@ -342,84 +382,191 @@ inline bool encode_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v120
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// ---- caches (issue 15: decode GEMMs are a few us; re-encoding two tensor maps and re-querying the device and the
+// function attributes on every call cost a few us more). All guarded by one mutex; entries never go stale:
+// a tensor map is a pure function of its key (the address included), attributes of (device, kernel).
+struct DeviceInfo {
+  int num_sms = 0, smem_optin = 0;
+};
+inline std::mutex& cache_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+// SM count and opt-in shared memory of the current device (queried once per device). false: cannot query.
+inline bool device_info(int& device, DeviceInfo& info) {
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return false;
+  static std::vector<DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  if (static_cast<size_t>(device) >= cache.size()) cache.resize(device + 1);
+  DeviceInfo& d = cache[device];
+  if (d.num_sms <= 0) {
+    DeviceInfo q;
+    if (cudaDeviceGetAttribute(&q.num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || q.num_sms <= 0 ||
+        cudaDeviceGetAttribute(&q.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      return false;
+    }
+#ifdef DEEPKERNELS_EMULATOR
+    return info = q, true;  // DEEPKERNELS_EMULATE_SMS may change between calls: never cached under emulation
+#endif
+    d = q;
+  }
+  info = d;
+  return true;
+}
+
+struct MapKey {
+  int device;
+  const void* base;
+  int k, rows, groups, box_rows;
+  int64_t row_stride, group_stride;
+  bool operator==(const MapKey& o) const {
+    return device == o.device && base == o.base && k == o.k && rows == o.rows && groups == o.groups &&
+           box_rows == o.box_rows && row_stride == o.row_stride && group_stride == o.group_stride;
+  }
+};
+// encode_operand_map through a small cache (weights hit every call; so do reused activation buffers).
+inline bool cached_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, const MapKey& key) {
+  constexpr size_t kCapacity = 128;
+  static std::vector<std::pair<MapKey, CUtensorMap>> cache;
+  static size_t next_slot = 0;
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex());
+    for (const auto& e : cache) {
+      if (e.first == key) return *map = e.second, true;
+    }
+  }
+  if (!encode_operand_map(map, encode, key.base, key.k, key.rows, key.groups, key.row_stride, key.group_stride,
+                          key.box_rows)) {
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  if (cache.size() < kCapacity) {
+    cache.emplace_back(key, *map);
+  } else {
+    cache[next_slot] = {key, *map};  // FIFO replacement
+    next_slot = (next_slot + 1) % kCapacity;
+  }
+  return true;
+}
+
+// Split-K reduce: out[row, col] = bf16(sum over s of workspace[s, row, col]) in slice order (deterministic).
+__global__ void __launch_bounds__(256) fp8_gemm_splitk_reduce_kernel(const __grid_constant__ Fp8GemmParams p) {
+  const int64_t pairs = static_cast<int64_t>(p.m) * (p.n / 2), slice = static_cast<int64_t>(p.m) * p.n;
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / (p.n / 2), col = 2 * (i % (p.n / 2));
+    const float* src = p.workspace + row * p.n + col;
+    float2 sum = *reinterpret_cast<const float2*>(src);
+    for (int s = 1; s < p.split_k; ++s) {
+      const float2 v = *reinterpret_cast<const float2*>(src + s * slice);
+      sum.x += v.x;
+      sum.y += v.y;
+    }
+    *reinterpret_cast<__nv_bfloat162*>(out + row * p.out_row_stride + col) = __floats2bfloat162_rn(sum.x, sum.y);
+  }
+}
+
+// Per (kernel, device): the sm_90a image check and the opt-in dynamic shared memory (set once, at the
+// deepest ring, so any plan's stage count fits).
 template <int kBM, int kBN>
-LaunchResult launch_shape(const Fp8GemmParams& p, int device, int num_sms, cudaStream_t stream, const char** error) {
+const char* prepare_kernel(int device, const DeviceInfo& info) {
   using C = Config<kBM, kBN>;
   constexpr auto kernel = fp8_gemm_sm90_kernel<kBM, kBN>;
+  static std::vector<signed char> ready;  // per device: 0 unknown, 1 ready
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex());
+    if (static_cast<size_t>(device) < ready.size() && ready[device] == 1) return nullptr;
+  }
   // The sm_90a image must be the one the device runs; an sm_80/89 image (or PTX JIT) of this kernel, and
   // the image of an sm_90 build without "a", are an empty body: only the sm_90a one has the static barriers.
-  static const cudaError_t image_status = [&] {
-    cudaFuncAttributes attr{};
-    const cudaError_t status = cudaFuncGetAttributes(&attr, kernel);
-    if (status != cudaSuccess) return status;
-    return (attr.binaryVersion >= 90 && attr.ptxVersion >= 90 &&
-            attr.sharedSizeBytes >= static_cast<size_t>(C::kBarrierBytes))
-               ? cudaSuccess
-               : cudaErrorNoKernelImageForDevice;
-  }();
-  if (image_status != cudaSuccess) {
-    *error = "DEEPKERNELS_GEMM_SM90=1 but the extension has no sm_90a image of the GEMM (build with "
-             "DEEPKERNELS_CUDA_ARCHS containing 90a)";
-    return LaunchResult::kError;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.binaryVersion < 90 || attr.ptxVersion < 90 ||
+      attr.sharedSizeBytes < static_cast<size_t>(C::kBarrierBytes)) {
+    return "DEEPKERNELS_GEMM_SM90=1 but the extension has no sm_90a image of the GEMM (build with "
+           "DEEPKERNELS_CUDA_ARCHS containing 90a)";
   }
-  int smem_optin = 0;
-  if (cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      smem_optin < C::kSmemBytes + C::kBarrierBytes) {
-    *error = "DEEPKERNELS_GEMM_SM90=1: the device offers less shared memory per block than the kernel's ring needs";
-    return LaunchResult::kError;
+  if (info.smem_optin < C::kSmemBytes + C::kBarrierBytes) {
+    return "DEEPKERNELS_GEMM_SM90=1: the device offers less shared memory per block than the kernel's ring needs";
   }
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) != cudaSuccess) {
+    return "DEEPKERNELS_GEMM_SM90=1: cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed";
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  if (static_cast<size_t>(device) >= ready.size()) ready.resize(device + 1, 0);
+  ready[device] = 1;
+  return nullptr;
+}
+
+template <int kBM, int kBN>
+LaunchResult launch_shape(const Fp8GemmParams& params, const GemmPlan& plan, int device, const DeviceInfo& info,
+                          cudaStream_t stream, const char** error) {
+  using C = Config<kBM, kBN>;
+  if ((*error = prepare_kernel<kBM, kBN>(device, info)) != nullptr) return LaunchResult::kError;
   const auto encode = tensor_map_encoder();
   if (encode == nullptr) {
     *error = "DEEPKERNELS_GEMM_SM90=1: cuTensorMapEncodeTiled not found in the driver";
+    return LaunchResult::kError;
+  }
+  Fp8GemmParams p = params;
+  p.split_k = plan.split_k;
+  p.stages = plan.stages;
+  if (p.split_k > 1 && (p.workspace == nullptr || p.workspace_bytes < workspace_bytes(plan, p))) {
+    *error = "fp8_gemm: the split-K plan needs an fp32 workspace of split_k * M * N floats (fp8_gemm_plan)";
     return LaunchResult::kError;
   }
   const bool masked = p.mode == GemmMode::kGroupedMasked;
   const int a_groups = masked ? p.num_groups : 1;
   const int64_t a_group_stride = masked && p.num_groups > 1 ? p.a_group_stride : int64_t{p.m} * p.a_row_stride;
   CUtensorMap tmap_a, tmap_b;
-  if (!encode_operand_map(&tmap_a, encode, p.a, p.k, p.m, a_groups, p.a_row_stride, a_group_stride, kBM) ||
-      !encode_operand_map(&tmap_b, encode, p.b, p.k, p.n, p.num_groups, p.k, int64_t{p.n} * p.k, kBN)) {
+  if (!cached_operand_map(&tmap_a, encode, {device, p.a, p.k, p.m, a_groups, kBM, p.a_row_stride, a_group_stride}) ||
+      !cached_operand_map(&tmap_b, encode, {device, p.b, p.k, p.n, p.num_groups, kBN, p.k, int64_t{p.n} * p.k})) {
     *error = "DEEPKERNELS_GEMM_SM90=1: cuTensorMapEncodeTiled rejected an operand that passed the TMA checks";
     return LaunchResult::kError;
   }
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) != cudaSuccess) {
-    *error = "DEEPKERNELS_GEMM_SM90=1: cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed";
-    return LaunchResult::kError;
+  launch_kernel<fp8_gemm_sm90_kernel<kBM, kBN>>(static_cast<unsigned>(plan.ctas), C::kThreads,
+                                                C::smem_bytes(plan.stages), stream, tmap_a, tmap_b, p);
+  if (p.split_k > 1) {
+    const int64_t pairs = int64_t{p.m} * (p.n / 2), blocks = (pairs + 255) / 256;
+    const int64_t cap = int64_t{4} * info.num_sms;
+    launch_kernel<fp8_gemm_splitk_reduce_kernel>(static_cast<unsigned>(blocks < cap ? blocks : cap), 256, 0, stream,
+                                                 p);
   }
-  const int64_t tiles = static_cast<int64_t>(a_groups) * ceil_div(p.m, kBM) * ceil_div(p.n, kBN);
-  const unsigned grid = static_cast<unsigned>(tiles < num_sms ? tiles : num_sms);
-  launch_kernel<kernel>(grid, C::kThreads, C::kSmemBytes, stream, tmap_a, tmap_b, p);
   return LaunchResult::kLaunched;
 }
 
-// Runs the GEMM on the sm_90a kernel. kUnsupported: a layout TMA cannot describe (use the portable kernel);
-// kError: the opt-in kernel cannot run here at all (*error says why).
-inline LaunchResult launch(const Fp8GemmParams& p, cudaStream_t stream, const char** error) {
-  if (!tma_compatible(p)) return LaunchResult::kUnsupported;
-  int device = 0, num_sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || num_sms <= 0) {
+// The plan the sm_90a path would launch for p here: kPortable when TMA cannot describe the layout.
+// *error: the device cannot be queried, or DEEPKERNELS_GEMM_CONFIG is invalid for p.
+inline GemmPlan plan(const Fp8GemmParams& p, std::string& why, const char** error) {
+  *error = nullptr;
+  if (!tma_compatible(p)) return plan_portable(p);
+  int device = 0;
+  DeviceInfo info;
+  if (!device_info(device, info)) {
+    *error = "DEEPKERNELS_GEMM_SM90=1: cannot query the device";
+    return plan_portable(p);
+  }
+  return plan_sm90(p, info.num_sms, why, error);
+}
+
+// Runs the GEMM on the sm_90a kernel with `plan` (from plan() above, kernel kSm90). kError: the opt-in
+// kernel cannot run here at all (*error says why).
+inline LaunchResult launch(const Fp8GemmParams& p, const GemmPlan& plan, cudaStream_t stream, const char** error) {
+  int device = 0;
+  DeviceInfo info;
+  if (!device_info(device, info)) {
     *error = "DEEPKERNELS_GEMM_SM90=1: cannot query the device";
     return LaunchResult::kError;
   }
-  const bool masked = p.mode == GemmMode::kGroupedMasked;
-  const int m_per_problem = masked && p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m;
-  BlockShape shape = select_block_shape(m_per_problem, p.n, masked ? p.num_groups : 1, num_sms);
-  // DEEPKERNELS_GEMM_SM90_BLOCKS=64x64|64x128|128x64|128x128 overrides the heuristic (tests run every shape).
-  if (const char* forced = std::getenv("DEEPKERNELS_GEMM_SM90_BLOCKS")) {
-    constexpr BlockShape kShapes[] = {{64, 64}, {64, 128}, {128, 64}, {128, 128}};
-    for (const BlockShape candidate : kShapes) {
-      char name[16];
-      std::snprintf(name, sizeof(name), "%dx%d", candidate.block_m, candidate.block_n);
-      if (std::strcmp(forced, name) == 0) shape = candidate;
-    }
+  switch (plan.block_m * 1000 + plan.block_n) {
+    case 64016: return launch_shape<64, 16>(p, plan, device, info, stream, error);
+    case 64032: return launch_shape<64, 32>(p, plan, device, info, stream, error);
+    case 64064: return launch_shape<64, 64>(p, plan, device, info, stream, error);
+    case 64128: return launch_shape<64, 128>(p, plan, device, info, stream, error);
+    case 128064: return launch_shape<128, 64>(p, plan, device, info, stream, error);
+    case 128128: return launch_shape<128, 128>(p, plan, device, info, stream, error);
+    default: *error = "fp8_gemm: a plan with a tile shape that is not instantiated"; return LaunchResult::kError;
   }
-  if (shape.block_m == 64) {
-    return shape.block_n == 64 ? launch_shape<64, 64>(p, device, num_sms, stream, error)
-                               : launch_shape<64, 128>(p, device, num_sms, stream, error);
-  }
-  return shape.block_n == 64 ? launch_shape<128, 64>(p, device, num_sms, stream, error)
-                             : launch_shape<128, 128>(p, device, num_sms, stream, error);
 }
 
 }  // namespace deepkernels::fp8_gemm::sm90

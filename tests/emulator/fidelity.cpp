@@ -336,6 +336,26 @@ __global__ void wgmma_e4m3_kernel(const uint8_t* img, int bytes, int off_b, floa
   sm90::wgmma_wait<0>();
   for (int i = 0; i < 32; ++i) out[threadIdx.x * 32 + i] = d[i];
 }
+// The narrow e4m3 shapes of the small-M GEMM (BLOCK_N 16 / 32): same operands, N rows of B.
+template <int kN>
+__global__ void wgmma_e4m3_narrow_kernel(const uint8_t* img, int bytes, int off_b, float* out) {
+  uint8_t* base = stage(img, bytes);
+  float d[kN / 2];
+  for (float& x : d) x = 1e6f;   // scale-d = 0: D = A B, the old contents ignored
+  sm90::wgmma_fence();
+  for (int ks = 0; ks < 4; ++ks) {  // K = 128: a whole 128-byte swizzled row, four 32-byte k-steps
+    if constexpr (kN == 16) {
+      sm90::wgmma_m64n16k32_e4m3(d, sm90::smem_desc_k_major_sw128(base + 32 * ks),
+                                 sm90::smem_desc_k_major_sw128(base + off_b + 32 * ks), ks);
+    } else {
+      sm90::wgmma_m64n32k32_e4m3(d, sm90::smem_desc_k_major_sw128(base + 32 * ks),
+                                 sm90::smem_desc_k_major_sw128(base + off_b + 32 * ks), ks);
+    }
+  }
+  sm90::wgmma_commit();
+  sm90::wgmma_wait<0>();
+  for (int i = 0; i < kN / 2; ++i) out[threadIdx.x * (kN / 2) + i] = d[i];
+}
 template <bool kF16>
 __global__ void wgmma_bf16_n32_kernel(const uint8_t* img, int bytes, uint64_t da, uint64_t db, float* out) {
   uint8_t* base = stage(img, bytes);
@@ -441,6 +461,27 @@ void test_wgmma() {
     std::vector<float> out(128 * 32, NAN);
     launch<wgmma_e4m3_kernel>(128, img.size() + kPad, img.data(), int(img.size()), 8192, out.data());
     check_d(out, ref, 64, "wgmma m64n64k32 e4m3 (K-major, 128B swizzle, smem_desc_k_major_sw128, 2 k-steps): D = A B");
+  }
+  {  // e4m3 m64n16k32 / m64n32k32 (small-M GEMM tiles): K = 128, B of 16 / 32 rows (two / four 8-row atoms)
+    const auto narrow = [&](auto n_tag) {
+      constexpr int kN = decltype(n_tag)::value;
+      std::vector<float> A(64 * 128), B(kN * 128), ref(64 * kN, 0.f);
+      for (float& x : A) x = small_int(-4, 4);
+      for (float& x : B) x = small_int(-4, 4);
+      for (int m = 0; m < 64; ++m)
+        for (int n = 0; n < kN; ++n)
+          for (int k = 0; k < 128; ++k) ref[m * kN + n] += A[m * 128 + k] * B[n * 128 + k];
+      const CuteLayout l = cute_layout(kKMajorSw128, {{"T", 16}, {"SBO", 1024}});
+      std::vector<uint8_t> img(8192 + kN * 128, 0);
+      place(img, 0, l, 3, 1, 64, 128, A);
+      place(img, 8192, l, 3, 1, kN, 128, B);
+      std::vector<float> out(128 * (kN / 2), NAN);
+      launch<wgmma_e4m3_narrow_kernel<kN>>(128, img.size() + kPad, img.data(), int(img.size()), 8192, out.data());
+      check_d(out, ref, kN, "wgmma m64n" + std::to_string(kN) +
+                                "k32 e4m3 (K-major, 128B swizzle, 4 k-steps over a 128-byte row): D = A B");
+    };
+    narrow(std::integral_constant<int, 16>{});
+    narrow(std::integral_constant<int, 32>{});
   }
   // bf16, then f16: values k/8 + 1/256 need 9 significant bits, exact in f16 but not in bf16 (so an f16 operand
   // read as bf16 fails); every product and sum stays exact in fp32.
