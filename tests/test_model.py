@@ -801,3 +801,134 @@ def test_cli_generate_mtp():
     assert "MTP acceptance" in proc.stdout and "1 MTP" in proc.stderr
     for seq in generate(get_model("tiny"), [[1, 2, 3], [4, 5]], max_new_tokens=5):
         assert " ".join(map(str, seq.tolist())) in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# the CPU fast path (deepkernels.nn.cpu_fast_path): batched MoE experts, masked attention over a contiguous
+# cache view, plain cache stores, fused projections / norms / RoPE -- equal to the references
+
+def _decode_logits(model, input_ids, prefill_len, cache_dtype=None, page_size=16, shuffle=False, steps=(1,)):
+    """Prefill then decode the rest of input_ids in steps of the given sizes (cycled): logits [B, T - prefill]."""
+    b, t = input_ids.shape
+    cache = make_cache(model, b, t + 8, page_size=page_size, dtype=cache_dtype)
+    if shuffle:  # a non-identity page assignment: the fast path gathers through the block table
+        cache.block_table.copy_(cache.block_table.view(-1).flip(0).view(b, -1))
+    out = [model(input_ids[:, :prefill_len], cache=cache, prefill=True)[:, -1:]]
+    pos, i = prefill_len, 0
+    while pos < t:
+        n = min(steps[i % len(steps)], t - pos)
+        out.append(model(input_ids[:, pos:pos + n], cache=cache))
+        pos, i = pos + n, i + 1
+    return torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cpu_fast_path_equals_references(name, batch):
+    """Full forward and paged decode (1- and 2-token steps, pages straddled) with the fast path vs the op
+    references (cpu_fast_path(False)): the logits' max relative error within the model tests' 1e-5."""
+    from deepkernels.nn.cpu_fast_path import cpu_fast_path
+
+    model = get_model(name)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, 21), generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        fast_full = model(input_ids)
+        fast, fast_cache = _decode_logits(model, input_ids, 7, steps=(1, 2))
+        with cpu_fast_path(False):
+            ref_full = model(input_ids)
+            ref, ref_cache = _decode_logits(model, input_ids, 7, steps=(1, 2))
+    for what, a, b in (("full forward", fast_full, ref_full), ("paged decode", fast, ref)):
+        err = rel_err(a, b)
+        assert err < 1e-5, f"{name} batch {batch}: fast path {what} vs references, max rel err {err:.2e}"
+    assert torch.equal(fast_cache.seqlens, ref_cache.seqlens)
+    torch.testing.assert_close(fast_cache.kv, ref_cache.kv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_fast_path_cache_layouts(cache_dtype):
+    """A shuffled block table (gathered, not viewed), varied sequence lengths (masked keys) and a bf16 cache
+    (the decode kernel's bf16 query/output roundings): fast path vs references."""
+    from deepkernels.nn.cpu_fast_path import cpu_fast_path
+
+    model = get_model("dense")
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 18), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for shuffle in (False, True):
+            fast, _ = _decode_logits(model, input_ids, 5, cache_dtype, shuffle=shuffle, steps=(1, 3))
+            with cpu_fast_path(False):
+                ref, _ = _decode_logits(model, input_ids, 5, cache_dtype, shuffle=shuffle, steps=(1, 3))
+            diff = calc_diff(fast, ref)
+            assert diff < 1e-9 if cache_dtype == torch.float32 else diff < 1e-6, \
+                f"{cache_dtype} cache, shuffled={shuffle}: fast vs reference calc_diff {diff:.2e}"
+    prompts = [[5, 6, 7, 8, 9], [11, 12], list(range(100, 117))]
+    fast = generate(model, prompts, max_new_tokens=6, cache_dtype=cache_dtype)
+    with cpu_fast_path(False):
+        ref = generate(model, prompts, max_new_tokens=6, cache_dtype=cache_dtype)
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        assert torch.equal(a, b), f"prompt {i}: fast path {a.tolist()} != references {b.tolist()}"
+
+
+def test_cpu_fast_path_greedy_batch8_matches_transformers_and_references():
+    """Greedy generate at batch 8 (the dense MoE expert path in decode, grouped experts in prefill): token for
+    token transformers' generate and the reference path."""
+    from deepkernels.nn.cpu_fast_path import cpu_fast_path
+
+    model = get_model("tiny")
+    hf = to_transformers(model)
+    prompt = torch.randint(2, model.config.vocab_size, (8, 12), generator=torch.Generator().manual_seed(8))
+    ours = generate(model, prompt, max_new_tokens=8)
+    with cpu_fast_path(False):
+        ref = generate(model, prompt, max_new_tokens=8)
+    peer = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, ref), f"fast path {ours.tolist()} vs references {ref.tolist()}"
+    assert torch.equal(ours, peer), f"ours {ours.tolist()} vs transformers {peer.tolist()}"
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_fast_path_moe_expert_paths(monkeypatch, tokens, dtype):
+    """Every expert path of the fast MoE (dense all-experts, sorted per-expert loop, grouped matmul) vs the
+    dispatch -> per-expert MLP -> combine reference."""
+    import deepkernels.nn.moe as nn_moe
+    from deepkernels.nn.cpu_fast_path import cpu_fast_path
+
+    moe = nn_moe.MoE(256, 128, 16, 4, 1, 4, 2, 2.5, dtype=dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+        x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+        with cpu_fast_path(False):
+            ref = moe(x).float()
+        paths = {"default": {}, "dense": {"DENSE_EXPERTS_MAX_TOKENS": 10 ** 6},
+                 "loop": {"DENSE_EXPERTS_MAX_TOKENS": 0, "_GROUPED_MM_OK": False},
+                 "grouped": {"DENSE_EXPERTS_MAX_TOKENS": 0}}
+        for path, patch in paths.items():
+            with monkeypatch.context() as mp:
+                for k, v in patch.items():
+                    mp.setattr(nn_moe, k, v)
+                out = moe(x).float()
+            if dtype == torch.float32:
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{path}: {m}")
+            else:
+                assert calc_diff(out, ref) < 1e-5, f"{path} bf16: calc_diff {calc_diff(out, ref):.2e}"
+
+
+def test_cpu_fast_path_switches_and_cache_overflow():
+    """Off under autograd and inside testing.reference(); the cache refuses writes past its capacity."""
+    from deepkernels.nn.cpu_fast_path import cpu_fast_path, cpu_fast_path_active
+
+    x = torch.zeros(2)
+    assert not cpu_fast_path_active(x)  # grad mode on: the references (autograd through the real parameters)
+    with torch.no_grad():
+        assert cpu_fast_path_active(x)
+        with reference():
+            assert not cpu_fast_path_active(x)
+        with cpu_fast_path(False):
+            assert not cpu_fast_path_active(x)
+        assert cpu_fast_path_active(x)
+        model = get_model("tiny")
+        cache = make_cache(model, 2, 16)
+        model(torch.ones(2, 16, dtype=torch.long), cache=cache, prefill=True)
+        with pytest.raises(ValueError, match="overflow the cache capacity 64"):
+            model(torch.ones(2, 50, dtype=torch.long), cache=cache)

@@ -284,11 +284,15 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
             cache = make_cache(model, b, t_max + max_new_tokens, page_size, cache_dtype)
             # right-padded prefill: causal attention keeps every real token blind to the padding after it;
             # the padding's cache rows are then dropped by resetting each sequence's length.
-            logits = model(padded, cache=cache, prefill=True)
+            # logits only from the shortest prompt's last position on (the LM head over the whole prompt is
+            # wasted work; equal lengths: the last position only, as transformers' generate does)
+            first_kept = int(lengths.min()) - 1
+            logits = model(padded, cache=cache, prefill=True, logits_to_keep=t_max - first_kept)
             set_cache_lengths(cache, lengths)
         else:
+            first_kept = 0
             logits = model(padded)
-        last = logits[rows, lengths - 1]
+        last = logits[rows, lengths - 1 - first_kept]
         sync()
         stats.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
