@@ -23,6 +23,7 @@ from .ops import (_FLOAT_DTYPES, _INDEX_DTYPES, _PERMUTE_DTYPES, _TRUSTED_NOTE, 
                   moe_permute_fp8_ref, moe_permute_ref, moe_unpermute_reduce_ref, per_token_cast_to_fp8_ref,
                   permute, permute_fp8, positions_to_src_idx, source_slot_positions, unpermute_reduce)
 from .wire import SLOT_HEADER_BYTES, RowFormat, pack_rows, row_format, unpack_rows  # noqa: F401
+from . import autograd  # noqa: F401,E402  (autograd for the MoE ops; nn.MoE's training path)
 
 __all__ = ["get_dispatch_layout", "permute", "permute_fp8", "unpermute_reduce", "dispatch_positions",
            "positions_to_src_idx", "expert_positions", "local_slot_rows", "source_slot_positions", "RowFormat",

@@ -22,6 +22,7 @@ from torch import nn
 from .. import fp8 as _fp8
 from .._ops import ceil_div
 from ..moe import EPDispatcher
+from ..moe.autograd import moe_forward_autograd
 from .cpu_fast_path import cpu_fast_path_active
 from .mlp import MLP
 
@@ -411,10 +412,16 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, self.hidden_size)
         if self._fast_path_ok(x2):
             return self._forward_fast(x2).view(shape)
+        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return moe_forward_autograd(self, x2).view(shape)  # training: the differentiable path
+        return self._forward_dispatch(x2).view(shape)
+
+    def _forward_dispatch(self, x2: torch.Tensor) -> torch.Tensor:
+        """Router -> EPDispatcher dispatch -> local experts -> expert_reduce -> combine (+ shared experts)."""
         topk_idx, topk_w = self.gate(x2)
         recv_x, handle = self.dispatcher.dispatch(x2, topk_idx, topk_w, use_fp8=self.fp8_dispatch)
-        y = self._run_experts(recv_x, handle, x.dtype)
-        out = self.dispatcher.combine(y.to(x.dtype), handle)
+        y = self._run_experts(recv_x, handle, x2.dtype)
+        out = self.dispatcher.combine(y.to(x2.dtype), handle)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x2)
-        return out.view(shape)
+        return out
