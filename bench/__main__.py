@@ -1,4 +1,4 @@
-"""python -m bench <family|all|plot|report> [--quick] [--device cuda|cpu] [--out PATH]
+"""python -m bench <family|all|plot|report|sweep> [--quick] [--device cuda|cpu] [--out PATH]
 
 Every module bench/<family>.py that defines FAMILY and run(ctx) -> list[Row] is a suite.
 Prints one table and writes JSON (bench/results/<device>-<date>.json on GPU).
@@ -84,10 +84,14 @@ def _main(argv: list) -> int:
         from bench import report
 
         return report.main(argv[1:])
+    if argv[:1] == ["sweep"]:  # python -m bench sweep [...] (bench/sweep.py: every variant, the GEMM tuning table)
+        from bench import sweep
+
+        return sweep.main(argv[1:])
     suites = discover()
     parser = _Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=[*suites, "all", "plot", "report"],
-                        help="suite to run, or plot (bench/plot.py), or report (bench/report.py)")
+    parser.add_argument("name", choices=[*suites, "all", "plot", "report", "sweep"],
+                        help="suite to run, or plot (bench/plot.py), report (bench/report.py), sweep (bench/sweep.py)")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)")

@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_KEYS = ("device", "driver", "torch", "cuda", "commit", "date")
@@ -346,3 +347,47 @@ def test_demo_runs_from_an_installed_package(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, env=env,
                          cwd=run_dir, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_sweep_emulator_smoke_runs_every_variant(tmp_path):
+    """`python -m bench sweep` with no GPU: every GEMM plan (portable, the sm_90a heuristic's, each block shape x
+    split-K, the shallowest ring), every MLA variant and both MoE pack variants run under the emulator and agree
+    with the references; nothing is timed and no table is written."""
+    import deepkernels
+    from deepkernels import gemm, mla
+    from deepkernels.moe import wire
+
+    if not deepkernels.build_info()["emulator"]:
+        pytest.fail(f"the emulator is not built: {deepkernels.build_info()['emulator_error']}")
+    out = tmp_path / "sweep.json"
+    table = tmp_path / "table.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "sweep", "--device", "cpu", "--quick", "--out", str(out),
+                           "--table", str(table)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert results and all(r["ok"] and r["us"] is None for r in results), [r for r in results if not r["ok"]]
+    assert not table.exists()
+    labels = {(r["family"], r["variant"]) for r in results}
+    gemm_labels = {v for f, v in labels if f == "gemm"}
+    assert {"portable", "sm90 heuristic"} <= gemm_labels
+    for block_m, block_n in gemm._SM90_SHAPES:
+        assert {f"sm90 {block_m},{block_n},{s}" for s in (1, 2, 4, 8)} <= gemm_labels, (block_m, block_n)
+        assert f"sm90 {block_m},{block_n},1,2" in gemm_labels
+    ran = {(r["extra"]["block_m"], r["extra"]["block_n"], r["extra"]["split_k"]) for r in results
+           if r["family"] == "gemm" and r["extra"].get("kernel") == "sm90"}
+    assert len(ran) == len(gemm._SM90_SHAPES) * 4, "each forced plan is the one that launched"
+    assert {v for f, v in labels if f == "mla"} == {n for n, d in mla.MLA_VARIANTS.items() if torch.bfloat16 in d}
+    assert {v for f, v in labels if f == "moe"} == set(wire._PACK_VARIANTS)
+
+
+def test_sweep_table_writer_keeps_other_devices(tmp_path):
+    from bench import sweep
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"version": 1, "entries": [{"device": "A", "m": 1}, {"device": "B", "m": 2}]}))
+    sweep.write_table(str(path), "B", [{"device": "B", "m": 3}])
+    entries = json.loads(path.read_text())["entries"]
+    assert entries == [{"device": "A", "m": 1}, {"device": "B", "m": 3}]
+    proc = subprocess.run([sys.executable, "-m", "bench", "sweep", "--families", "gemm,bogus", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--families: expected names from" in proc.stderr
