@@ -902,7 +902,7 @@ def test_cpu_fast_path_moe_expert_paths(monkeypatch, tokens, dtype):
             ref = moe(x).float()
         paths = {"default": {}, "dense": {"DENSE_EXPERTS_MAX_TOKENS": 10 ** 6},
                  "loop": {"DENSE_EXPERTS_MAX_TOKENS": 0, "_GROUPED_MM_OK": False},
-                 "grouped": {"DENSE_EXPERTS_MAX_TOKENS": 0}}
+                 "grouped": {"DENSE_EXPERTS_MAX_TOKENS": 0, "GROUPED_MIN_PAIRS": 0}}
         for path, patch in paths.items():
             with monkeypatch.context() as mp:
                 for k, v in patch.items():

@@ -34,6 +34,9 @@ from .mlp import MLP
 DENSE_EXPERTS_MAX_TOKENS = 16
 # ... and the dense path's stacked copy of the routed experts' weights is kept only below this size.
 DENSE_EXPERTS_MAX_BYTES = 1 << 30
+# ... and the sorted path runs all experts' segments in one torch._grouped_mm above this many pairs (below it a
+# short loop over the used experts costs less than the grouped call's per-group overhead)
+GROUPED_MIN_PAIRS = 64
 
 
 def _grouped_mm_works() -> bool:
@@ -353,7 +356,7 @@ class MoE(nn.Module):
         wasted flops), all segments in one grouped matmul each where torch has it for the CPU."""
         t, k = topk_idx.shape
         num_experts, i = self.dispatcher.num_local_experts, self.intermediate_size
-        if t * k <= 64:  # a few pairs: order them on the host (a CPU tensor, no device sync)
+        if t * k <= GROUPED_MIN_PAIRS:  # a few pairs: order them on the host (a CPU tensor, no device sync)
             ids = topk_idx.view(-1).tolist()
             pairs = sorted(range(t * k), key=ids.__getitem__)
             counts = [0] * num_experts
@@ -368,7 +371,7 @@ class MoE(nn.Module):
         xs = x2.index_select(0, token)
         w = topk_w.view(-1)[order].unsqueeze(1)
         out = torch.zeros(t, x2.size(1), dtype=torch.float32, device=x2.device)
-        if weights is not None and t * k > 64 and _grouped_mm_works():  # every segment in one call, no loop
+        if weights is not None and t * k > GROUPED_MIN_PAIRS and _grouped_mm_works():  # one call, no loop
             offs = torch.as_tensor(counts, device=x2.device).cumsum(0).to(torch.int32)
             gu = torch._grouped_mm(xs, weights[0].transpose(1, 2), offs=offs)
             ys = torch._grouped_mm(F.silu(gu[:, :i]) * gu[:, i:], weights[1], offs=offs)
