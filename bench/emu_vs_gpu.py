@@ -116,6 +116,8 @@ def case_list() -> list[tuple[str, str, dict, Callable]]:
                           ("sm90_pipelined", {"DEEPKERNELS_MLA_VARIANT": "sm90_pipelined"})):
         cases.append((f"mla_decode bf16 {kernel}", "accumulation", flags, decode(torch.bfloat16)))
     cases.append(("mla_decode e4m3 portable", "accumulation", {}, decode(torch.float8_e4m3fn)))
+    cases.append(("mla_decode e4m3 sm90_pipelined", "accumulation", {"DEEPKERNELS_MLA_VARIANT": "sm90_pipelined"},
+                  decode(torch.float8_e4m3fn)))
 
     rows = torch.randn(9, 1, 576, generator=g).to(torch.bfloat16)
     slots = torch.tensor([0, 5, 64, 65, 300, 301, 302, 1000, 7], dtype=torch.int64)

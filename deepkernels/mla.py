@@ -48,8 +48,9 @@ Hopper (opt-in, not yet validated on a GPU): ``DEEPKERNELS_MLA_VARIANT`` (read o
 MLA_VARIANTS) picks the split-KV kernel: ``portable``, ``sm90`` (csrc/mla_decode/splitkv_sm90.cuh: 64 query
 rows per CTA, two warpgroups, 64-key tiles in a 2-stage cp.async ring, wgmma for Q K^T and for P V with the K
 tile reused as V) or ``sm90_pipelined`` (splitkv_sm90_pipelined.cuh: FlashMLA's structure, a producer
-warpgroup filling an mbarrier ring, whole tiles alternating between the math warpgroups, P in registers). The
-sm90 variants take a bf16 or fp16 cache on an sm_90 device; naming one that cannot run raises a ValueError.
+warpgroup filling an mbarrier ring, whole tiles alternating between the math warpgroups, P in registers; also
+an e4m3 cache, dequantised into shared memory). Both need an sm_90 device; ``sm90`` takes a bf16 or fp16 cache.
+Naming a variant that cannot run raises a ValueError.
 The legacy ``DEEPKERNELS_MLA_SM90=1`` means "sm90 where it runs" (an e4m3 cache keeps the portable kernel).
 Same plan, partials and combine for all.
 
@@ -91,13 +92,13 @@ _CACHE_DTYPES = (torch.bfloat16, torch.float16, FP8_DTYPE)
 #   sm90            csrc/mla_decode/splitkv_sm90.cuh: sm_90a wgmma, 64 rows, the math threads copy
 #   sm90_pipelined  csrc/mla_decode/splitkv_sm90_pipelined.cuh: sm_90a, FlashMLA's structure (producer
 #                   warpgroup, mbarrier ring, 64-key tiles alternating between the math warpgroups,
-#                   register-resident P)
+#                   register-resident P; an e4m3 cache is dequantised into shared memory by the producer)
 # The sm90 variants need an sm_90 device and the sm_90a build (the emulator models one). Unset: "portable"
 # (or "sm90" where it runs, when DEEPKERNELS_MLA_SM90=1). Not yet validated on a GPU: sm90, sm90_pipelined.
 MLA_VARIANTS: dict[str, tuple[torch.dtype, ...]] = {
     "portable": (torch.bfloat16, torch.float16, FP8_DTYPE),
     "sm90": (torch.bfloat16, torch.float16),
-    "sm90_pipelined": (torch.bfloat16, torch.float16),
+    "sm90_pipelined": (torch.bfloat16, torch.float16, FP8_DTYPE),
 }
 SM90_VARIANTS = ("sm90", "sm90_pipelined")   # 64 query rows per CTA (BLOCK_M_SM90)
 

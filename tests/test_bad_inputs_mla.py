@@ -366,18 +366,12 @@ def test_cuda_checked_mode_raises_and_unchecked_shows_nan(change, monkeypatch):
 # the error shows as NaN in the rows that see the bad key
 
 def _set_variant(monkeypatch, sm90):
-    """"0": the portable kernel, "1": sm90 (legacy DEEPKERNELS_MLA_SM90=1), "pipelined": DEEPKERNELS_MLA_VARIANT=
-    sm90_pipelined -- except for an e4m3 cache, which only the portable kernel reads (the legacy switch falls back
-    to it; a named sm90 variant would refuse the call)."""
+    """"0": the portable kernel, "1": sm90 (legacy DEEPKERNELS_MLA_SM90=1, which leaves an e4m3 cache to the
+    portable kernel), "pipelined": DEEPKERNELS_MLA_VARIANT=sm90_pipelined (every cache dtype)."""
     monkeypatch.delenv(mla.VARIANT_ENV, raising=False)
     monkeypatch.setenv(mla.SM90_ENV, "0" if sm90 == "0" else "1")
     if sm90 == "pipelined":
         monkeypatch.setenv(mla.VARIANT_ENV, "sm90_pipelined")
-
-
-def _skip_pipelined_fp8(sm90, cache_dtype):
-    if sm90 == "pipelined" and cache_dtype == E4M3:
-        pytest.skip("sm90_pipelined takes a bf16 or fp16 cache (e4m3: the portable kernel, covered by 'portable')")
 
 
 def _raw_decode(args):
@@ -391,7 +385,6 @@ def _raw_decode(args):
                          ids=["minus1", "huge", "int-min", "beyond-table", "negative-len"])
 @pytest.mark.emu
 def test_kernel_guards_bad_indices_show_nan(emu_on, change, bad_seq, cache_dtype, sm90, monkeypatch):
-    _skip_pipelined_fp8(sm90, cache_dtype)
     _set_variant(monkeypatch, sm90)
     args = make_inputs(lens=(40, 20), cache_dtype=cache_dtype)
     change(args)
@@ -516,7 +509,6 @@ def test_nan_reaches_out_and_lse_reference(what, lens, s_q, causal, parts, cache
                          ids=[f"{c[0]}-L{c[1][0]}-sq{c[2]}-p{c[4]}-{str(c[5])[6:]}" for c in NAN_CASES])
 @pytest.mark.emu
 def test_nan_reaches_out_and_lse_kernel(emu_on, what, lens, s_q, causal, parts, cache_dtype, sm90, monkeypatch):
-    _skip_pipelined_fp8(sm90, cache_dtype)
     _set_variant(monkeypatch, sm90)
     _check_nan_case(what, lens, s_q, causal, parts, cache_dtype, emulated=True)
 

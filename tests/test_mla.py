@@ -707,24 +707,26 @@ def test_kernel_sm90_split_counts(kernel_device, num_sm_parts, variant, monkeypa
 # the sm90_pipelined variant (csrc/mla_decode/splitkv_sm90_pipelined.cuh, DEEPKERNELS_MLA_VARIANT=sm90_pipelined):
 # producer warpgroup + mbarrier ring, whole 64-key tiles alternating between the math warpgroups, P in registers.
 
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, E4M3], ids=["bf16", "fp16", "e4m3"])
 @per_device("lens,s_q,h_q,h_kv,page,causal", CUDA_CASES, EMU_CASES, ids=case_id)
 def test_kernel_sm90_pipelined_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype,
                                             monkeypatch):
-    """Every case through the pipelined sm_90a kernel (odd and even tile counts, so both warpgroups end a split)."""
+    """Every case through the pipelined sm_90a kernel (odd and even tile counts, so both warpgroups end a split);
+    e4m3: dequantised into shared memory, token scales folded into S and P."""
     _skip_unless_sm90(kernel_device)
     set_variant(monkeypatch, "sm90_pipelined")
     _check_decode_vs_reference(kernel_device, lens, s_q, h_q, h_kv, page, causal, cache_dtype)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, E4M3], ids=["bf16", "e4m3"])
 @pytest.mark.parametrize("num_sm_parts", [1, 2, 7])
-def test_kernel_sm90_pipelined_many_tiles_and_splits(kernel_device, num_sm_parts, monkeypatch):
+def test_kernel_sm90_pipelined_many_tiles_and_splits(kernel_device, num_sm_parts, cache_dtype, monkeypatch):
     """Long sequences: many trips round the 2-stage ring, several splits per CTA (phases carried across splits),
     a split boundary inside a sequence."""
     _skip_unless_sm90(kernel_device)
     set_variant(monkeypatch, "sm90_pipelined")
     lens = [1000, 0, 129, 64, 700] if torch.device(kernel_device).type == "cuda" else [520, 0, 129, 64, 200]
-    _check_decode_vs_reference(kernel_device, lens, 2, 32, 1, 48, True, torch.bfloat16, num_sm_parts)
+    _check_decode_vs_reference(kernel_device, lens, 2, 32, 1, 48, True, cache_dtype, num_sm_parts)
 
 
 @pytest.fixture
@@ -738,7 +740,8 @@ def emu_only():
 
 def test_mla_variants_table():
     assert set(mla.MLA_VARIANTS) == {"portable", "sm90", "sm90_pipelined"}
-    assert E4M3 in mla.MLA_VARIANTS["portable"] and E4M3 not in mla.MLA_VARIANTS["sm90_pipelined"]
+    assert E4M3 in mla.MLA_VARIANTS["portable"] and E4M3 in mla.MLA_VARIANTS["sm90_pipelined"]
+    assert E4M3 not in mla.MLA_VARIANTS["sm90"]
     assert all(torch.bfloat16 in d and torch.float16 in d for d in mla.MLA_VARIANTS.values())
     assert mla.SM90_VARIANTS == ("sm90", "sm90_pipelined")
 
@@ -763,9 +766,9 @@ def test_variant_env_errors(monkeypatch):
 
 
 @pytest.mark.emu
-@pytest.mark.parametrize("variant", ["sm90", "sm90_pipelined"])
+@pytest.mark.parametrize("variant", ["sm90"])
 def test_variant_env_errors_emulated(emu_only, variant, monkeypatch):
-    """Emulated: an e4m3 cache with an sm90 variant is refused by the wrapper and by the binding (before any
+    """Emulated: an e4m3 cache with the sm90 variant is refused by the wrapper and by the binding (before any
     launch); an unknown name is refused by the binding too."""
     case = make_case([20, 5], 1, 16, cache_dtype=E4M3)
     meta, splits = deepkernels.get_mla_decode_metadata(case["cache_seqlens"], 16, 1, 2)

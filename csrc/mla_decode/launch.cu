@@ -98,7 +98,7 @@ bool sm90_usable() {
 
 bool sm90_pipelined_usable() {
   static std::atomic<int> usable[kMaxDevices];
-  return sm90_kernel_usable(sm90p::mla_splitkv_sm90_pipelined_kernel<__nv_bfloat16>, sm90p::kStaticSmemBytes,
+  return sm90_kernel_usable(sm90p::mla_splitkv_sm90_pipelined_kernel<__nv_bfloat16, false>, sm90p::kStaticSmemBytes,
                             sm90p::kSmemBytes, usable);
 }
 
@@ -124,9 +124,10 @@ Variant select_variant(const MlaDecodeParams& p, std::string* error) {
              "' is not an MLA decode variant (expected one of: portable, sm90, sm90_pipelined)";
     return Variant::kPortable;
   }
-  if (p.kv_fp8) {
+  if (p.kv_fp8 && sm90) {
     *error = std::string("DEEPKERNELS_MLA_VARIANT='") + name +
-             "' does not support an e4m3 kv_cache (its cache dtypes: bfloat16, float16; use 'portable')";
+             "' does not support an e4m3 kv_cache (its cache dtypes: bfloat16, float16; use 'portable' or "
+             "'sm90_pipelined')";
     return Variant::kPortable;
   }
   if (!(sm90 ? sm90_usable() : sm90_pipelined_usable())) {
@@ -151,13 +152,14 @@ void launch_sm90(const MlaDecodeParams& p, cudaStream_t stream) {
   launch_kernel<sm90::mla_splitkv_sm90_kernel<T>>(grid, sm90::kThreads, sm90::kSmemBytes, stream, p);
 }
 
-template <typename T>
+template <typename T, bool kFp8>
 void launch_sm90_pipelined(const MlaDecodeParams& p, cudaStream_t stream) {
-  cudaFuncSetAttribute(sm90p::mla_splitkv_sm90_pipelined_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaFuncSetAttribute(sm90p::mla_splitkv_sm90_pipelined_kernel<T, kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                        sm90p::kSmemBytes);
   const int heads_per_kv = p.h_q / p.h_kv;
   const dim3 grid(p.num_sm_parts, p.h_kv, (p.s_q * heads_per_kv + sm90p::kBlockM - 1) / sm90p::kBlockM);
-  launch_kernel<sm90p::mla_splitkv_sm90_pipelined_kernel<T>>(grid, sm90p::kThreads, sm90p::kSmemBytes, stream, p);
+  launch_kernel<sm90p::mla_splitkv_sm90_pipelined_kernel<T, kFp8>>(grid, sm90p::kThreads, sm90p::kSmemBytes, stream,
+                                                                   p);
 }
 
 }  // namespace
@@ -186,8 +188,9 @@ void mla_decode(const MlaDecodeParams& p, cudaStream_t stream) {
       if (p.fp16) launch_sm90<__half>(p, stream);
       else launch_sm90<__nv_bfloat16>(p, stream);
     } else if (variant == Variant::kSm90Pipelined) {
-      if (p.fp16) launch_sm90_pipelined<__half>(p, stream);
-      else launch_sm90_pipelined<__nv_bfloat16>(p, stream);
+      if (p.kv_fp8) launch_sm90_pipelined<__nv_bfloat16, true>(p, stream);
+      else if (p.fp16) launch_sm90_pipelined<__half, false>(p, stream);
+      else launch_sm90_pipelined<__nv_bfloat16, false>(p, stream);
     } else if (p.kv_fp8) {
       launch_splitkv_pipelined<__nv_bfloat16, true>(p, stream);
     } else if (p.fp16) {

@@ -56,27 +56,30 @@ __device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, Smem& sm, 
 // A block-table entry outside [0, num_blocks), or a key past the block table's max_blocks pages (values are
 // trusted; DEEPKERNELS_CHECK=1 validates them), is never dereferenced either: offset -1 and scale NaN, so
 // the rows that see that key come out NaN instead of reading another sequence's (or no) memory.
-template <bool kFp8, typename Smem>
-__device__ __forceinline__ void lookup_k_rows(const MlaDecodeParams& p, Smem& sm, int stage, int batch, int kv_head,
-                                              int n0, int kv_end) {
-  if (threadIdx.x < kBlockN) {
-    const int pos = n0 + threadIdx.x;
-    int64_t offset = -1;
-    float token_scale = 0.f;
-    if (pos < kv_end) {
-      const int block = pos / p.page_size;
-      const int page = block >= 0 && block < p.max_blocks ? p.block_table[batch * p.block_table_stride + block] : -1;
-      const int slot = pos % p.page_size;
-      if (page >= 0 && page < p.num_blocks) {
-        offset = page * p.kv_block_stride + slot * p.kv_page_stride + kv_head * p.kv_head_stride;
-        token_scale = kFp8 ? p.kv_scale[(static_cast<int64_t>(page) * p.page_size + slot) * p.h_kv + kv_head] : 1.f;
-      } else {
-        token_scale = __int_as_float(0x7fffffff);
-      }
+// A key row's cache offset and token scale (what lookup_k_row returns for one key position).
+struct KRow {
+  int64_t offset;
+  float scale;
+};
+
+// Called by threads < kBlockN for key pos: one tile AHEAD of its use (attend_split keeps the result in registers
+// and stores it to token_offset / token_scale when the tile is issued), so the block-table and scale reads are in
+// flight while the current tile is copied and computed.
+template <bool kFp8>
+__device__ __forceinline__ KRow lookup_k_row(const MlaDecodeParams& p, int batch, int kv_head, int pos, int kv_end) {
+  KRow row{-1, 0.f};
+  if (pos < kv_end) {
+    const int block = pos / p.page_size;
+    const int page = block >= 0 && block < p.max_blocks ? p.block_table[batch * p.block_table_stride + block] : -1;
+    const int slot = pos % p.page_size;
+    if (page >= 0 && page < p.num_blocks) {
+      row.offset = page * p.kv_block_stride + slot * p.kv_page_stride + kv_head * p.kv_head_stride;
+      row.scale = kFp8 ? p.kv_scale[(static_cast<int64_t>(page) * p.page_size + slot) * p.h_kv + kv_head] : 1.f;
+    } else {
+      row.scale = __int_as_float(0x7fffffff);
     }
-    sm.token_offset[stage][threadIdx.x] = offset;
-    sm.token_scale[stage][threadIdx.x] = token_scale;
   }
+  return row;
 }
 
 // Loads keys [n0, n0 + kBlockN) of a sequence into `stage`; rows with offset -1 (at or past kv_end, or an
@@ -164,9 +167,19 @@ __device__ void attend_split(const MlaDecodeParams& p, SplitKvSmem<kStages, kFp8
   // Tile t lives in stage t % kStages. With kStages > 1 the cp.async loads of tiles t + 1 ..
   // t + kStages - 1 are in flight while tile t is computed; with one, each tile is loaded then computed.
   const int num_tiles = (kv_end - kv_begin + kBlockN - 1) / kBlockN;
+  // Threads < kBlockN: key row `tid` of the next tile to issue (tiles are issued in order), looked up one tile ahead.
+  KRow ahead{-1, 0.f};
+  auto lookup = [&](int t) {
+    if (tid < kBlockN && t < num_tiles) ahead = lookup_k_row<kFp8>(p, batch, kv_head, kv_begin + t * kBlockN + tid, kv_end);
+  };
+  lookup(0);
   auto issue_tile = [&](int t) {
-    const int stage = t % kStages, n0 = kv_begin + t * kBlockN;
-    lookup_k_rows<kFp8>(p, sm, stage, batch, kv_head, n0, kv_end);
+    const int stage = t % kStages;
+    if (tid < kBlockN) {
+      sm.token_offset[stage][tid] = ahead.offset;
+      sm.token_scale[stage][tid] = ahead.scale;
+    }
+    lookup(t + 1);  // tile t + 1's reads land while tile t is copied (and the tiles before it are computed)
     __syncthreads();
     load_k_tile<kFp8>(p, sm, stage);
     ptx::cp_async_commit();

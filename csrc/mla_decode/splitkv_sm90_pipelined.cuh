@@ -6,11 +6,12 @@
 //
 // Same contract as splitkv_sm90.cuh: grid (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / 64)), the same plan,
 // partials + lse and combine; query row r of a CTA = (token r / heads_per_kv, head kv_head * heads_per_kv +
-// r % heads_per_kv); bf16 or fp16 (q, cache, P, out).
+// r % heads_per_kv); bf16 or fp16 (q, cache, P, out), or an e4m3 cache with per-token scales (bf16 q, P, out),
+// dequantised into shared memory by the producer.
 //
-// 384 threads: warps 0-3 = math warpgroup WG0, warps 4-7 = WG1, warps 8-11 = the producer (setmaxnreg 56 / 224).
+// 384 threads: warps 0-3 = math warpgroup WG0, warps 4-7 = WG1, warps 8-11 = the producer (setmaxnreg 64 / 224).
 // Shared memory (the wgmma 128-byte swizzle, as splitkv_sm90.cuh): Q [64 x 576] | K ring 2 x [64 x 576] |
-// P [64 x 64] | row statistics (225 KB + 1 KB alignment slack) and 208 B static (the mbarriers).
+// P [64 x 64] | row statistics (225 KB + 1 KB alignment slack) and 720 B static (mbarriers, e4m3 token scales).
 //
 // Producer (warpgroup 2, cp.async): per tile, waits `empty[stage]`, reads the block table one tile AHEAD (four rows
 // per thread), issues the tile as 9 commit groups, one per 64-dim column block (4 rows x 128 contiguous bytes per
@@ -47,6 +48,7 @@
 #include "metadata.cuh"
 #include "params.h"
 #include "split_output.cuh"
+#include "splitkv_portable.cuh"  // e4m3x16_to_bf16
 #include "splitkv_sm90.cuh"
 
 namespace deepkernels::mla::sm90p {
@@ -66,8 +68,9 @@ constexpr int kMathThreads = 256;               // two math warpgroups
 constexpr int kProducerThreads = 128;           // + the producer warpgroup (ptxas budgets registers per 4 warps:
                                                 // a lone producer warp would cost as much, and cap all at 168)
 constexpr int kThreads = kMathThreads + kProducerThreads;
-// setmaxnreg: the producer gives registers back, the math warpgroups take them (128 x 56 + 256 x 224 <= 64 K).
-constexpr uint32_t kProducerRegs = 56;
+// setmaxnreg: the producer gives registers back, the math warpgroups take them (128 x 64 + 256 x 224 = 64 K;
+// the e4m3 producer, which converts in registers, spills at 56).
+constexpr uint32_t kProducerRegs = 64;
 constexpr uint32_t kMathRegs = 224;
 constexpr int kStages = 2;
 constexpr int kDimsPerWarpgroup = kHeadDimV / 2;
@@ -85,8 +88,10 @@ struct RowStats {
 };
 static_assert(sizeof(RowStats) == kSmemUsed - kOffStats, "row statistics size");
 
-// Static shared memory: the mbarriers (launch.cu checks its size to tell the sm_90a build from a stub).
+// Static shared memory: the mbarriers and the e4m3 token scales (launch.cu checks its size to tell the sm_90a build
+// from a stub; static because the dynamic part is at the opt-in limit).
 struct Shared {
+  float scale[kStages][kBlockN];       // e4m3: token scale of each key row of a stage (written with the tile)
   uint64_t full[kStages][kColBlocks];  // producer -> consumers, per column block (128 arrivals: the producer threads)
   uint64_t empty[kStages];             // consumers -> producer (256 arrivals)
   uint64_t max_ready[2];               // WG w published the running max of its latest tile (128 arrivals)
@@ -125,28 +130,52 @@ __device__ __forceinline__ void retire_column_block(uint64_t* bar) {
 // The producer warpgroup: Q (with tile 0) and the K tiles of one split, through the ring. Thread pt copies
 // 16-byte chunk pt % 8 of rows pt / 8 + 16 i (i = 0..3) of every column block: a warp instruction covers 4 rows x
 // 128 contiguous bytes.
-template <typename T>
+//
+// e4m3 cache (kFp8, T = bf16): K rows are dequantised INTO shared memory by the producer: thread pt loads 16-byte
+// chunk pt % 4 (16 e4m3) of the column block's 64-byte slice of rows pt / 4 + 32 i (i = 0, 1) with plain loads,
+// converts it to 16 bf16 exactly and stores the two 16-byte chunks; the row's token scale goes to the per-stage
+// scale array (NaN for an out-of-range page, whose row is NaN-filled). The math WGs fold the scale into S and P as
+// the portable kernel does, so the bf16 wgmma sees exact values.
+template <typename T, bool kFp8>
 __device__ __forceinline__ void produce_split(const MlaDecodeParams& p, uint8_t* smem, uint32_t smem_base, Shared& sh,
                                               int batch, int kv_head, int m_block, int kv_begin, int kv_end,
                                               const Phases& ph) {
+  static_assert(!kFp8 || std::is_same_v<T, __nv_bfloat16>, "an e4m3 cache is read with bf16 q");
   const int pt = static_cast<int>(threadIdx.x) - kMathThreads;
   const int lr = pt / 8, lc = pt % 8;
   const int heads_per_kv = p.h_q / p.h_kv;
   const int rows_total = p.s_q * heads_per_kv;
   const int row0 = m_block * kBlockM;
-  const auto* kv = static_cast<const T*>(p.kv);
+  using Cache = std::conditional_t<kFp8, uint8_t, T>;
+  const auto* kv = static_cast<const Cache*>(p.kv);
   const auto* q = static_cast<const T*>(p.q);
   const int num_tiles = (kv_end - kv_begin + kBlockN - 1) / kBlockN;
   constexpr uint32_t kNan2 = std::is_same_v<T, __half> ? 0x7e007e00u : 0x7fc07fc0u;  // two f16 / bf16 NaN
+  // This thread's K rows of a tile: 16-bit cache lr + 16 i (i < 4); e4m3 pt / 4 + 32 i (i < 2).
+  constexpr int kRows = kFp8 ? 2 : 4;
+  auto k_row = [&](int i) { return kFp8 ? pt / 4 + 32 * i : lr + 16 * i; };
 
   // Cache-row offsets of this thread's rows of a tile (sm90::kZeroRow past kv_end, kInvalidRow for a bad page),
-  // looked up one tile AHEAD so the block-table reads are in flight while the current tile issues.
-  int64_t ahead[4];
+  // looked up one tile AHEAD so the block-table reads are in flight while the current tile issues; e4m3: and
+  // their token scales (0 past kv_end, NaN for a bad page).
+  int64_t ahead[kRows];
+  float ahead_scale[kRows];
   auto lookup = [&](int tile) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int pos = kv_begin + tile * kBlockN + lr + 16 * i;
+    for (int i = 0; i < kRows; ++i) {
+      const int pos = kv_begin + tile * kBlockN + k_row(i);
       ahead[i] = pos < kv_end ? sm90::kv_row_offset(p, batch, kv_head, pos) : sm90::kZeroRow;
+      if constexpr (kFp8) {
+        float scale = 0.f;
+        if (ahead[i] == sm90::kInvalidRow) {
+          scale = __int_as_float(0x7fffffff);
+        } else if (ahead[i] >= 0) {
+          const int block = pos / p.page_size;
+          const int page = p.block_table[batch * p.block_table_stride + block];  // valid: kv_row_offset checked it
+          scale = p.kv_scale[(static_cast<int64_t>(page) * p.page_size + pos % p.page_size) * p.h_kv + kv_head];
+        }
+        ahead_scale[i] = scale;
+      }
     }
   };
   lookup(0);
@@ -156,13 +185,25 @@ __device__ __forceinline__ void produce_split(const MlaDecodeParams& p, uint8_t*
   for (int j = 0; j < num_tiles; ++j) {
     const uint32_t it = ph.it + j;
     const int stage = static_cast<int>(it % kStages);
-    int64_t off[4];
+    int64_t off[kRows];
+    float scale[kRows];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) off[i] = ahead[i];
+    for (int i = 0; i < kRows; ++i) {
+      off[i] = ahead[i];
+      if constexpr (kFp8) scale[i] = ahead_scale[i];
+    }
     if (j + 1 < num_tiles) lookup(j + 1);
     // The stage is free once both WGs retired their reads of its previous use (a fresh barrier passes parity 1).
     ptx::sm90::mbarrier_wait(&sh.empty[stage], ((it / kStages) & 1u) ^ 1u);
     const uint32_t k_tile = smem_base + kOffK + stage * kTileBytes;
+    if constexpr (kFp8) {
+      // published to the math WGs by the arrivals on full[stage][*] below
+      float* tile_scale = sh.scale[stage];
+      if (pt % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) tile_scale[k_row(i)] = scale[i];
+      }
+    }
 #pragma unroll 1
     for (int cb = 0; cb < kColBlocks; ++cb) {
       if (j == 0) {  // Q column block cb rides in tile 0's group cb
@@ -178,18 +219,46 @@ __device__ __forceinline__ void produce_split(const MlaDecodeParams& p, uint8_t*
                            valid);
         }
       }
+      if constexpr (kFp8) {
+        // 16 e4m3 of row k_row(i) (dims cb * 64 + 16 c4 ..) -> bf16 chunks 2 c4, 2 c4 + 1 of the swizzled row
+        const int c4 = pt % 4;
+        uint4 raw[kRows];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t dst = k_tile + cb * kColBlockBytes + swizzle(lr + 16 * i, lc);
-        if (off[i] == sm90::kInvalidRow) {
-          *reinterpret_cast<uint4*>(smem + (dst - smem_base)) = make_uint4(kNan2, kNan2, kNan2, kNan2);
-        } else {
-          const bool valid = off[i] >= 0;
-          ptx::cp_async_16(dst, kv + (valid ? off[i] : 0) + cb * 64 + lc * 8, valid);
+        for (int i = 0; i < kRows; ++i) {
+          raw[i] = off[i] >= 0 ? __ldg(reinterpret_cast<const uint4*>(kv + off[i] + cb * 64 + c4 * 16))
+                               : make_uint4(0, 0, 0, 0);
         }
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          uint4 converted[2];
+          if (off[i] == sm90::kInvalidRow) {
+            converted[0] = converted[1] = make_uint4(kNan2, kNan2, kNan2, kNan2);
+          } else {
+            e4m3x16_to_bf16(raw[i], converted);
+          }
+          const uint32_t row_base = k_tile + cb * kColBlockBytes - smem_base;
+          *reinterpret_cast<uint4*>(smem + row_base + swizzle(k_row(i), 2 * c4)) = converted[0];
+          *reinterpret_cast<uint4*>(smem + row_base + swizzle(k_row(i), 2 * c4 + 1)) = converted[1];
+        }
+        // column block cb is complete once this thread's Q copies (tile 0 only) landed: publish it at once
+        if (j == 0) ptx::cp_async_wait_all();
+        ptx::sm90::fence_proxy_async();
+        ptx::sm90::mbarrier_arrive(&sh.full[stage][cb]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          const uint32_t dst = k_tile + cb * kColBlockBytes + swizzle(k_row(i), lc);
+          if (off[i] == sm90::kInvalidRow) {
+            *reinterpret_cast<uint4*>(smem + (dst - smem_base)) = make_uint4(kNan2, kNan2, kNan2, kNan2);
+          } else {
+            const bool valid = off[i] >= 0;
+            ptx::cp_async_16(dst, kv + (valid ? off[i] : 0) + cb * 64 + lc * 8, valid);
+          }
+        }
+        ptx::cp_async_commit();
       }
-      ptx::cp_async_commit();
     }
+    if constexpr (kFp8) continue;  // published column block by column block above
     static_assert(kColBlocks == 9, "one retire per column block");
     retire_column_block<8>(&sh.full[stage][0]);
     retire_column_block<7>(&sh.full[stage][1]);
@@ -242,7 +311,7 @@ struct Acc {
 
 // The math warpgroups: attention of the CTA's 64 query rows over keys [kv_begin, kv_end); leaves O_w and m_run in
 // `acc` and the WG's own-tile row sums in the row statistics (read after sums_ready by store_split).
-template <typename T>
+template <typename T, bool kFp8>
 __device__ __forceinline__ void consume_split(const MlaDecodeParams& p, uint8_t* smem, uint32_t smem_base, Shared& sh,
                                               int batch, int kv_head, int m_block, int kv_begin, int kv_end,
                                               int seqlen, const Phases& ph, Acc& acc) {
@@ -361,6 +430,8 @@ __device__ __forceinline__ void consume_split(const MlaDecodeParams& p, uint8_t*
     // 5. Online softmax (log2 domain); masked keys get -inf before the exp (P exactly 0); keys at or past
     // kv_end were zero-filled, so neither S nor V of this tile holds NaN there.
     const int n0 = kv_begin + j * kBlockN;
+    // e4m3: the token scales of this thread's 16 key columns (8 i + 2 t4 + e), folded into S and into P for V
+    const float* tile_scale = sh.scale[stage_of(j)];
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -370,7 +441,8 @@ __device__ __forceinline__ void consume_split(const MlaDecodeParams& p, uint8_t*
         for (int e = 0; e < 2; ++e) {
           const int pos = n0 + 8 * i + 2 * t4 + e;
           float& v = s[4 * i + 2 * h + e];
-          v = (pos < kv_end && pos <= last_visible[h]) ? v * scale_log2 : -INFINITY;
+          const float key_scale = kFp8 ? tile_scale[8 * i + 2 * t4 + e] : 1.f;
+          v = (pos < kv_end && pos <= last_visible[h]) ? v * scale_log2 * key_scale : -INFINITY;
           tile_max[h] = nan_propagating_max(tile_max[h], v);
         }
       }
@@ -394,7 +466,12 @@ __device__ __forceinline__ void consume_split(const MlaDecodeParams& p, uint8_t*
       for (int h = 0; h < 2; ++h) {
         const float p0 = ptx::ex2(s[4 * i + 2 * h] - ref[h]), p1 = ptx::ex2(s[4 * i + 2 * h + 1] - ref[h]);
         l_tile[h] += p0 + p1;
-        a[i / 2][2 * (i % 2) + h] = pack_16x2<T>(p0, p1);
+        if constexpr (kFp8) {  // P V with V = the unscaled bf16 rows: P * token scale
+          a[i / 2][2 * (i % 2) + h] =
+              pack_16x2<T>(p0 * tile_scale[8 * i + 2 * t4], p1 * tile_scale[8 * i + 2 * t4 + 1]);
+        } else {
+          a[i / 2][2 * (i % 2) + h] = pack_16x2<T>(p0, p1);
+        }
       }
     }
     // 6. The other tile's P V retired: the P buffer (its only reader is this WG) and that stage are free.
@@ -483,7 +560,8 @@ __device__ __forceinline__ void store_split(const MlaDecodeParams& p, const uint
 
 #endif  // sm_90a
 
-template <typename T>
+// T: bf16 or fp16 (q, P, out; the cache unless kFp8); kFp8: an e4m3 cache with per-token scales (T = bf16).
+template <typename T, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_sm90_pipelined_kernel(const MlaDecodeParams p) {
 #if DEEPKERNELS_SM90A
   __shared__ Shared sh;
@@ -509,14 +587,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_splitkv_sm90_pipelined_kernel
   if (threadIdx.x >= kMathThreads) {
     ptx::sm90::setmaxnreg_dec<kProducerRegs>();
     for_each_split_of_part(p, [&](int batch, int kv_begin, int kv_end, int, int) {
-      produce_split<T>(p, smem, base, sh, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, ph);
+      produce_split<T, kFp8>(p, smem, base, sh, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, ph);
       ph.advance(kv_begin, kv_end);
     });
   } else {
     ptx::sm90::setmaxnreg_inc<kMathRegs>();
     for_each_split_of_part(p, [&](int batch, int kv_begin, int kv_end, int seqlen, int split) {
       Acc acc;
-      consume_split<T>(p, smem, base, sh, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, seqlen, ph, acc);
+      consume_split<T, kFp8>(p, smem, base, sh, batch, blockIdx.y, blockIdx.z, kv_begin, kv_end, seqlen, ph, acc);
       ptx::sm90::mbarrier_arrive(&sh.sums_ready);
       ptx::sm90::mbarrier_wait(&sh.sums_ready, ph.splits & 1u);
       store_split<T>(p, smem, batch, blockIdx.y, blockIdx.z, split, acc);
