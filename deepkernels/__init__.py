@@ -13,8 +13,10 @@ from .fp8 import (
 from .gemm import (  # noqa: E402
     fp8_gemm_nt,
     get_m_alignment_for_contiguous_layout,
+    k_grouped_wgrad_gemm_fp8_fp8_fp32_nt,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
+    wgrad_gemm_fp8_fp8_fp32_nt,
 )
 from .mla import get_mla_decode_metadata, mla_decode_with_kvcache, write_mla_kv_cache
 
@@ -24,6 +26,7 @@ from .moe import EPDispatcher, get_dispatch_layout  # noqa: E402
 _ops.load_extension()
 
 from ._ops import emulate, emulation_enabled, emulator_stats, set_emulation  # noqa: E402
+from .nn.linear import Fp8Linear, convert_linears_for_fp8_training_, fp8_linear  # noqa: E402  (FP8 training)
 
 __version__ = "0.1.0"
 
@@ -61,3 +64,5 @@ __all__ += ["get_mla_decode_metadata", "mla_decode_with_kvcache", "write_mla_kv_
 __all__ += ["moe", "EPDispatcher", "get_dispatch_layout"]
 __all__ += ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
             "get_m_alignment_for_contiguous_layout"]
+__all__ += ["wgrad_gemm_fp8_fp8_fp32_nt", "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", "Fp8Linear", "fp8_linear",
+            "convert_linears_for_fp8_training_"]
