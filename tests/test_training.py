@@ -425,3 +425,24 @@ def test_training_names_exported_from_the_top_level():
     for name, owner in (("wgrad_gemm_fp8_fp8_fp32_nt", gemm), ("k_grouped_wgrad_gemm_fp8_fp8_fp32_nt", gemm),
                         ("Fp8Linear", linear), ("fp8_linear", linear), ("convert_linears_for_fp8_training_", linear)):
         assert getattr(deepkernels, name) is getattr(owner, name) and name in deepkernels.__all__, name
+
+
+def test_moe_layer_gradients_kernels(kernel_device):
+    """nn.MoE's training path with the permute / unpermute-reduce kernels (CUDA, or emulated on the CPU):
+    output and gradients equal the references'."""
+    from deepkernels.testing import reference
+
+    layer = _moe().to(kernel_device)
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(8)).to(kernel_device).requires_grad_()
+    grad_out = torch.randn(24, 32, generator=torch.Generator().manual_seed(9)).to(kernel_device)
+    params = [x] + list(layer.parameters())
+    out = layer(x)
+    got = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+    with reference():
+        ref_out = layer(x)
+        want = torch.autograd.grad(ref_out, params, grad_out, allow_unused=True)
+    assert torch.equal(out, ref_out)
+    for (name, _), g, r in zip([("x", None)] + list(layer.named_parameters()), got, want):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert torch.allclose(g, r, rtol=1e-5, atol=1e-6), f"{name}: max err {(g - r).abs().max():.3g}"
