@@ -108,6 +108,11 @@ class GemmFamily:
             for split in splits:
                 out.append(Variant(f"sm90 {block_m},{block_n},{split}",
                                    {**sm90, "DEEPKERNELS_GEMM_CONFIG": f"{block_m},{block_n},{split}"}))
+            for split in (splits if not _emulating(ctx) else splits[:2]):  # the overlapped promotion
+                if (block_m, block_n) == (128, 128):
+                    break  # no overlapped variant (registers)
+                out.append(Variant(f"sm90 {block_m},{block_n},{split},0,1",
+                                   {**sm90, "DEEPKERNELS_GEMM_CONFIG": f"{block_m},{block_n},{split},0,1"}))
             if _emulating(ctx):  # the shallowest ring too (phases wrap every other K block)
                 out.append(Variant(f"sm90 {block_m},{block_n},1,2",
                                    {**sm90, "DEEPKERNELS_GEMM_CONFIG": f"{block_m},{block_n},1,2"}))
@@ -139,7 +144,8 @@ class GemmFamily:
     def describe(self, ctx, case, variant):
         """The plan the launcher ran for this variant (read back from the extension)."""
         plan = gemm.last_launch_plan()
-        return {key: plan[key] for key in ("kernel", "block_m", "block_n", "split_k", "stages", "ctas")} if plan else {}
+        keys = ("kernel", "block_m", "block_n", "split_k", "stages", "overlap", "ctas")
+        return {key: plan[key] for key in keys} if plan else {}
 
     def table_entries(self, ctx, results):
         """This device's table: per problem, the fastest sm_90a plan when it beats the heuristic's."""
@@ -164,7 +170,7 @@ class GemmFamily:
             entries.append({
                 "device": props.name, "num_sms": props.multi_processor_count, **best.case, "num_groups": 1,
                 "expected_m": 0, "block_m": plan["block_m"], "block_n": plan["block_n"], "split_k": plan["split_k"],
-                "stages": 0, "us": round(best.us, 2), "heuristic_us": round(heuristic.us, 2),
+                "stages": 0, "overlap": plan["overlap"], "us": round(best.us, 2), "heuristic_us": round(heuristic.us, 2),
                 "heuristic": {k: heuristic.extra.get(k) for k in ("block_m", "block_n", "split_k")},
                 "portable_us": None if portable is None else round(portable.us, 2),
                 "date": datetime.date.today().isoformat(), "commit": common.git_commit(),
@@ -317,7 +323,8 @@ def _format(r: Result) -> str:
     speed = "" if r.us is None else f"  {r.us:9.2f} us" + (f"  {r.extra['TFLOPS']} TFLOPS" if "TFLOPS" in r.extra else "")
     plan = ""
     if r.family == "gemm" and r.extra.get("kernel"):
-        plan = f"  [{r.extra['kernel']} {r.extra['block_m']}x{r.extra['block_n']} split {r.extra['split_k']}]"
+        plan = (f"  [{r.extra['kernel']} {r.extra['block_m']}x{r.extra['block_n']} split {r.extra['split_k']}"
+                f"{' overlap' if r.extra.get('overlap') else ''}]")
     return f"{r.family:5s} {case:48s} {r.variant:22s} {status}{speed}{plan}"
 
 

@@ -231,12 +231,13 @@ void launch(Fp8GemmParams p, const at::Tensor& a) {
 // Python functions of the extension module (deepkernels.gemm.explain / the tuning table / tests):
 //   gemm_plan(mode, m, n, k, num_groups, expected_m, num_sms) -> the sm_90a plan (env > table > heuristic)
 //   gemm_last_plan() -> the plan of the last GEMM launched on this thread
-//   gemm_set_table([(mode, m, n, k, groups, expected_m, num_sms, block_m, block_n, split_k, stages), ...])
+//   gemm_set_table([(mode, m, n, k, groups, expected_m, num_sms, block_m, block_n, split_k, stages, overlap), ...])
 PyObject* plan_dict(const deepkernels::fp8_gemm::GemmPlan& g) {
   static const char* kSources[] = {"heuristic", "table", "env"};
-  return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:L,s:i,s:s}", "kernel",
+  return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:s}", "kernel",
                        g.kernel == deepkernels::fp8_gemm::GemmKernel::kSm90 ? "sm90" : "portable", "block_m",
-                       g.block_m, "block_n", g.block_n, "split_k", g.split_k, "stages", g.stages, "units",
+                       g.block_m, "block_n", g.block_n, "split_k", g.split_k, "stages", g.stages, "overlap",
+                       g.overlap, "units",
                        static_cast<long long>(g.units), "ctas", g.ctas, "source",
                        kSources[static_cast<int>(g.source)]);
 }
@@ -264,14 +265,15 @@ PyObject* py_gemm_plan(PyObject*, PyObject* args) {
 PyObject* py_gemm_last_plan(PyObject*, PyObject*) { return plan_dict(deepkernels::fp8_gemm::fp8_gemm_last_plan()); }
 
 PyObject* py_gemm_set_table(PyObject*, PyObject* arg) {
-  PyObject* seq = PySequence_Fast(arg, "gemm_set_table: expected a list of 11-int tuples");
+  PyObject* seq = PySequence_Fast(arg, "gemm_set_table: expected a list of 12-int tuples");
   if (seq == nullptr) return nullptr;
   std::vector<deepkernels::fp8_gemm::plan::TableEntry> entries;
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
   for (Py_ssize_t i = 0; i < count; ++i) {
     deepkernels::fp8_gemm::plan::TableEntry e{};
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiiiiiiiii", &e.mode, &e.m, &e.n, &e.k, &e.num_groups,
-                          &e.expected_m, &e.num_sms, &e.block_m, &e.block_n, &e.split_k, &e.stages)) {
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiiiiiiiiii", &e.mode, &e.m, &e.n, &e.k,
+                          &e.num_groups, &e.expected_m, &e.num_sms, &e.block_m, &e.block_n, &e.split_k, &e.stages,
+                          &e.overlap)) {
       Py_DECREF(seq);
       return nullptr;
     }

@@ -293,7 +293,8 @@ def sm90_max_stages(block_m: int, block_n: int) -> int:
     return min(fit, _SM90_MAX_STAGES)
 
 
-def _validate_sm90(kind: str, k: int, block_m: int, block_n: int, split_k: int, stages: int, where: str) -> None:
+def _validate_sm90(kind: str, k: int, block_m: int, block_n: int, split_k: int, stages: int, overlap: int,
+                   where: str) -> None:
     """The C++ validate_sm90 (heuristic.h), same messages, as ValueError."""
     k_blocks = ceil_div(k, 128)
     if (block_m, block_n) not in _SM90_SHAPES:
@@ -306,10 +307,15 @@ def _validate_sm90(kind: str, k: int, block_m: int, block_n: int, split_k: int, 
     if stages != 0 and not 2 <= stages <= sm90_max_stages(block_m, block_n):
         raise ValueError(f"{where}: expected stages in [2, {sm90_max_stages(block_m, block_n)}] for "
                          f"{block_m}x{block_n} tiles (or 0 = the most that fit), got {stages}")
+    if overlap not in (0, 1):
+        raise ValueError(f"{where}: expected overlap 0 or 1, got {overlap}")
+    if overlap == 1 and (block_m, block_n) == (128, 128):
+        raise ValueError(f"{where}: expected overlap 0 for {block_m}x{block_n} tiles (two accumulator sets do not "
+                         f"fit its registers), got 1")
 
 
 def _env_config(kind: str, k: int):
-    """(block_m, block_n, split_k, stages) from DEEPKERNELS_GEMM_CONFIG (or the legacy
+    """(block_m, block_n, split_k, stages, overlap) from DEEPKERNELS_GEMM_CONFIG (or the legacy
     DEEPKERNELS_GEMM_SM90_BLOCKS="BMxBN"), None when unset; ValueError when set but invalid."""
     text = os.environ.get("DEEPKERNELS_GEMM_CONFIG", "")
     if text:
@@ -319,9 +325,10 @@ def _env_config(kind: str, k: int):
             values = [int(x) for x in parts]
         except ValueError:
             values = []
-        if len(values) not in (3, 4):
-            raise ValueError(f'{name}: expected "block_m,block_n,split_k[,stages]" (integers), got "{text}"')
-        values += [0] * (4 - len(values))
+        if len(values) not in (3, 4, 5):
+            raise ValueError(f'{name}: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), '
+                             f'got "{text}"')
+        values += [0] * (5 - len(values))
     else:
         text = os.environ.get("DEEPKERNELS_GEMM_SM90_BLOCKS", "")
         if not text:
@@ -331,7 +338,7 @@ def _env_config(kind: str, k: int):
             bm, bn = (int(x) for x in text.split("x"))
         except ValueError:
             raise ValueError(f'{name}: expected "BMxBN" (e.g. 64x128), got "{text}"') from None
-        values = [bm, bn, 1, 0]
+        values = [bm, bn, 1, 0, 0]
     _validate_sm90(kind, k, *values, name)
     return tuple(values)
 
@@ -373,14 +380,15 @@ def _sm90_heuristic(kind: str, m: int, n: int, k: int, num_groups: int, expected
 def explain(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132, kind: str = "dense",
             expected_m: int | None = None, kernel: str | None = None) -> dict:
     """What the GEMM launcher runs for a problem: ``{"kernel", "block_m", "block_n", "split_k", "stages",
-    "units", "ctas", "sm_utilisation", "source"}``.
+    "overlap", "units", "ctas", "sm_utilisation", "source"}``.
 
     m, n, k: the op's M (dense: rows of a; contiguous: all rows of a; masked: Mmax, a.size(1)), N, K.
     kind: "dense" | "contiguous" | "masked"; num_groups: G of the grouped kinds; expected_m: the masked
     op's hint (default m). kernel: "sm90" (the opt-in TMA/wgmma kernel) or "portable"; None = the one this
     process selects (``sm90`` when DEEPKERNELS_GEMM_SM90=1, else ``portable``; a layout TMA cannot describe
     also falls back to portable at run time). units = output tiles x split_k (work items), ctas = CTAs
-    launched (sm90: persistent, min(units, num_sms)), sm_utilisation = units / (waves x num_sms), the share
+    launched (sm90: persistent, min(units, num_sms)), overlap = 1 when the promotion of a K block overlaps the
+    next K block's wgmmas (two accumulator sets; the heuristic leaves it 0), sm_utilisation = units / (waves x num_sms), the share
     of SM slots busy over the waves. source: "heuristic", "table" (deepkernels/tuning/gemm_sm90.json) or
     "env" (DEEPKERNELS_GEMM_CONFIG). The same decision as csrc/fp8_gemm/heuristic.h (tested equal).
     Raises ValueError for bad arguments or an invalid DEEPKERNELS_GEMM_CONFIG."""
@@ -401,23 +409,24 @@ def explain(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132, kin
     problems = num_groups if kind == "masked" else 1
     if kernel == "portable":
         units = ceil_div(m, 64) * ceil_div(n, 64) * problems
-        plan = dict(kernel="portable", block_m=64, block_n=64, split_k=1, stages=2, units=units, ctas=units,
-                    source="heuristic")
+        plan = dict(kernel="portable", block_m=64, block_n=64, split_k=1, stages=2, overlap=0, units=units,
+                    ctas=units, source="heuristic")
     else:
-        source, stages = "heuristic", 0
+        source, stages, overlap = "heuristic", 0, 0
         forced = _env_config(kind, k)
         if forced is not None:
-            (block_m, block_n, split_k, stages), source = forced, "env"
+            (block_m, block_n, split_k, stages, overlap), source = forced, "env"
         else:
             entry = _table_entry(kind, m, n, k, num_groups, expected_m, num_sms)
             if entry is not None:
                 block_m, block_n, split_k, stages = (entry[f] for f in ("block_m", "block_n", "split_k", "stages"))
-                source = "table"
+                overlap, source = entry.get("overlap", 0), "table"
             else:
                 block_m, block_n, split_k = _sm90_heuristic(kind, m, n, k, num_groups, expected_m, num_sms)
         units = problems * ceil_div(m, block_m) * ceil_div(n, block_n) * split_k
         plan = dict(kernel="sm90", block_m=block_m, block_n=block_n, split_k=split_k,
-                    stages=stages or sm90_max_stages(block_m, block_n), units=units, ctas=min(units, num_sms),
+                    stages=stages or sm90_max_stages(block_m, block_n), overlap=overlap, units=units,
+                    ctas=min(units, num_sms),
                     source=source)
     waves = ceil_div(plan["units"], num_sms)
     plan["sm_utilisation"] = plan["units"] / (waves * num_sms)
@@ -429,7 +438,8 @@ def _table_entry(kind, m, n, k, num_groups, expected_m, num_sms):
         if (e["kind"], e["m"], e["n"], e["k"], e["num_groups"], e["expected_m"], e["num_sms"]) == (
                 kind, m, n, k, num_groups, expected_m, num_sms):
             try:
-                _validate_sm90(kind, k, e["block_m"], e["block_n"], e["split_k"], e["stages"], "table")
+                _validate_sm90(kind, k, e["block_m"], e["block_n"], e["split_k"], e["stages"], e.get("overlap", 0),
+                               "table")
             except ValueError:
                 return None  # the C++ lookup skips an entry that cannot run, too
             return e
@@ -453,7 +463,8 @@ def load_tuning_table(path: str | None = None) -> dict:
 def set_tuning_table(entries: list[dict] | None) -> None:
     """Replace the table the launcher (and explain()) consult, on every device, until called with None (back
     to the committed deepkernels/tuning/gemm_sm90.json, this device's entries). Each entry a dict with kind,
-    m, n, k, num_groups, expected_m, num_sms, block_m, block_n, split_k, stages (extra keys ignored); entries
+    m, n, k, num_groups, expected_m, num_sms, block_m, block_n, split_k, stages, optionally overlap (default 0;
+    extra keys ignored); entries
     that cannot run (invalid shape / split / stages for their problem) are kept but never used."""
     global _table_key
     _push_table([] if entries is None else entries)
@@ -470,7 +481,7 @@ def _push_table(entries: list[dict]) -> None:
         if e["kind"] not in _KINDS:
             raise ValueError(f"entries[{i}]: expected kind one of {list(_KINDS)}, got {e['kind']!r}")
         rows.append(e)
-    tuples = [(_KINDS[e["kind"]], *(int(e[f]) for f in _TABLE_FIELDS[1:])) for e in rows]
+    tuples = [(_KINDS[e["kind"]], *(int(e[f]) for f in _TABLE_FIELDS[1:]), int(e.get("overlap", 0))) for e in rows]
     for name in ("_C", "_emu"):
         module = sys.modules.get(f"{__package__}.{name}")
         if module is not None and hasattr(module, "gemm_set_table"):

@@ -373,9 +373,11 @@ def test_sweep_emulator_smoke_runs_every_variant(tmp_path):
     for block_m, block_n in gemm._SM90_SHAPES:
         assert {f"sm90 {block_m},{block_n},{s}" for s in (1, 2, 4, 8)} <= gemm_labels, (block_m, block_n)
         assert f"sm90 {block_m},{block_n},1,2" in gemm_labels
-    ran = {(r["extra"]["block_m"], r["extra"]["block_n"], r["extra"]["split_k"]) for r in results
-           if r["family"] == "gemm" and r["extra"].get("kernel") == "sm90"}
-    assert len(ran) == len(gemm._SM90_SHAPES) * 4, "each forced plan is the one that launched"
+        if (block_m, block_n) != (128, 128):
+            assert {f"sm90 {block_m},{block_n},{s},0,1" for s in (1, 2)} <= gemm_labels
+    ran = {(r["extra"]["block_m"], r["extra"]["block_n"], r["extra"]["split_k"], r["extra"]["overlap"])
+           for r in results if r["family"] == "gemm" and r["extra"].get("kernel") == "sm90"}
+    assert len(ran) == len(gemm._SM90_SHAPES) * 6 - 2, "each forced plan is the one that launched"
     assert {v for f, v in labels if f == "mla"} == {n for n, d in mla.MLA_VARIANTS.items() if torch.bfloat16 in d}
     assert {v for f, v in labels if f == "moe"} == set(wire._PACK_VARIANTS)
 

@@ -569,7 +569,7 @@ def _native_module():
     return module
 
 
-PLAN_KEYS = ("kernel", "block_m", "block_n", "split_k", "stages", "units", "ctas", "source")
+PLAN_KEYS = ("kernel", "block_m", "block_n", "split_k", "stages", "overlap", "units", "ctas", "source")
 
 
 @pytest.mark.parametrize("kind", ["dense", "contiguous", "masked"])
@@ -621,8 +621,14 @@ def test_explain_portable_and_argument_errors(monkeypatch):
 
 
 BAD_CONFIGS = [
-    ("64,16", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages]" (integers), got "64,16"'),
-    ("64,x,1", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages]" (integers), got "64,x,1"'),
+    ("64,16", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), got "64,16"'),
+    ("64,x,1", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), '
+               'got "64,x,1"'),
+    ("64,16,1,0,1,1", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), '
+                      'got "64,16,1,0,1,1"'),
+    ("64,16,1,0,2", "DEEPKERNELS_GEMM_CONFIG: expected overlap 0 or 1, got 2"),
+    ("128,128,1,0,1", "DEEPKERNELS_GEMM_CONFIG: expected overlap 0 for 128x128 tiles (two accumulator sets do not "
+                      "fit its registers), got 1"),
     ("128,16,1", "DEEPKERNELS_GEMM_CONFIG: expected block_m,block_n one of 64,16 64,32 64,64 64,128 128,64 128,128, "
                  "got 128,16"),
     ("64,64,5", "DEEPKERNELS_GEMM_CONFIG: expected split_k in [1, ceil(K/128) = 4], got 5"),
@@ -665,7 +671,10 @@ def test_gemm_config_split_k_refused_for_grouped(monkeypatch):
 # Every sm_90a variant through DEEPKERNELS_GEMM_CONFIG: narrow BLOCK_N, split-K (with an uneven last slice),
 # shallow rings. Shapes: partial M / N / K tiles; 9 K blocks so the splits are 3 + 3 + 3, 5 + 4, 3 + 3 + 3 + 0.
 SM90_CONFIGS = ["64,16,1", "64,32,1", "64,16,3", "64,32,2,2", "64,64,4,3", "64,128,2", "128,64,3", "128,128,1,2",
-                "128,64,1,2"]
+                "128,64,1,2",
+                # the overlapped promotion (double accumulators, wgmma wait<1>): odd / even K-block counts per
+                # slice, a 2-stage ring, both warpgroup counts
+                "64,16,1,0,1", "64,32,2,2,1", "64,64,1,0,1", "64,128,4,0,1", "128,64,3,2,1", "128,64,1,0,1"]
 
 
 @pytest.mark.parametrize("config", SM90_CONFIGS)
@@ -742,7 +751,7 @@ def test_tuning_table_is_used_by_launch_and_explain(monkeypatch):
     monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", "4")
     m, n, k = 20, 96, 640
     entry = dict(device="SIMT emulator", kind="dense", m=m, n=n, k=k, num_groups=1, expected_m=0, num_sms=4,
-                 block_m=64, block_n=32, split_k=5, stages=3)
+                 block_m=64, block_n=32, split_k=5, stages=3, overlap=1)
     heuristic = gemm.explain(m, n, k, num_sms=4)
     assert heuristic["source"] == "heuristic" and (heuristic["block_n"], heuristic["split_k"]) != (32, 5)
     _, _, (aq, sa), (bq, sb) = _operands(m, n, k)
@@ -752,6 +761,7 @@ def test_tuning_table_is_used_by_launch_and_explain(monkeypatch):
         gemm.set_tuning_table([entry, dict(entry, m=m + 1, block_m=128, block_n=16)])
         plan = gemm.explain(m, n, k, num_sms=4)
         assert plan["source"] == "table" and (plan["block_n"], plan["split_k"], plan["stages"]) == (32, 5, 3)
+        assert plan["overlap"] == 1
         assert gemm.native_plan(m, n, k, num_sms=4) == {key: plan[key] for key in PLAN_KEYS}
         assert gemm.explain(m + 1, n, k, num_sms=4)["source"] == "heuristic"  # the invalid entry: ignored
         assert gemm.native_plan(m + 1, n, k, num_sms=4)["source"] == "heuristic"
@@ -773,4 +783,5 @@ def test_committed_tuning_table_is_valid():
     assert table["version"] == 1 and isinstance(table["entries"], list)
     for e in table["entries"]:
         assert isinstance(e["device"], str) and e["us"] > 0
-        gemm._validate_sm90(e["kind"], e["k"], e["block_m"], e["block_n"], e["split_k"], e["stages"], "table")
+        gemm._validate_sm90(e["kind"], e["k"], e["block_m"], e["block_n"], e["split_k"], e["stages"],
+                            e.get("overlap", 0), "table")

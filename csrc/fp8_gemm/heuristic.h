@@ -24,6 +24,7 @@ enum class PlanSource : int { kHeuristic = 0, kTable = 1, kEnv = 2 };
 struct GemmPlan {
   GemmKernel kernel = GemmKernel::kPortable;
   int block_m = 64, block_n = 64, split_k = 1, stages = 2;
+  int overlap = 0;    // sm_90a: promotion of K block kb - 1 overlapped with kb's wgmmas (double accumulators)
   int64_t units = 0;  // work units: output tiles x split_k (the persistent kernel's loop count, all CTAs)
   int ctas = 0;       // CTAs launched
   PlanSource source = PlanSource::kHeuristic;
@@ -50,6 +51,9 @@ constexpr int sm90_max_stages(int block_m, int block_n) {
   const int fit = (kSm90SmemBudget - kSm90AlignSlack - 16 * kSm90MaxStages) / ((block_m + block_n) * 128);
   return fit < kSm90MaxStages ? fit : kSm90MaxStages;
 }
+
+// The overlapped promotion (two accumulator sets) fits the registers of every tile but 128x128.
+constexpr bool sm90_can_overlap(int block_m, int block_n) { return !(block_m == 128 && block_n == 128); }
 
 inline bool sm90_shape_instantiated(int block_m, int block_n) {
   for (const auto& s : kSm90Shapes) {
@@ -125,7 +129,7 @@ inline GemmPlan sm90_heuristic(const Fp8GemmParams& p, int num_sms) {
 // ---- the tuning table (pushed from Python: deepkernels/tuning/gemm_sm90.json, entries of this device)
 struct TableEntry {
   int mode, m, n, k, num_groups, expected_m, num_sms;
-  int block_m, block_n, split_k, stages;
+  int block_m, block_n, split_k, stages, overlap;
 };
 
 inline std::mutex& table_mutex() {
@@ -139,7 +143,7 @@ inline std::vector<TableEntry>& table() {
 
 // Why (block_m, block_n, split_k, stages) cannot run on problem p, or nullptr. `where` names the source.
 inline const char* validate_sm90(const Fp8GemmParams& p, int block_m, int block_n, int split_k, int stages,
-                                 std::string& why, const char* where) {
+                                 int overlap, std::string& why, const char* where) {
   char buf[320];
   if (!sm90_shape_instantiated(block_m, block_n)) {
     std::snprintf(buf, sizeof(buf),
@@ -154,6 +158,12 @@ inline const char* validate_sm90(const Fp8GemmParams& p, int block_m, int block_
   } else if (stages != 0 && (stages < 2 || stages > sm90_max_stages(block_m, block_n))) {
     std::snprintf(buf, sizeof(buf), "%s: expected stages in [2, %d] for %dx%d tiles (or 0 = the most that fit), got %d",
                   where, sm90_max_stages(block_m, block_n), block_m, block_n, stages);
+  } else if (overlap != 0 && overlap != 1) {
+    std::snprintf(buf, sizeof(buf), "%s: expected overlap 0 or 1, got %d", where, overlap);
+  } else if (overlap == 1 && !sm90_can_overlap(block_m, block_n)) {
+    std::snprintf(buf, sizeof(buf),
+                  "%s: expected overlap 0 for %dx%d tiles (two accumulator sets do not fit its registers), got 1",
+                  where, block_m, block_n);
   } else {
     return nullptr;
   }
@@ -161,18 +171,19 @@ inline const char* validate_sm90(const Fp8GemmParams& p, int block_m, int block_
   return why.c_str();
 }
 
-// DEEPKERNELS_GEMM_CONFIG="block_m,block_n,split_k[,stages]" (read per call), or the legacy
+// DEEPKERNELS_GEMM_CONFIG="block_m,block_n,split_k[,stages[,overlap]]" (read per call), or the legacy
 // DEEPKERNELS_GEMM_SM90_BLOCKS="BMxBN" (split 1). Returns false when unset; *error when set but invalid.
 inline bool env_override(const Fp8GemmParams& p, GemmPlan& g, std::string& why, const char** error) {
   const char* text = std::getenv("DEEPKERNELS_GEMM_CONFIG");
   const char* name = "DEEPKERNELS_GEMM_CONFIG";
-  int v[4] = {0, 0, 1, 0};
+  int v[5] = {0, 0, 1, 0, 0};
   if (text != nullptr && *text != '\0') {
-    int count = 0, consumed = 0;
-    const int got = std::sscanf(text, " %d , %d , %d%n , %d%n", &v[0], &v[1], &v[2], &consumed, &v[3], &consumed);
-    count = got;
+    int consumed = 0;
+    const int count = std::sscanf(text, " %d , %d , %d%n , %d%n , %d%n", &v[0], &v[1], &v[2], &consumed, &v[3],
+                                  &consumed, &v[4], &consumed);
     if (count < 3 || text[consumed] != '\0') {
-      why = std::string(name) + ": expected \"block_m,block_n,split_k[,stages]\" (integers), got \"" + text + "\"";
+      why = std::string(name) + ": expected \"block_m,block_n,split_k[,stages[,overlap]]\" (integers), got \"" + text +
+            "\"";
       *error = why.c_str();
       return true;
     }
@@ -187,11 +198,11 @@ inline bool env_override(const Fp8GemmParams& p, GemmPlan& g, std::string& why, 
   } else {
     return false;
   }
-  if (const char* bad = validate_sm90(p, v[0], v[1], v[2], v[3], why, name)) {
+  if (const char* bad = validate_sm90(p, v[0], v[1], v[2], v[3], v[4], why, name)) {
     *error = bad;
     return true;
   }
-  g.block_m = v[0], g.block_n = v[1], g.split_k = v[2], g.stages = v[3];
+  g.block_m = v[0], g.block_n = v[1], g.split_k = v[2], g.stages = v[3], g.overlap = v[4];
   g.source = PlanSource::kEnv;
   return true;
 }
@@ -203,8 +214,10 @@ inline bool table_lookup(const Fp8GemmParams& p, int num_sms, GemmPlan& g) {
     if (e.mode == static_cast<int>(p.mode) && e.m == p.m && e.n == p.n && e.k == p.k && e.num_groups == p.num_groups &&
         e.expected_m == expected_m && e.num_sms == num_sms) {
       std::string ignored;
-      if (validate_sm90(p, e.block_m, e.block_n, e.split_k, e.stages, ignored, "table") != nullptr) return false;
-      g.block_m = e.block_m, g.block_n = e.block_n, g.split_k = e.split_k, g.stages = e.stages;
+      if (validate_sm90(p, e.block_m, e.block_n, e.split_k, e.stages, e.overlap, ignored, "table") != nullptr) {
+        return false;
+      }
+      g.block_m = e.block_m, g.block_n = e.block_n, g.split_k = e.split_k, g.stages = e.stages, g.overlap = e.overlap;
       g.source = PlanSource::kTable;
       return true;
     }

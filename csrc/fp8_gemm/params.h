@@ -34,6 +34,7 @@ struct Fp8GemmParams {
   size_t workspace_bytes;
   // Filled in by the launcher from its plan (the kernel reads them); callers leave them 0.
   int split_k, stages;
+  int overlap;  // 1: two accumulator sets, the promotion of K block kb - 1 overlaps kb's wgmmas (wait<1>)
 };
 
 }  // namespace deepkernels::fp8_gemm

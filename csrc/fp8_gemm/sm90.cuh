@@ -67,6 +67,9 @@ struct Config {
   static constexpr int smem_bytes(int stages) { return kAlignSlack + stages * kStageBytes; }
   static constexpr int kBarrierBytes = 16 * kStages;  // static: the full/empty mbarriers (sm_90a image only)
   static constexpr int kAccum = kBN / 2;  // fp32 accumulators per thread of an m64nBNk32 wgmma
+  // The overlapped promotion keeps two accumulator sets + the total: 3 x 64 registers do not fit the 168 a
+  // 384-thread 128x128 CTA compiles with (it spilled), so that one has no overlapped variant (heuristic.h).
+  static constexpr bool kCanOverlap = plan::sm90_can_overlap(kBM, kBN);
   static_assert(kStages >= 2, "the ring needs at least two stages");
   static_assert(kSmemBytes + kBarrierBytes <= kSmemBudget, "dynamic + static shared memory fit sm_90's opt-in");
 };
@@ -145,6 +148,44 @@ class Scheduler {
   int group_ = 0, start_ = 0, rows_ = 0, tiles_ = 0;
 };
 
+// One K block of a math warpgroup: 4 x wgmma m64nBNk32 (e4m3, K-major, 128B swizzle) into acc, committed as one
+// group. +32 bytes along K inside the swizzled 128-byte rows = +2 in the descriptor's start field.
+template <int kBN>
+__device__ __forceinline__ void issue_k_block(float (&acc)[kBN / 2], uint64_t desc_a, uint64_t desc_b) {
+#if DEEPKERNELS_SM90A
+  using namespace deepkernels::ptx::sm90;
+  register_fence(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBlockK / 32; ++kk) {
+    if constexpr (kBN == 128) {
+      wgmma_m64n128k32_e4m3(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+    } else if constexpr (kBN == 64) {
+      wgmma_m64n64k32_e4m3(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+    } else if constexpr (kBN == 32) {
+      wgmma_m64n32k32_e4m3(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+    } else {
+      wgmma_m64n16k32_e4m3(acc, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+    }
+  }
+  wgmma_commit();
+#else
+  (void)acc; (void)desc_a; (void)desc_b;
+#endif
+}
+
+// Promotion on CUDA cores: total += partial * scale (s0 for the thread's first row, s1 for the row 8 below).
+template <int kAccum>
+__device__ __forceinline__ void promote(float (&total)[kAccum], const float (&partial)[kAccum], float s0, float s1) {
+#pragma unroll
+  for (int i = 0; i < kAccum / 4; ++i) {
+    total[4 * i + 0] = fmaf(partial[4 * i + 0], s0, total[4 * i + 0]);
+    total[4 * i + 1] = fmaf(partial[4 * i + 1], s0, total[4 * i + 1]);
+    total[4 * i + 2] = fmaf(partial[4 * i + 2], s1, total[4 * i + 2]);
+    total[4 * i + 3] = fmaf(partial[4 * i + 3], s1, total[4 * i + 3]);
+  }
+}
+
 template <int kBM, int kBN>
 __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
     fp8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
@@ -204,9 +245,12 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
     // row 16w + lane/4 + 8h, column 8i + 2*(lane%4) + j.
     const int row_in_tile = wg * 64 + warp * 16 + lane / 4, col_in_tile = 2 * (lane % 4);
     const int scale_n_blocks = ceil_div(p.n, 128);
-    float partial[C::kAccum], total[C::kAccum];
+    // partial_b: the second accumulator set of the overlapped variant (p.overlap)
+    float partial[C::kAccum], partial_b[C::kCanOverlap ? C::kAccum : 1], total[C::kAccum];
 #pragma unroll
     for (int i = 0; i < C::kAccum; ++i) partial[i] = 0.0f;
+#pragma unroll
+    for (float& x : partial_b) x = 0.0f;
 
     Scheduler<kBM, kBN> scheduler(p);
     Tile t;
@@ -223,44 +267,73 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
         const float* a_scale_1 = a_scale + static_cast<int64_t>(row_1) * p.a_scale_row_stride;
         const float* b_scale =
             p.b_scale + (static_cast<int64_t>(t.b_group) * scale_n_blocks + t.n0 / 128) * num_k_blocks;
-        for (int kb = t.kb_begin; kb < t.kb_end; ++kb) {
-          // Scales first: their global-load latency hides behind the barrier wait and the wgmmas.
-          const float scale_a_0 = __ldg(a_scale_0 + kb * p.a_scale_col_stride);
-          const float scale_a_1 = __ldg(a_scale_1 + kb * p.a_scale_col_stride);
-          const float scale_b = __ldg(b_scale + kb);
-          mbarrier_wait(full + stage, phase);
-          const uint8_t* stage_a = smem + stage * C::kStageBytes;
-          const uint64_t desc_a = smem_desc_k_major_sw128(stage_a + wg * 64 * kBlockK);
-          const uint64_t desc_b = smem_desc_k_major_sw128(stage_a + C::kSmemA);
-          register_fence(partial);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kBlockK / 32; ++kk) {
-            // +32 bytes along K inside the swizzled 128-byte rows = +2 in the descriptor's start field.
-            if constexpr (kBN == 128) {
-              wgmma_m64n128k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-            } else if constexpr (kBN == 64) {
-              wgmma_m64n64k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-            } else if constexpr (kBN == 32) {
-              wgmma_m64n32k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        bool overlapped = false;
+        if constexpr (C::kCanOverlap) {
+          if (p.overlap) {
+          overlapped = true;
+          // Overlapped variant: two accumulator sets, A = partial and B = partial_b, K blocks alternating
+          // A, B, A, ...: block kb's wgmmas run while kb - 1's partial is promoted (wait<1> retires only the older
+          // group, whose stage is then released). Unrolled by two so that which set is in flight is known
+          // statically on every path (a runtime choice makes ptxas serialise the wgmmas).
+          float sa0 = 0.0f, sa1 = 0.0f, sb0 = 0.0f, sb1 = 0.0f;  // scales of the K block in A / in B
+          int stage_a = 0, stage_b = 0;                          // and its ring stage
+          const auto issue = [&](float (&acc)[C::kAccum], int kb, float& s0, float& s1, int& acc_stage) {
+            const float scale_a_0 = __ldg(a_scale_0 + kb * p.a_scale_col_stride);
+            const float scale_a_1 = __ldg(a_scale_1 + kb * p.a_scale_col_stride);
+            const float scale_b = __ldg(b_scale + kb);
+            mbarrier_wait(full + stage, phase);
+            const uint8_t* stage_base = smem + stage * C::kStageBytes;
+            issue_k_block<kBN>(acc, smem_desc_k_major_sw128(stage_base + wg * 64 * kBlockK),
+                               smem_desc_k_major_sw128(stage_base + C::kSmemA));
+            s0 = scale_a_0 * scale_b, s1 = scale_a_1 * scale_b, acc_stage = stage;
+            if (++stage == stages) stage = 0, phase ^= 1u;
+          };
+          const auto retire = [&](float (&acc)[C::kAccum], float s0, float s1, int acc_stage) {
+            if (lane == 0) mbarrier_arrive(empty + acc_stage);  // its wgmmas retired: the stage is free
+            register_fence(acc);
+            promote(total, acc, s0, s1);
+          };
+          const int blocks = t.kb_end - t.kb_begin;
+          if (blocks > 0) {
+            issue(partial, t.kb_begin, sa0, sa1, stage_a);
+            int j = 1;
+            for (; j + 1 < blocks; j += 2) {
+              issue(partial_b, t.kb_begin + j, sb0, sb1, stage_b);
+              wgmma_wait<1>();
+              retire(partial, sa0, sa1, stage_a);
+              issue(partial, t.kb_begin + j + 1, sa0, sa1, stage_a);
+              wgmma_wait<1>();
+              retire(partial_b, sb0, sb1, stage_b);
+            }
+            if (j < blocks) {
+              issue(partial_b, t.kb_begin + j, sb0, sb1, stage_b);
+              wgmma_wait<1>();
+              retire(partial, sa0, sa1, stage_a);
+              wgmma_wait<0>();
+              retire(partial_b, sb0, sb1, stage_b);
             } else {
-              wgmma_m64n16k32_e4m3(partial, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+              wgmma_wait<0>();
+              retire(partial, sa0, sa1, stage_a);
             }
           }
-          wgmma_commit();
-          register_fence(partial);
-          wgmma_wait<0>();
-          register_fence(partial);
-          if (lane == 0) mbarrier_arrive(empty + stage);  // smem of this stage no longer read
-          if (++stage == stages) stage = 0, phase ^= 1u;
-          // Promotion on CUDA cores: the fp32 partial of one 128-wide K block times its two scales.
-          const float s0 = scale_a_0 * scale_b, s1 = scale_a_1 * scale_b;
-#pragma unroll
-          for (int i = 0; i < C::kAccum / 4; ++i) {
-            total[4 * i + 0] = fmaf(partial[4 * i + 0], s0, total[4 * i + 0]);
-            total[4 * i + 1] = fmaf(partial[4 * i + 1], s0, total[4 * i + 1]);
-            total[4 * i + 2] = fmaf(partial[4 * i + 2], s1, total[4 * i + 2]);
-            total[4 * i + 3] = fmaf(partial[4 * i + 3], s1, total[4 * i + 3]);
+          }
+        }
+        if (!overlapped) {
+          for (int kb = t.kb_begin; kb < t.kb_end; ++kb) {
+            // Scales first: their global-load latency hides behind the barrier wait and the wgmmas.
+            const float scale_a_0 = __ldg(a_scale_0 + kb * p.a_scale_col_stride);
+            const float scale_a_1 = __ldg(a_scale_1 + kb * p.a_scale_col_stride);
+            const float scale_b = __ldg(b_scale + kb);
+            mbarrier_wait(full + stage, phase);
+            const uint8_t* stage_a = smem + stage * C::kStageBytes;
+            issue_k_block<kBN>(partial, smem_desc_k_major_sw128(stage_a + wg * 64 * kBlockK),
+                               smem_desc_k_major_sw128(stage_a + C::kSmemA));
+            register_fence(partial);
+            wgmma_wait<0>();
+            register_fence(partial);
+            if (lane == 0) mbarrier_arrive(empty + stage);  // smem of this stage no longer read
+            if (++stage == stages) stage = 0, phase ^= 1u;
+            promote(total, partial, scale_a_0 * scale_b, scale_a_1 * scale_b);
           }
         }
       }
@@ -511,6 +584,7 @@ LaunchResult launch_shape(const Fp8GemmParams& params, const GemmPlan& plan, int
   Fp8GemmParams p = params;
   p.split_k = plan.split_k;
   p.stages = plan.stages;
+  p.overlap = plan.overlap;
   if (p.split_k > 1 && (p.workspace == nullptr || p.workspace_bytes < workspace_bytes(plan, p))) {
     *error = "fp8_gemm: the split-K plan needs an fp32 workspace of split_k * M * N floats (fp8_gemm_plan)";
     return LaunchResult::kError;
