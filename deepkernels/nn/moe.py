@@ -313,7 +313,7 @@ class MoE(nn.Module):
 
     def _expert_weights(self):
         """Stacked copies of the experts' weights for the CPU fast path, rebuilt when a parameter changes
-        (pointer or in-place version): (w13 [E, 2I, H] (gate; up), w2t [E, I, H] (down^T), their per-expert
+        (pointer or in-place version): (w13 [E, 2I, H] (gate; up), w2 [E, H, I] (down), their per-expert
         views, and the shared experts' (gate; up) [2Is, H] and down [H, Is] or None); None when the routed
         experts are too large to hold twice."""
         cached = self.__dict__.get("_fast_weights")
@@ -329,10 +329,12 @@ class MoE(nn.Module):
         if sum(p.numel() * p.element_size() for p in params) > DENSE_EXPERTS_MAX_BYTES:
             return None
         w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
-        w2t = torch.stack([e.down_proj.weight.t() for e in experts])
+        # NOTE: kept [out, in] and used through transposed views: a bf16 CPU matmul with a row-major [in, out]
+        # right operand is ~5x slower than with the transposed view of an [out, in] one.
+        w2 = torch.stack([e.down_proj.weight for e in experts])
         sh = self.shared_experts
         shared = None if sh is None else (torch.cat([sh.gate_proj.weight, sh.up_proj.weight]), sh.down_proj.weight)
-        weights = (w13, w2t, list(w13.unbind(0)), list(w2t.unbind(0)), shared)
+        weights = (w13, w2, list(w13.unbind(0)), list(w2.unbind(0)), shared)
         self.__dict__["_fast_weights"] = (slots, key, weights)
         return weights
 
@@ -340,12 +342,12 @@ class MoE(nn.Module):
         """sum_j w_j * expert_j(x) with every expert run on every token (few tokens: decode): one matmul for all
         gate/up projections, one batched matmul for the down projections, the weighted sum over experts (zero
         weight for unselected ones) in fp32 as a third."""
-        w13, w2t = weights[:2]
+        w13, w2 = weights[:2]
         t, i = x2.size(0), self.intermediate_size
         e = w13.size(0)
         gu = torch.matmul(x2, w13.view(e * 2 * i, -1).t()).view(t, e, 2 * i)
         act = F.silu(gu[..., :i]) * gu[..., i:]                                  # [t, e, i]
-        y = torch.bmm(act.transpose(0, 1), w2t)                                  # [e, t, h] in x's dtype
+        y = torch.bmm(act.transpose(0, 1), w2.transpose(1, 2))                   # [e, t, h] in x's dtype
         dense_w = torch.zeros(t, 1, e, dtype=torch.float32, device=x2.device).scatter_(2, topk_idx[:, None],
                                                                                       topk_w[:, None])
         return torch.bmm(dense_w, y.transpose(0, 1).float()).squeeze(1)          # [t, h] fp32
@@ -374,7 +376,7 @@ class MoE(nn.Module):
         if weights is not None and t * k > GROUPED_MIN_PAIRS and _grouped_mm_works():  # one call, no loop
             offs = torch.as_tensor(counts, device=x2.device).cumsum(0).to(torch.int32)
             gu = torch._grouped_mm(xs, weights[0].transpose(1, 2), offs=offs)
-            ys = torch._grouped_mm(F.silu(gu[:, :i]) * gu[:, i:], weights[1], offs=offs)
+            ys = torch._grouped_mm(F.silu(gu[:, :i]) * gu[:, i:], weights[1].transpose(1, 2), offs=offs)
             return out.index_add_(0, token, ys.float() * w)
         if not isinstance(counts, list):
             counts = counts.tolist()
@@ -387,7 +389,7 @@ class MoE(nn.Module):
                     ys[start:start + c] = experts[e](xs[start:start + c])
                 else:  # gate and up in one matmul
                     gu = F.linear(xs[start:start + c], weights[2][e])
-                    torch.matmul(F.silu(gu[:, :i]) * gu[:, i:], weights[3][e], out=ys[start:start + c])
+                    ys[start:start + c] = F.linear(F.silu(gu[:, :i]) * gu[:, i:], weights[3][e])
             start += c
         return out.index_add_(0, token, ys.float() * w)
 
@@ -396,7 +398,8 @@ class MoE(nn.Module):
         topk_idx, topk_w = self.gate(x2)
         weights = self._expert_weights()
         t, k = topk_idx.shape
-        if weights is not None and t <= DENSE_EXPERTS_MAX_TOKENS and t * k >= self.dispatcher.num_local_experts:
+        if weights is not None and t <= DENSE_EXPERTS_MAX_TOKENS and t * k >= self.dispatcher.num_local_experts \
+                and x2.dtype == torch.float32:  # (bf16 CPU matmuls are slow: no wasted flops there)
             out = self._routed_dense(x2, topk_idx, topk_w, weights)
         else:
             out = self._routed_sorted(x2, topk_idx, topk_w, weights)
