@@ -1,5 +1,7 @@
 """MoE dispatch/combine kernels on one device: GB/s of the layout, the send-buffer pack (bf16 gather and
-fused fp8 quant), and the un-permute + reduce (combine, and the expert-side weighted reduce), each vs a
+fused fp8 quant), the whole wire buffer's fused pack / unpack (moe_pack_rows / moe_unpack_rows vs the
+torch-copies path that DEEPKERNELS_MOE_PACK=torch selects; bytes: source rows read + buffer written),
+and the un-permute + reduce (combine, and the expert-side weighted reduce), each vs a
 plain PyTorch index_select / index_add implementation in the same run, plus a same-size copy as the
 bandwidth ceiling (extra["copy_GB/s"], extra["frac_of_copy"]).
 
@@ -32,6 +34,7 @@ import torch
 from deepkernels import moe
 from deepkernels.compat.deep_ep import Buffer
 from deepkernels.fp8 import per_token_cast_to_fp8_ref
+from deepkernels.moe import wire
 
 from .common import Context, Row, copy_gbps, time_ms
 
@@ -92,6 +95,22 @@ def _run_single(ctx: Context) -> list[Row]:
                          lambda: torch.ops.deepkernels.moe_permute_fp8(x, src),
                          lambda: per_token_cast_to_fp8_ref(x.index_select(0, src_l)),
                          "torch index_select + quant", copy))
+
+        # the whole wire buffer of a dispatch (fp8 quantised payload + scales + src + local ids + weights):
+        # the fused kernel (DEEPKERNELS_MOE_PACK=fused) vs the torch-copies path (=torch) -- on the CPU
+        # both run the torch path (the op's CPU kernel is the reference)
+        per_rank = in_rank.sum(0, dtype=torch.int32)
+        buf = torch.ops.deepkernels.moe_pack_rows(x, None, src, ids, w, per_rank, e // r, -1, True)
+        p_bytes = n * h * 2 + buf.numel() + n * k * 12
+        rows.append(_row({**base, "op": "pack_rows_fp8", "rows": n, "row_bytes": buf.size(1)}, ctx, p_bytes,
+                         lambda: torch.ops.deepkernels.moe_pack_rows(x, None, src, ids, w, per_rank, e // r, -1, True),
+                         lambda: wire._pack_rows_torch(x, src, ids, w, per_rank, e // r, None, True),
+                         "torch copies (DEEPKERNELS_MOE_PACK=torch)", copy))
+        fmt = wire._pack_format(x, None, ids, w, True)
+        rows.append(_row({**base, "op": "unpack_rows_fp8", "rows": n}, ctx, 2 * buf.numel(),
+                         lambda: torch.ops.deepkernels.moe_unpack_rows(buf, n, h, k, moe.FP8_DTYPE, True, True, -1),
+                         lambda: wire._unpack_rows_torch(buf, fmt, n), "torch copies (DEEPKERNELS_MOE_PACK=torch)",
+                         copy))
 
         # combine: N rows back, summed per token over its ranks (bf16 in/out, fp32 accumulation)
         y = torch.randn(n, h, dtype=torch.bfloat16, device=dev)

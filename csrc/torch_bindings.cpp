@@ -626,16 +626,23 @@ void check_src_idx(const at::Tensor& x, const at::Tensor& src_idx) {
               "src_idx: expected contiguous int32 [N], got ", src_idx.scalar_type(), " ", src_idx.sizes());
 }
 
-at::Tensor moe_permute(const at::Tensor& x_in, const at::Tensor& src_idx) {
+at::Tensor permute_rows(const at::Tensor& x_in, const at::Tensor& src_idx, bool skip_empty) {
   check_src_idx(x_in, src_idx);
   const KernelDeviceGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   auto out = at::empty({src_idx.size(0), x.size(1)}, x.options());
   deepkernels::moe::PermuteParams p{x.data_ptr(), src_idx.data_ptr<int32_t>(), out.data_ptr(), src_idx.size(0),
-                                    x.size(1) * static_cast<int64_t>(x.element_size()), x.size(0)};
+                                    x.size(1) * static_cast<int64_t>(x.element_size()), x.size(0), skip_empty};
   deepkernels::moe::permute(p, current_stream());
   check_launch();
   return out;
+}
+
+at::Tensor moe_permute(const at::Tensor& x, const at::Tensor& src_idx) { return permute_rows(x, src_idx, false); }
+
+// As moe_permute, but rows with src_idx == -1 are left unwritten (their contents are unspecified).
+at::Tensor moe_permute_no_fill(const at::Tensor& x, const at::Tensor& src_idx) {
+  return permute_rows(x, src_idx, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> moe_permute_fp8(const at::Tensor& x_in, const at::Tensor& src_idx) {
@@ -683,13 +690,142 @@ at::Tensor moe_unpermute_reduce(const at::Tensor& y_in, const at::Tensor& pos,
   return out;
 }
 
+deepkernels::moe::RowLayout wire_layout(int64_t hidden, int payload_elem_bytes, bool fp8_scales, int64_t topk,
+                                        bool weights) {
+  return deepkernels::moe::make_row_layout(hidden, payload_elem_bytes, fp8_scales, static_cast<int>(topk), weights);
+}
+
+// The fused pack of a dispatch's wire rows (see csrc/moe/params.h PackRowsParams). capacity < 0: normal mode.
+at::Tensor moe_pack_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& x_scale_in, const at::Tensor& src_idx,
+                         const std::optional<at::Tensor>& topk_idx_in, const std::optional<at::Tensor>& topk_weights_in,
+                         const at::Tensor& per_rank_in, int64_t num_local_experts, int64_t capacity, bool use_fp8) {
+  check_src_idx(x_in, src_idx);
+  check_cuda(per_rank_in, "per_rank");
+  TORCH_CHECK(per_rank_in.dim() == 1 && per_rank_in.scalar_type() == at::kInt,
+              "per_rank: expected int32 [R], got ", per_rank_in.scalar_type(), " ", per_rank_in.sizes());
+  const int64_t r = per_rank_in.size(0), n = src_idx.size(0), t = x_in.size(0), h = x_in.size(1);
+  TORCH_CHECK(r >= 1, "per_rank: expected at least one rank, got 0");
+  TORCH_CHECK(num_local_experts >= 1, "num_local_experts: expected >= 1, got ", num_local_experts);
+  TORCH_CHECK(capacity < 0 || n == r * capacity, "src_idx: expected R * capacity = ", r * capacity,
+              " rows (fixed-capacity mode), got ", n);
+  const DType dtype = to_dtype(x_in.scalar_type(), "x");
+  const bool pair = x_scale_in.has_value();
+  TORCH_CHECK(!(use_fp8 && dtype == DType::kFloat8E4M3), "use_fp8: expected a float x to quantise, got float8_e4m3fn");
+  TORCH_CHECK(!pair || dtype == DType::kFloat8E4M3, "x_scale: expected only with a float8_e4m3fn x, got x ",
+              x_in.scalar_type());
+  const KernelDeviceGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  at::Tensor x_scale, topk_idx, topk_weights;
+  if (pair) {
+    check_cuda(*x_scale_in, "x_scale");
+    TORCH_CHECK(x_scale_in->scalar_type() == at::kFloat && x_scale_in->dim() == 2 && x_scale_in->size(0) == t &&
+                    x_scale_in->size(1) == (h + 127) / 128,
+                "x_scale: expected float32 [", t, ", ", (h + 127) / 128, "], got ", x_scale_in->scalar_type(), " ",
+                x_scale_in->sizes());
+    x_scale = x_scale_in->contiguous();
+  }
+  int64_t k = 0;
+  if (topk_idx_in.has_value()) {
+    check_cuda(*topk_idx_in, "topk_idx");
+    TORCH_CHECK(topk_idx_in->scalar_type() == at::kLong && topk_idx_in->dim() == 2 && topk_idx_in->size(0) == t,
+                "topk_idx: expected int64 [", t, ", k], got ", topk_idx_in->scalar_type(), " ", topk_idx_in->sizes());
+    topk_idx = topk_idx_in->contiguous();
+    k = topk_idx.size(1);
+  }
+  if (topk_weights_in.has_value()) {
+    TORCH_CHECK(topk_idx_in.has_value(), "topk_weights: expected None without topk_idx");
+    check_cuda(*topk_weights_in, "topk_weights");
+    TORCH_CHECK(topk_weights_in->scalar_type() == at::kFloat && topk_weights_in->sizes() == topk_idx.sizes(),
+                "topk_weights: expected float32 of topk_idx's shape ", topk_idx.sizes(), ", got ",
+                topk_weights_in->scalar_type(), " ", topk_weights_in->sizes());
+    topk_weights = topk_weights_in->contiguous();
+  }
+  const auto per_rank = per_rank_in.contiguous();
+  const bool fp8_payload = use_fp8 || dtype == DType::kFloat8E4M3;
+  const auto layout = wire_layout(h, fp8_payload ? 1 : static_cast<int>(x.element_size()), use_fp8 || pair, k,
+                                  topk_weights.defined());
+  auto out = capacity < 0 ? at::empty({n, layout.row_bytes}, x.options().dtype(at::kByte))
+                          : at::empty({r, deepkernels::moe::kSlotHeaderBytes + capacity * layout.row_bytes},
+                                      x.options().dtype(at::kByte));
+  deepkernels::moe::PackRowsParams p{};
+  p.x = x.data_ptr();
+  p.x_dtype = dtype;
+  p.x_scale = pair ? x_scale.data_ptr<float>() : nullptr;
+  p.quantize = use_fp8;
+  p.src_idx = src_idx.data_ptr<int32_t>();
+  p.topk_idx = topk_idx.defined() ? topk_idx.data_ptr<int64_t>() : nullptr;
+  p.topk_weights = topk_weights.defined() ? topk_weights.data_ptr<float>() : nullptr;
+  p.per_rank = per_rank.data_ptr<int32_t>();
+  p.out = static_cast<uint8_t*>(out.data_ptr());
+  p.num_rows = n;
+  p.num_tokens = t;
+  p.hidden = h;
+  p.topk = static_cast<int>(k);
+  p.num_ranks = static_cast<int>(r);
+  p.num_local_experts = static_cast<int>(num_local_experts);
+  p.capacity = capacity;
+  p.layout = layout;
+  deepkernels::moe::pack_rows(p, current_stream());
+  check_launch();
+  return out;
+}
+
+// Split received wire rows into (x, scale, src, lid, w); an absent field is a [N, 0] tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_unpack_rows(
+    const at::Tensor& buf_in, int64_t num_rows, int64_t hidden, int64_t topk, at::ScalarType payload_dtype,
+    bool fp8_scales, bool weights, int64_t capacity) {
+  check_cuda(buf_in, "buf");
+  TORCH_CHECK(buf_in.scalar_type() == at::kByte && buf_in.dim() == 2, "buf: expected uint8 [rows, bytes], got ",
+              buf_in.scalar_type(), " ", buf_in.sizes());
+  TORCH_CHECK(num_rows >= 0 && hidden >= 0 && topk >= 0, "num_rows/hidden/topk: expected >= 0");
+  const int64_t elem = c10::elementSize(payload_dtype);
+  const auto layout = wire_layout(hidden, static_cast<int>(elem), fp8_scales, topk, weights && topk > 0);
+  if (capacity < 0) {
+    TORCH_CHECK(buf_in.size(0) == num_rows && buf_in.size(1) == layout.row_bytes, "buf: expected [", num_rows, ", ",
+                layout.row_bytes, "], got ", buf_in.sizes());
+  } else {
+    TORCH_CHECK(capacity > 0 ? num_rows == buf_in.size(0) * capacity : num_rows == 0,
+                "num_rows: expected slots * capacity = ", buf_in.size(0) * capacity, ", got ", num_rows);
+    TORCH_CHECK(buf_in.size(1) == deepkernels::moe::kSlotHeaderBytes + capacity * layout.row_bytes, "buf: expected ",
+                deepkernels::moe::kSlotHeaderBytes + capacity * layout.row_bytes, " bytes per slot, got ",
+                buf_in.size(1));
+  }
+  const KernelDeviceGuard guard(buf_in.device());
+  const auto buf = buf_in.contiguous();
+  const auto opts = buf.options();
+  const int64_t groups = fp8_scales ? (hidden + 127) / 128 : 0, k = layout.src_off >= 0 ? topk : 0;
+  auto x = at::empty({num_rows, hidden}, opts.dtype(payload_dtype));
+  auto scale = at::empty({num_rows, groups}, opts.dtype(at::kFloat));
+  auto src = at::empty({num_rows, k > 0 ? 1 : 0}, opts.dtype(at::kInt));
+  auto lid = at::empty({num_rows, k}, opts.dtype(at::kInt));
+  auto w = at::empty({num_rows, layout.w_off >= 0 ? k : 0}, opts.dtype(at::kFloat));
+  deepkernels::moe::UnpackRowsParams p{};
+  p.buf = buf.data_ptr<uint8_t>();
+  p.x = x.data_ptr();
+  p.scale = groups > 0 ? scale.data_ptr<float>() : nullptr;
+  p.src = k > 0 ? src.data_ptr<int32_t>() : nullptr;
+  p.lid = k > 0 ? lid.data_ptr<int32_t>() : nullptr;
+  p.w = layout.w_off >= 0 ? w.data_ptr<float>() : nullptr;
+  p.num_rows = num_rows;
+  p.capacity = capacity;
+  p.topk = static_cast<int>(k);
+  p.scale_groups = groups;
+  p.layout = layout;
+  deepkernels::moe::unpack_rows(p, current_stream());
+  check_launch();
+  return {x, scale, src, lid, w};
+}
+
 }  // namespace moe_binding
 
 DEEPKERNELS_LIBRARY_IMPL(m) {
   m.impl("moe_get_dispatch_layout", &moe_binding::moe_get_dispatch_layout);
   m.impl("moe_permute", &moe_binding::moe_permute);
+  m.impl("moe_permute_no_fill", &moe_binding::moe_permute_no_fill);
   m.impl("moe_permute_fp8", &moe_binding::moe_permute_fp8);
   m.impl("moe_unpermute_reduce", &moe_binding::moe_unpermute_reduce);
+  m.impl("moe_pack_rows", &moe_binding::moe_pack_rows);
+  m.impl("moe_unpack_rows", &moe_binding::moe_unpack_rows);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 import deepkernels as dk
 from deepkernels import moe
+from deepkernels.moe import wire
 from deepkernels.fp8 import FP8_DTYPE, per_token_cast_from_fp8, per_token_cast_to_fp8
 from deepkernels.testing import calc_diff, opcheck, poison_, reference, synchronize
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -1252,3 +1253,244 @@ def test_routing_config_errors():
     from deepkernels.nn.moe import route
     with pytest.raises(ValueError, match="correction_bias"):
         route(torch.randn(2, 16), 2, topk_method="noaux_tc", n_group=4, topk_group=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused wire pack / unpack (moe_pack_rows / moe_unpack_rows) vs the torch-copies reference
+
+def _pack_inputs(t, k, e, h, r, kind, weighted, capacity, device, seed=0):
+    """Inputs of moe_pack_rows built as the dispatcher builds them (via the reference helpers)."""
+    ids, w = make_routing(t, k, e, seed=seed + t)
+    if t and not (ids >= 0).any():  # make_routing empties every 5th row: send at least one row
+        ids[0, 0] = e - 1
+    g = torch.Generator().manual_seed(seed)
+    xf = torch.randn(t, h, generator=g) * 3
+    x, x_scale, use_fp8 = xf.to(torch.bfloat16), None, False
+    if kind == "fp32":
+        x = xf
+    elif kind == "quant":
+        use_fp8 = True
+    elif kind == "pair":
+        x, x_scale = per_token_cast_to_fp8(xf)
+    with reference():
+        per_rank, _, inr = moe.get_dispatch_layout(ids, e, r)
+        pos = moe.dispatch_positions(inr, capacity)
+        n = r * capacity if capacity is not None else int(per_rank.sum())
+        src = moe.positions_to_src_idx(pos, n)
+    to = lambda v: None if v is None else v.to(device)  # noqa: E731
+    return dict(x=to(x), x_scale=to(x_scale), src_idx=to(src), topk_idx=to(ids), topk_weights=to(w if weighted else None),
+                per_rank=to(per_rank), num_local_experts=e // r, capacity=-1 if capacity is None else capacity,
+                use_fp8=use_fp8)
+
+
+def _poison_allocator(nbytes: int, device) -> None:
+    """Leave freed 0xFF blocks of the output's size behind, so an unwritten byte shows."""
+    for _ in range(2):
+        torch.full((max(nbytes, 1),), 255, dtype=torch.uint8, device=device)
+
+
+def _assert_pack_equal(got: torch.Tensor, want: torch.Tensor, args: dict) -> None:
+    """Byte-exact; only quantised e4m3 payload bytes may differ at rare 1-ulp rounding ties (the kernel's
+    quantisation is moe_permute_fp8's, see test_cuda_permute)."""
+    assert got.shape == want.shape and got.dtype == torch.uint8
+    got = got.cpu()
+    if not args["use_fp8"]:
+        assert torch.equal(got, want)
+        return
+    x, src, k = args["x"], args["src_idx"], 0 if args["topk_idx"] is None else args["topk_idx"].size(1)
+    fmt = moe.row_format(FP8_DTYPE, x.size(1), k, True, args["topk_weights"] is not None)
+    rows_g, rows_w = got.view(-1, got.size(-1)), want.view(-1, want.size(-1))
+    if args["capacity"] >= 0:
+        hb = moe.SLOT_HEADER_BYTES
+        assert torch.equal(got[:, :hb], want[:, :hb])
+        rows_g = got[:, hb:].reshape(-1, fmt.row_bytes)
+        rows_w = want[:, hb:].reshape(-1, fmt.row_bytes)
+    h = x.size(1)
+    assert torch.equal(rows_g[:, h:], rows_w[:, h:])  # scales, metadata, gaps, padding
+    assert (rows_g[:, :h] != rows_w[:, :h]).sum() <= 1e-4 * rows_g[:, :h].numel()
+
+
+PACK_EMU_CASES = [(0, 1, 8, 7168, 1), (1, 8, 256, 7168, 8), (37, 8, 32, 256, 8), (19, 4, 16, 135, 4),
+                  (23, 3, 24, 130, 3), (9, 2, 8, 7, 2)]
+PACK_CUDA_CASES = PACK_EMU_CASES + [(4096, 8, 256, 7168, 8), (300, 6, 64, 200, 16)]
+
+
+@_device_cases("t,k,e,h,r", PACK_CUDA_CASES, PACK_EMU_CASES)
+@pytest.mark.parametrize("kind", ["bf16", "fp32", "quant", "pair"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("capacity", [None, 40])
+def test_cuda_pack_rows(kernel_device, t, k, e, h, r, kind, weighted, capacity):
+    if t == 0 and capacity is None:
+        capacity = 0  # normal mode with T = 0 launches nothing: the header-only slot buffer instead
+    if capacity is not None and t > capacity:
+        capacity = t
+    args = _pack_inputs(t, k, e, h, r, kind, weighted, capacity, kernel_device)
+    want = wire.moe_pack_rows_ref(**{n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in args.items()})
+    _poison_allocator(want.numel(), kernel_device)
+    got = torch.ops.deepkernels.moe_pack_rows(**args)
+    _assert_pack_equal(got, want, args)
+    # the torch-copies path on the same device (its permute_fp8 is the kernel's quantisation): exact
+    xx = args["x"] if args["x_scale"] is None else (args["x"], args["x_scale"])
+    torch_buf = wire._pack_rows_torch(xx, args["src_idx"], args["topk_idx"], args["topk_weights"], args["per_rank"],
+                                      args["num_local_experts"], capacity, args["use_fp8"])[0]
+    assert torch.equal(got.cpu(), torch_buf.cpu())
+    # unpack: every field back, byte-exact vs the reference unpack
+    fmt = wire._pack_format(args["x"], args["x_scale"], args["topk_idx"], args["topk_weights"], args["use_fp8"])
+    f = fmt.fields
+    n = args["src_idx"].size(0)
+    uargs = (n, h, k, f["x"][2], "scale" in f, "w" in f, args["capacity"])
+    _poison_allocator(n * max(h, 1) * 4, kernel_device)
+    got_u = torch.ops.deepkernels.moe_unpack_rows(got, *uargs)
+    want_u = wire.moe_unpack_rows_ref(got.cpu(), *uargs)
+    for name, a, b in zip(("x", "scale", "src", "lid", "w"), got_u, want_u):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8)), name
+    # what the fields hold: src, empty rows, local ids relative to the destination rank
+    src = want_u[2].view(-1)
+    assert torch.equal(src, args["src_idx"].cpu())
+    empty = src < 0
+    assert (want_u[3][empty] == -1).all() and (want_u[4][empty] == 0).all()
+    assert ((want_u[3] >= -1) & (want_u[3] < e // r)).all()
+
+
+@pytest.mark.parametrize("bad", [-2, 10**6])
+def test_emu_pack_rows_trusted_index_poisons_row(bad):
+    """src_idx outside [-1, T): the reference raises naming src_idx; the emulated kernel reads nothing and
+    writes a 0xFF row (the other rows stay exact); DEEPKERNELS_CHECK=1 makes the wrapper raise instead."""
+    if not deepkernels_emulator_built():
+        pytest.fail("the emulator is not built")
+    args = _pack_inputs(6, 2, 8, 130, 2, "quant", True, None, "cpu")
+    src = args["src_idx"].clone()
+    src[1] = bad
+    args["src_idx"] = src
+    with pytest.raises(ValueError, match="^src_idx: expected"):
+        wire.moe_pack_rows_ref(**args)
+    with dk.emulate():
+        got = torch.ops.deepkernels.moe_pack_rows(**args)
+    assert (got[1] == 255).all()
+    ok = src.clone()
+    ok[1] = -1
+    want = wire.moe_pack_rows_ref(**{**args, "src_idx": ok})
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2:], want[2:])
+    os.environ["DEEPKERNELS_CHECK"] = "1"
+    try:
+        with dk.emulate(), pytest.raises(ValueError, match="^src_idx: expected"):
+            moe.pack_rows((args["x"]), src, args["topk_idx"], args["topk_weights"], args["per_rank"], 4, None, True)
+    finally:
+        del os.environ["DEEPKERNELS_CHECK"]
+
+
+def deepkernels_emulator_built() -> bool:
+    return bool(dk.build_info()["emulator"])
+
+
+def test_pack_rows_bad_inputs():
+    args = _pack_inputs(5, 2, 8, 64, 2, "bf16", True, None, "cpu")
+    cases = [
+        (dict(x=args["x"].int()), ValueError, "^x: expected"),
+        (dict(x_scale=torch.ones(5, 1)), ValueError, "^x_scale: expected"),
+        (dict(src_idx=args["src_idx"].long()), ValueError, "^src_idx: expected"),
+        (dict(topk_idx=args["topk_idx"][:3]), ValueError, "^topk_idx: expected"),
+        (dict(topk_weights=args["topk_weights"].double()), ValueError, "^topk_weights: expected"),
+        (dict(per_rank=args["per_rank"] + 1), ValueError, "^per_rank: expected counts summing"),
+        (dict(num_local_experts=0), ValueError, "^num_local_experts: expected"),
+        (dict(capacity=3), ValueError, "^src_idx: expected R \\* capacity"),
+        (dict(x=per_token_cast_to_fp8(args["x"])[0], use_fp8=True), ValueError, "^use_fp8: expected False"),
+        (dict(topk_idx=None), ValueError, "^topk_weights: expected None without topk_idx"),
+    ]
+    for change, exc, msg in cases:
+        with pytest.raises(exc, match=msg):  # the op (its CPU kernel checks) ...
+            torch.ops.deepkernels.moe_pack_rows(**{**args, **change})
+    cases += [(dict(num_local_experts=2.0), TypeError, "^num_local_experts: expected"),
+              (dict(use_fp8=1), TypeError, "^use_fp8: expected"), (dict(capacity="4"), TypeError, "^capacity: expected")]
+    for change, exc, msg in cases:  # ... and the checked wrapper, which also types the scalars
+        a = {**args, **change}
+        if "x_scale" in change or "per_rank" in change:
+            continue  # scales come as the pair (x, scale); counts are values (checked by the op / DEEPKERNELS_CHECK)
+        cap = None if a["capacity"] == -1 else a["capacity"]
+        with pytest.raises(exc, match=msg):
+            moe.pack_rows(a["x"], a["src_idx"], a["topk_idx"], a["topk_weights"], a["per_rank"],
+                          a["num_local_experts"], cap, a["use_fp8"])
+    buf = torch.ops.deepkernels.moe_pack_rows(**args)
+    with pytest.raises(ValueError, match="^buf: expected shape"):
+        torch.ops.deepkernels.moe_unpack_rows(buf[:, :-16], buf.size(0), 64, 2, torch.bfloat16, False, True, -1)
+    with pytest.raises(ValueError, match="^num_rows: expected slots"):
+        torch.ops.deepkernels.moe_unpack_rows(buf, 3, 64, 2, torch.bfloat16, False, True, 2)
+    with pytest.raises(TypeError, match="^payload_dtype: expected a torch.dtype"):
+        wire.moe_unpack_rows_ref(buf, buf.size(0), 64, 2, "bf16", False, True, -1)
+    os.environ["DEEPKERNELS_MOE_PACK"] = "fast"
+    try:
+        with pytest.raises(ValueError, match="^DEEPKERNELS_MOE_PACK: expected"):
+            moe.EPDispatcher(None, num_experts=8).dispatch(args["x"], args["topk_idx"], args["topk_weights"])
+    finally:
+        del os.environ["DEEPKERNELS_MOE_PACK"]
+
+
+def test_pack_rows_opcheck():
+    for kind, capacity in (("bf16", None), ("quant", 8), ("pair", None)):
+        args = _pack_inputs(6, 3, 8, 130, 2, kind, True, capacity, "cpu")
+        opcheck(torch.ops.deepkernels.moe_pack_rows, tuple(args.values()))
+        buf = torch.ops.deepkernels.moe_pack_rows(**args)
+        fmt = wire._pack_format(args["x"], args["x_scale"], args["topk_idx"], args["topk_weights"], args["use_fp8"])
+        f = fmt.fields
+        opcheck(torch.ops.deepkernels.moe_unpack_rows, (buf, args["src_idx"].size(0), 130, 3, f["x"][2], "scale" in f,
+                                                        True, args["capacity"]))
+
+
+@pytest.mark.parametrize("capacity", [None, 16])
+@pytest.mark.parametrize("use_fp8", [False, True])
+@pytest.mark.parametrize("variant", ["fused", "torch"])
+def test_emu_dispatcher_pack_variants_agree(monkeypatch, capacity, use_fp8, variant):
+    """The dispatcher under the emulator with each DEEPKERNELS_MOE_PACK variant gives exactly the
+    plain-CPU result (the torch path), and the fused variant launches the pack / unpack kernels."""
+    if not deepkernels_emulator_built():
+        pytest.fail("the emulator is not built")
+    ids, w = make_routing(12, 4, 16, seed=5)
+    x = make_tokens(0, 12, 256, 3)
+    disp = moe.EPDispatcher(None, num_experts=16, capacity=capacity)
+    want_x, want_h = disp.dispatch(x, ids, w, use_fp8=use_fp8)
+    monkeypatch.setenv("DEEPKERNELS_MOE_PACK", variant)
+    before = dict(dk.emulator_stats()["kernels"])
+    with dk.emulate():
+        got_x, got_h = disp.dispatch(x, ids, w, use_fp8=use_fp8)
+        cached = disp.dispatch_cached(x, got_h, use_fp8=use_fp8)
+        wts = disp.exchange_weights(w, got_h)
+    after = dk.emulator_stats()["kernels"]
+    packs = sum(v - before.get(n, 0) for n, v in after.items() if "pack_rows" in n)
+    assert (packs >= 4) if variant == "fused" else (packs == 0)
+    flat = lambda v: [v] if isinstance(v, torch.Tensor) else list(v)  # noqa: E731
+    for a, b in zip(flat(got_x) + flat(cached), flat(want_x) + flat(want_x)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if not use_fp8 or a.dtype != FP8_DTYPE else \
+            (a.view(torch.uint8) != b.view(torch.uint8)).float().mean() < 1e-4
+    for name in ("recv_local_idx", "recv_weights", "recv_src_token", "num_recv_tokens_per_expert",
+                 "num_recv_tokens_per_rank"):
+        assert torch.equal(getattr(got_h, name), getattr(want_h, name)), name
+    assert torch.equal(wts, want_h.recv_weights)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_cuda_masked_layout_writes_only_real_rows(kernel_device, use_fp8):
+    """to_masked writes expert l's first masked_m[l] rows only (moe_permute_no_fill): they equal the
+    reference's; the padding rows keep whatever the fresh buffer held (0xFF blocks left in the allocator
+    here), and the expert-side reduce / combine never read them."""
+    disp = moe.EPDispatcher(None, num_experts=16, capacity=24)
+    ids, w = make_routing(20, 4, 16, seed=11)
+    x = make_tokens(0, 20, 256, 5)
+    with reference():
+        recv_ref, hd_ref = disp.dispatch(x, ids, w, use_fp8=use_fp8)
+        xm_ref, mm_ref = hd_ref.to_masked(recv_ref)
+    recv, hd = disp.dispatch(x.to(kernel_device), ids.to(kernel_device), w.to(kernel_device), use_fp8=use_fp8)
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v]  # noqa: E731
+    for t in pair(recv):
+        _poison_allocator(hd.num_local_experts * hd.num_recv * t.size(1) * t.element_size(), kernel_device)
+    xm, mm = hd.to_masked(recv)
+    assert torch.equal(mm.cpu(), mm_ref)
+    real = torch.arange(hd.num_recv).view(1, -1) < mm_ref.view(-1, 1)  # [L, max_m]
+    for got, want in zip(pair(xm), pair(xm_ref)):
+        g, wnt = got.cpu().view(torch.uint8), want.view(torch.uint8)
+        assert torch.equal(g[real], wnt[real])
+        if kernel_device == "cpu" and got.element_size() == 1:  # padding left as the allocator had it
+            assert (g[~real] == 0xFF).float().mean() > 0.99
+    out = disp.combine(hd.expert_reduce(xm[1].float() if use_fp8 else xm.float(), "masked"), hd)
+    out_ref = disp.combine(hd_ref.expert_reduce(xm_ref[1].float() if use_fp8 else xm_ref.float(), "masked"), hd_ref)
+    assert torch.equal(out.cpu(), out_ref)

@@ -1,5 +1,5 @@
-// The MoE kernels (layout, permute, permute + fp8, un-permute + reduce) and their launch code, unchanged,
-// compiled for the SIMT emulator.
+// The MoE kernels (layout, permute, permute + fp8, un-permute + reduce, fused wire pack / unpack) and their
+// launch code, unchanged, compiled for the SIMT emulator.
 #include "runtime.h"
 
 #include "../moe/launch.cu"

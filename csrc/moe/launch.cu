@@ -5,6 +5,7 @@
 #include "launch.h"
 #include "layout.cuh"
 #include "permute.cuh"
+#include "wire.cuh"
 
 namespace deepkernels::moe {
 
@@ -63,6 +64,52 @@ void unpermute_reduce(const UnpermuteReduceParams& p, cudaStream_t stream) {
       launch_kernel<unpermute_reduce_kernel<T, true>>(grid, kThreads, 0, stream, p);
     else
       launch_kernel<unpermute_reduce_kernel<T, false>>(grid, kThreads, 0, stream, p);
+  });
+}
+
+// The widest access (16 / 4 / 1 bytes) that divides n bytes and keeps both pointers aligned.
+template <typename F>
+void with_copy_width(const void* a, const void* b, int64_t n, F&& f) {
+  if (n % 16 == 0 && aligned(a, 16) && aligned(b, 16)) {
+    f(uint4{});
+  } else if (n % 4 == 0 && aligned(a, 4) && aligned(b, 4)) {
+    f(static_cast<unsigned int>(0));
+  } else {
+    f(static_cast<unsigned char>(0));
+  }
+}
+
+void pack_rows(const PackRowsParams& p, cudaStream_t stream) {
+  const int64_t warps = p.capacity >= 0 && p.num_ranks > p.num_rows ? p.num_ranks : p.num_rows;
+  if (warps == 0) return;
+  const dim3 grid = row_grid(warps);
+  if (p.quantize) {
+    dispatch_float_dtype(p.x_dtype, [&](auto tag) {
+      using T = decltype(tag);
+      // the fp8 output of 8 elements is one 8-byte store (rows are 16-byte aligned in the buffer)
+      if (vec8_ok(p.x, p.out, p.hidden, static_cast<int>(sizeof(T))))
+        launch_kernel<pack_rows_kernel<PackPayload::kQuantize, T, unsigned char, true>>(grid, kThreads, 0, stream, p);
+      else
+        launch_kernel<pack_rows_kernel<PackPayload::kQuantize, T, unsigned char, false>>(grid, kThreads, 0, stream, p);
+    });
+    return;
+  }
+  // rows in the buffer are 16-byte aligned: the payload's width depends on x and the row length only
+  with_copy_width(p.x, p.out, p.layout.payload_bytes, [&](auto tag) {
+    using V = decltype(tag);
+    if (p.layout.scale_off >= 0)  // an fp8 pair (x_scale's pointer is null when T == 0)
+      launch_kernel<pack_rows_kernel<PackPayload::kFp8Pair, float, V, false>>(grid, kThreads, 0, stream, p);
+    else
+      launch_kernel<pack_rows_kernel<PackPayload::kCopy, float, V, false>>(grid, kThreads, 0, stream, p);
+  });
+}
+
+void unpack_rows(const UnpackRowsParams& p, cudaStream_t stream) {
+  if (p.num_rows == 0) return;
+  const dim3 grid = row_grid(p.num_rows);
+  with_copy_width(p.buf, p.x, p.layout.payload_bytes, [&](auto tag) {
+    using V = decltype(tag);
+    launch_kernel<unpack_rows_kernel<V>>(grid, kThreads, 0, stream, p);
   });
 }
 

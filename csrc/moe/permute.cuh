@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(kThreads) permute_kernel(PermuteParams p) {
   const int64_t n = p.row_bytes / static_cast<int64_t>(sizeof(V));
   V* __restrict__ dst = reinterpret_cast<V*>(static_cast<char*>(p.out) + row * p.row_bytes);
   if (src < 0 || src >= p.num_src) {
+    if (src == -1 && p.skip_empty) return;
     const V fill = bad_index(src, p.num_src) ? poison_bits<V>() : V{};
     for (int64_t i = lane; i < n; i += 32) dst[i] = fill;
     return;

@@ -169,15 +169,20 @@ class DispatchHandle:
         return permute(recv_x, src), m_idx
 
     def to_masked(self, recv_x, max_m: int | None = None):
-        """recv_x [N, H] (or (fp8, scale)) -> [L, max_m, H] (or a pair) and masked_m [L]. Rows of an
-        expert from masked_m on are zero (fp8: zero with scale 1e-4/448)."""
+        """recv_x [N, H] (or (fp8, scale)) -> [L, max_m, H] (or a pair) and masked_m [L].
+
+        Only the real rows are written: expert l's first masked_m[l] rows. The padding rows (from
+        masked_m[l] on) are unspecified, as in DeepEP's low-latency receive buffer: the kernels leave the
+        fresh buffer's memory as it was (the CPU reference happens to write zeros). Rows are independent
+        through the experts, and expert_reduce / combine_experts read only the real rows' positions
+        (``masked_layout``), so whatever the padding holds never reaches a result."""
         self._check_recv_x(recv_x)
         pos, masked_m, max_m = self.masked_layout(max_m)
         src = _positions_to_src_idx(pos, self.num_local_experts * max_m)
         view = lambda t: t.view(self.num_local_experts, max_m, t.size(1))  # noqa: E731
         if isinstance(recv_x, tuple):
-            return (view(permute(recv_x[0], src)), view(permute(recv_x[1], src))), masked_m
-        return view(permute(recv_x, src)), masked_m
+            return (view(permute(recv_x[0], src, False)), view(permute(recv_x[1], src, False))), masked_m
+        return view(permute(recv_x, src, False)), masked_m
 
     def _check_recv_x(self, recv_x) -> None:
         """recv_x as dispatch returned it: [num_recv, H] (or an (e4m3, scale) pair of num_recv rows)."""

@@ -111,6 +111,8 @@ def _unpermute_fake(y, pos, weights=None):
 define_op("moe_get_dispatch_layout", "(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor, Tensor, Tensor)",
           moe_get_dispatch_layout_ref, _layout_fake)
 define_op("moe_permute", "(Tensor x, Tensor src_idx) -> Tensor", moe_permute_ref, _permute_fake)
+# rows with src_idx == -1 unwritten (unspecified) on the kernels; the reference writes zeros there
+define_op("moe_permute_no_fill", "(Tensor x, Tensor src_idx) -> Tensor", moe_permute_ref, _permute_fake)
 define_op("moe_permute_fp8", "(Tensor x, Tensor src_idx) -> (Tensor, Tensor)", moe_permute_fp8_ref, _permute_fp8_fake)
 define_op("moe_unpermute_reduce", "(Tensor y, Tensor pos, Tensor? weights=None) -> Tensor",
           moe_unpermute_reduce_ref, _unpermute_fake)
@@ -184,13 +186,17 @@ _TRUSTED_NOTE = """
     ``DEEPKERNELS_CHECK=1`` (read on each call) validates them first with one host sync."""
 
 
-def permute(x: torch.Tensor, src_idx: torch.Tensor) -> torch.Tensor:
+def permute(x: torch.Tensor, src_idx: torch.Tensor, fill_empty: bool = True) -> torch.Tensor:
     """Row gather ``out[i] = x[src_idx[i]]`` (zero row where src_idx[i] == -1).
 
     x: [T, H] float32/bfloat16/float16/float8_e4m3fn/int32/int64/uint8; src_idx: [N] int32 contiguous,
-    values in [-1, T). Returns [N, H] in x's dtype."""
+    values in [-1, T). Returns [N, H] in x's dtype. ``fill_empty=False`` (op ``moe_permute_no_fill``):
+    rows with src_idx == -1 are not written, their contents are unspecified (the kernels leave the fresh
+    buffer as it was; the CPU reference writes zeros) -- for layouts whose padding rows nobody reads."""
+    fill_empty = check_bool("fill_empty", fill_empty)
     _check_permute_args(x, src_idx, _PERMUTE_DTYPES, check_values=run_device_checks(src_idx))
-    return torch.ops.deepkernels.moe_permute(x.contiguous(), src_idx)
+    op = torch.ops.deepkernels.moe_permute if fill_empty else torch.ops.deepkernels.moe_permute_no_fill
+    return op(x.contiguous(), src_idx)
 
 
 def permute_fp8(x: torch.Tensor, src_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
