@@ -374,6 +374,7 @@ __device__ __forceinline__ void consume_split(const MlaDecodeParams& p, uint8_t*
 #pragma unroll
       for (int cb = 0; cb < kColBlocks; ++cb) {
         ptx::sm90::mbarrier_wait(&sh.full[stage_of(j)][cb], full_parity(j));
+        ptx::sm90::wgmma_fence();  // after the wait loop (divergent control flow): keeps ptxas from serialising
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           const uint32_t off = (cb * kColBlockBytes + kk * 32) >> 4;
