@@ -325,6 +325,7 @@ def test_opcheck():
     src = torch.tensor([2, -1, 8, 0], dtype=torch.int32)
     opcheck(torch.ops.deepkernels.moe_permute, (x, src))
     opcheck(torch.ops.deepkernels.moe_permute, (per_token_cast_to_fp8(x)[0], src))
+    opcheck(torch.ops.deepkernels.moe_permute_no_fill, (x, src))
     opcheck(torch.ops.deepkernels.moe_permute_fp8, (x, src))
     pos = torch.tensor([[0, 3], [-1, -1], [1, 1]], dtype=torch.int32)
     opcheck(torch.ops.deepkernels.moe_unpermute_reduce, (x[:4], pos, torch.rand(3, 2)))
