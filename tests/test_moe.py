@@ -1312,7 +1312,7 @@ def _assert_pack_equal(got: torch.Tensor, want: torch.Tensor, args: dict) -> Non
 
 
 PACK_EMU_CASES = [(0, 1, 8, 7168, 1), (1, 8, 256, 7168, 8), (37, 8, 32, 256, 8), (19, 4, 16, 135, 4),
-                  (23, 3, 24, 130, 3), (9, 2, 8, 7, 2)]
+                  (23, 3, 24, 130, 3), (9, 2, 8, 7, 2), (11, 6, 160, 64, 80)]  # 80 ranks: a 3-chunk rank scan
 PACK_CUDA_CASES = PACK_EMU_CASES + [(4096, 8, 256, 7168, 8), (300, 6, 64, 200, 16)]
 
 
