@@ -1482,16 +1482,22 @@ def test_cuda_masked_layout_writes_only_real_rows(kernel_device, use_fp8):
         xm_ref, mm_ref = hd_ref.to_masked(recv_ref)
     recv, hd = disp.dispatch(x.to(kernel_device), ids.to(kernel_device), w.to(kernel_device), use_fp8=use_fp8)
     pair = lambda v: list(v) if isinstance(v, tuple) else [v]  # noqa: E731
-    for t in pair(recv):
-        _poison_allocator(hd.num_local_experts * hd.num_recv * t.size(1) * t.element_size(), kernel_device)
+    payload = pair(recv)[0]
+    nbytes = hd.num_local_experts * hd.num_recv * payload.size(1) * payload.element_size()
+    _poison_allocator(nbytes, kernel_device)
+    probe = torch.empty(nbytes, dtype=torch.uint8, device=kernel_device)  # does this allocator hand it back?
+    reused = bool((probe[64:] == 0xFF).all())  # (malloc keeps its free-list pointers in the first bytes)
+    del probe
     xm, mm = hd.to_masked(recv)
     assert torch.equal(mm.cpu(), mm_ref)
     real = torch.arange(hd.num_recv).view(1, -1) < mm_ref.view(-1, 1)  # [L, max_m]
-    for got, want in zip(pair(xm), pair(xm_ref)):
+    for i, (got, want) in enumerate(zip(pair(xm), pair(xm_ref))):
         g, wnt = got.cpu().view(torch.uint8), want.view(torch.uint8)
         assert torch.equal(g[real], wnt[real])
-        if kernel_device == "cpu" and got.element_size() == 1:  # padding left as the allocator had it
-            assert (g[~real] == 0xFF).float().mean() > 0.99
+        if i == 0 and reused:  # the padding is left as the allocator had it (an allocator that does not hand
+            # freed blocks back, e.g. ASan's, cannot show this)
+            beyond = torch.arange(g.numel()).view(g.shape) >= 64
+            assert (g[~real & beyond.all(-1)] == 0xFF).all() and (~real).any()
     out = disp.combine(hd.expert_reduce(xm[1].float() if use_fp8 else xm.float(), "masked"), hd)
     out_ref = disp.combine(hd_ref.expert_reduce(xm_ref[1].float() if use_fp8 else xm_ref.float(), "masked"), hd_ref)
     assert torch.equal(out.cpu(), out_ref)
