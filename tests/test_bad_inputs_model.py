@@ -749,3 +749,22 @@ def test_generate_numpy_inputs(model):
     _raises(TypeError, lambda: generate(model, np.array([[1.5, 2.0]]), max_new_tokens=1), "input_ids", "float64")
     _raises(TypeError, lambda: generate(model, [[np.float32(1.0)]], max_new_tokens=1), "input_ids[0]")
     _raises(TypeError, lambda: generate(model, np.array([[True]]), max_new_tokens=1), "input_ids", "bool")
+
+
+FORWARD_CASES = {
+    "id_at_vocab": (lambda v: torch.tensor([[1, v]]), ValueError, ["input_ids", "vocab_size"]),
+    "negative_id": (lambda v: torch.tensor([[-1, 2]]), ValueError, ["input_ids", "vocab_size"]),
+    "one_dim": (lambda v: torch.tensor([1, 2]), ValueError, ["input_ids", "[B, T]"]),
+    "float_ids": (lambda v: torch.tensor([[1.0, 2.0]]), TypeError, ["input_ids", "integer"]),
+    "bool_ids": (lambda v: torch.tensor([[True]]), TypeError, ["input_ids", "integer"]),
+    "list_ids": (lambda v: [[1, 2]], TypeError, ["input_ids", "Tensor"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORWARD_CASES))
+def test_bad_forward_token_ids(model, case):
+    """Calling the model directly checks its ids too (CPU tensors: on the host, not torch's IndexError)."""
+    make, exc, needles = FORWARD_CASES[case]
+    _raises(exc, lambda: model(make(model.config.vocab_size)), *needles)
+    if model.num_mtp_layers:
+        _raises(exc, lambda: model.forward_mtp(make(model.config.vocab_size), torch.zeros(1, 2, 8)), "next_ids")

@@ -371,6 +371,22 @@ class DeepseekV3Model(nn.Module):
         return list(self.layers[self.num_hidden_layers:])
 
 
+def _check_token_ids(name: str, ids, vocab_size: int) -> None:
+    """Token ids [B, T], integers in [0, vocab_size): checked on the host for CPU tensors (on a GPU the values
+    are trusted, as an embedding lookup is; generate() checks them before the first step)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids [B, T], got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name}: expected shape [B, T], got {tuple(ids.shape)}")
+    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name}: token ids must be in [0, vocab_size={vocab_size}), got {bad}")
+
+
 class DeepseekV3ForCausalLM(nn.Module):
     """DeepSeek-V3 for next-token logits.
 
@@ -415,6 +431,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 return_hidden: bool = False):
         """-> logits [B, T, vocab]; with ``return_hidden`` (logits, hidden [B, T, H]), hidden being the final
         normed hidden states (the MTP layers' input)."""
+        _check_token_ids("input_ids", input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         if prefill and (cache is None or bool(cache.cache_seqlens.any())):
             raise ValueError("prefill=True: expected an empty cache (attention runs within the chunk); "
@@ -441,6 +458,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         Returns:
             logits [B, T, vocab] (entry i: a draft of t_{i+2}); with ``return_hidden`` also h' [B, T, H].
         """
+        _check_token_ids("next_ids", next_ids, self.config.vocab_size)
         mtp = self.model.mtp_layers
         if not mtp:
             raise RuntimeError("forward_mtp: this model has no MTP layers (build it with mtp=True, or "
