@@ -38,27 +38,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_gemm_portable_kernel(WgradGemm
     const uint8_t* sa = stage_a(kb % kStages);
     const uint8_t* sb = stage_b(kb % kStages);
     float partial[2][4][4] = {};
-    const int k_steps = min(kBlockK, p.k - kb * kBlockK) / 16;
-    for (int ks = 0; ks < k_steps; ++ks) {
-      const int kc = ks * 16 + tig * 2;
-      uint32_t a_frag[2][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const uint8_t* row_lo = sa + (warp_m + mt * 16 + gid) * kSmemRowBytes;
-        const uint8_t* row_hi = row_lo + 8 * kSmemRowBytes;
-        a_frag[mt][0] = e4m3x2_to_f16x2(row_lo + kc);
-        a_frag[mt][1] = e4m3x2_to_f16x2(row_hi + kc);
-        a_frag[mt][2] = e4m3x2_to_f16x2(row_lo + kc + 8);
-        a_frag[mt][3] = e4m3x2_to_f16x2(row_hi + kc + 8);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const uint8_t* col = sb + (warp_n + nt * 8 + gid) * kSmemRowBytes;
-        const uint32_t b0 = e4m3x2_to_f16x2(col + kc), b1 = e4m3x2_to_f16x2(col + kc + 8);
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) ptx::mma_f16_16816(partial[mt][nt], a_frag[mt], b0, b1);
-      }
-    }
+    mma_k_block(sa, sb, min(kBlockK, p.k - kb * kBlockK) / 16, warp_m, warp_n, gid, tig, partial);
 
     // Promotion: this K block's fp32 partial times the row's a scale and the column's b scale.
     float scale_b[4][2];
