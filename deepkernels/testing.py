@@ -77,3 +77,26 @@ def opcheck(op, args: tuple, kwargs: dict | None = None) -> None:
         assert torch.equal(t.view(torch.uint8) if t.dtype in _FP8_DTYPES else t,
                            named[n].view(torch.uint8) if t.dtype in _FP8_DTYPES else named[n]), \
             f"{op}: input {n} was modified but the schema does not mark it mutable"
+
+
+class _Bf16GemmFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        x16, w16 = x.bfloat16().float(), weight.bfloat16().float()
+        ctx.save_for_backward(x16, w16)
+        return (x16 @ w16.T).bfloat16().to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x16, w16 = ctx.saved_tensors
+        g16 = grad_y.bfloat16().float()
+        return (g16 @ w16).bfloat16().to(grad_y.dtype), g16.T @ x16
+
+
+class Bf16GemmLinear(torch.nn.Linear):
+    """The bf16-training baseline that FP8 training is compared with: a bias-free linear whose three GEMMs have
+    bf16 tensor-core numerics (operands and results rounded to bf16, fp32 accumulation; CPU bf16 matmuls are far
+    slower on 2 cores) and an fp32 master weight gradient."""
+
+    def forward(self, x):
+        return _Bf16GemmFunction.apply(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)

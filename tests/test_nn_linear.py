@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from deepkernels.nn import MLP, Fp8Linear
-from deepkernels.testing import calc_diff
+from deepkernels.testing import Bf16GemmLinear, calc_diff
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -142,28 +142,6 @@ def test_fp8_linear_training_kernels_emulated(kernel_device):
     assert calc_diff(layer.weight.grad.cpu(), ref.weight.grad) < 1e-5
 
 
-class _Bf16LinearFunction(torch.autograd.Function):
-    """bf16 training's numerics: operands and results rounded to bf16, fp32 accumulation (as bf16 tensor-core
-    GEMMs compute; CPU autocast-bf16 matmuls are too slow for a test on 2 cores), fp32 master weight gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        x16, w16 = x.bfloat16().float(), weight.bfloat16().float()
-        ctx.save_for_backward(x16, w16)
-        return (x16 @ w16.T).bfloat16().to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x16, w16 = ctx.saved_tensors
-        g16 = grad_y.bfloat16().float()
-        return (g16 @ w16).bfloat16().to(grad_y.dtype), g16.T @ x16
-
-
-class _Bf16Linear(nn.Linear):
-    def forward(self, x):
-        return _Bf16LinearFunction.apply(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
-
-
 class _Block(nn.Module):
     def __init__(self, hidden: int, intermediate: int, linear=nn.Linear):
         super().__init__()
@@ -195,11 +173,11 @@ def test_fp8_training_tracks_bf16_training():
     with _one_thread():
         torch.manual_seed(0)
         teacher = _toy_model(layers=1)
-        base = _toy_model(_Bf16Linear)
+        base = _toy_model(Bf16GemmLinear)
         fp8_model = copy.deepcopy(base)
         for module in fp8_model.modules():  # the twin bf16 model's linears -> FP8 training linears
             for name, child in list(module.named_children()):
-                if isinstance(child, _Bf16Linear):
+                if isinstance(child, Bf16GemmLinear):
                     plain = nn.Linear(child.in_features, child.out_features, bias=False)
                     plain.weight = child.weight
                     setattr(module, name, plain)

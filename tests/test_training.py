@@ -15,7 +15,7 @@ from deepkernels.model.config import DeepseekV3Config
 from deepkernels.nn import MoE, MoEGate
 from deepkernels.nn.cpu_fast_path import cpu_fast_path
 from deepkernels.nn.linear import Fp8Linear, convert_linears_for_fp8_training_
-from deepkernels.testing import opcheck
+from deepkernels.testing import Bf16GemmLinear, opcheck
 
 ops = torch.ops.deepkernels
 
@@ -261,28 +261,6 @@ def training_config() -> DeepseekV3Config:
         first_k_dense_replace=1, max_position_embeddings=256, rope_scaling=None, bos_token_id=0, eos_token_id=1)
 
 
-class _Bf16LinearFunction(torch.autograd.Function):
-    """bf16 training's GEMM numerics: operands and results rounded to bf16, fp32 accumulation (as bf16
-    tensor-core GEMMs compute; CPU bf16 matmuls are far slower on 2 cores), fp32 master weight gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        x16, w16 = x.bfloat16().float(), weight.bfloat16().float()
-        ctx.save_for_backward(x16, w16)
-        return (x16 @ w16.T).bfloat16().to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x16, w16 = ctx.saved_tensors
-        g16 = grad_y.bfloat16().float()
-        return (g16 @ w16).bfloat16().to(grad_y.dtype), g16.T @ x16
-
-
-class _Bf16Linear(nn.Linear):
-    def forward(self, x):
-        return _Bf16LinearFunction.apply(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
-
-
 def _swap_linears(model: nn.Module, make) -> int:
     n = 0
     for module in list(model.modules()):
@@ -300,7 +278,7 @@ def _plain(linear):
 
 
 def _bf16(linear):
-    return _Bf16Linear(linear.in_features, linear.out_features, bias=False)
+    return Bf16GemmLinear(linear.in_features, linear.out_features, bias=False)
 
 
 def toy_batch(gen: torch.Generator, batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -334,7 +312,7 @@ def test_fp8_training_of_the_tiny_model_tracks_bf16():
         fp8_model = copy.deepcopy(base)
         for module in list(fp8_model.modules()):  # back to nn.Linear, then to FP8 training linears
             for name, child in list(module.named_children()):
-                if isinstance(child, _Bf16Linear) and child is not fp8_model.lm_head:
+                if isinstance(child, Bf16GemmLinear) and child is not fp8_model.lm_head:
                     plain = _plain(child)
                     plain.weight = child.weight
                     setattr(module, name, plain)
