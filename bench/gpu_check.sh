@@ -41,12 +41,17 @@ $PY -m pytest -q -rs -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 # Both opt-in sm_90a kernels append to one log (the device tool returns at most 8 files from $OUT).
-step "pytest -m cuda tests/test_gemm.py with the opt-in sm_90a wgmma GEMM"
-DEEPKERNELS_GEMM_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_gemm.py 2>&1 | tee "$OUT/pytest_sm90.log" | tail -15
+step "pytest -m cuda: the GEMM and training tests with the opt-in sm_90a wgmma GEMMs (forward + wgrad)"
+DEEPKERNELS_GEMM_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_gemm.py tests/test_wgrad.py tests/test_nn_linear.py \
+  tests/test_training.py 2>&1 | tee "$OUT/pytest_sm90.log" | tail -15
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "pytest -m cuda tests/test_mla.py with the opt-in sm_90a wgmma MLA decode"
 DEEPKERNELS_MLA_SM90=1 $PY -m pytest -q -rs -m cuda tests/test_mla.py 2>&1 | tee -a "$OUT/pytest_sm90.log" | tail -15
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "pytest -m cuda tests/test_mla.py with the FlashMLA-structured sm_90a kernel (DEEPKERNELS_MLA_VARIANT=sm90_pipelined)"
+DEEPKERNELS_MLA_VARIANT=sm90_pipelined $PY -m pytest -q -rs -m cuda tests/test_mla.py 2>&1 | tee -a "$OUT/pytest_sm90.log" | tail -15
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "the emulator against the hardware: every kernel on the same inputs (appended to pytest_cuda.log)"
@@ -70,6 +75,11 @@ fi  # SKIP_TESTS
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "python -m bench all"
   $PY -m bench all --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+  step "python -m bench sweep (every variant; writes this device's entries of deepkernels/tuning/gemm_sm90.json)"
+  # $OUT holds 8 files at most: the sweep and the table it wrote are appended to bench.txt.
+  $PY -m bench sweep --budget-s ${SWEEP_BUDGET_S:-240} 2>&1 | tee -a "$OUT/bench.txt" | tail -30
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  { echo "=== deepkernels/tuning/gemm_sm90.json"; cat deepkernels/tuning/gemm_sm90.json; } >> "$OUT/bench.txt"
 fi
 echo "=== gpu_check exit status $status"
 echo "=== next, on the development machine: python -m bench report --ingest <files_at>/bench.json; commit bench/results docs"
