@@ -100,3 +100,20 @@ class Bf16GemmLinear(torch.nn.Linear):
 
     def forward(self, x):
         return _Bf16GemmFunction.apply(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors taken as flat vectors, in float64."""
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside, restored after (the CPU references run many small
+    ops: on a shared 2-core machine one thread is far faster)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from deepkernels.nn import MLP, Fp8Linear
-from deepkernels.testing import Bf16GemmLinear, calc_diff
+from deepkernels.testing import Bf16GemmLinear, calc_diff, cosine, num_threads
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -34,28 +34,12 @@ def test_mlp_swiglu():
 # ---------------------------------------------------------------------------------------------
 # FP8 training through Fp8Linear (master_weight=True): DeepSeek-V3's recipe, forward / dgrad / wgrad in FP8.
 
-import contextlib
 import copy
 
 import torch.nn.functional as F
 
 import deepkernels
 from deepkernels.nn.linear import convert_linears_for_fp8_training_, fp8_linear
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The CPU references run many small ops: on a shared 2-core machine one intra-op thread is far faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("tokens, in_features, out_features, bias, dtype", [
@@ -81,7 +65,7 @@ def test_fp8_linear_gradients_close_to_fp32(tokens, in_features, out_features, b
     for name, got, want in [("y", y, linear(x_ref)), ("dx", x.grad, x_ref.grad),
                             ("dW", layer.weight.grad, linear.weight.grad)] + \
             ([("db", layer.bias.grad, linear.bias.grad)] if bias else []):
-        assert _cos(got, want) >= 0.99, f"{case} {name}: cosine {_cos(got, want):.5f}"
+        assert cosine(got, want) >= 0.99, f"{case} {name}: cosine {cosine(got, want):.5f}"
         assert calc_diff(got.float(), want.float()) < 2e-3, f"{case} {name}: calc_diff {calc_diff(got, want):.2e}"
 
 
@@ -170,7 +154,7 @@ def test_fp8_training_tracks_bf16_training():
     (a classification task labelled by a random teacher network). Stated tolerances: every 20-step window's mean
     loss within LOSS_TOLERANCE (absolute, nats) of bf16's, the FP8 loss falls like bf16's, and at every step
     each weight's gradient has cosine >= GRAD_COSINE with the bf16 gradient at the same weights and batch."""
-    with _one_thread():
+    with num_threads(1):
         torch.manual_seed(0)
         teacher = _toy_model(layers=1)
         base = _toy_model(Bf16GemmLinear)
@@ -198,7 +182,7 @@ def test_fp8_training_tracks_bf16_training():
             twin.load_state_dict(fp8_model.state_dict())  # the bf16 gradient at the FP8 run's weights
             twin.zero_grad()
             F.cross_entropy(twin(x.bfloat16()).float(), labels).backward()
-            worst_cosine.append(min((_cos(p.grad, q.grad), name) for (name, p), q in
+            worst_cosine.append(min((cosine(p.grad, q.grad), name) for (name, p), q in
                                     zip(fp8_model.named_parameters(), twin.parameters()) if p.dim() == 2))
             opt_fp8.step()
             opt_bf16.zero_grad()

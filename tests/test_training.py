@@ -1,6 +1,5 @@
 """Training: autograd through the MoE ops and nn.MoE (deepkernels.moe.autograd), ops that refuse a backward,
 and FP8 training of the tiny DeepSeek-V3 model (Fp8Linear, fp32 master weights) against bf16 training."""
-import contextlib
 import copy
 
 import pytest
@@ -15,24 +14,9 @@ from deepkernels.model.config import DeepseekV3Config
 from deepkernels.nn import MoE, MoEGate
 from deepkernels.nn.cpu_fast_path import cpu_fast_path
 from deepkernels.nn.linear import Fp8Linear, convert_linears_for_fp8_training_
-from deepkernels.testing import Bf16GemmLinear, opcheck
+from deepkernels.testing import Bf16GemmLinear, cosine, num_threads, opcheck
 
 ops = torch.ops.deepkernels
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The CPU references run many small ops: on a shared 2-core machine one intra-op thread is far faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +288,7 @@ def test_fp8_training_of_the_tiny_model_tracks_bf16():
     minimum >= WEIGHT_GRAD_COSINE_MIN. (Per weight and per step, the MLA query projections' gradients dip to
     ~0.97 once attention is sharp, late in training: the softmax backward amplifies the e4m3 rounding of the
     upstream dgrads; bf16 GEMMs vs fp32 stay at ~0.9997 there.)"""
-    with _one_thread():
+    with num_threads(1):
         cfg = training_config()
         torch.manual_seed(0)
         base = DeepseekV3ForCausalLM(cfg)  # the modules' default initialisation (nn.Linear's, N(0, 1) embeddings)
@@ -365,8 +349,8 @@ def test_fp8_training_of_the_tiny_model_tracks_bf16():
                 if p.grad is not None:
                     grads.append((p.grad.flatten(), q.grad.flatten()))
                     if p.dim() == 2:
-                        weight_cos.setdefault(name, []).append(_cos(p.grad, q.grad))
-            total_cos.append(_cos(torch.cat([g for g, _ in grads]), torch.cat([g for _, g in grads])))
+                        weight_cos.setdefault(name, []).append(cosine(p.grad, q.grad))
+            total_cos.append(cosine(torch.cat([g for g, _ in grads]), torch.cat([g for _, g in grads])))
             opt_fp8.step()
             opt_bf16.zero_grad()
             loss_bf16 = loss_of(bf16_model, ids)
