@@ -668,8 +668,6 @@ at::Tensor moe_unpermute_reduce(const at::Tensor& y_in, const at::Tensor& pos,
   TORCH_CHECK(y_in.dim() == 2, "y: expected 2 dims [N, H], got ", y_in.sizes());
   TORCH_CHECK(pos.dim() == 2 && pos.scalar_type() == at::kInt && pos.is_contiguous(),
               "pos: expected contiguous int32 [T, K], got ", pos.scalar_type(), " ", pos.sizes());
-  TORCH_CHECK(pos.size(1) <= deepkernels::moe::kMaxTopk, "pos: at most ", deepkernels::moe::kMaxTopk,
-              " columns, got ", pos.size(1));
   const DType dtype = to_dtype(y_in.scalar_type(), "y");
   TORCH_CHECK(dtype != DType::kFloat8E4M3, "y: expected float32, bfloat16 or float16, got float8_e4m3fn");
   const float* w = nullptr;

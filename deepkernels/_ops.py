@@ -171,6 +171,16 @@ def has_cuda_kernel(name: str) -> bool:
     return name in _REFERENCES and name not in _CUDA_FALLBACK
 
 
+def runs_reference(name: str, t: torch.Tensor) -> bool:
+    """True when ``deepkernels::name`` on tensors like ``t`` runs its reference (the CPU kernel, which
+    refuses bad index values) rather than a (CUDA or emulated) kernel, which trusts them."""
+    if t.device.type == "cpu":
+        return not (_emulate and has_emulated_kernel(name))
+    if t.device.type == "cuda":
+        return not has_cuda_kernel(name)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 # Host-side argument checks shared by the families. Each raises before any launch with a message
 # naming the argument, what was expected and what was given.
@@ -302,7 +312,7 @@ def check_multiple(name: str, value: int, multiple: int) -> None:
 
 
 __all__ = ["define_op", "load_extension", "extension_loaded", "extension_error", "has_cuda_kernel",
-           "has_emulated_kernel", "emulator_available", "emulator_error", "emulation_enabled", "set_emulation",
-           "emulate", "emulator_stats",
+           "has_emulated_kernel", "runs_reference", "emulator_available", "emulator_error", "emulation_enabled",
+           "set_emulation", "emulate", "emulator_stats",
            "check_tensor", "check_same_device", "check_multiple", "ceil_div", "device_checks_enabled", "check_int",
            "check_bool", "check_dtype_arg", "check_pair", "check_index_values", "run_device_checks"]

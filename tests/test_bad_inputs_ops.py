@@ -686,6 +686,117 @@ def test_cuda_trusted_pos_poisons_rows(kernel_device):
     torch.testing.assert_close(out[3], y[3].cpu(), rtol=0, atol=0)
 
 
+def _valid_only_layout(ids, num_experts, num_ranks):
+    """The reference layout of the ids in [-1, E), the others masked to -1."""
+    with reference():
+        return moe.get_dispatch_layout(torch.where((ids < -1) | (ids >= num_experts), -1, ids), num_experts,
+                                       num_ranks)
+
+
+@pytest.mark.parametrize("bad", [8, 1000, -2, -(2**40), 2**40])
+@pytest.mark.parametrize("where", ["first-cta", "last-cta"])
+def test_cuda_trusted_topk_idx_poisons_every_count(kernel_device, bad, where):
+    """An id outside [-1, E) on the (trusted) layout kernel: EVERY count of both outputs is negative, exactly
+    INT_MIN + the count of the valid ids (so no count of a bad batch looks plausible), whichever CTA saw
+    it; is_token_in_rank holds the valid ids. The op itself (raw) does the same; the reference refuses."""
+    torch.manual_seed(0)
+    t, e, r = 700, 8, 4  # three 256-token CTAs; the bad id in the first or only in the last one
+    ids = torch.randint(-1, e, (t, 3))
+    ids[3 if where == "first-cta" else 650, 1] = bad
+    want = _valid_only_layout(ids, e, r)
+    dev_ids = ids.to(kernel_device)
+    for got in (moe.get_dispatch_layout(dev_ids, e, r, check_values=False),
+                OPS.moe_get_dispatch_layout(dev_ids, e, r)):
+        for name, g, w in zip(("num_tokens_per_rank", "num_tokens_per_expert"), got[:2], want[:2]):
+            g = g.cpu()
+            assert (g < 0).all(), f"{name}: an id {bad} must make every count negative, got {g.tolist()}"
+            assert torch.equal(g, w + moe.LAYOUT_POISON_BIT), f"{name}: {g.tolist()} vs valid {w.tolist()}"
+            assert torch.equal(g & 0x7FFFFFFF, w), name
+        assert torch.equal(got[2].cpu(), want[2])
+    with reference(), pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 8\)"):
+        OPS.moe_get_dispatch_layout(ids, e, r)
+    # a valid batch of the same size is not poisoned
+    ok = torch.where((ids < -1) | (ids >= e), -1, ids).to(kernel_device)
+    got = moe.get_dispatch_layout(ok, e, r, check_values=False)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
+def _fixed_capacity_run(kernel_device, ids, x, w):
+    """Both fixed-capacity combines (weights on the expert side / on the source) of expert(x) = 2x + 1."""
+    d = moe.EPDispatcher(None, num_experts=4, capacity=8)
+    recv, hd = d.dispatch(x.to(kernel_device), ids.to(kernel_device), w.to(kernel_device))
+    expert_out = hd.to_masked(recv)[0] * 2 + 1
+    out_expert_side = d.combine(hd.expert_reduce(expert_out, "masked"), hd)
+    out_source_side = d.combine_experts(expert_out, hd, w.to(kernel_device))
+    return out_expert_side.cpu(), out_source_side.cpu(), hd
+
+
+def test_cuda_trusted_topk_idx_fixed_capacity_combines_to_nan(kernel_device):
+    """Fixed capacity (no sync, graph-capturable): a token with an id outside [-1, E) comes back NaN from both
+    combines (not the plausible sum of its valid experts); the other tokens are exact; the slot headers
+    carry the poisoned (negative) counts. The reference path refuses the ids."""
+    torch.manual_seed(2)
+    x, w = torch.randn(6, 128), torch.rand(6, 2)
+    ids = torch.tensor([[0, 3], [1, -1], [2, 3], [0, 1], [3, 2], [1, 0]])
+    bad = ids.clone()
+    bad[1, 1], bad[4, 0] = 4, -5
+    good = torch.where((bad < -1) | (bad >= 4), -1, bad)
+    got_e, got_s, hd = _fixed_capacity_run(kernel_device, bad, x, w)
+    want_e, want_s, _ = _fixed_capacity_run(kernel_device, good, x, w)
+    for name, got, want in (("combine", got_e, want_e), ("combine_experts", got_s, want_s)):
+        assert got[[1, 4]].isnan().all(), f"{name}: a token with a bad id must combine to a NaN row"
+        assert torch.equal(got[[0, 2, 3, 5]], want[[0, 2, 3, 5]]), name
+    assert (hd.num_recv_tokens_per_rank.cpu() < 0).all()
+    with reference(), pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 4\)"):
+        _fixed_capacity_run("cpu", bad, x, w)
+
+
+def test_cuda_trusted_topk_idx_normal_mode_raises_at_the_counts_sync(kernel_device):
+    """Normal mode has a host sync anyway (the counts): the layout kernel's poisoned counts are checked there."""
+    bad = IDS.clone()
+    bad[2, 0] = 7
+    d = moe.EPDispatcher(None, num_experts=4)
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 4\) or -1 \(unused\), got 7 at "
+                                         r"index \[2, 0\]"):
+        d.dispatch(X.to(kernel_device), bad.to(kernel_device), WTS.to(kernel_device))
+    recv, hd = d.dispatch(X.to(kernel_device), IDS.to(kernel_device), WTS.to(kernel_device))  # still usable
+    assert recv.shape == (3, 256) and hd.num_recv_tokens_per_expert_list == [1, 1, 1, 2]
+
+
+def test_source_slot_positions_checks_or_poisons_ids():
+    pos = torch.tensor([[0, -1], [1, 0], [2, 1]], dtype=torch.int32)
+    bad = IDS.clone()
+    bad[1, 0] = 9
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 4\)"):
+        moe.source_slot_positions(bad, pos, 4, 2, 2)
+    got = moe.ops._source_slot_positions(bad, pos, 4, 2, 2)  # the trusted core (CUDA): the token poisoned
+    assert (got[1] == moe.POISON_POS).all()
+    assert torch.equal(got[[0, 2]], moe.source_slot_positions(IDS, pos, 4, 2, 2)[[0, 2]])
+
+
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 64, 65, 100])
+@pytest.mark.parametrize("dtype,hidden", [(torch.float32, 136), (torch.bfloat16, 256), (torch.float16, 40)])
+def test_unpermute_reduce_any_k_matches_reference(kernel_device, k, dtype, hidden):
+    """Any number of columns in pos (the combine's pos has one per rank: > 32 with EP over 33+ ranks): the
+    kernel keeps 32 slots per chunk in its warp's lanes; bit-identical to the reference for every K; an
+    out-of-range entry in any chunk makes its token's row NaN."""
+    torch.manual_seed(k)
+    n, t = 90, 5
+    y = torch.randn(n, hidden).to(dtype)
+    pos = torch.randint(-1, n, (t, k), dtype=torch.int32)
+    w = torch.rand(t, k)
+    with reference():
+        want = moe.unpermute_reduce(y, pos, w)
+        want_nw = moe.unpermute_reduce(y, pos)
+    got = moe.unpermute_reduce(y.to(kernel_device), pos.to(kernel_device), w.to(kernel_device)).cpu()
+    assert torch.equal(got, want), f"k={k}: max diff {(got.float() - want.float()).abs().max()}"
+    got = OPS.moe_unpermute_reduce(y.to(kernel_device), pos.to(kernel_device), None).cpu()
+    assert torch.equal(got, want_nw), f"k={k} (no weights)"
+    pos[3, k - 1] = n  # out of range in the last chunk
+    got = moe.unpermute_reduce(y.to(kernel_device), pos.to(kernel_device), w.to(kernel_device)).cpu()
+    assert got[3].isnan().all() and torch.equal(got[[0, 1, 2, 4]], want[[0, 1, 2, 4]])
+
+
 @pytest.mark.parametrize("kernel", ["portable", "sm90"])
 def test_cuda_trusted_m_indices_give_nan_rows(kernel_device, kernel, monkeypatch):
     """Trusted m_indices on the kernels: each row is the right product for its own id, 0 for -1, or NaN (a row

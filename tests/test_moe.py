@@ -255,6 +255,30 @@ def test_deep_ep_buffer_multiprocess():
     run_group(2, "_mp_deep_ep")
 
 
+def _mp_bad_ids_raise_on_every_rank(group, rank, world):
+    """Normal mode, an out-of-range expert id on rank 0 only: EVERY rank's dispatch raises (the id-check flag
+    travels with the counts exchange), so no rank waits forever in the rows' all_to_all; the reference path
+    (ids masked for the layout) and the emulated layout kernel (its poisoned counts) alike."""
+    for emulated in (False, True):
+        if emulated and not dk.build_info()["emulator"]:
+            continue
+        with dk.emulate(emulated):
+            d = moe.EPDispatcher(group, num_experts=2 * world)
+            ids = torch.tensor([[0, 1], [world, -1]])
+            if rank == 0:
+                ids[1, 1] = 2 * world + 3
+            match = rf"got {2 * world + 3} at index \[1, 1\]" if rank == 0 else \
+                r"on every rank, got out-of-range ids on rank\(s\) \[0\]"
+            with pytest.raises(ValueError, match=match):
+                d.dispatch(torch.randn(2, 128), ids, torch.rand(2, 2))
+            recv, hd = d.dispatch(torch.randn(2, 128), torch.tensor([[0, 1], [world, -1]]), torch.rand(2, 2))
+            assert hd.num_recv == sum(hd.recv_counts)  # the group still works after the error
+
+
+def test_bad_expert_ids_raise_on_every_rank():
+    run_group(2, "_mp_bad_ids_raise_on_every_rank")
+
+
 def test_dispatch_combine_single_process():
     _scenarios(None, 0, 1)
 

@@ -26,7 +26,7 @@ bool vec8_ok(const void* a, const void* b, int64_t hidden, int elem_size) {
 void get_dispatch_layout(const LayoutParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.num_tokens, kLayoutThreads)));
-  const size_t smem = sizeof(int) * static_cast<size_t>(p.num_experts + p.num_ranks);
+  const size_t smem = sizeof(int) * static_cast<size_t>(p.num_experts + p.num_ranks + 1);  // + the error flag
   launch_kernel<layout_kernel>(grid, kLayoutThreads, smem, stream, p);
 }
 

@@ -4,9 +4,11 @@
 
 namespace deepkernels::moe {
 
-// topk_idx[T, k] int64 (contiguous; -1 or any id outside [0, E) = unused) ->
+// topk_idx[T, k] int64 (contiguous; -1 = unused) ->
 //   num_tokens_per_rank[R] int32, num_tokens_per_expert[E] int32 (both ZEROED by the caller),
 //   is_token_in_rank[T, R] bool (written in full). Expert e lives on rank e / (E / R).
+// topk_idx is trusted: an id outside [-1, E) is counted nowhere and POISONS the layout: every count gets
+// its sign bit set (INT_MIN + the count of the valid ids), so no count of a bad batch is >= 0.
 struct LayoutParams {
   const int64_t* topk_idx;
   int32_t* num_tokens_per_rank;
@@ -54,7 +56,7 @@ struct UnpermuteReduceParams {
   void* out;
   int64_t num_tokens;
   int64_t hidden;
-  int topk;  // <= kMaxTopk (config.h)
+  int topk;  // any (config.h kSlotsPerChunk)
   int64_t num_rows;  // rows of y
 };
 

@@ -160,25 +160,38 @@ __global__ void __launch_bounds__(kThreads) permute_fp8_kernel(PermuteFp8Params 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Un-permute + reduce: one warp per token. Lane j < topk holds pos[t, j] / w[t, j]. For each slab the
-// warp walks j two at a time (both rows' loads issued before either is accumulated; warp-uniform
-// skips of pos < 0) and accumulates w * y in fp32 in j order with explicit mul-then-add (no FMA
-// contraction), exactly as the reference does.
+// Un-permute + reduce: one warp per token. Lane l holds pos[t, j0 + l] / w[t, j0 + l] of a chunk of 32
+// slots (the first chunk loaded once, later ones re-read per slab: K > 32 is rare). For each slab the
+// warp walks j two at a time (both rows' loads issued before either is accumulated; warp-uniform skips
+// of pos < 0) and accumulates w * y in fp32 in j order with explicit mul-then-add (no FMA contraction),
+// exactly as the reference does.
+__device__ __forceinline__ void load_slot(const UnpermuteReduceParams& p, int64_t t, int j, int& pos, float& w) {
+  pos = -1;
+  w = 1.0f;
+  if (j < p.topk) {
+    pos = __ldg(p.pos + t * p.topk + j);
+    if (p.weights != nullptr) w = __ldg(p.weights + t * p.topk + j);
+  }
+}
+
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) unpermute_reduce_kernel(UnpermuteReduceParams p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (t >= p.num_tokens) return;
-  int my_pos = -1;
-  float my_w = 1.0f;
-  if (lane < p.topk) {
-    my_pos = __ldg(p.pos + t * p.topk + lane);
-    if (p.weights != nullptr) my_w = __ldg(p.weights + t * p.topk + lane);
-  }
+  int my_pos;
+  float my_w;
+  load_slot(p, t, lane, my_pos, my_w);
   const T* y = static_cast<const T*>(p.y);
   T* out = static_cast<T*>(p.out) + t * p.hidden;
   // pos is trusted: a token with an index outside [-1, num_rows) reads nothing and gets a NaN row.
   int bad = lane < p.topk && bad_index(my_pos, p.num_rows);
+  for (int j0 = kSlotsPerChunk; j0 < p.topk; j0 += kSlotsPerChunk) {
+    int q;
+    float unused;
+    load_slot(p, t, j0 + lane, q, unused);
+    bad |= j0 + lane < p.topk && bad_index(q, p.num_rows);
+  }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) bad |= __shfl_xor_sync(0xffffffffu, bad, offset);
   if (bad) {
@@ -194,22 +207,28 @@ __global__ void __launch_bounds__(kThreads) unpermute_reduce_kernel(UnpermuteRed
     float acc[kElemsPerLane];
 #pragma unroll
     for (int i = 0; i < kElemsPerLane; ++i) acc[i] = 0.0f;
-    for (int j = 0; j < p.topk; j += 2) {
-      const int p0 = __shfl_sync(0xffffffffu, my_pos, j);
-      const float w0 = __shfl_sync(0xffffffffu, my_w, j);
-      const int p1_raw = __shfl_sync(0xffffffffu, my_pos, (j + 1) & 31);
-      const float w1 = __shfl_sync(0xffffffffu, my_w, (j + 1) & 31);
-      const int p1 = j + 1 < p.topk ? p1_raw : -1;
-      float v0[kElemsPerLane], v1[kElemsPerLane];
-      load8<T, kVec>(p0 >= 0 ? y + static_cast<int64_t>(p0) * p.hidden : nullptr, col, p.hidden, v0);
-      load8<T, kVec>(p1 >= 0 ? y + static_cast<int64_t>(p1) * p.hidden : nullptr, col, p.hidden, v1);
-      if (p0 >= 0) {
+    for (int j0 = 0; j0 < p.topk; j0 += kSlotsPerChunk) {
+      int c_pos = my_pos;
+      float c_w = my_w;
+      if (j0 > 0) load_slot(p, t, j0 + lane, c_pos, c_w);
+      const int n = p.topk - j0 < kSlotsPerChunk ? p.topk - j0 : kSlotsPerChunk;
+      for (int j = 0; j < n; j += 2) {
+        const int p0 = __shfl_sync(0xffffffffu, c_pos, j);
+        const float w0 = __shfl_sync(0xffffffffu, c_w, j);
+        const int p1_raw = __shfl_sync(0xffffffffu, c_pos, (j + 1) & 31);
+        const float w1 = __shfl_sync(0xffffffffu, c_w, (j + 1) & 31);
+        const int p1 = j + 1 < n ? p1_raw : -1;
+        float v0[kElemsPerLane], v1[kElemsPerLane];
+        load8<T, kVec>(p0 >= 0 ? y + static_cast<int64_t>(p0) * p.hidden : nullptr, col, p.hidden, v0);
+        load8<T, kVec>(p1 >= 0 ? y + static_cast<int64_t>(p1) * p.hidden : nullptr, col, p.hidden, v1);
+        if (p0 >= 0) {
 #pragma unroll
-        for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w0, v0[i]));
-      }
-      if (p1 >= 0) {
+          for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w0, v0[i]));
+        }
+        if (p1 >= 0) {
 #pragma unroll
-        for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w1, v1[i]));
+          for (int i = 0; i < kElemsPerLane; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w1, v1[i]));
+        }
       }
     }
     store8<T, kVec>(out, col, p.hidden, acc);

@@ -16,6 +16,7 @@ from .._ops import (ceil_div, check_bool, check_index_values, check_int, check_s
 from . import dispatcher, ops, wire  # noqa: F401
 from .dispatcher import DispatchHandle, EPDispatcher, _check_handle, _world  # noqa: F401
 from .ops import (_FLOAT_DTYPES, _INDEX_DTYPES, _PERMUTE_DTYPES, _TRUSTED_NOTE, FP8_DTYPE,  # noqa: F401
+                  LAYOUT_POISON_BIT, POISON_POS, _source_slot_positions,
                   _check_expert_ids, _check_optional_int, _check_permute_args, _check_topk_idx,
                   _check_unpermute_args, _count_ids, _dispatch_positions, _expert_positions, _layout_fake,
                   _permute_fake, _permute_fp8_fake, _positions_to_src_idx, _unpermute_fake, dispatch_positions,
@@ -27,4 +28,5 @@ from . import autograd  # noqa: F401,E402  (autograd for the MoE ops; nn.MoE's t
 
 __all__ = ["get_dispatch_layout", "permute", "permute_fp8", "unpermute_reduce", "dispatch_positions",
            "positions_to_src_idx", "expert_positions", "local_slot_rows", "source_slot_positions", "RowFormat",
-           "SLOT_HEADER_BYTES", "EPDispatcher", "DispatchHandle", "row_format", "pack_rows", "unpack_rows"]
+           "SLOT_HEADER_BYTES", "EPDispatcher", "DispatchHandle", "row_format", "pack_rows", "unpack_rows",
+           "LAYOUT_POISON_BIT", "POISON_POS"]

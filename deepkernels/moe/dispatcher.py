@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._ops import ceil_div, check_bool, check_int, check_same_device, check_tensor, run_device_checks
+from .._ops import ceil_div, check_bool, check_int, check_same_device, check_tensor, run_device_checks, runs_reference
 from ..fp8 import FP8_DTYPE
-from .ops import (_FLOAT_DTYPES, _check_optional_int, _check_topk_idx, _count_ids, _dispatch_positions,
-                  _expert_positions, _positions_to_src_idx, local_slot_rows, permute, source_slot_positions,
+from .ops import (_FLOAT_DTYPES, POISON_POS, _check_optional_int, _check_topk_idx, _count_ids, _dispatch_positions,
+                  _expert_positions, _positions_to_src_idx, _source_slot_positions, local_slot_rows, permute,
                   unpermute_reduce)
 from .wire import RowFormat, pack_rows, row_format, send_local_mask, unpack_rows
 
@@ -38,6 +38,25 @@ from .wire import RowFormat, pack_rows, row_format, send_local_mask, unpack_rows
 def _check_handle(handle) -> None:
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: expected the DispatchHandle that dispatch returned, got {type(handle).__name__}")
+
+
+def _bad_ids(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, k] bool: the ids outside [-1, E) (no sync)."""
+    return (topk_idx < -1) | (topk_idx >= num_experts)
+
+
+def _layout_and_flag(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
+    """The dispatch layout and a [1] int64 device flag, 1 when an id is outside [-1, E); no host sync.
+    On the kernels the flag is the sign of the counts (the layout kernel poisons every count for such
+    ids: a free check); the reference refuses them, so it gets them masked to -1 and the flag from the ids
+    -- every rank then reaches the counts exchange and raises together, none is left waiting."""
+    op = torch.ops.deepkernels.moe_get_dispatch_layout
+    if runs_reference("moe_get_dispatch_layout", topk_idx):
+        bad = _bad_ids(topk_idx, num_experts)
+        per_rank, per_expert, in_rank = op(torch.where(bad, -1, topk_idx), num_experts, num_ranks)
+        return per_rank, per_expert, in_rank, bad.any().to(torch.int64).view(1)
+    per_rank, per_expert, in_rank = op(topk_idx, num_experts, num_ranks)
+    return per_rank, per_expert, in_rank, (per_rank < 0).any().to(torch.int64).view(1)
 
 
 def _world(group) -> tuple[int, int]:
@@ -88,6 +107,7 @@ class DispatchHandle:
     num_recv_tokens_per_rank: torch.Tensor | None = None
     topk_idx: torch.Tensor | None = None
     topk_weights: torch.Tensor | None = None
+    bad_tokens: torch.Tensor | None = None  # [T, 1] bool, fixed capacity: a trusted id outside [-1, E)
     _layout_cache: dict = field(default_factory=dict, repr=False)
 
     def _send_local(self) -> torch.Tensor:
@@ -244,10 +264,15 @@ class EPDispatcher:
     combine 1, combine_experts 1.
 
     Host syncs per step. Normal mode: ONE in dispatch (the counts all_to_all result, per-rank and
-    per-local-expert counts and the id check, fetched in one D2H copy: the split sizes of the data
-    all_to_all must be host ints); combine has none (it reuses the split sizes); the contiguous layout
+    per-local-expert counts and every rank's id-check flag, fetched in one D2H copy: the split sizes of the
+    data all_to_all must be host ints); combine has none (it reuses the split sizes); the contiguous layout
     sizes itself from the same host counts and builds its indices from the device copy (no H2D copy).
-    Fixed-capacity mode: none (no id check either; ids outside [0, E) are treated as unused).
+    An id outside [-1, E) on ANY rank makes every rank's dispatch raise ValueError there (no rank is left
+    waiting in a collective). Fixed-capacity mode: none; ids are trusted on CUDA (checked by the reference
+    on CPU tensors, and with DEEPKERNELS_CHECK=1): a token with an id outside [-1, E) comes back from
+    :meth:`combine` / :meth:`combine_experts` as a NaN row (its other experts' outputs are not summed into
+    a plausible value), and the layout counts (the slot headers, ``handle.num_recv_tokens_per_rank`` on the
+    receivers) are negative.
     (The gloo backend itself works on host memory; the sync count is about CUDA tensors with NCCL.)
 
     Overflow (fixed capacity): T > capacity raises ValueError on the host (a shape, no sync). A token
@@ -332,25 +357,31 @@ class EPDispatcher:
         """Normal mode: exact sizes. Layout -> counts exchange (+ the id check) with ONE host sync ->
         pack -> one all_to_all_single of the rows -> unpack."""
         t, h = topk_idx.size(0), (x[0] if isinstance(x, (tuple, list)) else x).size(1)
-        dev, R, L = topk_idx.device, self.num_ranks, self.num_local_experts
+        R, L = self.num_ranks, self.num_local_experts
         _check_topk_idx(topk_idx, self.num_experts, R, check_values=False)  # ids: checked with the counts sync
-        per_rank, per_expert, in_rank = torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx, self.num_experts, R)
+        per_rank, per_expert, in_rank, bad = _layout_and_flag(topk_idx, self.num_experts, R)
         pos = _dispatch_positions(in_rank)
 
-        # counts exchange: [R, 1 + L] (rows per destination, then per-local-expert counts) + id check
-        bad = ((topk_idx < -1) | (topk_idx >= self.num_experts)).any().to(torch.int64).view(1) \
-            if t > 0 else torch.zeros(1, dtype=torch.int64, device=dev)
-        cnt = torch.cat([per_rank.view(R, 1), per_expert.view(R, L)], 1).to(torch.int64)
-        rcnt = self._a2a(cnt, R).view(R, 1 + L)
-        host = torch.cat([cnt[:, 0], rcnt.view(-1), bad]).cpu()  # the one host sync
-        if int(host[-1]) != 0:
-            lo, hi = int(topk_idx.min()), int(topk_idx.max())
-            raise ValueError(f"topk_idx: expected expert ids in [0, {self.num_experts}) or -1 (unused), "
-                             f"got values in [{lo}, {hi}]")
+        # counts exchange: [R, 2 + L] (rows per destination, this rank's id-check flag, then the
+        # per-local-expert counts), so every rank learns every rank's flag with the one sync
+        cnt = torch.cat([per_rank.view(R, 1).to(torch.int64), bad.view(1, 1).expand(R, 1),
+                         per_expert.view(R, L).to(torch.int64)], 1)
+        rcnt = self._a2a(cnt, R).view(R, 2 + L)
+        host = torch.cat([cnt[:, 0], rcnt.view(-1)]).cpu()  # the one host sync
+        rc = host[R:].view(R, 2 + L)
+        if bool(rc[:, 1].any()):
+            if bool(rc[self.rank, 1]):
+                bad_ids = _bad_ids(topk_idx, self.num_experts)
+                first = int(bad_ids.reshape(-1).nonzero()[0])
+                raise ValueError(f"topk_idx: expected expert ids in [0, {self.num_experts}) or -1 (unused), got "
+                                 f"{int(topk_idx.reshape(-1)[first])} at index {list(divmod(first, topk_idx.size(1)))} "
+                                 f"(values span [{int(topk_idx.min())}, {int(topk_idx.max())}])")
+            ranks = rc[:, 1].nonzero().view(-1).tolist()
+            raise ValueError(f"topk_idx: expected expert ids in [0, {self.num_experts}) or -1 (unused) on every "
+                             f"rank, got out-of-range ids on rank(s) {ranks} (this rank's ids are valid)")
         send_counts = host[:R].tolist()
-        rc = host[R:R + R * (1 + L)].view(R, 1 + L)
         recv_counts = rc[:, 0].tolist()
-        recv_expert = rc[:, 1:].sum(0).tolist()
+        recv_expert = rc[:, 2:].sum(0).tolist()
         num_send, num_recv = sum(send_counts), sum(recv_counts)
 
         src = _positions_to_src_idx(pos, num_send)
@@ -360,7 +391,7 @@ class EPDispatcher:
         recv_x = (got["x"], got["scale"]) if "scale" in got else got["x"]
         handle = DispatchHandle(rank=self.rank, num_ranks=R, num_local_experts=L, pos=pos, num_tokens=t,
                                 num_recv=num_recv, recv_local_idx=got["lid"], recv_weights=got.get("w"),
-                                num_recv_tokens_per_expert=rcnt[:, 1:].sum(0).to(torch.int32),  # device copy
+                                num_recv_tokens_per_expert=rcnt[:, 2:].sum(0).to(torch.int32),  # device copy
                                 num_recv_tokens_per_expert_list=recv_expert, send_counts=send_counts,
                                 recv_counts=recv_counts, capacity=None, hidden=h, src_idx=src, send_local=local,
                                 num_send=num_send, recv_src_token=got["src"].view(-1),
@@ -376,8 +407,8 @@ class EPDispatcher:
         R, L, c = self.num_ranks, self.num_local_experts, self.capacity
         if t > c:
             raise ValueError(f"x: expected at most capacity={c} tokens (fixed-capacity mode), got {t}")
-        # ids: checked by the reference on CPU tensors; on CUDA only with DEEPKERNELS_CHECK=1 (else an id
-        # outside [0, E) is unused)
+        # ids: checked by the reference on CPU tensors; on CUDA only with DEEPKERNELS_CHECK=1 (else trusted:
+        # such a token is sent to its valid experts and combines to a NaN row, the layout counts are poisoned)
         _check_topk_idx(topk_idx, self.num_experts, R, check_values=run_device_checks(topk_idx))
         per_rank, _, in_rank = torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx, self.num_experts, R)
         pos = _dispatch_positions(in_rank, c)
@@ -395,7 +426,8 @@ class EPDispatcher:
                                 send_counts=None, recv_counts=None, capacity=c, hidden=h, src_idx=src,
                                 send_local=local, num_send=n, recv_src_token=got["src"].view(-1),
                                 num_recv_tokens_per_rank=hdr[:, 0].contiguous(), topk_idx=topk_idx,
-                                topk_weights=topk_weights)
+                                topk_weights=topk_weights,
+                                bad_tokens=_bad_ids(topk_idx, self.num_experts).any(1, keepdim=True))
         return recv_x, handle
 
     def exchange_weights(self, topk_weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -442,7 +474,8 @@ class EPDispatcher:
         check_tensor("y", y, dtypes=_FLOAT_DTYPES, shape=(handle.num_recv, None))
         check_same_device(y=y, handle_pos=handle.pos)
         back = self._a2a(y.contiguous(), handle.num_send, handle.recv_counts, handle.send_counts)
-        return unpermute_reduce(back, handle.pos)
+        pos = handle.pos if handle.bad_tokens is None else torch.where(handle.bad_tokens, POISON_POS, handle.pos)
+        return unpermute_reduce(back, pos)
 
     def combine_experts(self, expert_out: torch.Tensor, handle: DispatchHandle,
                         topk_weights: torch.Tensor | None = None, layout: str = "masked", alignment_or_max_m=None):
@@ -488,7 +521,7 @@ class EPDispatcher:
         send = permute(rows.contiguous(), gather.view(-1))
         scale = lambda counts: None if counts is None else [c * slots for c in counts]  # noqa: E731
         back = self._a2a(send, handle.num_send * slots, scale(handle.recv_counts), scale(handle.send_counts))
-        pos = source_slot_positions(handle.topk_idx, handle.pos, self.num_experts, self.num_local_experts, slots)
+        pos = _source_slot_positions(handle.topk_idx, handle.pos, self.num_experts, self.num_local_experts, slots)
         return unpermute_reduce(back, pos, topk_weights)
 
 

@@ -5,9 +5,11 @@ Ops (``torch.ops.deepkernels.*``; CUDA kernels in csrc/moe, pure-torch reference
 
 * ``moe_get_dispatch_layout(topk_idx [T,k] int64, num_experts, num_ranks)`` ->
   ``(num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T,R] bool)``.
-  -1 in ``topk_idx`` means "no expert" (the op ignores any id outside [0, E); the checked wrappers
-  reject them); expert e lives on rank ``e // (E / R)``. A token counts once
-  per rank even when several of its experts live there.
+  -1 in ``topk_idx`` means "no expert"; expert e lives on rank ``e // (E / R)``. A token counts once
+  per rank even when several of its experts live there. An id outside [-1, E): the reference (CPU kernel)
+  raises ValueError; the kernels (trusted, no sync) count it nowhere and POISON the layout: every count
+  of both outputs gets its sign bit set (``INT_MIN +`` the count of the valid ids; ``count & 0x7fffffff``
+  recovers that), so a bad batch never yields a count >= 0 (see :data:`LAYOUT_POISON_BIT`).
 * ``moe_permute(x [T,H], src_idx [N] int32) -> out [N,H]``: ``out[i] = x[src_idx[i]]``, a zero row
   where ``src_idx[i] == -1``. Any dtype (bf16/fp16/fp32/fp8/int); a pure row gather. The output size
   is ``src_idx``'s, so the op has static shapes for torch.compile / CUDA graphs: the data-dependent
@@ -17,7 +19,8 @@ Ops (``torch.ops.deepkernels.*``; CUDA kernels in csrc/moe, pure-torch reference
   ``per_token_cast_to_fp8(moe_permute(x, src_idx))`` (zero rows get scale 1e-4/448).
 * ``moe_unpermute_reduce(y [N,H], pos [T,K] int32, weights [T,K] fp32 or None) -> out [T,H]`` in y's dtype:
   ``out[t] = sum_k w[t,k] * y[pos[t,k]]`` over ``pos[t,k] >= 0`` (w = 1 without weights), accumulated
-  in fp32 in k order, rounded once. A row with no valid position is zero.
+  in fp32 in k order, rounded once. A row with no valid position is zero. Any K (the kernel keeps 32
+  slots per chunk in the lanes of a warp).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from .._ops import (ceil_div, check_bool, check_index_values, check_int, check_s
 from ..fp8 import FP8_DTYPE, per_token_cast_to_fp8_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LAYOUT_POISON_BIT = -2**31  # the kernels' moe_get_dispatch_layout: set in every count when an id is out of range
+POISON_POS = -2**31  # an unpermute_reduce position that no kernel reads: its token's output row is NaN
 _PERMUTE_DTYPES = _FLOAT_DTYPES + (FP8_DTYPE, torch.int32, torch.int64, torch.uint8)
 
 
@@ -164,9 +169,12 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     Args:
         topk_idx: [T, k] int64 expert ids, -1 = unused slot.
         num_experts: E (an int >= 1); num_ranks: R (an int >= 1) with E % R == 0 (expert e on rank e // (E/R)).
-        check_values: verify ids are in [-1, E) (a host sync on GPU). With False, CUDA tensors are trusted:
-            the kernel ignores an id outside [0, E) (counts it nowhere); DEEPKERNELS_CHECK=1 still checks.
-            CPU tensors (the reference) are always checked.
+        check_values: verify ids are in [-1, E) (a host sync on GPU). With False, CUDA tensors (and the
+            emulated kernel) are trusted, no sync, CUDA-graph capturable: an id outside [-1, E) is counted
+            nowhere and poisons the layout -- EVERY entry of num_tokens_per_rank and num_tokens_per_expert is
+            negative (``INT_MIN`` + the count of the valid ids), is_token_in_rank holds the valid ids only --
+            so check ``(num_tokens_per_rank < 0).any()`` at your next sync point. DEEPKERNELS_CHECK=1 still
+            checks on the host. CPU tensors (the reference) are always checked.
     Returns:
         (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool).
     Raises:
@@ -360,7 +368,9 @@ def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts
     """[T, k] int32 row of (token t, slot j) in the buffer :meth:`EPDispatcher.combine_experts` returns:
     ``pos[t, r] * slots + c`` with r the rank of expert ``topk_idx[t, j]`` and c the number of earlier
     slots of t on that rank (the order :func:`local_slot_rows` packs them in); -1 for unused slots.
-    topk_idx int64 [T, k]; pos int [T, R] with R * num_local_experts == num_experts; slots an int >= 0."""
+    topk_idx int64 [T, k] (ids in [-1, E): checked on CPU tensors and with DEEPKERNELS_CHECK=1; on CUDA an
+    id outside gives its token's slots :data:`POISON_POS`, so :func:`unpermute_reduce` on the kernels makes
+    that token's row NaN); pos int [T, R] with R * num_local_experts == num_experts; slots an int >= 0."""
     check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
     num_experts = check_int("num_experts", num_experts, min_value=1)
     num_local_experts = check_int("num_local_experts", num_local_experts, min_value=1)
@@ -370,6 +380,13 @@ def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts
                          f"(T of topk_idx, num_experts / num_local_experts ranks), got {list(pos.shape)}")
     slots = check_int("slots", slots, min_value=0)
     check_same_device(topk_idx=topk_idx, pos=pos)
+    if topk_idx.device.type == "cpu" or run_device_checks(topk_idx):
+        _check_expert_ids(topk_idx, num_experts)
+    return _source_slot_positions(topk_idx, pos, num_experts, num_local_experts, slots)
+
+
+def _source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts: int, num_local_experts: int,
+                           slots: int) -> torch.Tensor:
     k = topk_idx.size(1)
     valid = (topk_idx >= 0) & (topk_idx < num_experts)
     rank = torch.where(valid, topk_idx // num_local_experts, 0)
@@ -378,4 +395,6 @@ def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts
     c = (same & earlier).sum(-1)
     row = pos.long().gather(1, rank)
     ok = valid & (c < slots) & (row >= 0)
-    return torch.where(ok, row * slots + c, -1).to(torch.int32)
+    out = torch.where(ok, row * slots + c, -1)
+    bad_token = ((topk_idx < -1) | (topk_idx >= num_experts)).any(1, keepdim=True)  # trusted ids: poison, no sync
+    return torch.where(bad_token, POISON_POS, out).to(torch.int32)
