@@ -61,7 +61,8 @@ def assert_all_passed(result: subprocess.CompletedProcess, what: str) -> int:
 # ---- the checkers against planted bugs (tests/emulator/planted_bugs.cpp): each case plants bugs in small
 # kernels (every error must name the kernel, the CTA and the barrier / collective) and runs their fixed twins.
 PLANTED_CASES = ["deadlock_parity", "deadlock_sync_vs_shfl", "deadlock_sync_vs_mbar", "deadlock_missing_arrive",
-                 "divergent_shfl_ldmatrix", "divergent_sync_sites", "cp_async", "wgmma", "race_schedules"]
+                 "divergent_shfl_ldmatrix", "divergent_sync_sites", "cp_async", "wgmma", "tma_store", "named_barrier",
+                 "race_schedules"]
 # The expected deadlock reports are those of the default round-robin schedule (race_schedules sets its own).
 PLANTED_ENV = {"DEEPKERNELS_EMULATE_SCHEDULE": "rr"}
 # detect_leaks=0: the emulator never frees its fiber stacks (a leak report would fail every run).
@@ -105,8 +106,10 @@ def planted_bugs_tsan(tmp_path_factory) -> Path:
 def test_planted_bugs(planted_bugs_bin, case):
     """Deadlocks (mbarrier parity, __syncthreads against a warp collective / an mbarrier, a missing arrive),
     divergent collectives (__shfl_xor_sync / ldmatrix, wgmma descriptors, __syncthreads call sites), missing
-    waits (cp.async and wgmma: 0xFF / NaN-poison reads, unwaited at exit, no wgmma.fence), and a shared-memory
-    race shown by the lo / hi schedules: each reported, each fixed twin clean and right."""
+    waits (cp.async and wgmma: 0xFF / NaN-poison reads, unwaited at exit, no wgmma.fence), TMA stores (no
+    fence.proxy.async: stale data stored; the source overwritten before wait_group.read; never waited / committed),
+    named barriers (a warp at another warpgroup's bar.sync: deadlock), and a shared-memory race shown by the lo / hi
+    schedules: each reported, each fixed twin clean and right."""
     assert_all_passed(run(planted_bugs_bin, case, env=PLANTED_ENV), f"planted bugs: {case}")
 
 

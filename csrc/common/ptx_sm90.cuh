@@ -104,6 +104,55 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
 #endif
 }
 
+// Shared memory at `src` -> the box at coordinates (c0 innermost, c1, c2) of a 3-D tensor map, in the issuing
+// thread's current bulk async-group. Elements outside the map's dims are not written. `src` is read by the async
+// proxy: generic stores to it need fence_proxy_async() (by the writing threads) first, and it must not be
+// overwritten before bulk_wait_group_read says the group's reads are done.
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void* src, int c0, int c1, int c2) {
+#if DEEPKERNELS_SM90A
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+#else
+  (void)map; (void)src; (void)c0; (void)c1; (void)c2;
+#endif
+}
+
+// Closes the issuing thread's current bulk async-group (the TMA stores issued since the last commit).
+__device__ __forceinline__ void bulk_commit_group() {
+#if DEEPKERNELS_SM90A
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending of this thread's most recent bulk async-groups still READ their shared memory
+// source (which may then be overwritten); their global writes may still be in flight.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+#if DEEPKERNELS_SM90A
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Waits until at most kPending of this thread's most recent bulk async-groups are incomplete (writes done too).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group() {
+#if DEEPKERNELS_SM90A
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Named barrier `id` (1..15; 0 is __syncthreads') for `threads` threads (a multiple of 32): e.g. one warpgroup
+// syncing on its own while the other warpgroups run on.
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+#if DEEPKERNELS_SM90A
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+#else
+  (void)id; (void)threads;
+#endif
+}
+
 // ---- register reconfiguration: a warpgroup gives registers back to / takes them from the SM pool.
 // Needs a register cap at kernel entry (__launch_bounds__(threads, 1)); all 4 warps execute it.
 

@@ -1,10 +1,12 @@
 #pragma once
 // Emulated csrc/common/ptx_sm90.cuh: mbarrier (arrival count, transaction bytes, phase parity), 3-D TMA tile
-// loads through the emulated CUtensorMap (128B swizzle, out-of-bounds zero fill, the full box counted in
-// transaction bytes), and wgmma (e4m3 m64nNk32, bf16/f16 m64n{32,64}k16, bf16/f16 m64n256k16 with an MN-major B,
+// loads through the emulated CUtensorMap (32/64/128B swizzle, out-of-bounds zero fill, the full box counted in
+// transaction bytes), 3-D TMA stores in bulk async-groups (out-of-bounds elements not written, performed at
+// wait_group[.read]), named barriers (bar.sync id, n), and wgmma (e4m3 m64nNk32, bf16/f16 m64n{32,64}k16, bf16/f16 m64n256k16 with an MN-major B,
 // also with A from registers) reading
 // its operands through a general decode of the shared-memory matrix descriptor.
-// Sources: PTX ISA 9.7.13.15 (mbarrier), 9.7.9.27 (cp.async.bulk.tensor), 9.7.15 (wgmma: 9.7.15.5.1 matrix
+// Sources: PTX ISA 9.7.13.15 (mbarrier), 9.7.9.27 (cp.async.bulk.tensor), cp.async.bulk.commit_group /
+// cp.async.bulk.wait_group, bar.sync, 9.7.15 (wgmma: 9.7.15.5.1 matrix
 // descriptor and shared-memory layouts, 9.7.15.5.1.1 the D fragment), CUTLASS cute/arch/mma_sm90_desc.hpp.
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -21,8 +23,31 @@
 
 namespace emu {
 
-// 128B swizzle as a function of the shared byte address: 16-byte chunk bits [4, 7) ^= bits [7, 10).
-inline uint32_t swizzle_128b(uint32_t a) { return a ^ (((a >> 7) & 7u) << 4); }
+// A tensor map's swizzle of `span` bytes (0 none, 32, 64, 128) on a shared byte address: the 16-byte chunk bits
+// [4, 4 + log2(span / 16)) ^= the same number of bits from bit 7 (CuTe Swizzle<1,4,3>, <2,4,3>, <3,4,3>).
+inline uint32_t tma_swizzle(uint32_t a, uint32_t span) {
+  return span == 0 ? a : a ^ (((a >> 7) & (span / 16 - 1)) << 4);
+}
+// Shared byte address of element (x, y, z) of a box at `dst`: rows of box[0] elements, packed, then swizzled.
+inline uint32_t box_smem_addr(const TensorMap& tm, uint32_t dst, uint32_t x, uint32_t y, uint32_t z) {
+  return tma_swizzle(dst + ((z * tm.box[1] + y) * tm.box[0] + x) * tm.esize, tm.swizzle);
+}
+// Global address of element (x, y, z) of the tensor, or nullptr when it is outside the map's dims.
+inline uint8_t* tensor_element(const TensorMap& tm, int64_t x, int64_t y, int64_t z) {
+  if (x < 0 || y < 0 || z < 0 || uint64_t(x) >= tm.dims[0] || uint64_t(y) >= tm.dims[1] || uint64_t(z) >= tm.dims[2])
+    return nullptr;
+  return const_cast<uint8_t*>(tm.base) + x * tm.esize + y * tm.strides[1] + z * tm.strides[2];
+}
+// Checks a tensor-map operand of a TMA instruction and its shared-memory box address; returns the map.
+inline TensorMap tma_map_and_box(const CUtensorMap* map, uint32_t smem, const char* what) {
+  TensorMap tm;
+  std::memcpy(&tm, map, sizeof(tm));
+  if (tm.magic != kTensorMapMagic) fail(std::string(what) + ": the tensor map was not encoded by cuTensorMapEncodeTiled");
+  // NOTE: the swizzle pattern repeats every 8 rows of `span` bytes; the kernels align boxes to it (128 without).
+  if (smem % (tm.swizzle ? 8 * tm.swizzle : 128) != 0)
+    fail(std::string(what) + ": shared memory box misaligned for its swizzle mode");
+  return tm;
+}
 
 // ---- the async proxy (TMA, wgmma) sees shared memory through its own view. Generic-proxy stores (st.shared,
 // cp.async) reach that view only when a thread executes fence.proxy.async; TMA writes both. So a kernel that
@@ -72,19 +97,18 @@ inline void mbar_maybe_complete(MBar& m) {
 inline void tma_land(MBar& m) {
   for (const PendingTma& t : m.tma) {
     const TensorMap& tm = t.map;
-    const uint32_t row_bytes = tm.box[0] * tm.esize;
     for (uint32_t z = 0; z < tm.box[2]; ++z)
       for (uint32_t y = 0; y < tm.box[1]; ++y)
         for (uint32_t x = 0; x < tm.box[0]; ++x) {
           const int64_t gx = int64_t(t.coord[0]) + x, gy = int64_t(t.coord[1]) + y, gz = int64_t(t.coord[2]) + z;
-          const bool inside = gx >= 0 && gy >= 0 && gz >= 0 && uint64_t(gx) < tm.dims[0] &&
-                              uint64_t(gy) < tm.dims[1] && uint64_t(gz) < tm.dims[2];
-          const uint32_t linear = t.dst + (z * tm.box[1] + y) * row_bytes + x * tm.esize;
-          const uint32_t addr = tm.swizzle ? swizzle_128b(linear) : linear;
-          const uint8_t value = inside ? tm.base[gx * tm.esize + gy * tm.strides[1] + gz * tm.strides[2]] : 0;
-          *from_shared(addr) = value;   // the async proxy writes; generic reads see it after the mbarrier wait
-          const TsanIgnore bookkeeping;
-          *async_view(addr, 1) = value;
+          const uint8_t* g = tensor_element(tm, gx, gy, gz);
+          for (uint32_t e = 0; e < tm.esize; ++e) {
+            const uint32_t addr = box_smem_addr(tm, t.dst, x, y, z) + e;
+            const uint8_t value = g != nullptr ? g[e] : 0;
+            *from_shared(addr) = value;   // the async proxy writes; generic reads see it after the mbarrier wait
+            const TsanIgnore bookkeeping;
+            *async_view(addr, 1) = value;
+          }
         }
     const TsanIgnore bookkeeping;
     m.tx -= int64_t(tm.box[0]) * tm.box[1] * tm.box[2] * tm.esize;   // out-of-bounds bytes count too
@@ -102,6 +126,82 @@ inline void mbar_state(const void* arg, char* buf, size_t n) {
 inline bool mbar_ready(const void* m, uint64_t parity) {
   const MBar& b = *static_cast<const MBar*>(m);
   return b.phase != (parity & 1u) || !b.tma.empty();
+}
+
+// ---- TMA stores (cp.async.bulk.tensor.3d.global.shared::cta.bulk_group) and bulk async-groups, per thread.
+// A store is recorded at issue and performed when its group is waited for (wait_group or wait_group.read): it
+// then reads its shared-memory source through the async proxy's view (generic stores reach it only through
+// fence.proxy.async) and writes the in-bounds elements of its box to global memory. So the latest legal
+// moment is modelled: a source overwritten before wait_group.read is what the store writes (and is reported:
+// the source is compared with its bytes at issue), and a store never waited for is reported at CTA end.
+struct PendingStore { uint32_t src; TensorMap map; int coord[3]; std::vector<uint8_t> at_issue; };
+struct BulkState { std::vector<PendingStore> open; std::deque<std::vector<PendingStore>> groups; };
+inline thread_local std::vector<BulkState> g_bulk;   // by flat thread index
+inline BulkState& bulk_state() { return g_bulk[size_t(flat_tid())]; }
+inline uint32_t box_bytes(const TensorMap& tm) { return tm.box[0] * tm.box[1] * tm.box[2] * tm.esize; }
+// The async proxy's view of the store's source box, in box order (x fastest).
+inline std::vector<uint8_t> store_source(const PendingStore& s) {
+  const TensorMap& tm = s.map;
+  std::vector<uint8_t> v(box_bytes(tm));
+  size_t i = 0;
+  for (uint32_t z = 0; z < tm.box[2]; ++z)
+    for (uint32_t y = 0; y < tm.box[1]; ++y)
+      for (uint32_t x = 0; x < tm.box[0]; ++x)
+        for (uint32_t e = 0; e < tm.esize; ++e) v[i++] = *async_view(box_smem_addr(tm, s.src, x, y, z) + e, 1);
+  return v;
+}
+inline void store_land(std::vector<PendingStore>& group) {
+  for (const PendingStore& s : group) {
+    const std::vector<uint8_t> src = store_source(s);
+    if (src != s.at_issue)
+      fail("TMA store: its shared-memory source changed between the store and its cp.async.bulk.wait_group.read "
+           "(overwritten before the wait, or written without fence.proxy.async before the store)");
+    const TensorMap& tm = s.map;
+    size_t i = 0;
+    for (uint32_t z = 0; z < tm.box[2]; ++z)
+      for (uint32_t y = 0; y < tm.box[1]; ++y)
+        for (uint32_t x = 0; x < tm.box[0]; ++x, i += tm.esize)
+          if (uint8_t* g = tensor_element(tm, int64_t(s.coord[0]) + x, int64_t(s.coord[1]) + y,
+                                          int64_t(s.coord[2]) + z))
+            std::memcpy(g, src.data() + i, tm.esize);   // out-of-bounds elements are not written
+  }
+  const TsanIgnore bookkeeping;
+  ++g_progress;
+}
+inline void bulk_wait(size_t pending) {
+  BulkState& b = bulk_state();
+  while (b.groups.size() > pending) {
+    std::vector<PendingStore> group = std::move(b.groups.front());
+    {
+      const TsanIgnore bookkeeping;
+      b.groups.pop_front();
+    }
+    store_land(group);
+  }
+}
+inline void bulk_cta_start() { g_bulk.assign(size_t(blockDim.x) * blockDim.y * blockDim.z, BulkState{}); }
+inline void bulk_cta_end() {
+  for (const auto& b : g_bulk) {
+    if (!b.open.empty()) fail("a thread exited with TMA stores it never committed (cp.async.bulk.commit_group)");
+    if (!b.groups.empty())
+      fail("a thread exited with TMA stores it never waited for (cp.async.bulk.wait_group)");
+  }
+}
+inline const int g_bulk_hooks = register_cta_hooks(&bulk_cta_start, &bulk_cta_end);
+
+// ---- named barriers (bar.sync id, threads): ids 1..15 (0 is __syncthreads'), counted per arriving thread.
+struct NamedBarrier { int arrived = 0, expected = 0; uint64_t gen = 0; };
+inline thread_local NamedBarrier g_named[16];
+inline void named_cta_start() {
+  for (auto& b : g_named) b = NamedBarrier{};
+}
+inline const int g_named_hooks = register_cta_hooks(&named_cta_start, [] {});
+inline void named_state(const void* arg, char* buf, size_t n) {
+  const NamedBarrier& b = *static_cast<const NamedBarrier*>(arg);
+  std::snprintf(buf, n, " (%d of %d threads arrived)", b.arrived, b.expected);
+}
+inline bool named_released(const void* arg, uint64_t gen) {
+  return static_cast<const NamedBarrier*>(arg)->gen != gen;
 }
 
 // ---- wgmma shared-memory operands (PTX ISA "Shared Memory Matrix Layout"; CUTLASS GmmaDescriptor and
@@ -398,16 +498,67 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 }
 inline void prefetch_tensor_map(const CUtensorMap*) {}
 inline void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
-  emu::TensorMap tm;
-  std::memcpy(&tm, map, sizeof(tm));
-  if (tm.magic != emu::kTensorMapMagic) emu::fail("TMA: the tensor map was not encoded by cuTensorMapEncodeTiled");
   const uint32_t d = emu::to_shared(dst);
-  if (d % (tm.swizzle ? 1024 : 128) != 0) emu::fail("TMA: shared destination misaligned for its swizzle mode");
+  const emu::TensorMap tm = emu::tma_map_and_box(map, d, "TMA load");
   const uint32_t bytes = tm.box[0] * tm.box[1] * tm.box[2] * tm.esize;
   std::memset(emu::from_shared(d, bytes), 0xFF, bytes);   // in flight: e4m3 0xFF is NaN
   EMU_TSAN_RELEASE(bar);   // the copy lands after its issue, in whichever thread waits
   const emu::TsanIgnore bookkeeping;
   emu::mbar(bar).tma.push_back({d, tm, {c0, c1, c2}});
+}
+inline void tma_store_3d(const CUtensorMap* map, const void* src, int c0, int c1, int c2) {
+  const uint32_t s = emu::to_shared(src);
+  emu::PendingStore st{s, emu::tma_map_and_box(map, s, "TMA store"), {c0, c1, c2}, {}};
+  (void)emu::from_shared(s, emu::box_bytes(st.map));   // the source box lies in the launch's shared memory
+  st.at_issue = emu::store_source(st);
+  const emu::TsanIgnore bookkeeping;
+  emu::bulk_state().open.push_back(std::move(st));
+}
+inline void bulk_commit_group() {
+  const emu::TsanIgnore bookkeeping;
+  emu::BulkState& b = emu::bulk_state();
+  b.groups.push_back(std::move(b.open));
+  b.open.clear();
+}
+template <int kPending>
+inline void bulk_wait_group_read() {
+  emu::bulk_wait(size_t(kPending));
+}
+template <int kPending>
+inline void bulk_wait_group() {
+  emu::bulk_wait(size_t(kPending));
+}
+inline void named_barrier_sync(uint32_t id, uint32_t threads) {
+  emu::Cta& c = *emu::g_cta;
+  if (id == 0 || id >= 16) emu::fail("bar.sync: named barrier id " + std::to_string(id) + " (1..15; 0 is __syncthreads')");
+  if (threads == 0 || threads % 32 != 0 || threads > uint32_t(c.nthreads))
+    emu::fail("bar.sync " + std::to_string(id) + ": thread count " + std::to_string(threads) +
+              " (a multiple of 32, at most the CTA's)");
+  emu::NamedBarrier& b = emu::g_named[id];
+  uint64_t my;
+  {
+    const emu::TsanIgnore bookkeeping;
+    if (b.arrived == 0) {
+      b.expected = int(threads);
+    } else if (b.expected != int(threads)) {
+      emu::fail("bar.sync " + std::to_string(id) + ": thread count " + std::to_string(threads) + " while " +
+                std::to_string(b.arrived) + " thread(s) wait with count " + std::to_string(b.expected));
+    }
+    my = b.gen;
+    ++b.arrived;
+    ++emu::g_progress;
+  }
+  EMU_TSAN_RELEASE(&b.gen);
+  {
+    const emu::TsanIgnore bookkeeping;
+    if (b.arrived == b.expected) {
+      b.arrived = 0;
+      ++b.gen;
+    }
+  }
+  while (!emu::named_released(&b, my))
+    emu::block_described(&emu::named_released, &b, my, &emu::named_state, "bar.sync %u, %u", id, threads);
+  EMU_TSAN_ACQUIRE(&b.gen);
 }
 template <uint32_t kRegs>
 inline void setmaxnreg_dec() {

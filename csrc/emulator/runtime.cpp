@@ -474,15 +474,24 @@ cudaError_t get_driver_entry_point_by_version(const char* symbol, void** fn, uns
 }  // namespace api
 
 // The cuTensorMapEncodeTiled constraints (CUDA driver API reference) the kernels rely on: 16-byte aligned
-// global address, strides multiples of 16 below 2^40, box dims 1..256, box inner bytes <= the swizzle span.
+// global address, strides multiples of 16 below 2^40, box dims 1..256, box inner bytes a multiple of 16 and at
+// most the swizzle span (32, 64 or 128 bytes). Element types: 1-byte (e4m3 loads as UINT8), bf16, f16, f32.
 CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* addr, const cuuint64_t* dims,
                       const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* element_strides,
                       CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle, CUtensorMapL2promotion,
                       CUtensorMapFloatOOBfill oob_fill) {
-  if (type != CU_TENSOR_MAP_DATA_TYPE_UINT8 || rank < 1 || rank > 3 || reinterpret_cast<uintptr_t>(addr) % 16 != 0 ||
+  uint32_t esize = 0;
+  switch (type) {
+    case CU_TENSOR_MAP_DATA_TYPE_UINT8: esize = 1; break;
+    case CU_TENSOR_MAP_DATA_TYPE_BFLOAT16:
+    case CU_TENSOR_MAP_DATA_TYPE_FLOAT16: esize = 2; break;
+    case CU_TENSOR_MAP_DATA_TYPE_FLOAT32: esize = 4; break;
+    default: return CUDA_ERROR_INVALID_VALUE;
+  }
+  if (rank < 1 || rank > 3 || reinterpret_cast<uintptr_t>(addr) % 16 != 0 ||
       interleave != CU_TENSOR_MAP_INTERLEAVE_NONE || oob_fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     return CUDA_ERROR_INVALID_VALUE;
-  TensorMap m{kTensorMapMagic, static_cast<const uint8_t*>(addr), {1, 1, 1}, {1, 0, 0}, {1, 1, 1}, rank, 1, 0};
+  TensorMap m{kTensorMapMagic, static_cast<const uint8_t*>(addr), {1, 1, 1}, {esize, 0, 0}, {1, 1, 1}, rank, esize, 0};
   for (cuuint32_t i = 0; i < rank; ++i) {
     if (dims[i] == 0 || dims[i] > (uint64_t(1) << 32) || box[i] == 0 || box[i] > 256 || element_strides[i] != 1)
       return CUDA_ERROR_INVALID_VALUE;
@@ -493,12 +502,16 @@ CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t ran
       m.strides[i] = strides[i - 1];
     }
   }
-  if (swizzle == CU_TENSOR_MAP_SWIZZLE_128B) {
-    if (box[0] * m.esize > 128) return CUDA_ERROR_INVALID_VALUE;
-    m.swizzle = 128;
-  } else if (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE) {
-    return CUDA_ERROR_INVALID_VALUE;
+  const uint32_t inner_bytes = box[0] * esize;
+  if (inner_bytes % 16 != 0) return CUDA_ERROR_INVALID_VALUE;
+  switch (swizzle) {
+    case CU_TENSOR_MAP_SWIZZLE_NONE: m.swizzle = 0; break;
+    case CU_TENSOR_MAP_SWIZZLE_32B: m.swizzle = 32; break;
+    case CU_TENSOR_MAP_SWIZZLE_64B: m.swizzle = 64; break;
+    case CU_TENSOR_MAP_SWIZZLE_128B: m.swizzle = 128; break;
+    default: return CUDA_ERROR_INVALID_VALUE;
   }
+  if (m.swizzle != 0 && inner_bytes > m.swizzle) return CUDA_ERROR_INVALID_VALUE;
   std::memset(map, 0, sizeof(*map));
   std::memcpy(map, &m, sizeof(m));
   return CUDA_SUCCESS;

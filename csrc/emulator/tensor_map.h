@@ -10,7 +10,8 @@ struct TensorMap {
   uint64_t magic;
   const uint8_t* base;
   uint64_t dims[3], strides[3];   // strides[i]: bytes between consecutive indices of dim i (dim 0: esize)
-  uint32_t box[3], rank, esize, swizzle;
+  uint32_t box[3], rank, esize;
+  uint32_t swizzle;   // span in bytes: 0 (none), 32, 64 or 128
 };
 static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "fits the opaque map");
 constexpr uint64_t kTensorMapMagic = 0x656d75746d617031ull;

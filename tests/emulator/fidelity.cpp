@@ -795,6 +795,112 @@ void test_tma() {
         "PTX ISA 9.7.13.15.6 Phase Completion of the mbarrier object: pending arrivals 0 and tx-count 0");
 }
 
+// ======== 5b. TMA stores (cp.async.bulk.tensor.3d.global.shared::cta.bulk_group), bf16, 32/64/128B swizzle ========
+constexpr int kStX = 100, kStY = 40, kStZ = 2, kStPitch = 112, kStBoxY = 16;   // pitch 224 bytes (a multiple of 16)
+uint16_t st_gval(int x, int y) { return uint16_t(0x4000 + y * 128 + x); }
+constexpr uint16_t kStPoison = 0xFFFF;
+
+// Threads place the box (box_x x 16 bf16, values from `vals`) at CuTe's Swizzle<B,4,3> of the packed byte offset,
+// thread 0 stores it at (c0, c1, c2) and waits; then (load_back) the same box is loaded through the same map and
+// copied to `back` in shared-memory byte order.
+__global__ void tma_store_kernel(const __grid_constant__ CUtensorMap map, int box_x, int swizzle_bits, int c0, int c1,
+                                 int c2, const uint16_t* vals, uint8_t* back) {
+  uint8_t* base = aligned_smem();
+  const int bytes = box_x * kStBoxY * 2;
+  uint64_t* bar = reinterpret_cast<uint64_t*>(base + 4096);
+  for (int i = threadIdx.x; i < box_x * kStBoxY; i += blockDim.x)
+    std::memcpy(base + cute_swizzle(uint32_t(2 * i), swizzle_bits), vals + i, 2);
+  sm90::fence_proxy_async();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sm90::tma_store_3d(&map, base, c0, c1, c2);
+    sm90::bulk_commit_group();
+    sm90::bulk_wait_group<0>();
+    sm90::mbarrier_init(bar, 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_arrive_expect_tx(bar, uint32_t(bytes));
+    sm90::tma_load_3d(base, &map, bar, c0, c1, c2);
+  }
+  sm90::mbarrier_wait(bar, 0);
+  for (int i = threadIdx.x; i < bytes; i += blockDim.x) back[i] = base[i];
+}
+
+void test_tma_store() {
+  const char* src = "CUDA driver API cuTensorMapEncodeTiled (CU_TENSOR_MAP_SWIZZLE_32B/64B/128B: 16-byte chunk bits "
+                    "XOR row bits, CuTe Swizzle<1|2|3,4,3>); PTX ISA cp.async.bulk.tensor: out-of-bound elements of "
+                    "a store are not written";
+  std::vector<uint16_t> g(size_t(kStPitch) * kStY * kStZ);
+  const cuuint64_t dims[3] = {kStX, kStY, kStZ}, strides[2] = {kStPitch * 2, uint64_t(kStPitch) * 2 * kStY};
+  const cuuint32_t estr[3] = {1, 1, 1};
+  struct Mode { int box_x, bits; CUtensorMapSwizzle swizzle; const char* name; };
+  const Mode modes[] = {{16, 1, CU_TENSOR_MAP_SWIZZLE_32B, "32B"}, {32, 2, CU_TENSOR_MAP_SWIZZLE_64B, "64B"},
+                        {64, 3, CU_TENSOR_MAP_SWIZZLE_128B, "128B"}};
+  struct Where { int c0, c1, c2; const char* what; };
+  const Where wheres[] = {{8, 4, 1, "inside"},
+                          {kStX - 10, kStY - 5, 0, "past the end in x and y (clipped)"},
+                          {-6, -3, 1, "before the start in x and y (negative coordinates, clipped)"},
+                          {0, 0, kStZ, "entirely out of bounds in z (nothing written)"}};
+  for (const Mode& md : modes) {
+    CUtensorMap map;
+    const cuuint32_t box[3] = {cuuint32_t(md.box_x), kStBoxY, 1};
+    const CUresult r = emu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, g.data(), dims, strides, box, estr,
+                                         CU_TENSOR_MAP_INTERLEAVE_NONE, md.swizzle, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    check(r == CUDA_SUCCESS, std::string("cuTensorMapEncodeTiled: bf16, box {") + std::to_string(md.box_x) +
+                                 ", 16, 1}, SWIZZLE_" + md.name, "CUDA driver API cuTensorMapEncodeTiled");
+    if (r != CUDA_SUCCESS) continue;
+    std::vector<uint16_t> vals(size_t(md.box_x) * kStBoxY);
+    for (size_t i = 0; i < vals.size(); ++i) vals[i] = uint16_t(0x1000 + i);
+    for (const Where& w : wheres) {
+      std::fill(g.begin(), g.end(), kStPoison);
+      std::vector<uint8_t> back(vals.size() * 2, 0xCD);
+      const std::string err = harness::error_of([&] {
+        launch<tma_store_kernel>(128, 4096 + 64 + kPad, map, md.box_x, md.bits, w.c0, w.c1, w.c2, vals.data(),
+                                 back.data());
+      });
+      const std::string what = std::string("TMA store, SWIZZLE_") + md.name + ", box " + w.what + ": ";
+      check(err.empty(), what + "runs" + (err.empty() ? "" : ": " + err));
+      int bad = -1, back_bad = -1;
+      for (int z = 0; z < kStZ; ++z)
+        for (int y = 0; y < kStY; ++y)
+          for (int x = 0; x < kStPitch; ++x) {
+            const int bx = x - w.c0, by = y - w.c1;
+            const bool in_box = z == w.c2 && bx >= 0 && bx < md.box_x && by >= 0 && by < kStBoxY && x < kStX;
+            const uint16_t want = in_box ? vals[size_t(by) * md.box_x + bx] : kStPoison;
+            if (g[(size_t(z) * kStY + y) * kStPitch + x] != want) bad = (z * kStY + y) * kStPitch + x;
+          }
+      for (int by = 0; by < kStBoxY; ++by)
+        for (int bx = 0; bx < md.box_x; ++bx) {
+          const int x = w.c0 + bx, y = w.c1 + by;
+          const bool inside = x >= 0 && x < kStX && y >= 0 && y < kStY && w.c2 >= 0 && w.c2 < kStZ;
+          uint16_t got;
+          std::memcpy(&got, back.data() + cute_swizzle(uint32_t(2 * (by * md.box_x + bx)), md.bits), 2);
+          if (got != (inside ? vals[size_t(by) * md.box_x + bx] : 0)) back_bad = by * md.box_x + bx;
+        }
+      check(bad < 0, what + "the in-bounds elements of the box land at their coordinates, nothing else is written" +
+                         (bad < 0 ? "" : " (first mismatch at element " + std::to_string(bad) + ")"), src);
+      check(back_bad < 0, what + "a TMA load of the same box through the same map gives the same swizzled shared "
+                                 "layout (out-of-bounds elements 0)" +
+                              (back_bad < 0 ? "" : " (first mismatch at " + std::to_string(back_bad) + ")"), src);
+    }
+  }
+  CUtensorMap map;
+  const cuuint32_t wide[3] = {64, kStBoxY, 1}, narrow[3] = {4, kStBoxY, 1};
+  check(emu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, g.data(), dims, strides, wide, estr,
+                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_ERROR_INVALID_VALUE,
+        "cuTensorMapEncodeTiled refuses a 128-byte box row with SWIZZLE_64B (inner box bytes <= the swizzle span)",
+        "CUDA driver API cuTensorMapEncodeTiled");
+  check(emu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, g.data(), dims, strides, narrow, estr,
+                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_ERROR_INVALID_VALUE,
+        "cuTensorMapEncodeTiled refuses an 8-byte box row (boxDim[0] x element size a multiple of 16 bytes)",
+        "CUDA driver API cuTensorMapEncodeTiled");
+}
+
 // ======== 6. mbarrier phases and parity ========
 // The emulated mbarrier.test_wait.parity: non-blocking, true once the phase with that parity has completed (the
 // current phase's or the immediately preceding one's parity). It is the predicate the emulated try_wait blocks on.
@@ -933,7 +1039,8 @@ void test_mbarrier() {
 int main() {
   const std::pair<const char*, void (*)()> sections[] = {{"mma", test_mma},       {"ldmatrix", test_ldmatrix},
                                                          {"wgmma", test_wgmma},   {"descriptors", test_descriptors},
-                                                         {"tma", test_tma},       {"mbarrier", test_mbarrier}};
+                                                         {"tma", test_tma},       {"tma_store", test_tma_store},
+                                                         {"mbarrier", test_mbarrier}};
   for (const auto& [name, run] : sections) {   // an unexpected emulator error fails its section, not the program
     const std::string err = harness::error_of(run);
     check(err.empty(), std::string(name) + " tests ran to the end" + (err.empty() ? "" : ": " + err));

@@ -259,6 +259,50 @@ bool wgmma_result_ok(const std::vector<float>& out) {
   return true;
 }
 
+// ---- 3. missing fences / waits: TMA stores (cp.async.bulk.tensor ... bulk_group) ----------------------------
+
+// 128 threads stage two 16 x 64 tiles (16-bit values) in turn through ONE shared buffer (128B swizzle) and thread 0
+// stores each with TMA to its rows of a [32 x 64] global matrix: the double-use of the buffer is what DeepGEMM-style
+// epilogues do. Planted: no fence.proxy.async (the store reads the stale async-proxy view), no wait_group.read
+// before the buffer is overwritten (tile 0's store would write tile 1's data), no wait at exit, no commit.
+enum StoreMode { kStOk = 0, kStNoFence, kStNoWaitRead, kStNoWaitAtExit, kStNoCommit };
+constexpr int kStRows = 16, kStCols = 64, kStPitch = 80;   // global row pitch 160 bytes: columns 64..79 untouched
+inline uint16_t st_val(int tile, int row, int col) { return uint16_t(0x1000 * (tile + 1) + row * 64 + col); }
+
+__global__ void tma_store_tiles(const __grid_constant__ CUtensorMap map, int mode) {
+  const uint32_t a = ptx::smem_addr(test_smem);
+  uint8_t* buf = test_smem + (1024 - a % 1024) % 1024;   // a 128B-swizzle atom starts on 1024 bytes
+  const int t = tid(), row = t / 8, chunk = t % 8;        // one 16-byte chunk (8 values) per thread
+  for (int tile = 0; tile < 2; ++tile) {
+    if (tile > 0) {
+      if (t == 0 && mode != kStNoWaitRead) sm90::bulk_wait_group_read<0>();
+      sm90::named_barrier_sync(1, 128);
+    }
+    uint16_t v[8];
+    for (int j = 0; j < 8; ++j) v[j] = st_val(tile, row, chunk * 8 + j);
+    std::memcpy(buf + row * 128 + ((chunk ^ (row % 8)) * 16), v, 16);   // 128B swizzle: chunk ^= row % 8
+    if (mode != kStNoFence) sm90::fence_proxy_async();
+    sm90::named_barrier_sync(1, 128);
+    if (t == 0) {
+      sm90::tma_store_3d(&map, buf, 0, tile * kStRows, 0);
+      if (mode != kStNoCommit) sm90::bulk_commit_group();
+    }
+  }
+  if (t == 0 && mode != kStNoWaitAtExit) sm90::bulk_wait_group<0>();
+}
+
+// ---- 2. named barriers: two warpgroups exchange values, each through its own barrier (bar.sync 1 / 2, 128).
+// Planted: warp 3 (of warpgroup 0) syncs on warpgroup 1's barrier (and nobody reads after it, so that the
+// planted bug is a deadlock only, not also a race for ThreadSanitizer).
+__global__ void named_halves(float* out, int bug) {
+  float* s = reinterpret_cast<float*>(test_smem);
+  const int t = tid(), wg = t / 128, warp = t / 32;
+  s[t] = float(t);
+  const uint32_t id = (bug && warp == 3) ? 2u : uint32_t(1 + wg);
+  sm90::named_barrier_sync(id, 128);
+  if (!bug) out[t] = s[wg * 128 + (t + 1) % 128];
+}
+
 // ---- 4. memcheck (ASan builds) -----------------------------------------------------------------------------
 
 // Planted (off = 1): the last thread reads one element past the end of the input.
@@ -435,6 +479,52 @@ void case_wgmma() {
         "no fence.proxy.async between the generic stores of A/B and wgmma: wgmma reads stale shared memory");
 }
 
+void case_tma_store() {
+  std::vector<uint16_t> g(size_t(2 * kStRows) * kStPitch);
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {kStCols, 2 * kStRows, 1}, strides[2] = {kStPitch * 2, kStPitch * 2 * 2 * kStRows};
+  const cuuint32_t box[3] = {kStCols, kStRows, 1}, estr[3] = {1, 1, 1};
+  check(emu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, g.data(), dims, strides, box, estr,
+                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS,
+        "tma_store: bf16 map, box {64, 16, 1}, 128B swizzle");
+  const auto run = [&](int mode) {
+    std::fill(g.begin(), g.end(), uint16_t(0xDEAD));
+    return error_of([&] { launch_kernel<tma_store_tiles>(dim3(1), dim3(128), 4096, nullptr, map, mode); });
+  };
+  const auto right = [&] {
+    bool ok = true;
+    for (int r = 0; r < 2 * kStRows; ++r)
+      for (int c = 0; c < kStPitch; ++c)
+        ok = ok && g[size_t(r) * kStPitch + c] == (c < kStCols ? st_val(r / kStRows, r % kStRows, c) : 0xDEAD);
+    return ok;
+  };
+  expect_clean(run(kStOk), "TMA store: fence.proxy.async, named barrier, store, commit, wait_group.read before reuse");
+  check(right(), "TMA store twin: both tiles stored (rows 0-15, 16-31), the row padding untouched");
+  // Without the fence the store reads the async proxy's stale view (the launch's 0xA5 fill): wrong values.
+  check(run(kStNoFence).empty() && !right() && g[0] == 0xA5A5,
+        "no fence.proxy.async between the generic stores and the TMA store: the store writes stale shared memory");
+  expect_error(run(kStNoWaitRead), "buffer overwritten before wait_group.read", "tma_store_tiles", "(0, 0, 0)",
+               {"TMA store: its shared-memory source changed between the store and its cp.async.bulk.wait_group.read"});
+  expect_error(run(kStNoWaitAtExit), "TMA store never waited for at exit", "tma_store_tiles", "(0, 0, 0)",
+               {"a thread exited with TMA stores it never waited for"});
+  expect_error(run(kStNoCommit), "TMA store never committed", "tma_store_tiles", "(0, 0, 0)",
+               {"a thread exited with TMA stores it never committed"});
+}
+
+void case_named_barrier() {
+  std::vector<float> out(256);
+  expect_clean(error_of([&] { launch_kernel<named_halves>(dim3(1), dim3(256), 1024, nullptr, out.data(), 0); }),
+               "each warpgroup syncs on its own named barrier");
+  check(out[0] == 1.f && out[127] == 0.f && out[128] == 129.f && out[255] == 128.f,
+        "named barrier twin: each warpgroup read its neighbours' values");
+  const std::string err =
+      error_of([&] { launch_kernel<named_halves>(dim3(1), dim3(256), 1024, nullptr, out.data(), 1); });
+  expect_error(err, "deadlock: warp 3 at warpgroup 1's named barrier", "named_halves", "(0, 0, 0)",
+               {"emulator: deadlock", "bar.sync 1, 128 (96 of 128 threads arrived)",
+                "bar.sync 2, 128 (32 of 128 threads arrived)"});
+}
+
 // A race the default round-robin schedule hides: thread 0 runs first and writes before thread 32 reads.
 // DEEPKERNELS_EMULATE_SCHEDULE=hi runs the highest-numbered runnable thread first, so the reader runs ahead
 // of the writer and reads the 0xA5 fill of uninitialised dynamic smem; "lo" (like the default) catches a
@@ -510,6 +600,8 @@ const std::map<std::string, void (*)()>& checker_cases() {
       {"divergent_sync_sites", case_divergent_sync_sites},
       {"cp_async", case_cp_async},
       {"wgmma", case_wgmma},
+      {"tma_store", case_tma_store},
+      {"named_barrier", case_named_barrier},
       {"race_schedules", case_race_schedules},
   };
   return m;
