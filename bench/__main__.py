@@ -14,24 +14,19 @@ import sys
 import torch
 
 from bench import common
+from bench.cli import Parser as _Parser
+from bench.cli import ResultFileError
 
 
 def discover() -> dict:
     suites = {}
     for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
-        if info.name in ("common", "plot", "report") or info.name.startswith("_"):
+        if info.name in ("cli", "common", "plot", "report") or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"bench.{info.name}")
         if hasattr(module, "FAMILY") and hasattr(module, "run"):
             suites[module.FAMILY] = module
     return dict(sorted(suites.items()))
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line ``error: ...`` (exit 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _device(text: str) -> torch.device:
@@ -64,6 +59,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _main(argv)
+    except ResultFileError as e:  # a results JSON / doc page that cannot be used (a ValueError): a file problem
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

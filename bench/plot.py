@@ -8,8 +8,9 @@ Only ``*.json`` files are read (CPU smoke runs are ``*.json.tmp`` and ignored).
 from __future__ import annotations
 
 import glob
-import json
 import os
+
+from bench.cli import Parser, check_results_dir, read_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS = os.path.join(ROOT, "bench", "results")
@@ -84,11 +85,11 @@ def plot(results_dir: str = DEFAULT_RESULTS, out_dir: str = DEFAULT_OUT) -> list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
+    results = [(path, read_results(path)) for path in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
+    if results:  # every file read and checked before anything is written
+        os.makedirs(out_dir, exist_ok=True)
     written = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
-        with open(path) as f:
-            data = json.load(f)
+    for path, data in results:
         env = {k: v for k, v in data.items() if k != "results"}
         stem = os.path.splitext(os.path.basename(path))[0]
         by_family: dict = {}
@@ -115,12 +116,11 @@ def plot(results_dir: str = DEFAULT_RESULTS, out_dir: str = DEFAULT_OUT) -> list
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m bench plot")
-    p.add_argument("--results", default=DEFAULT_RESULTS)
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p = Parser(prog="python -m bench plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=DEFAULT_RESULTS, help="directory of bench results *.json")
+    p.add_argument("--out", default=DEFAULT_OUT, help="directory for the PNGs")
     args = p.parse_args(argv)
+    check_results_dir(args.results, DEFAULT_RESULTS)
     written = plot(args.results, args.out)
     for w in written:
         print(f"# wrote {w}")

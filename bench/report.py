@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import re
 import shutil
 
 from bench import plot as _plot
+from bench.cli import Parser, ResultFileError, check_results_dir, read_results
 from bench.common import _fmt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +31,12 @@ def _case(case: dict) -> str:
 
 def ingest(path: str, results_dir: str = _plot.DEFAULT_RESULTS) -> str:
     """Copy one bench JSON into results_dir under its canonical name; returns the new path."""
-    with open(path) as f:
-        data = json.load(f)
+    data = read_results(path)
     missing = [k for k in ENV_KEYS if k not in data]
-    if missing or not isinstance(data.get("results"), list):
-        raise ValueError(f"{path}: not a bench result (missing {missing or ['results']})")
+    if missing:
+        raise ResultFileError(f"{path}: not a bench result (missing {missing})")
     if str(data["device"]).lower().startswith("cpu"):
-        raise ValueError(f"{path}: a CPU run is a smoke run of the references, not a performance result")
+        raise ResultFileError(f"{path}: a CPU run is a smoke run of the references, not a performance result")
     slug = re.sub(r"[^a-z0-9]+", "-", str(data["device"]).lower()).strip("-")[:40]
     dest = os.path.join(results_dir, f"{slug}-{str(data['date'])[:10]}.json")
     os.makedirs(results_dir, exist_ok=True)
@@ -90,8 +89,7 @@ def section(results_dir: str, img_dir: str, doc_dir: str) -> str:
     parts = ["| device | driver | torch | CUDA | commit | date |", "| --- | --- | --- | --- | --- | --- |"]
     datas = []
     for p in paths:
-        with open(p) as f:
-            d = json.load(f)
+        d = read_results(p)
         datas.append((p, d))
         parts.append("| " + " | ".join(str(d.get(k)) for k in ENV_KEYS) + " |")
     for p, d in datas:
@@ -118,11 +116,17 @@ def section(results_dir: str, img_dir: str, doc_dir: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def update_doc(doc: str, body: str) -> None:
-    with open(doc) as f:
+def check_doc(doc: str) -> str:
+    """The page's text; ResultFileError unless it holds the two markers, BEGIN before END."""
+    with open(doc, encoding="utf-8") as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{doc}: expected the markers {BEGIN} and {END}")
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ResultFileError(f"{doc}: expected the markers {BEGIN} and {END} (once each, in that order)")
+    return text
+
+
+def update_doc(doc: str, body: str) -> None:
+    text = check_doc(doc)
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     with open(doc, "w") as f:
@@ -130,13 +134,16 @@ def update_doc(doc: str, body: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m bench report", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ingest", nargs="*", default=[], help="bench JSON files to copy into --results first")
     p.add_argument("--results", default=_plot.DEFAULT_RESULTS)
     p.add_argument("--doc", default=DEFAULT_DOC)
     p.add_argument("--img", default=_plot.DEFAULT_OUT)
     args = p.parse_args(argv)
+    if not args.ingest:  # --ingest creates the directory
+        check_results_dir(args.results, _plot.DEFAULT_RESULTS)
+    check_doc(args.doc)  # before anything is copied or written
     for path in args.ingest:
         print(f"# ingested {path} -> {ingest(path, args.results)}")
     for w in _plot.plot(args.results, args.img):

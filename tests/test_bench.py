@@ -1,6 +1,7 @@
 """bench: `python -m bench plot` on synthetic results, and the JSON schema of a CPU quant run."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,6 +116,56 @@ def test_report_refuses_cpu_runs_and_missing_markers(tmp_path):
     doc.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         report.update_doc(str(doc), "x")
+
+
+def _bad_cli_cases(tmp):
+    """(args, exit code, message regex): exit 2 for a bad flag / value, 1 for a file that cannot be used."""
+    (tmp / "res").mkdir()
+    (tmp / "res" / "x.json").write_text("{not json")
+    (tmp / "rows").mkdir()
+    (tmp / "rows" / "y.json").write_text(json.dumps(dict(_synthetic(), results=[{"family": 3}])))
+    (tmp / "afile").write_text("no markers")
+    (tmp / "good").mkdir()
+    (tmp / "good" / "h100.json").write_text(json.dumps(_synthetic()))
+    doc = tmp / "perf.md"
+    doc.write_text("# perf\n<!-- results:begin -->\nold\n<!-- results:end -->\n")
+    img = str(tmp / "img")
+    return [
+        (["plot", "--bogus"], 2, r"unrecognized arguments: --bogus \(see python -m bench plot --help\)"),
+        (["plot", "--results"], 2, r"argument --results: expected one argument"),
+        (["plot", "--results", str(tmp / "nope"), "--out", img], 1, r"--results: expected a directory .*no such directory"),
+        (["plot", "--results", str(tmp / "res"), "--out", img], 1, r"x\.json: not a bench result: expected JSON, got "
+                                                                  r"invalid JSON"),
+        (["plot", "--results", str(tmp / "rows"), "--out", img], 1, r"y\.json: not a bench result: results\[0\]\."
+                                                                   r"family: expected a str, got int"),
+        (["report", "--bogus"], 2, r"unrecognized arguments: --bogus \(see python -m bench report --help\)"),
+        (["report", "--doc"], 2, r"argument --doc: expected one argument"),
+        (["report", "--results", str(tmp / "good"), "--doc", str(tmp / "afile"), "--img", img], 1,
+         r"afile: expected the markers"),
+        (["report", "--ingest", str(tmp / "res" / "x.json"), "--results", str(tmp / "r"), "--doc", str(doc),
+          "--img", img], 1, r"x\.json: not a bench result"),
+        (["report", "--ingest", str(tmp / "missing.json"), "--results", str(tmp / "r"), "--doc", str(doc)], 1,
+         r"FileNotFoundError: .*missing\.json"),
+    ]
+
+
+def test_plot_and_report_cli_errors_are_one_line(tmp_path):
+    """`python -m bench plot|report` as the other CLIs: one `error: ...` line naming the flag or file, exit 2
+    (flags / values) or 1 (files), no usage block, no traceback, nothing written."""
+    cases = _bad_cli_cases(tmp_path)
+    doc_before = (tmp_path / "perf.md").read_text()
+    procs = [(args, rc, msg, subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+             for args, rc, msg in cases]
+    for args, rc, msg, proc in procs:
+        out, err = proc.communicate(timeout=180)
+        case = f"{' '.join(args)}: rc {proc.returncode}, stderr {err!r}"
+        assert proc.returncode == rc, case
+        assert err.startswith("error: ") and err.count("\n") == 1, case
+        assert "usage:" not in err and "Traceback" not in err, case
+        assert re.search(msg, err), case
+    assert (tmp_path / "perf.md").read_text() == doc_before
+    assert not (tmp_path / "img").exists() and not (tmp_path / "r").exists(), "a refused run wrote something"
 
 
 def test_performance_page_has_report_markers():
@@ -375,9 +426,14 @@ def test_sweep_emulator_smoke_runs_every_variant(tmp_path):
         assert f"sm90 {block_m},{block_n},1,2" in gemm_labels
         if (block_m, block_n) != (128, 128):
             assert {f"sm90 {block_m},{block_n},{s},0,1" for s in (1, 2)} <= gemm_labels
-    ran = {(r["extra"]["block_m"], r["extra"]["block_n"], r["extra"]["split_k"], r["extra"]["overlap"])
-           for r in results if r["family"] == "gemm" and r["extra"].get("kernel") == "sm90"}
-    assert len(ran) == len(gemm._SM90_SHAPES) * 6 - 2, "each forced plan is the one that launched"
+            assert f"sm90 {block_m},{block_n},1,0,1,1" in gemm_labels  # TMA store + overlapped promotion
+        assert f"sm90 {block_m},{block_n},1,0,0,1" in gemm_labels  # the TMA-store epilogue
+    ran = {(r["extra"]["block_m"], r["extra"]["block_n"], r["extra"]["split_k"], r["extra"]["overlap"],
+            r["extra"]["tma_store"]) for r in results if r["family"] == "gemm" and r["extra"].get("kernel") == "sm90"}
+    assert len(ran) == len(gemm._SM90_SHAPES) * 8 - 3, "each forced plan is the one that launched"
+    kinds = {r["case"]["kind"] for r in results if r["family"] == "gemm"}
+    assert kinds == {"dense", "masked", "contiguous"}, f"the grouped MoE GEMMs are swept too, got {kinds}"
+    assert any(r["extra"].get("split_k", 1) > 1 for r in results if r["case"].get("kind") == "masked"), "masked split-K"
     assert {v for f, v in labels if f == "mla"} == {n for n, d in mla.MLA_VARIANTS.items() if torch.bfloat16 in d}
     assert {v for f, v in labels if f == "moe"} == set(wire._PACK_VARIANTS)
 
