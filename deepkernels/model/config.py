@@ -291,9 +291,20 @@ class DeepseekV3Config:
         scale = self.qk_head_dim ** -0.5
         rs = self.yarn
         if rs is not None and rs.get("mscale_all_dim"):
-            m = yarn_get_mscale(rs["factor"], rs["mscale_all_dim"])
+            m = yarn_get_mscale(self.yarn_factor, rs["mscale_all_dim"])
             scale = scale * m * m
         return scale
+
+    @property
+    def yarn_factor(self) -> float | None:
+        """YaRN's context-extension factor: ``rope_scaling.factor``, or when that is absent (or null)
+        max_position_embeddings / original_max_position_embeddings (transformers' rule); None without YaRN."""
+        rs = self.yarn
+        if rs is None:
+            return None
+        if rs.get("factor") is not None:
+            return float(rs["factor"])
+        return self.max_position_embeddings / rs["original_max_position_embeddings"]
 
     # ---- I/O ----------------------------------------------------------------------------------
     @classmethod
@@ -417,7 +428,8 @@ class DeepseekV3Config:
             d.pop(k, None)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.yarn is not None:
-            rope = {**{k: v for k, v in self.yarn.items() if k != "type"}, "rope_theta": self.rope_theta}
+            rope = {**{k: v for k, v in self.yarn.items() if k != "type"}, "rope_theta": self.rope_theta,
+                    "factor": self.yarn_factor}  # transformers' YaRN needs the factor spelt out
         d["rope_parameters"] = rope
         if v2:
             return transformers.DeepseekV2Config(**d)

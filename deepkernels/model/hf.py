@@ -42,7 +42,11 @@ def to_transformers(model: DeepseekV3ForCausalLM, attn_implementation: str = "ea
     n = model.config.num_hidden_layers
     main = {k: v for k, v in model.state_dict().items()
             if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
-    missing, unexpected = hf.load_state_dict(to_transformers_state_dict(main), strict=False)
+    state = to_transformers_state_dict(main)
+    for k, v in hf.state_dict().items():  # n_shared_experts=0: transformers' shared MLP is [0, H] / [H, 0]
+        if k not in state and ".mlp.shared_experts." in k and v.numel() == 0:
+            state[k] = v
+    missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"to_transformers: missing {missing}, unexpected {unexpected}")
     return hf.eval()

@@ -154,6 +154,13 @@ def _expected_skip(key: str, config: DeepseekV3Config, model_keys, ckpt_keys, lo
     return key.endswith("rotary_emb.inv_freq")
 
 
+def _empty_shared_expert(key: str, config: DeepseekV3Config, header: "_Header") -> bool:
+    """transformers builds a MoE layer's shared_experts MLP even with n_shared_experts=0 (intermediate size 0),
+    so its checkpoints then hold empty [0, H] / [H, 0] shared-expert weights: nothing to load."""
+    return (config.n_shared_experts == 0 and ".mlp.shared_experts." in key
+            and math.prod(header.shapes[key]) == 0)
+
+
 def _non_finite(t: torch.Tensor) -> bool:
     if t.dtype == torch.float8_e4m3fn:  # e4m3fn has no inf; NaN is S.1111.111
         return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
@@ -196,7 +203,8 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
               and int(k.split(".")[2]) >= config.num_hidden_layers}
     missing = sorted(k for k in state if k not in ckpt_keys and k not in shared)
     unexpected = sorted(k for k in ckpt_keys - set(state) - scale_keys
-                        if not _expected_skip(k, config, state, ckpt_keys, load_mtp))
+                        if not _expected_skip(k, config, state, ckpt_keys, load_mtp)
+                        and not _empty_shared_expert(k, config, header))
     mis_shaped, bad_dtype = [], []
     for k in sorted(state):
         if k not in ckpt_keys:

@@ -77,7 +77,7 @@ def rope_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
     rs = config.yarn
     if rs is None:
         return 1.0 / pos_freqs, 1.0
-    factor = rs.get("factor") or config.max_position_embeddings / rs["original_max_position_embeddings"]
+    factor = config.yarn_factor
     original = rs.get("original_max_position_embeddings", config.max_position_embeddings)
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
     mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
@@ -155,6 +155,12 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype = torch.float32) -> torch
     return linear.weight.to(dtype)
 
 
+# NOTE: the latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps of 1e-6 whatever the config's
+# rms_norm_eps, as DeepSeek's reference code (RMSNorm(q_lora_rank), default eps), its HF remote code and
+# transformers' DeepseekV2/V3 all do; rms_norm_eps applies to the layer norms, the final norm and MTP's norms.
+LATENT_NORM_EPS = 1e-6
+
+
 class MLAttention(nn.Module):
     """Multi-head latent attention with the official parameter names."""
 
@@ -180,10 +186,10 @@ class MLAttention(nn.Module):
             self.q_proj = linear(c.hidden_size, h * self.qk_head_dim)
         else:
             self.q_a_proj = linear(c.hidden_size, c.q_lora_rank, c.attention_bias)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, device, dtype)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, device, dtype)
             self.q_b_proj = linear(c.q_lora_rank, h * self.qk_head_dim)
         self.kv_a_proj_with_mqa = linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, c.attention_bias)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, device, dtype)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, device, dtype)
         self.kv_b_proj = linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim))
         self.o_proj = linear(h * c.v_head_dim, c.hidden_size, c.attention_bias)
 
@@ -387,6 +393,15 @@ def _check_token_ids(name: str, ids, vocab_size: int) -> None:
             raise ValueError(f"{name}: token ids must be in [0, vocab_size={vocab_size}), got {bad}")
 
 
+def _check_positions(name: str, num_tokens: int, max_positions: int, from_zero: bool) -> None:
+    """A chunk that starts at position 0 (no cache, or a prefill) must fit in max_position_embeddings (RoPE /
+    YaRN are defined up to it; DeepSeek's reference code precomputes them that far). Decode steps through a
+    cache are bounded by generate()'s own check (no host sync per step here)."""
+    if from_zero and num_tokens > max_positions:
+        raise ValueError(f"{name}: {num_tokens} tokens exceed max_position_embeddings={max_positions} (the "
+                         f"config's longest sequence; positions 0..{max_positions - 1})")
+
+
 class DeepseekV3ForCausalLM(nn.Module):
     """DeepSeek-V3 for next-token logits.
 
@@ -436,6 +451,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         if prefill and (cache is None or bool(cache.cache_seqlens.any())):
             raise ValueError("prefill=True: expected an empty cache (attention runs within the chunk); "
                              "continue a filled cache with prefill=False")
+        _check_positions("input_ids", t, self.config.max_position_embeddings, cache is None or prefill)
         offset = cache.cache_seqlens.long()[:, None] if cache is not None else 0
         positions = offset + torch.arange(t, device=input_ids.device)[None, :].expand(b, t)
         hidden = self.model(input_ids, positions, cache, prefill)
@@ -476,6 +492,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                              f"make_cache(model, ..., mtp=True)")
         if prefill and (cache is None or bool(cache.layer_seqlens(idx).any())):
             raise ValueError("prefill=True: expected a cache whose MTP layer is empty")
+        _check_positions("next_ids", t, self.config.max_position_embeddings, cache is None or prefill)
         offset = cache.layer_seqlens(idx).long()[:, None] if cache is not None else 0
         positions = offset + torch.arange(t, device=next_ids.device)[None, :].expand(b, t)
         cos, sin = self.model.rotary_emb(positions, hidden.dtype)

@@ -91,6 +91,11 @@ def check_routing(n_routed_experts: int, num_experts_per_tok: int, n_group: int,
         raise ValueError(f"n_routed_experts: expected a multiple of n_group={n_group}, got {n_routed_experts}")
     if not 1 <= topk_group <= n_group:
         raise ValueError(f"topk_group: expected 1..n_group={n_group}, got {topk_group}")
+    if topk_method == "noaux_tc" and n_group > 1 and n_routed_experts // n_group < 2:
+        # DeepSeek-V3's reference code and transformers both take each group's top-2 (and fail on one expert)
+        raise ValueError(f"n_group: topk_method 'noaux_tc' scores a group by the sum of its two best experts, "
+                         f"expected n_routed_experts / n_group >= 2, got {n_routed_experts} / {n_group} = "
+                         f"{n_routed_experts // n_group}")
     if num_experts_per_tok > topk_group * (n_routed_experts // n_group):
         raise ValueError(f"num_experts_per_tok: expected <= topk_group * experts per group = "
                          f"{topk_group * (n_routed_experts // n_group)}, got {num_experts_per_tok}")
@@ -126,7 +131,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring_func: str = "sigmo
     if topk_method != "greedy" and topk_group < n_group:
         grouped = choice.view(t, n_group, e // n_group)
         if topk_method == "noaux_tc":
-            group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1)[0].sum(-1)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)
         else:
             group_scores = grouped.amax(dim=-1)
         group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
