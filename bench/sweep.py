@@ -83,15 +83,37 @@ def _emulating(ctx: common.Context) -> bool:
 class GemmFamily:
     name = "gemm"
     EMU_SMS = 8  # emulated device size for the smoke: split-K and narrow tiles are real choices there
+    # DeepSeek-V3's routed experts (gate/up: N=4096, K=7168; down: N=7168, K=2048) at decode sizes: 32 local experts
+    # x expected_m rows (masked: Mmax rows per expert, as a DeepEP low-latency receive buffer; contiguous: each
+    # expert's rows in a 128-aligned segment)
+    MOE_NK = [(4096, 7168), (7168, 2048)]
+    MOE_GROUPS, MOE_MMAX = 32, 256
 
     def cases(self, ctx):
         from bench.gemm import NK
         if _emulating(ctx):
             shapes = [(16, 256, 1024)] if ctx.quick else [(16, 256, 1024), (130, 144, 640)]
+            grouped = [{"kind": "masked", "m": 64, "n": 128, "k": 1024, "num_groups": 2, "expected_m": 16},
+                       {"kind": "contiguous", "m": 256, "n": 128, "k": 1024, "num_groups": 2, "group_rows": 20}]
         else:
             ms = [64] if ctx.quick else [16, 64, 128, 4096]
             shapes = [(m, n, k) for m in ms for n, k in (NK[:2] if ctx.quick else NK)]
-        return [{"kind": "dense", "m": m, "n": n, "k": k} for m, n, k in shapes]
+            rows = [32] if ctx.quick else [8, 64]
+            groups, align = self.MOE_GROUPS, gemm.get_m_alignment_for_contiguous_layout()
+            moe = [(n, k, r) for n, k in (self.MOE_NK[:1] if ctx.quick else self.MOE_NK) for r in rows]
+            grouped = [{"kind": "masked", "m": self.MOE_MMAX, "n": n, "k": k, "num_groups": groups, "expected_m": r}
+                       for n, k, r in moe]
+            grouped += [{"kind": "contiguous", "m": groups * -(-r // align) * align, "n": n, "k": k,
+                         "num_groups": groups, "group_rows": r} for n, k, r in moe]
+        dense = [{"kind": "dense", "m": m, "n": n, "k": k} for m, n, k in shapes]
+        # decode sizes first (the budget may stop the sweep before the last cases): dense M <= 256, the grouped MoE
+        # problems, then prefill
+        return [c for c in dense if c["m"] <= 256] + grouped + [c for c in dense if c["m"] > 256]
+
+    @staticmethod
+    def _rows(case) -> int:
+        """Rows per problem: M (dense), expected_m (masked) or rows per expert (contiguous)."""
+        return case.get("expected_m") or case.get("group_rows") or case["m"]
 
     def variants(self, ctx, case):
         base = {"DEEPKERNELS_GEMM_CONFIG": None, "DEEPKERNELS_GEMM_SM90_BLOCKS": None}
@@ -103,7 +125,7 @@ class GemmFamily:
         sm90 = {**base, "DEEPKERNELS_GEMM_SM90": "1"}
         out.append(Variant("sm90 heuristic", sm90))
         k_blocks = -(-case["k"] // 128)
-        splits = [s for s in (1, 2, 4, 8) if s <= k_blocks and (s == 1 or case["m"] <= 256)]
+        splits = [s for s in (1, 2, 4, 8) if s <= k_blocks and (s == 1 or self._rows(case) <= 256)]
         for block_m, block_n in gemm._SM90_SHAPES:
             for split in splits:
                 out.append(Variant(f"sm90 {block_m},{block_n},{split}",
@@ -113,12 +135,21 @@ class GemmFamily:
                     break  # no overlapped variant (registers)
                 out.append(Variant(f"sm90 {block_m},{block_n},{split},0,1",
                                    {**sm90, "DEEPKERNELS_GEMM_CONFIG": f"{block_m},{block_n},{split},0,1"}))
+            # the TMA-store epilogue (split 1 only: split-K slices store fp32 to the workspace), alone and with the
+            # overlapped promotion
+            out.append(Variant(f"sm90 {block_m},{block_n},1,0,0,1",
+                               {**sm90, "DEEPKERNELS_GEMM_CONFIG": f"{block_m},{block_n},1,0,0,1"}))
+            if (block_m, block_n) != (128, 128):  # no overlapped variant (registers)
+                out.append(Variant(f"sm90 {block_m},{block_n},1,0,1,1",
+                                   {**sm90, "DEEPKERNELS_GEMM_CONFIG": f"{block_m},{block_n},1,0,1,1"}))
             if _emulating(ctx):  # the shallowest ring too (phases wrap every other K block)
                 out.append(Variant(f"sm90 {block_m},{block_n},1,2",
                                    {**sm90, "DEEPKERNELS_GEMM_CONFIG": f"{block_m},{block_n},1,2"}))
         return out
 
     def prepare(self, ctx, case):
+        if case["kind"] != "dense":
+            return self._prepare_grouped(ctx, case)
         m, n, k = case["m"], case["n"], case["k"]
         gen = torch.Generator().manual_seed(m * 31 + n * 7 + k)
         a = torch.randn(m, k, generator=gen).to(ctx.device, torch.bfloat16)
@@ -141,10 +172,71 @@ class GemmFamily:
 
         return Prepared(call, check, 2.0 * m * n * k)
 
+    def _prepare_grouped(self, ctx, case):
+        """A masked or contiguous MoE problem (operands made on the device), checked against the reference: every
+        valid row, and rows no variant may write (masked: >= masked_m[g], poisoned once) still NaN. The first call
+        after each check re-poisons the valid rows, so a variant that writes nothing cannot pass on stale values."""
+        kind, m, n, k, groups = case["kind"], case["m"], case["n"], case["k"], case["num_groups"]
+        gen = torch.Generator(device=ctx.device).manual_seed(m * 31 + n * 7 + k + groups)
+        rows = self._rows(case)
+        b = torch.randn(groups, n, k, generator=gen, device=ctx.device).to(torch.bfloat16)
+        with reference():
+            pairs = [deepkernels.per_block_cast_to_fp8(b[g]) for g in range(groups)]
+        bq, sb = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        del b, pairs
+        if kind == "masked":
+            a = torch.randn(groups, m, k, generator=gen, device=ctx.device).to(torch.bfloat16)
+            # DeepGEMM's test spread: masked_m[g] ~ expected_m x U(0.7, 1.3)
+            spread = 0.7 + 0.6 * torch.rand(groups, generator=gen, device=ctx.device)
+            masked_m = (rows * spread).round().clamp(0, m).to(torch.int32)
+            valid = torch.arange(m, device=ctx.device)[None, :] < masked_m[:, None]
+        else:
+            align = gemm.get_m_alignment_for_contiguous_layout()
+            segment = -(-rows // align) * align
+            a = torch.randn(m, k, generator=gen, device=ctx.device).to(torch.bfloat16)
+            m_indices = torch.full((m,), -1, dtype=torch.int32, device=ctx.device)
+            for g in range(groups):
+                m_indices[g * segment:g * segment + rows] = g
+            valid = m_indices >= 0
+        with reference():
+            aq, sa = deepkernels.per_token_cast_to_fp8(a)
+        del a
+        out = torch.full((groups, m, n) if kind == "masked" else (m, n), float("nan"), dtype=torch.bfloat16,
+                         device=ctx.device)
+        want = torch.empty_like(out)
+        if kind == "masked":
+            gemm.m_grouped_fp8_gemm_nt_masked_ref(aq, sa, bq, sb, want, masked_m, rows)
+        else:
+            gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq, sa, bq, sb, want, m_indices)
+        fresh = [True]
+
+        def call():
+            if fresh[0]:
+                out[valid] = float("nan")
+                fresh[0] = False
+            if kind == "masked":
+                return deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, rows)
+            return deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_indices)
+
+        def check(got):
+            fresh[0] = True
+            if kind == "masked" and not got[~valid].isnan().all():
+                return "rows >= masked_m[g] written"
+            if kind == "contiguous" and not (got[~valid] == 0).all():
+                return "padding rows (m_indices -1) not zero"
+            if got[valid].isnan().any():
+                return "NaN in the valid rows"
+            if not valid.any():
+                return None
+            diff = calc_diff(got[valid].float(), want[valid].float())
+            return None if diff < 1e-5 else f"calc_diff {diff:.2e} vs the reference"
+
+        return Prepared(call, check, 2.0 * int(valid.sum()) * n * k)
+
     def describe(self, ctx, case, variant):
         """The plan the launcher ran for this variant (read back from the extension)."""
         plan = gemm.last_launch_plan()
-        keys = ("kernel", "block_m", "block_n", "split_k", "stages", "overlap", "ctas")
+        keys = ("kernel", "block_m", "block_n", "split_k", "stages", "overlap", "tma_store", "ctas")
         return {key: plan[key] for key in keys} if plan else {}
 
     def table_entries(self, ctx, results):
@@ -168,9 +260,13 @@ class GemmFamily:
                 continue
             plan = best.extra
             entries.append({
-                "device": props.name, "num_sms": props.multi_processor_count, **best.case, "num_groups": 1,
-                "expected_m": 0, "block_m": plan["block_m"], "block_n": plan["block_n"], "split_k": plan["split_k"],
-                "stages": 0, "overlap": plan["overlap"], "us": round(best.us, 2), "heuristic_us": round(heuristic.us, 2),
+                "device": props.name, "num_sms": props.multi_processor_count,
+                **{key: best.case[key] for key in ("kind", "m", "n", "k")},
+                "num_groups": best.case.get("num_groups", 1),
+                "expected_m": best.case.get("expected_m", 0) if best.case["kind"] == "masked" else 0,
+                "block_m": plan["block_m"], "block_n": plan["block_n"], "split_k": plan["split_k"],
+                "stages": 0, "overlap": plan["overlap"], "tma_store": plan.get("tma_store", 0),
+                "us": round(best.us, 2), "heuristic_us": round(heuristic.us, 2),
                 "heuristic": {k: heuristic.extra.get(k) for k in ("block_m", "block_n", "split_k")},
                 "portable_us": None if portable is None else round(portable.us, 2),
                 "date": datetime.date.today().isoformat(), "commit": common.git_commit(),
@@ -324,7 +420,7 @@ def _format(r: Result) -> str:
     plan = ""
     if r.family == "gemm" and r.extra.get("kernel"):
         plan = (f"  [{r.extra['kernel']} {r.extra['block_m']}x{r.extra['block_n']} split {r.extra['split_k']}"
-                f"{' overlap' if r.extra.get('overlap') else ''}]")
+                f"{' overlap' if r.extra.get('overlap') else ''}{' tma-store' if r.extra.get('tma_store') else ''}]")
     return f"{r.family:5s} {case:48s} {r.variant:22s} {status}{speed}{plan}"
 
 

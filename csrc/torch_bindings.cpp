@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <limits>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -216,10 +217,14 @@ void launch(Fp8GemmParams p, const at::Tensor& a) {
   const char* error = nullptr;
   const auto plan = deepkernels::fp8_gemm::fp8_gemm_plan(p, &error);
   TORCH_CHECK(error == nullptr, error);
-  // Split-K plans (sm_90a, dense): fp32 partials of every K slice, reduced in a second launch.
+  // Split-K plans (sm_90a, every mode): fp32 partials of every K slice ([split, M, N]; masked [split, G, Mmax, N]),
+  // reduced in a second launch. Allocated per call from the stream's caching allocator (graph-capturable).
   at::Tensor workspace;
   if (const size_t bytes = deepkernels::fp8_gemm::fp8_gemm_workspace_bytes(plan, p); bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, a.options().dtype(at::kFloat));
+#ifdef DEEPKERNELS_EMULATOR
+    workspace.fill_(std::numeric_limits<float>::quiet_NaN());  // a slot read before any slice wrote it shows as NaN
+#endif
     p.workspace = workspace.data_ptr<float>();
     p.workspace_bytes = bytes;
   }
@@ -231,13 +236,14 @@ void launch(Fp8GemmParams p, const at::Tensor& a) {
 // Python functions of the extension module (deepkernels.gemm.explain / the tuning table / tests):
 //   gemm_plan(mode, m, n, k, num_groups, expected_m, num_sms) -> the sm_90a plan (env > table > heuristic)
 //   gemm_last_plan() -> the plan of the last GEMM launched on this thread
-//   gemm_set_table([(mode, m, n, k, groups, expected_m, num_sms, block_m, block_n, split_k, stages, overlap), ...])
+//   gemm_set_table([(mode, m, n, k, groups, expected_m, num_sms, block_m, block_n, split_k, stages, overlap
+//                    [, tma_store]), ...])
 PyObject* plan_dict(const deepkernels::fp8_gemm::GemmPlan& g) {
   static const char* kSources[] = {"heuristic", "table", "env"};
-  return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:s}", "kernel",
+  return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:s}", "kernel",
                        g.kernel == deepkernels::fp8_gemm::GemmKernel::kSm90 ? "sm90" : "portable", "block_m",
                        g.block_m, "block_n", g.block_n, "split_k", g.split_k, "stages", g.stages, "overlap",
-                       g.overlap, "units",
+                       g.overlap, "tma_store", g.tma_store, "units",
                        static_cast<long long>(g.units), "ctas", g.ctas, "source",
                        kSources[static_cast<int>(g.source)]);
 }
@@ -265,15 +271,15 @@ PyObject* py_gemm_plan(PyObject*, PyObject* args) {
 PyObject* py_gemm_last_plan(PyObject*, PyObject*) { return plan_dict(deepkernels::fp8_gemm::fp8_gemm_last_plan()); }
 
 PyObject* py_gemm_set_table(PyObject*, PyObject* arg) {
-  PyObject* seq = PySequence_Fast(arg, "gemm_set_table: expected a list of 12-int tuples");
+  PyObject* seq = PySequence_Fast(arg, "gemm_set_table: expected a list of 12- or 13-int tuples");
   if (seq == nullptr) return nullptr;
   std::vector<deepkernels::fp8_gemm::plan::TableEntry> entries;
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
   for (Py_ssize_t i = 0; i < count; ++i) {
     deepkernels::fp8_gemm::plan::TableEntry e{};
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiiiiiiiiii", &e.mode, &e.m, &e.n, &e.k,
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiiiiiiiiiii|i", &e.mode, &e.m, &e.n, &e.k,
                           &e.num_groups, &e.expected_m, &e.num_sms, &e.block_m, &e.block_n, &e.split_k, &e.stages,
-                          &e.overlap)) {
+                          &e.overlap, &e.tma_store)) {
       Py_DECREF(seq);
       return nullptr;
     }
@@ -504,7 +510,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_with_kvcache(
                 "kv_scale: expected contiguous fp32 [num_blocks, page, h_kv] for an e4m3 cache");
   }
   const KernelDeviceGuard guard(q_in.device());
-  const at::Tensor q = rows_16b_aligned(q_in, 8) ? q_in : q_in.contiguous();
+  // (a contiguous q at an odd offset stays misaligned under .contiguous(): a fresh copy is aligned)
+  const at::Tensor q = rows_16b_aligned(q_in, 8) ? q_in : q_in.clone(at::MemoryFormat::Contiguous);
   const int64_t parts = tile_scheduler_metadata.size(0);
   const auto f32 = q.options().dtype(at::kFloat);
   auto out = at::empty({b, s_q, h_q, 512}, q.options());

@@ -280,6 +280,7 @@ _KINDS = {"dense": 0, "contiguous": 1, "masked": 2}
 _SM90_SHAPES = ((64, 16), (64, 32), (64, 64), (64, 128), (128, 64), (128, 128))
 _SM90_SMEM_BUDGET, _SM90_MAX_STAGES, _SM90_ALIGN_SLACK = 232448, 8, 1024
 _MIN_K_BLOCKS_PER_SPLIT, _MAX_SPLIT_K, _REDUCE_LAUNCH_COST = 4, 8, 256
+_MAX_SPLIT_WORKSPACE_BYTES = 128 << 20  # the heuristic's cap on the split-K workspace (heuristic.h)
 TUNING_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning", "gemm_sm90.json")
 _table: list[dict] = []           # the entries pushed to the extension (this device's)
 _table_key: object = None         # which device they were chosen for
@@ -287,14 +288,16 @@ _TABLE_FIELDS = ("kind", "m", "n", "k", "num_groups", "expected_m", "num_sms", "
                  "stages")
 
 
-def sm90_max_stages(block_m: int, block_n: int) -> int:
-    """The deepest shared-memory ring the sm_90a kernel fits for a (block_m, block_n) tile."""
-    fit = (_SM90_SMEM_BUDGET - _SM90_ALIGN_SLACK - 16 * _SM90_MAX_STAGES) // ((block_m + block_n) * 128)
+def sm90_max_stages(block_m: int, block_n: int, tma_store: int = 0) -> int:
+    """The deepest shared-memory ring the sm_90a kernel fits for a (block_m, block_n) tile (with the TMA-store
+    epilogue, beside its block_m x block_n bf16 output tile)."""
+    out_tile = block_m * block_n * 2 if tma_store else 0
+    fit = (_SM90_SMEM_BUDGET - _SM90_ALIGN_SLACK - 16 * _SM90_MAX_STAGES - out_tile) // ((block_m + block_n) * 128)
     return min(fit, _SM90_MAX_STAGES)
 
 
 def _validate_sm90(kind: str, k: int, block_m: int, block_n: int, split_k: int, stages: int, overlap: int,
-                   where: str) -> None:
+                   where: str, tma_store: int = 0) -> None:
     """The C++ validate_sm90 (heuristic.h), same messages, as ValueError."""
     k_blocks = ceil_div(k, 128)
     if (block_m, block_n) not in _SM90_SHAPES:
@@ -302,11 +305,15 @@ def _validate_sm90(kind: str, k: int, block_m: int, block_n: int, split_k: int, 
                          f"got {block_m},{block_n}")
     if not 1 <= split_k <= k_blocks:
         raise ValueError(f"{where}: expected split_k in [1, ceil(K/128) = {k_blocks}], got {split_k}")
-    if split_k > 1 and kind != "dense":
-        raise ValueError(f"{where}: expected split_k = 1 for the grouped GEMMs (split-K is dense only), got {split_k}")
-    if stages != 0 and not 2 <= stages <= sm90_max_stages(block_m, block_n):
-        raise ValueError(f"{where}: expected stages in [2, {sm90_max_stages(block_m, block_n)}] for "
-                         f"{block_m}x{block_n} tiles (or 0 = the most that fit), got {stages}")
+    if tma_store not in (0, 1):
+        raise ValueError(f"{where}: expected tma_store 0 or 1, got {tma_store}")
+    if tma_store == 1 and split_k > 1:
+        raise ValueError(f"{where}: expected tma_store 0 with split_k > 1 (split-K stores fp32 slices to its "
+                         f"workspace), got 1")
+    if stages != 0 and not 2 <= stages <= sm90_max_stages(block_m, block_n, tma_store):
+        with_store = " with the TMA-store epilogue" if tma_store else ""
+        raise ValueError(f"{where}: expected stages in [2, {sm90_max_stages(block_m, block_n, tma_store)}] for "
+                         f"{block_m}x{block_n} tiles{with_store} (or 0 = the most that fit), got {stages}")
     if overlap not in (0, 1):
         raise ValueError(f"{where}: expected overlap 0 or 1, got {overlap}")
     if overlap == 1 and (block_m, block_n) == (128, 128):
@@ -315,7 +322,7 @@ def _validate_sm90(kind: str, k: int, block_m: int, block_n: int, split_k: int, 
 
 
 def _env_config(kind: str, k: int):
-    """(block_m, block_n, split_k, stages, overlap) from DEEPKERNELS_GEMM_CONFIG (or the legacy
+    """(block_m, block_n, split_k, stages, overlap, tma_store) from DEEPKERNELS_GEMM_CONFIG (or the legacy
     DEEPKERNELS_GEMM_SM90_BLOCKS="BMxBN"), None when unset; ValueError when set but invalid."""
     text = os.environ.get("DEEPKERNELS_GEMM_CONFIG", "")
     if text:
@@ -325,10 +332,10 @@ def _env_config(kind: str, k: int):
             values = [int(x) for x in parts]
         except ValueError:
             values = []
-        if len(values) not in (3, 4, 5):
-            raise ValueError(f'{name}: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), '
-                             f'got "{text}"')
-        values += [0] * (5 - len(values))
+        if len(values) not in (3, 4, 5, 6):
+            raise ValueError(f'{name}: expected "block_m,block_n,split_k[,stages[,overlap[,tma_store]]]" '
+                             f'(integers), got "{text}"')
+        values += [0] * (6 - len(values))
     else:
         text = os.environ.get("DEEPKERNELS_GEMM_SM90_BLOCKS", "")
         if not text:
@@ -338,9 +345,15 @@ def _env_config(kind: str, k: int):
             bm, bn = (int(x) for x in text.split("x"))
         except ValueError:
             raise ValueError(f'{name}: expected "BMxBN" (e.g. 64x128), got "{text}"') from None
-        values = [bm, bn, 1, 0, 0]
-    _validate_sm90(kind, k, *values, name)
+        values = [bm, bn, 1, 0, 0, 0]
+    _validate_sm90(kind, k, *values[:5], name, values[5])
     return tuple(values)
+
+
+def split_workspace_bytes(kind: str, m: int, n: int, num_groups: int, split_k: int) -> int:
+    """fp32 bytes of the split-K workspace the launch allocates (heuristic.h's workspace_bytes): 0 for split_k 1,
+    else split_k x M x N x 4, or split_k x G x Mmax x N x 4 for masked (masked_m is only known on the device)."""
+    return 0 if split_k <= 1 else split_k * (num_groups if kind == "masked" else 1) * m * n * 4
 
 
 def _sm90_heuristic(kind: str, m: int, n: int, k: int, num_groups: int, expected_m: int, num_sms: int):
@@ -355,14 +368,17 @@ def _sm90_heuristic(kind: str, m: int, n: int, k: int, num_groups: int, expected
             continue
         tiles = problems * ceil_div(m_pp, block_m) * ceil_div(n, block_n)
         max_split = 1
-        if kind == "dense" and tiles < num_sms:
+        if tiles < num_sms:
             max_split = max(1, min(_MAX_SPLIT_K, k_blocks // _MIN_K_BLOCKS_PER_SPLIT))
+            while max_split > 1 and split_workspace_bytes(kind, m, n, num_groups, max_split) > \
+                    _MAX_SPLIT_WORKSPACE_BYTES:
+                max_split -= 1
         for split in range(1, max_split + 1):
             units = tiles * split
             waves = ceil_div(units, num_sms)
             cost = waves * ceil_div(k_blocks, split) * (block_m + block_n)
             if split > 1:
-                cost += _REDUCE_LAUNCH_COST + ceil_div(8 * split * m_pp * n, 128 * num_sms)
+                cost += _REDUCE_LAUNCH_COST + ceil_div(8 * split * problems * m_pp * n, 128 * num_sms)
             low = units * 5 < waves * num_sms * 4
             if best_key is None:
                 better = True
@@ -380,7 +396,7 @@ def _sm90_heuristic(kind: str, m: int, n: int, k: int, num_groups: int, expected
 def explain(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132, kind: str = "dense",
             expected_m: int | None = None, kernel: str | None = None) -> dict:
     """What the GEMM launcher runs for a problem: ``{"kernel", "block_m", "block_n", "split_k", "stages",
-    "overlap", "units", "ctas", "sm_utilisation", "source"}``.
+    "overlap", "tma_store", "units", "ctas", "sm_utilisation", "source", "workspace_bytes"}``.
 
     m, n, k: the op's M (dense: rows of a; contiguous: all rows of a; masked: Mmax, a.size(1)), N, K.
     kind: "dense" | "contiguous" | "masked"; num_groups: G of the grouped kinds; expected_m: the masked
@@ -388,9 +404,15 @@ def explain(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132, kin
     process selects (``sm90`` when DEEPKERNELS_GEMM_SM90=1, else ``portable``; a layout TMA cannot describe
     also falls back to portable at run time). units = output tiles x split_k (work items), ctas = CTAs
     launched (sm90: persistent, min(units, num_sms)), overlap = 1 when the promotion of a K block overlaps the
-    next K block's wgmmas (two accumulator sets; the heuristic leaves it 0), sm_utilisation = units / (waves x num_sms), the share
-    of SM slots busy over the waves. source: "heuristic", "table" (deepkernels/tuning/gemm_sm90.json) or
-    "env" (DEEPKERNELS_GEMM_CONFIG). The same decision as csrc/fp8_gemm/heuristic.h (tested equal).
+    next K block's wgmmas (two accumulator sets; the heuristic leaves it 0), tma_store = 1 when the bf16 tiles go
+    through shared memory and a TMA store that overlaps the next tile (the heuristic leaves it 0; at run time an
+    ``out`` layout a tensor map cannot describe keeps the register epilogue: see last_launch_plan()),
+    sm_utilisation = units / (waves x num_sms), the share of SM slots busy over the waves. source: "heuristic",
+    "table" (deepkernels/tuning/gemm_sm90.json) or
+    "env" (DEEPKERNELS_GEMM_CONFIG). workspace_bytes: the fp32 split-K scratch the launch allocates
+    (:func:`split_workspace_bytes`; split-K runs in every kind: masked splits from the expected rows but
+    its workspace covers Mmax rows of every group). The same decision as csrc/fp8_gemm/heuristic.h (tested
+    equal).
     Raises ValueError for bad arguments or an invalid DEEPKERNELS_GEMM_CONFIG."""
     m = check_int("m", m, min_value=1)
     n = check_int("n", n, min_value=_NK_MULTIPLE)
@@ -409,27 +431,30 @@ def explain(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132, kin
     problems = num_groups if kind == "masked" else 1
     if kernel == "portable":
         units = ceil_div(m, 64) * ceil_div(n, 64) * problems
-        plan = dict(kernel="portable", block_m=64, block_n=64, split_k=1, stages=2, overlap=0, units=units,
+        plan = dict(kernel="portable", block_m=64, block_n=64, split_k=1, stages=2, overlap=0, tma_store=0,
+                    units=units,
                     ctas=units, source="heuristic")
     else:
-        source, stages, overlap = "heuristic", 0, 0
+        source, stages, overlap, tma_store = "heuristic", 0, 0, 0
         forced = _env_config(kind, k)
         if forced is not None:
-            (block_m, block_n, split_k, stages, overlap), source = forced, "env"
+            (block_m, block_n, split_k, stages, overlap, tma_store), source = forced, "env"
         else:
             entry = _table_entry(kind, m, n, k, num_groups, expected_m, num_sms)
             if entry is not None:
                 block_m, block_n, split_k, stages = (entry[f] for f in ("block_m", "block_n", "split_k", "stages"))
-                overlap, source = entry.get("overlap", 0), "table"
+                overlap, tma_store, source = entry.get("overlap", 0), entry.get("tma_store", 0), "table"
             else:
                 block_m, block_n, split_k = _sm90_heuristic(kind, m, n, k, num_groups, expected_m, num_sms)
         units = problems * ceil_div(m, block_m) * ceil_div(n, block_n) * split_k
         plan = dict(kernel="sm90", block_m=block_m, block_n=block_n, split_k=split_k,
-                    stages=stages or sm90_max_stages(block_m, block_n), overlap=overlap, units=units,
+                    stages=stages or sm90_max_stages(block_m, block_n, tma_store), overlap=overlap,
+                    tma_store=tma_store, units=units,
                     ctas=min(units, num_sms),
                     source=source)
     waves = ceil_div(plan["units"], num_sms)
     plan["sm_utilisation"] = plan["units"] / (waves * num_sms)
+    plan["workspace_bytes"] = split_workspace_bytes(kind, m, n, num_groups, plan["split_k"])
     return plan
 
 
@@ -439,7 +464,7 @@ def _table_entry(kind, m, n, k, num_groups, expected_m, num_sms):
                 kind, m, n, k, num_groups, expected_m, num_sms):
             try:
                 _validate_sm90(kind, k, e["block_m"], e["block_n"], e["split_k"], e["stages"], e.get("overlap", 0),
-                               "table")
+                               "table", e.get("tma_store", 0))
             except ValueError:
                 return None  # the C++ lookup skips an entry that cannot run, too
             return e
@@ -463,9 +488,9 @@ def load_tuning_table(path: str | None = None) -> dict:
 def set_tuning_table(entries: list[dict] | None) -> None:
     """Replace the table the launcher (and explain()) consult, on every device, until called with None (back
     to the committed deepkernels/tuning/gemm_sm90.json, this device's entries). Each entry a dict with kind,
-    m, n, k, num_groups, expected_m, num_sms, block_m, block_n, split_k, stages, optionally overlap (default 0;
-    extra keys ignored); entries
-    that cannot run (invalid shape / split / stages for their problem) are kept but never used."""
+    m, n, k, num_groups, expected_m, num_sms, block_m, block_n, split_k, stages, optionally overlap and tma_store
+    (default 0; extra keys ignored); entries that cannot run (invalid shape / split / stages for their problem)
+    are kept but never used."""
     global _table_key
     _push_table([] if entries is None else entries)
     _table_key = None if entries is None else "set_tuning_table"
@@ -481,7 +506,8 @@ def _push_table(entries: list[dict]) -> None:
         if e["kind"] not in _KINDS:
             raise ValueError(f"entries[{i}]: expected kind one of {list(_KINDS)}, got {e['kind']!r}")
         rows.append(e)
-    tuples = [(_KINDS[e["kind"]], *(int(e[f]) for f in _TABLE_FIELDS[1:]), int(e.get("overlap", 0))) for e in rows]
+    tuples = [(_KINDS[e["kind"]], *(int(e[f]) for f in _TABLE_FIELDS[1:]), int(e.get("overlap", 0)),
+               int(e.get("tma_store", 0))) for e in rows]
     for name in ("_C", "_emu"):
         module = sys.modules.get(f"{__package__}.{name}")
         if module is not None and hasattr(module, "gemm_set_table"):
@@ -532,7 +558,7 @@ def native_plan(m: int, n: int, k: int, num_groups: int = 1, num_sms: int = 132,
 __all__ = ["fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
            "get_m_alignment_for_contiguous_layout", "M_ALIGNMENT_FOR_CONTIGUOUS_LAYOUT"]
 __all__ += ["explain", "load_tuning_table", "set_tuning_table", "last_launch_plan", "native_plan",
-            "sm90_max_stages", "TUNING_TABLE_PATH"]
+            "sm90_max_stages", "split_workspace_bytes", "TUNING_TABLE_PATH"]
 
 
 # ----------------------------------------------------------------------------------------------

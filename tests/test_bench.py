@@ -426,9 +426,14 @@ def test_sweep_emulator_smoke_runs_every_variant(tmp_path):
         assert f"sm90 {block_m},{block_n},1,2" in gemm_labels
         if (block_m, block_n) != (128, 128):
             assert {f"sm90 {block_m},{block_n},{s},0,1" for s in (1, 2)} <= gemm_labels
-    ran = {(r["extra"]["block_m"], r["extra"]["block_n"], r["extra"]["split_k"], r["extra"]["overlap"])
-           for r in results if r["family"] == "gemm" and r["extra"].get("kernel") == "sm90"}
-    assert len(ran) == len(gemm._SM90_SHAPES) * 6 - 2, "each forced plan is the one that launched"
+            assert f"sm90 {block_m},{block_n},1,0,1,1" in gemm_labels  # TMA store + overlapped promotion
+        assert f"sm90 {block_m},{block_n},1,0,0,1" in gemm_labels  # the TMA-store epilogue
+    ran = {(r["extra"]["block_m"], r["extra"]["block_n"], r["extra"]["split_k"], r["extra"]["overlap"],
+            r["extra"]["tma_store"]) for r in results if r["family"] == "gemm" and r["extra"].get("kernel") == "sm90"}
+    assert len(ran) == len(gemm._SM90_SHAPES) * 8 - 3, "each forced plan is the one that launched"
+    kinds = {r["case"]["kind"] for r in results if r["family"] == "gemm"}
+    assert kinds == {"dense", "masked", "contiguous"}, f"the grouped MoE GEMMs are swept too, got {kinds}"
+    assert any(r["extra"].get("split_k", 1) > 1 for r in results if r["case"].get("kind") == "masked"), "masked split-K"
     assert {v for f, v in labels if f == "mla"} == {n for n, d in mla.MLA_VARIANTS.items() if torch.bfloat16 in d}
     assert {v for f, v in labels if f == "moe"} == set(wire._PACK_VARIANTS)
 

@@ -569,7 +569,7 @@ def _native_module():
     return module
 
 
-PLAN_KEYS = ("kernel", "block_m", "block_n", "split_k", "stages", "overlap", "units", "ctas", "source")
+PLAN_KEYS = ("kernel", "block_m", "block_n", "split_k", "stages", "overlap", "tma_store", "units", "ctas", "source")
 
 
 @pytest.mark.parametrize("kind", ["dense", "contiguous", "masked"])
@@ -578,7 +578,7 @@ def test_explain_mirrors_the_native_heuristic(kind, monkeypatch):
     monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
     monkeypatch.delenv("DEEPKERNELS_GEMM_SM90_BLOCKS", raising=False)
     _native_module()
-    checked = 0
+    checked = split = 0
     for m in (1, 16, 63, 64, 65, 128, 129, 300, 4096):
         for n, k in [(16, 16), (144, 400), (2112, 7168), (7168, 16384), (32768, 512), (4096, 2048)]:
             for groups in ((1,) if kind == "dense" else (1, 4)):
@@ -587,8 +587,11 @@ def test_explain_mirrors_the_native_heuristic(kind, monkeypatch):
                         got = gemm.native_plan(m, n, k, groups, sms, kind, expected)
                         want = gemm.explain(m, n, k, groups, sms, kind, expected, kernel="sm90")
                         assert {key: want[key] for key in PLAN_KEYS} == got, (m, n, k, groups, sms, expected)
+                        assert want["workspace_bytes"] <= 128 << 20, want  # the heuristic's split-K cap
                         checked += 1
+                        split += want["split_k"] > 1
     assert checked > 100
+    assert split > 0, f"no {kind} problem of the grid is split: the mirror of split-K is not exercised"
 
 
 @pytest.mark.parametrize("n, k", DSV3_NK)
@@ -621,11 +624,17 @@ def test_explain_portable_and_argument_errors(monkeypatch):
 
 
 BAD_CONFIGS = [
-    ("64,16", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), got "64,16"'),
-    ("64,x,1", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), '
-               'got "64,x,1"'),
-    ("64,16,1,0,1,1", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap]]" (integers), '
-                      'got "64,16,1,0,1,1"'),
+    ("64,16", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap[,tma_store]]]" '
+              '(integers), got "64,16"'),
+    ("64,x,1", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap[,tma_store]]]" '
+               '(integers), got "64,x,1"'),
+    ("64,16,1,0,1,1,0", 'DEEPKERNELS_GEMM_CONFIG: expected "block_m,block_n,split_k[,stages[,overlap[,tma_store]]]" '
+                        '(integers), got "64,16,1,0,1,1,0"'),
+    ("64,16,1,0,0,2", "DEEPKERNELS_GEMM_CONFIG: expected tma_store 0 or 1, got 2"),
+    ("64,64,2,0,0,1", "DEEPKERNELS_GEMM_CONFIG: expected tma_store 0 with split_k > 1 (split-K stores fp32 slices to "
+                      "its workspace), got 1"),
+    ("128,128,1,7,0,1", "DEEPKERNELS_GEMM_CONFIG: expected stages in [2, 6] for 128x128 tiles with the TMA-store "
+                        "epilogue (or 0 = the most that fit), got 7"),
     ("64,16,1,0,2", "DEEPKERNELS_GEMM_CONFIG: expected overlap 0 or 1, got 2"),
     ("128,128,1,0,1", "DEEPKERNELS_GEMM_CONFIG: expected overlap 0 for 128x128 tiles (two accumulator sets do not "
                       "fit its registers), got 1"),
@@ -659,13 +668,216 @@ def test_gemm_config_env_errors(text, message, monkeypatch):
     assert out.isnan().all()
 
 
-def test_gemm_config_split_k_refused_for_grouped(monkeypatch):
+def test_gemm_config_split_k_for_grouped(monkeypatch):
+    """Split-K runs in every mode: a forced split is taken for masked and contiguous as for dense (explain == the
+    C++ plan), with the workspace the launch allocates ([split, G, Mmax, N] fp32 for masked, [split, M, N]
+    otherwise); the limit kept in every mode: split_k <= ceil(K/128)."""
     monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", "64,64,2")
-    message = "DEEPKERNELS_GEMM_CONFIG: expected split_k = 1 for the grouped GEMMs (split-K is dense only), got 2"
-    with pytest.raises(ValueError) as info:
-        gemm.explain(64, 64, 512, num_groups=2, kind="masked", kernel="sm90")
-    assert str(info.value) == message
-    assert gemm.explain(64, 64, 512, kernel="sm90")["split_k"] == 2
+    for kind, groups, workspace in (("masked", 3, 2 * 3 * 64 * 80 * 4), ("contiguous", 3, 2 * 64 * 80 * 4),
+                                    ("dense", 1, 2 * 64 * 80 * 4)):
+        plan = gemm.explain(64, 80, 512, num_groups=groups, kind=kind, kernel="sm90")
+        assert (plan["split_k"], plan["source"], plan["workspace_bytes"]) == (2, "env", workspace), (kind, plan)
+        assert plan["units"] == 2 * (groups if kind == "masked" else 1) * 2, (kind, plan)
+        native = gemm.native_plan(64, 80, 512, groups, 132, kind)
+        assert _keys(native) == _keys(plan), kind
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", "64,64,5")
+    message = "DEEPKERNELS_GEMM_CONFIG: expected split_k in [1, ceil(K/128) = 4], got 5"
+    for kind in ("masked", "contiguous"):
+        with pytest.raises(ValueError) as info:
+            gemm.explain(64, 80, 512, num_groups=2, kind=kind, kernel="sm90")
+        assert str(info.value) == message
+        with pytest.raises(ValueError) as info:
+            gemm.native_plan(64, 80, 512, 2, 132, kind)
+        assert str(info.value) == message
+
+
+def test_heuristic_splits_grouped_gemms_that_leave_sms_idle(monkeypatch):
+    """The heuristic splits K in the grouped modes too, with the dense cost model: only while the tiles (masked:
+    counted from expected_m, as the tile shape is) do not fill the SMs, and only while the workspace (masked: Mmax
+    rows of every group, masked_m being on the device) stays <= 128 MiB."""
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
+    monkeypatch.delenv("DEEPKERNELS_GEMM_SM90_BLOCKS", raising=False)
+    cap = 128 << 20
+    # 2 experts x ~16 tokens of DeepSeek-V3's (N=2112, K=7168): 2 x 17 tiles of 64x128 on 132 SMs -> K slices
+    small = gemm.explain(256, 2112, 7168, num_groups=2, kind="masked", expected_m=16, kernel="sm90")
+    assert small["split_k"] > 1 and small["workspace_bytes"] == small["split_k"] * 2 * 256 * 2112 * 4, small
+    contiguous = gemm.explain(256, 2112, 7168, num_groups=2, kind="contiguous", kernel="sm90")
+    assert contiguous["split_k"] > 1 and contiguous["sm_utilisation"] >= 0.8, contiguous
+    # the same experts with Mmax 8192: one slice is 2 x 8192 x 2112 x 4 bytes, two would pass the cap -> no split
+    assert gemm.split_workspace_bytes("masked", 8192, 2112, 2, 2) > cap
+    big = gemm.explain(8192, 2112, 7168, num_groups=2, kind="masked", expected_m=16, kernel="sm90")
+    assert big["split_k"] == 1 and big["workspace_bytes"] == 0, big
+    # 32 experts fill the SMs without splitting
+    full = gemm.explain(256, 4096, 7168, num_groups=32, kind="masked", expected_m=16, kernel="sm90")
+    assert full["split_k"] == 1, full
+    for args in ((256, 2112, 7168, 2, 132, "masked", 16), (8192, 2112, 7168, 2, 132, "masked", 16),
+                 (256, 2112, 7168, 2, 132, "contiguous", None)):
+        plan = gemm.explain(*args, kernel="sm90")
+        assert _keys(plan) == _keys(gemm.native_plan(*args)), args
+        assert plan["workspace_bytes"] <= cap
+
+
+# Split-K in the grouped modes, forced (DEEPKERNELS_GEMM_CONFIG): every block shape, split 2..8, K = 1040 = 9 K blocks
+# with a partial last one, so the slices are uneven or empty (5+4, 3+3+3, 3+3+3+0, 2+2+2+2+1, ..., 2+2+2+2+1+0+0+0),
+# the overlapped promotion and a 2-stage ring too. Each result: the reference on the valid rows, the unquantised
+# product, untouched (masked) / zero / NaN (contiguous) rows, two runs bit-identical, and split 1 on the same tiles.
+GROUPED_SPLIT_CONFIGS = ["64,16,2", "64,32,3", "64,64,4,2", "64,128,5", "128,64,6", "128,128,7", "64,64,8",
+                         "64,32,2,2,1", "64,128,3,0,1", "128,64,4,0,1"]
+GROUPED_SPLIT_K = 1040
+
+
+def _keys(plan: dict) -> dict:
+    return {key: plan[key] for key in PLAN_KEYS}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+def _run_twice(kernel_device, call, out_shape, expect_reduce: bool):
+    """Two calls on fresh poisoned outputs; returns both (emulated: each launched the sm_90a kernel + the reduce)."""
+    outs = []
+    for _ in range(2):
+        out = poison_(torch.empty(out_shape, dtype=torch.bfloat16, device=kernel_device))
+        before = _emulated_kernels()
+        call(out)
+        _check_emulated(kernel_device, before, sm90=1, portable=0, reduce=int(expect_reduce))
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("config", GROUPED_SPLIT_CONFIGS)
+@pytest.mark.parametrize("kernel_device, masked", _device_cases(
+    [[0, 5, 130, 67], [130, 130, 130, 130], [0, 0, 0, 0], [1, 0, 64, 129]]), indirect=["kernel_device"])
+def test_cuda_sm90_masked_split_k(config, kernel_device, masked, monkeypatch):
+    sms = _use_sm90_kernel(monkeypatch, kernel_device)
+    groups, mmax, n, k = 4, 130, 80, GROUPED_SPLIT_K
+    a, b, (aq, sa), (bq, sb) = _operands(mmax, n, k, kernel_device, groups=groups)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=kernel_device)
+    expected_m = 64
+
+    def call(out):
+        deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, expected_m)
+
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", config)
+    first, second = _run_twice(kernel_device, call, (groups, mmax, n), True)
+    plan = gemm.explain(mmax, n, k, groups, sms, "masked", expected_m, kernel="sm90")
+    assert plan["split_k"] == int(config.split(",")[2])
+    assert plan["workspace_bytes"] == plan["split_k"] * groups * mmax * n * 4
+    assert _keys(plan) == _keys(gemm.last_launch_plan())
+    valid = torch.arange(mmax, device=kernel_device)[None, :] < masked_m[:, None]
+    assert first[~valid].isnan().all(), f"{config} {masked}: rows >= masked_m[g] must stay untouched"
+    assert torch.equal(_bits(first), _bits(second)), f"{config} {masked}: two runs differ (not deterministic)"
+    want = poison_(torch.empty_like(first))
+    gemm.m_grouped_fp8_gemm_nt_masked_ref(aq, sa, bq, sb, want, masked_m, expected_m)
+    _check_against_reference(first, want, (config, masked), valid)
+    if valid.any():
+        exact = torch.einsum("gmk,gnk->gmn", a.float(), b.float())
+        diff = calc_diff(first[valid].float(), exact[valid])
+        assert diff < 1e-3, f"{config} {masked}: calc_diff vs the unquantised product {diff:.2e}"
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", ",".join(config.split(",")[:2] + ["1"]))
+    unsplit = _run_twice(kernel_device, call, (groups, mmax, n), False)[0]
+    torch.testing.assert_close(first[valid], unsplit[valid], rtol=8e-3, atol=1e-2, msg=f"{config} vs split 1")
+
+
+def _contiguous_bad_ids_case(n, k, device):
+    """m_indices over 4 x 128 rows, G = 3, the same outcome for BLOCK_M 64 and 128: group 1 (100 rows, then -1);
+    group 0 (60 rows, then an id >= G, a foreign id 2, then -1); a block whose first id is out of range (NaN rows,
+    -1 rows zero); group 2 in full. Returns operands, m_indices and the expected kind of each row."""
+    ids = [1] * 100 + [-1] * 28
+    ids += [0] * 60 + [5, 2] + [-1] * 66
+    ids += [7] + [2] * 43 + [-1] * 84
+    ids += [2] * 128
+    m_indices = torch.tensor(ids, dtype=torch.int32)
+    nan_rows = torch.zeros(len(ids), dtype=torch.bool)
+    nan_rows[[188, 189, *range(256, 300)]] = True
+    a, _, (aq, sa), _ = _operands(len(ids), n, k)
+    _, b, _, (bq, sb) = _operands(1, n, k, groups=3)
+    return a, b, aq.to(device), sa.to(device), bq.to(device), sb.to(device), m_indices.to(device), nan_rows
+
+
+@pytest.mark.parametrize("config", GROUPED_SPLIT_CONFIGS)
+@pytest.mark.parametrize("kernel_device", _device_cases([()]), indirect=["kernel_device"])
+def test_cuda_sm90_contiguous_split_k(config, kernel_device, monkeypatch):
+    """Contiguous under split-K: each row its group's product, 0 for padding (-1), NaN for an id the tile does not
+    compute (out of [0, G), foreign to the tile's group), as the split-1 epilogue writes (trusted m_indices)."""
+    sms = _use_sm90_kernel(monkeypatch, kernel_device)
+    n, k = 80, GROUPED_SPLIT_K
+    a, b, aq, sa, bq, sb, m_idx, nan_rows = _contiguous_bad_ids_case(n, k, kernel_device)
+    m = aq.size(0)
+
+    def call(out):
+        deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_idx)
+
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", config)
+    first, second = _run_twice(kernel_device, call, (m, n), True)
+    plan = gemm.explain(m, n, k, 3, sms, "contiguous", kernel="sm90")
+    assert plan["split_k"] == int(config.split(",")[2]) and plan["workspace_bytes"] == plan["split_k"] * m * n * 4
+    assert _keys(plan) == _keys(gemm.last_launch_plan())
+    assert torch.equal(_bits(first), _bits(second)), f"{config}: two runs differ (not deterministic)"
+    got, ids = first.cpu(), m_idx.cpu()
+    assert got[nan_rows].isnan().all(), f"{config}: rows with an id the tile does not compute must be NaN"
+    assert (got[ids == -1] == 0).all(), f"{config}: padding rows must be zero"
+    for g in range(3):
+        rows = ((ids == g) & ~nan_rows).nonzero().squeeze(1)
+        want = torch.empty(rows.numel(), n, dtype=torch.bfloat16)
+        gemm.fp8_gemm_nt_ref(aq.cpu()[rows], sa.cpu()[rows], bq.cpu()[g], sb.cpu()[g], want)
+        _check_against_reference(got[rows], want, (config, "group", g))
+        diff = calc_diff(got[rows].float(), a[rows].float() @ b[g].float().T)
+        assert diff < 1e-3, f"{config} group {g}: calc_diff vs the unquantised product {diff:.2e}"
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", ",".join(config.split(",")[:2] + ["1"]))
+    unsplit = _run_twice(kernel_device, call, (m, n), False)[0].cpu()
+    assert torch.equal(unsplit.isnan(), got.isnan()), f"{config}: NaN rows differ from split 1"
+    torch.testing.assert_close(got, unsplit, rtol=8e-3, atol=1e-2, equal_nan=True, msg=f"{config} vs split 1")
+
+
+# The heuristic's own split of grouped problems on a small emulated device (masked: from expected_m; contiguous).
+@pytest.mark.parametrize("kernel_device, kind, m, n, k, sms", _device_cases(
+    [("masked", 64, 64, 2048, 16), ("contiguous", 256, 64, 2048, 16), ("masked", 200, 48, 1536, 8)]),
+    indirect=["kernel_device"])
+def test_cuda_sm90_grouped_split_k_heuristic(kernel_device, kind, m, n, k, sms, monkeypatch):
+    device_sms = _use_sm90_kernel(monkeypatch, kernel_device)
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
+    if kernel_device == "cpu":
+        monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", str(sms))
+    else:
+        sms = device_sms
+    groups, expected_m = 2, 16
+    if kind == "masked":
+        a, b, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device, groups=groups)
+        masked_m = torch.tensor([min(m, 21), min(m, 9)], dtype=torch.int32, device=kernel_device)
+        shape = (groups, m, n)
+
+        def call(out):
+            deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, expected_m)
+        want = poison_(torch.empty(shape, dtype=torch.bfloat16, device=kernel_device))
+        gemm.m_grouped_fp8_gemm_nt_masked_ref(aq, sa, bq, sb, want, masked_m, expected_m)
+        valid = torch.arange(m, device=kernel_device)[None, :] < masked_m[:, None]
+    else:
+        _, _, aq, sa, bq, sb, m_idx = _contiguous_case([100, 128], n=n, k=k, device=kernel_device)
+        shape = (aq.size(0), n)
+
+        def call(out):
+            deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_idx)
+        want = torch.empty(shape, dtype=torch.bfloat16, device=kernel_device)
+        gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq, sa, bq, sb, want, m_idx)
+        valid = None
+    plan = gemm.explain(m if kind == "masked" else aq.size(0), n, k, groups, sms, kind, expected_m, kernel="sm90")
+    assert kernel_device != "cpu" or plan["split_k"] > 1, f"the heuristic should split this case: {plan}"
+    before = _emulated_kernels()
+    first, second = _run_twice(kernel_device, call, shape, plan["split_k"] > 1)
+    assert _keys(plan) == _keys(gemm.last_launch_plan())
+    if kernel_device == "cpu":
+        rows = min(m, expected_m) if kind == "masked" else aq.size(0)
+        g = groups if kind == "masked" else 1
+        reduce_ctas = g * min(-(-rows * n // 2 // 256), -(-4 * sms // g))
+        assert _emulated_kernels()["ctas"] - before["ctas"] == 2 * (plan["ctas"] + reduce_ctas)
+    assert torch.equal(_bits(first), _bits(second)), f"{kind}: two runs differ (not deterministic)"
+    _check_against_reference(first, want, (kind, m, n, k, plan), valid)
+    if valid is not None:
+        assert first[~valid].isnan().all(), "rows >= masked_m[g] must stay untouched"
+    else:
+        assert (first[m_idx == -1] == 0).all()
 
 
 # Every sm_90a variant through DEEPKERNELS_GEMM_CONFIG: narrow BLOCK_N, split-K (with an uneven last slice),
@@ -696,14 +908,16 @@ def test_cuda_sm90_every_config(config, kernel_device, m, n, k, monkeypatch):
     want = torch.empty_like(out)
     gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     _check_against_reference(out, want, (config, m, n, k))
-    if plan["split_k"] == 1:  # grouped modes on the same config: masked (rows m, 0, m // 2)
-        out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device=kernel_device))
-        masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device=kernel_device)
-        deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
-                                                 torch.stack([sb] * 3), out3, masked_m, m)
-        _check_against_reference(out3[0], want, (config, "masked group 0"))
-        _check_against_reference(out3[2, :m // 2], want[:m // 2], (config, "masked group 2"))
-        assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all()
+    # the masked mode on the same config (split-K included): rows m, 0, m // 2
+    out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device=kernel_device))
+    masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device=kernel_device)
+    before = _emulated_kernels()
+    deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
+                                             torch.stack([sb] * 3), out3, masked_m, m)
+    _check_emulated(kernel_device, before, sm90=1, portable=0, reduce=int(split))
+    _check_against_reference(out3[0], want, (config, "masked group 0"))
+    _check_against_reference(out3[2, :m // 2], want[:m // 2], (config, "masked group 2"))
+    assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all()
 
 
 # The heuristic's own picks, launched: narrow tiles and split-K chosen on a small emulated device.
@@ -784,4 +998,199 @@ def test_committed_tuning_table_is_valid():
     for e in table["entries"]:
         assert isinstance(e["device"], str) and e["us"] > 0
         gemm._validate_sm90(e["kind"], e["k"], e["block_m"], e["block_n"], e["split_k"], e["stages"],
-                            e.get("overlap", 0), "table")
+                            e.get("overlap", 0), "table", e.get("tma_store", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The TMA-store epilogue (tma_store = 1, DEEPKERNELS_GEMM_CONFIG's 6th field): bf16 tiles through shared memory
+# and a TMA store that overlaps the next tile. On few emulated SMs every CTA handles several tiles, so each store
+# is still in flight (the emulator performs it only at the next tile's wait_group.read) while the next tile runs.
+# The result must be bit-identical to the register epilogue's, rows the op must not write keep their poison.
+
+TMA_STORE_CONFIGS = [f"{bm},{bn},1,0,0,1" for bm, bn in gemm._SM90_SHAPES] + [
+    "64,64,1,0,1,1", "128,64,1,2,1,1",  # with the overlapped promotion (and a 2-stage ring)
+    "128,128,1,2,0,1", "64,32,1,3,0,1",  # other ring depths
+]
+TMA_STORE_EMU_SMS = 2
+
+
+def _register_twin(config: str) -> str:
+    return config.rsplit(",", 1)[0] + ",0"
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return torch.equal(x.view(torch.int16), y.view(torch.int16))
+
+
+def _run_both_epilogues(kernel_device, config, monkeypatch, run):
+    """run(out) on the TMA-store config and on its register-epilogue twin; returns both outputs (each poisoned
+    first) after checking the launched plans (explain's, tma_store as asked) and what was emulated."""
+    outs = []
+    for c, store in ((config, 1), (_register_twin(config), 0)):
+        monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", c)
+        before = _emulated_kernels()
+        out, problem = run()
+        plan = gemm.last_launch_plan()
+        assert plan["tma_store"] == store and plan["source"] == "env", (c, plan)
+        want = gemm.explain(*problem["mnk"], num_groups=problem.get("groups", 1), kind=problem["kind"],
+                            num_sms=plan["ctas"] if kernel_device == "cuda" else TMA_STORE_EMU_SMS, kernel="sm90")
+        assert {k: want[k] for k in ("block_m", "block_n", "split_k", "stages", "overlap", "tma_store")} == \
+            {k: plan[k] for k in ("block_m", "block_n", "split_k", "stages", "overlap", "tma_store")}, (c, plan)
+        _check_emulated(kernel_device, before, sm90=1, portable=0)
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("config", TMA_STORE_CONFIGS)
+@pytest.mark.parametrize("kernel_device, kind", _device_cases(["dense", "contiguous", "masked"]),
+                         indirect=["kernel_device"])
+def test_cuda_sm90_tma_store_epilogue(config, kernel_device, kind, monkeypatch):
+    _use_sm90_kernel(monkeypatch, kernel_device)
+    if kernel_device == "cpu":
+        monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", str(TMA_STORE_EMU_SMS))
+    if kind == "dense":  # partial tiles in M (130), N (144) and K (400)
+        m, n, k = 130, 144, 400
+        _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+
+        def run():
+            out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+            deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+            return out, dict(kind=kind, mnk=(m, n, k))
+
+        out, twin = _run_both_epilogues(kernel_device, config, monkeypatch, run)
+        want = torch.empty_like(out)
+        gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+        _check_against_reference(out, want, (config, kind))
+    elif kind == "contiguous":  # padding rows (-1: zeros) and one foreign id (NaN: m_indices is trusted there)
+        n, k = 144, 272
+        _, _, aq, sa, bq, sb, m_idx = _contiguous_case([5, 0, 130, 1], n=n, k=k, device=kernel_device)
+        foreign = m_idx.clone()
+        foreign[100] = 9  # a padding row inside group 0's first tile
+        m = aq.size(0)
+
+        def run():
+            out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
+            deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, foreign)
+            return out, dict(kind=kind, mnk=(m, n, k), groups=bq.size(0))
+
+        out, twin = _run_both_epilogues(kernel_device, config, monkeypatch, run)
+        want = torch.empty_like(out)
+        gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq, sa, bq, sb, want, m_idx)
+        rows = torch.arange(m, device=kernel_device) != 100
+        _check_against_reference(out[rows], want[rows], (config, kind))
+        assert torch.all(out[(m_idx == -1) & rows] == 0), f"{config}: padding rows must be zero"
+        assert out[100].isnan().all(), f"{config}: a row with a foreign group id must be NaN"
+    else:  # masked: an empty group, a partial one, a full one (Mmax), one of exactly one 64-row block
+        groups, mmax, n, k = 4, 130, 144, 400
+        _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, kernel_device, groups=groups)
+        masked_m = torch.tensor([0, 70, mmax, 64], dtype=torch.int32, device=kernel_device)
+
+        def run():
+            out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device=kernel_device))
+            deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, mmax)
+            return out, dict(kind=kind, mnk=(mmax, n, k), groups=groups)
+
+        out, twin = _run_both_epilogues(kernel_device, config, monkeypatch, run)
+        want = poison_(torch.empty_like(out))
+        gemm.m_grouped_fp8_gemm_nt_masked_ref(aq, sa, bq, sb, want, masked_m, mmax)
+        valid = torch.arange(mmax, device=kernel_device)[None, :] < masked_m[:, None]
+        _check_against_reference(out, want, (config, kind), valid)
+        assert out[~valid].isnan().all(), f"{config}: rows >= masked_m[g] must keep their poison"
+    assert _same_bits(out, twin), f"{config} {kind}: the TMA-store epilogue differs from the register epilogue"
+
+
+def test_cuda_sm90_tma_store_out_layouts(kernel_device, monkeypatch):
+    """Output views through the op (the wrappers want contiguous outs; the op takes any 4-byte aligned, even
+    stride): a row stride padded by 16 bytes (TMA can describe it: stored by TMA), by 4 bytes (not a multiple of
+    16: the register epilogue), a 4-byte offset base (not 16-byte aligned: the register epilogue), a masked out
+    with padded groups (TMA) and with a group stride TMA cannot describe (the register epilogue). Each right,
+    the padding keeps its poison, and last_launch_plan() says which epilogue ran."""
+    _use_sm90_kernel(monkeypatch, kernel_device)
+    if kernel_device == "cpu":
+        monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", str(TMA_STORE_EMU_SMS))
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", "64,64,1,0,0,1")
+    m, n, k = 100, 144, 272
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+    want = torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    op = torch.ops.deepkernels.fp8_gemm_nt
+    cases = [("row stride n + 8 (16 bytes)", n + 8, 0, 1), ("row stride n + 2 (4 bytes)", n + 2, 0, 0),
+             ("base at +4 bytes", n + 16, 2, 0)]
+    for what, pitch, offset, store in cases:
+        big = poison_(torch.empty(m, pitch, dtype=torch.bfloat16, device=kernel_device))
+        out = big[:, offset:offset + n]
+        with deepkernels.emulate(kernel_device == "cpu"):
+            op(aq, sa, bq, sb, out)
+            plan = gemm.last_launch_plan()
+        assert plan["kernel"] == "sm90" and plan["tma_store"] == store, (what, plan)
+        _check_against_reference(out, want, what)
+        outside = torch.ones_like(big, dtype=torch.bool)
+        outside[:, offset:offset + n] = False
+        assert big[outside].isnan().all(), f"{what}: written outside out"
+
+    groups, mmax = 3, 70
+    _, _, (aq3, sa3), (bq3, sb3) = _operands(mmax, n, k, kernel_device, groups=groups)
+    masked_m = torch.tensor([mmax, 0, 65], dtype=torch.int32, device=kernel_device)
+    want3 = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device=kernel_device))
+    gemm.m_grouped_fp8_gemm_nt_masked_ref(aq3, sa3, bq3, sb3, want3, masked_m, mmax)
+    valid = torch.arange(mmax, device=kernel_device)[None, :] < masked_m[:, None]
+    group_strides = [("groups padded by 3 rows", (mmax + 3) * n, 1), ("group stride + 2 elements", mmax * n + 2, 0)]
+    for what, group_stride, store in group_strides:
+        flat = poison_(torch.empty(groups * group_stride, dtype=torch.bfloat16, device=kernel_device))
+        out3 = flat.as_strided((groups, mmax, n), (group_stride, n, 1))
+        with deepkernels.emulate(kernel_device == "cpu"):
+            torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(aq3, sa3, bq3, sb3, out3, masked_m, mmax)
+            plan = gemm.last_launch_plan()
+        assert plan["kernel"] == "sm90" and plan["tma_store"] == store, (what, plan)
+        _check_against_reference(out3, want3, what, valid)
+        assert out3[~valid].isnan().all(), f"{what}: rows >= masked_m written"
+        written = torch.zeros_like(flat, dtype=torch.bool)
+        written.as_strided((groups, mmax, n), (group_stride, n, 1))[valid] = True
+        assert flat[~written].isnan().all(), f"{what}: written outside the valid rows"
+
+
+def test_explain_mirrors_tma_store_plans(monkeypatch):
+    """The tma_store field and its stage bound (the output tile takes ring space: 128x128 keeps 6 stages, not
+    7): explain() == heuristic.h through the extension for forced TMA-store plans; the heuristic leaves 0."""
+    monkeypatch.delenv("DEEPKERNELS_GEMM_SM90_BLOCKS", raising=False)
+    assert gemm.sm90_max_stages(128, 128) == 7 and gemm.sm90_max_stages(128, 128, 1) == 6
+    assert all(gemm.sm90_max_stages(bm, bn, 1) == 8 for bm, bn in gemm._SM90_SHAPES if (bm, bn) != (128, 128))
+    for config in TMA_STORE_CONFIGS + ["128,128,1,6,0,1"]:
+        monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", config)
+        for kind, groups in (("dense", 1), ("contiguous", 4), ("masked", 4)):
+            got = gemm.native_plan(300, 2112, 7168, groups, 132, kind, 64)
+            want = gemm.explain(300, 2112, 7168, groups, 132, kind, 64, kernel="sm90")
+            assert {key: want[key] for key in PLAN_KEYS} == got, (config, kind)
+            assert got["tma_store"] == 1
+        bm, bn, _, stages = map(int, config.split(",")[:4])
+        assert got["stages"] == (stages or gemm.sm90_max_stages(bm, bn, 1)), config
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG")
+    assert gemm.explain(300, 2112, 7168, kernel="sm90")["tma_store"] == 0
+
+
+def test_tuning_table_tma_store_entry(monkeypatch):
+    """A table entry with tma_store = 1 reaches explain(), the C++ plan and the emulated launch (which then runs
+    the TMA-store epilogue); entries without the key load as 0."""
+    monkeypatch.setenv("DEEPKERNELS_GEMM_SM90", "1")
+    monkeypatch.delenv("DEEPKERNELS_GEMM_CONFIG", raising=False)
+    monkeypatch.setenv("DEEPKERNELS_EMULATE_SMS", "4")
+    m, n, k = 20, 96, 640
+    entry = dict(device="SIMT emulator", kind="dense", m=m, n=n, k=k, num_groups=1, expected_m=0, num_sms=4,
+                 block_m=64, block_n=32, split_k=1, stages=0, tma_store=1)
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k)
+    want = torch.empty(m, n, dtype=torch.bfloat16)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    try:
+        gemm.set_tuning_table([entry, {key: v for key, v in entry.items() if key != "tma_store"} | {"m": m + 1}])
+        plan = gemm.explain(m, n, k, num_sms=4)
+        assert plan["source"] == "table" and plan["tma_store"] == 1 and plan["overlap"] == 0
+        assert gemm.native_plan(m, n, k, num_sms=4) == {key: plan[key] for key in PLAN_KEYS}
+        assert gemm.explain(m + 1, n, k, num_sms=4)["tma_store"] == 0  # no key: 0
+        assert gemm.native_plan(m + 1, n, k, num_sms=4)["tma_store"] == 0
+        out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
+        with deepkernels.emulate():
+            deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+            assert gemm.last_launch_plan() == {key: plan[key] for key in PLAN_KEYS}
+        _check_against_reference(out, want, "table plan with tma_store")
+    finally:
+        gemm.set_tuning_table(None)

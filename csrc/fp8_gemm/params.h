@@ -35,6 +35,7 @@ struct Fp8GemmParams {
   // Filled in by the launcher from its plan (the kernel reads them); callers leave them 0.
   int split_k, stages;
   int overlap;  // 1: two accumulator sets, the promotion of K block kb - 1 overlaps kb's wgmmas (wait<1>)
+  int tma_store;  // 1: bf16 tiles go through shared memory and a TMA store (sm90.cuh), overlapping the next tile
 };
 
 }  // namespace deepkernels::fp8_gemm

@@ -62,9 +62,21 @@ struct Config {
   static constexpr int kFit = (kSmemBudget - kAlignSlack - 16 * kMaxStages) / kStageBytes;
   static constexpr int kStages = kFit < kMaxStages ? kFit : kMaxStages;
   static_assert(kStages == plan::sm90_max_stages(kBM, kBN), "heuristic.h's stage bound is this ring's");
-  static constexpr int kSmemBytes = kAlignSlack + kStages * kStageBytes;  // dynamic: the ring at its deepest
-  // The ring of a launch with `stages` (2..kStages, the plan's) stages.
-  static constexpr int smem_bytes(int stages) { return kAlignSlack + stages * kStageBytes; }
+  // TMA-store epilogue (p.tma_store): the bf16 tile in shared memory after the ring, per math warpgroup 64 rows
+  // in boxes of kOutBoxCols columns (at most 64: a 128-byte row, the widest a swizzled box allows), each box
+  // swizzled over its kOutBoxCols * 2-byte rows (32/64/128B), so the row-per-lane register stores hit 32 banks.
+  static constexpr int kOutBytes = plan::sm90_out_tile_bytes(kBM, kBN, 1);
+  static constexpr int kOutBoxCols = kBN < 64 ? kBN : 64;
+  static constexpr int kOutBoxBytes = 64 * kOutBoxCols * 2;  // multiples of 1024: every box starts a swizzle atom
+  static constexpr int kOutWgBytes = 64 * kBN * 2;
+  static constexpr int kStoreStages = plan::sm90_max_stages(kBM, kBN, 1);
+  static_assert(kStoreStages >= 2, "the TMA-store epilogue leaves room for a two-stage ring");
+  // The ring (+ the output tile) of a launch with `stages` (2..kStages, or ..kStoreStages with the TMA store).
+  static constexpr int smem_bytes(int stages, int tma_store = 0) {
+    return kAlignSlack + stages * kStageBytes + (tma_store ? kOutBytes : 0);
+  }
+  // dynamic: the deepest ring of either epilogue
+  static constexpr int kSmemBytes = std::max(smem_bytes(kStages), smem_bytes(kStoreStages, 1));
   static constexpr int kBarrierBytes = 16 * kStages;  // static: the full/empty mbarriers (sm_90a image only)
   static constexpr int kAccum = kBN / 2;  // fp32 accumulators per thread of an m64nBNk32 wgmma
   // The overlapped promotion keeps two accumulator sets + the total: 3 x 64 registers do not fit the 168 a
@@ -98,7 +110,7 @@ class Scheduler {
       load_group();
     } else {
       rows_ = m_;
-      tiles_ = ceil_div(m_, kBM) * n_blocks_ * split_k_;  // work units: split_k per tile (dense only)
+      tiles_ = ceil_div(m_, kBM) * n_blocks_ * split_k_;  // work units: split_k per tile, every mode
     }
   }
 
@@ -137,7 +149,7 @@ class Scheduler {
  private:
   __device__ void load_group() {
     rows_ = min(max(__ldg(masked_m_ + group_), 0), m_);
-    tiles_ = ceil_div(rows_, kBM) * n_blocks_;
+    tiles_ = ceil_div(rows_, kBM) * n_blocks_ * split_k_;  // units of this group: its valid tiles x split_k
   }
 
   GemmMode mode_;
@@ -189,7 +201,7 @@ __device__ __forceinline__ void promote(float (&total)[kAccum], const float (&pa
 template <int kBM, int kBN>
 __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
     fp8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
-                         const __grid_constant__ Fp8GemmParams p) {
+                         const __grid_constant__ CUtensorMap tmap_out, const __grid_constant__ Fp8GemmParams p) {
 #if DEEPKERNELS_SM90A
   using C = Config<kBM, kBN>;
   using namespace deepkernels::ptx::sm90;
@@ -256,6 +268,7 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
     Tile t;
     int stage = 0;
     uint32_t phase = 0;
+    bool store_pending = false;  // a TMA store of this warpgroup's output tile may still read it
     while (scheduler.next(t)) {
 #pragma unroll
       for (int i = 0; i < C::kAccum; ++i) total[i] = 0.0f;
@@ -339,21 +352,77 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
       }
 
       if (p.split_k > 1) {
-        // Split-K (dense only): this slice's fp32 sums to workspace[split][row][col]; splitk_reduce_kernel adds
-        // the slices in a fixed order (deterministic) and rounds once to bf16.
-        float* ws = p.workspace + static_cast<int64_t>(t.split) * p.m * p.n;
+        // Split-K (every mode): this slice's fp32 sums to the workspace [split][a_group][row][col] (masked: Mmax
+        // rows per group, as masked_m is only known on the device); fp8_gemm_splitk_reduce_kernel adds the slices
+        // in a fixed order (deterministic) and rounds once to bf16. Rows >= masked_m[g] are neither written here
+        // nor read there. Contiguous rows this tile does not compute reach the epilogue's value through the sum:
+        // slice 0 holds the fill (0 for padding, NaN for any other foreign id), every other slice 0.
+        const int64_t ws_groups = p.mode == GemmMode::kGroupedMasked ? p.num_groups : 1;
+        float* ws = p.workspace + (static_cast<int64_t>(t.split) * ws_groups + t.a_group) * p.m * p.n;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = t.m0 + row_in_tile + 8 * h;
           if (row >= t.rows) continue;
+          bool keep = t.b_group >= 0;
+          float fill = 0.0f;
+          if (p.mode == GemmMode::kGroupedContiguous) {
+            const int row_group = __ldg(p.m_indices + row);
+            keep = keep && row_group == t.b_group;
+            if (row_group != -1 && t.split == 0) fill = __int_as_float(0x7fffffff);
+          }
+          float* dst = ws + static_cast<int64_t>(row) * p.n;
 #pragma unroll
           for (int i = 0; i < kBN / 8; ++i) {
             const int col = t.n0 + 8 * i + col_in_tile;
             if (col >= p.n) continue;
-            *reinterpret_cast<float2*>(ws + static_cast<int64_t>(row) * p.n + col) =
-                make_float2(total[4 * i + 2 * h], total[4 * i + 2 * h + 1]);
+            *reinterpret_cast<float2*>(dst + col) =
+                keep ? make_float2(total[4 * i + 2 * h], total[4 * i + 2 * h + 1]) : make_float2(fill, fill);
           }
         }
+        continue;
+      }
+      // Epilogue through shared memory and TMA (p.tma_store): this warpgroup's 64 rows in bf16 to its output
+      // tile, then one thread stores them (the out map bounds rows >= M and columns >= N) while the warpgroup
+      // goes on to the next tile's main loop; the buffer is reused only after wait_group.read. Masked tiles with
+      // rows past masked_m[g] (which the host-encoded map cannot bound) take the register path below, as do
+      // layouts TMA cannot describe (the host clears p.tma_store).
+      const int wg_row0 = t.m0 + wg * 64;
+      if (p.tma_store && wg_row0 < t.rows && (p.mode != GemmMode::kGroupedMasked || wg_row0 + 64 <= t.rows)) {
+        uint8_t* tile = smem + stages * C::kStageBytes + wg * C::kOutWgBytes;
+        if (store_pending) {  // the previous tile's store has read the buffer before anyone overwrites it
+          if (threadIdx.x % 128 == 0) bulk_wait_group_read<0>();
+          named_barrier_sync(1 + wg, 128);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = t.m0 + row_in_tile + 8 * h, r = row_in_tile % 64 + 8 * h;
+          bool keep = t.b_group >= 0;  // the same values as the register path (see there)
+          float fill = 0.0f;
+          if (p.mode == GemmMode::kGroupedContiguous && row < t.rows) {
+            const int row_group = __ldg(p.m_indices + row);
+            keep = keep && row_group == t.b_group;
+            if (row_group != -1) fill = __int_as_float(0x7fffffff);
+          }
+#pragma unroll
+          for (int i = 0; i < kBN / 8; ++i) {
+            const int col = 8 * i + col_in_tile, box = col / C::kOutBoxCols;
+            const uint32_t linear = box * C::kOutBoxBytes + (r * C::kOutBoxCols + col % C::kOutBoxCols) * 2;
+            // the map's swizzle: 16-byte chunk bits [4, 4 + log2(span / 16)) ^= row bits (from bit 7)
+            const uint32_t offset = linear ^ (((linear >> 7) & (C::kOutBoxCols / 8 - 1)) << 4);
+            const float v0 = keep ? total[4 * i + 2 * h] : fill, v1 = keep ? total[4 * i + 2 * h + 1] : fill;
+            *reinterpret_cast<__nv_bfloat162*>(tile + offset) = __floats2bfloat162_rn(v0, v1);
+          }
+        }
+        fence_proxy_async();  // this thread's st.shared, visible to the TMA unit (the async proxy)
+        named_barrier_sync(1 + wg, 128);
+        if (threadIdx.x % 128 == 0) {
+#pragma unroll
+          for (int box = 0; box < kBN / C::kOutBoxCols; ++box) {
+            tma_store_3d(&tmap_out, tile + box * C::kOutBoxBytes, t.n0 + box * C::kOutBoxCols, wg_row0, t.a_group);
+          }
+          bulk_commit_group();
+        }
+        store_pending = true;
         continue;
       }
       // Epilogue: bf16 pairs (n % 16 == 0, so a pair never straddles the N edge).
@@ -381,9 +450,11 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
         }
       }
     }
+    // The stores' global writes complete before the CTA exits (and its shared memory goes to the next CTA).
+    if (store_pending && threadIdx.x % 128 == 0) bulk_wait_group<0>();
   }
 #else
-  (void)tmap_a; (void)tmap_b; (void)p;
+  (void)tmap_a; (void)tmap_b; (void)tmap_out; (void)p;
 #endif
 }
 
@@ -425,6 +496,21 @@ inline bool tma_compatible(const Fp8GemmParams& p) {
   return static_cast<int64_t>(p.n) * p.k < kMaxStride;
 }
 
+// The TMA-store epilogue's bf16 out map [groups, rows, n]: 16-byte aligned base, row (masked: and group) strides
+// in bytes multiples of 16 below 2^40, rows (groups) not overlapping. Other layouts (a row stride padded to an odd
+// number of elements, an 8-byte offset view, ...) keep the register epilogue: plan() clears tma_store for them.
+inline bool tma_store_compatible(const Fp8GemmParams& p) {
+  constexpr int64_t kMaxStride = int64_t{1} << 40;
+  const int64_t row_bytes = p.out_row_stride * 2, group_bytes = p.out_group_stride * 2;
+  if (reinterpret_cast<uintptr_t>(p.out) % 16 != 0) return false;
+  if (p.out_row_stride < p.n || row_bytes % 16 != 0 || int64_t{p.m} * row_bytes >= kMaxStride) return false;
+  if (p.mode == GemmMode::kGroupedMasked && p.num_groups > 1 &&
+      (p.out_group_stride < int64_t{p.m} * p.out_row_stride || group_bytes % 16 != 0 || group_bytes >= kMaxStride)) {
+    return false;
+  }
+  return true;
+}
+
 // cuTensorMapEncodeTiled through the runtime's driver entry point: no link against libcuda, so the
 // extension builds and imports on machines without a driver.
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -453,6 +539,26 @@ inline bool encode_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v120
   return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// 3-D map over the bf16 output [groups, rows, n] (strides in bytes) for the TMA-store epilogue: box box_cols (N,
+// at most 64 = 128 bytes) x 64 rows x 1, swizzled over its box_cols * 2-byte rows (32, 64 or 128B); a store
+// writes only the box's elements inside the dims (rows >= M and columns >= N are left alone).
+inline bool encode_output_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, const void* base, int n,
+                              int rows, int groups, int64_t row_stride_bytes, int64_t group_stride_bytes,
+                              int box_cols) {
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(groups)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_stride_bytes),
+                                 static_cast<cuuint64_t>(group_stride_bytes)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_cols), 64, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUtensorMapSwizzle swizzle = box_cols == 16   ? CU_TENSOR_MAP_SWIZZLE_32B
+                                     : box_cols == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                      : CU_TENSOR_MAP_SWIZZLE_128B;
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(base), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // ---- caches (issue 15: decode GEMMs are a few us; re-encoding two tensor maps and re-querying the device and the
@@ -492,13 +598,16 @@ struct MapKey {
   const void* base;
   int k, rows, groups, box_rows;
   int64_t row_stride, group_stride;
+  int out_box_cols = 0;  // 0: an e4m3 operand map (k = K); > 0: the bf16 output map (k = N, strides in elements)
   bool operator==(const MapKey& o) const {
     return device == o.device && base == o.base && k == o.k && rows == o.rows && groups == o.groups &&
-           box_rows == o.box_rows && row_stride == o.row_stride && group_stride == o.group_stride;
+           box_rows == o.box_rows && row_stride == o.row_stride && group_stride == o.group_stride &&
+           out_box_cols == o.out_box_cols;
   }
 };
-// encode_operand_map through a small cache (weights hit every call; so do reused activation buffers).
-inline bool cached_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, const MapKey& key) {
+// encode_operand_map / encode_output_map through a small cache (weights hit every call; so do reused activation
+// and output buffers).
+inline bool cached_tensor_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, const MapKey& key) {
   constexpr size_t kCapacity = 128;
   static std::vector<std::pair<MapKey, CUtensorMap>> cache;
   static size_t next_slot = 0;
@@ -508,10 +617,13 @@ inline bool cached_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v120
       if (e.first == key) return *map = e.second, true;
     }
   }
-  if (!encode_operand_map(map, encode, key.base, key.k, key.rows, key.groups, key.row_stride, key.group_stride,
-                          key.box_rows)) {
-    return false;
-  }
+  const bool encoded =
+      key.out_box_cols > 0
+          ? encode_output_map(map, encode, key.base, key.k, key.rows, key.groups, key.row_stride * 2,
+                              key.group_stride * 2, key.out_box_cols)
+          : encode_operand_map(map, encode, key.base, key.k, key.rows, key.groups, key.row_stride, key.group_stride,
+                               key.box_rows);
+  if (!encoded) return false;
   std::lock_guard<std::mutex> lock(cache_mutex());
   if (cache.size() < kCapacity) {
     cache.emplace_back(key, *map);
@@ -522,14 +634,24 @@ inline bool cached_operand_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v120
   return true;
 }
 
-// Split-K reduce: out[row, col] = bf16(sum over s of workspace[s, row, col]) in slice order (deterministic).
-__global__ void __launch_bounds__(256) fp8_gemm_splitk_reduce_kernel(const __grid_constant__ Fp8GemmParams p) {
-  const int64_t pairs = static_cast<int64_t>(p.m) * (p.n / 2), slice = static_cast<int64_t>(p.m) * p.n;
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / (p.n / 2), col = 2 * (i % (p.n / 2));
-    const float* src = p.workspace + row * p.n + col;
+// Split-K reduce: out[g, row, col] = bf16(sum over s of workspace[s, g, row, col]) in slice order (deterministic:
+// the same bits on every run), over the rows group g has: M (dense and contiguous: one group), or masked_m[g]
+// clamped to [0, M], read here on the device (no host sync; rows past it stay untouched). blocks_per_group CTAs
+// per group stride over its rows.
+__global__ void __launch_bounds__(256)
+    fp8_gemm_splitk_reduce_kernel(const __grid_constant__ Fp8GemmParams p, int blocks_per_group) {
+  const bool masked = p.mode == GemmMode::kGroupedMasked;
+  const int group = static_cast<int>(blockIdx.x) / blocks_per_group;
+  const int block = static_cast<int>(blockIdx.x) % blocks_per_group;
+  const int rows = masked ? min(max(__ldg(p.masked_m + group), 0), p.m) : p.m;
+  const int64_t half_n = p.n / 2, pairs = static_cast<int64_t>(rows) * half_n;
+  const int64_t group_elems = static_cast<int64_t>(p.m) * p.n, slice = (masked ? p.num_groups : 1) * group_elems;
+  const float* ws = p.workspace + group * group_elems;
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + group * p.out_group_stride;
+  for (int64_t i = static_cast<int64_t>(block) * blockDim.x + threadIdx.x; i < pairs;
+       i += static_cast<int64_t>(blocks_per_group) * blockDim.x) {
+    const int64_t row = i / half_n, col = 2 * (i % half_n);
+    const float* src = ws + row * p.n + col;
     float2 sum = *reinterpret_cast<const float2*>(src);
     for (int s = 1; s < p.split_k; ++s) {
       const float2 v = *reinterpret_cast<const float2*>(src + s * slice);
@@ -586,25 +708,46 @@ LaunchResult launch_shape(const Fp8GemmParams& params, const GemmPlan& plan, int
   p.stages = plan.stages;
   p.overlap = plan.overlap;
   if (p.split_k > 1 && (p.workspace == nullptr || p.workspace_bytes < workspace_bytes(plan, p))) {
-    *error = "fp8_gemm: the split-K plan needs an fp32 workspace of split_k * M * N floats (fp8_gemm_plan)";
+    *error = "fp8_gemm: the split-K plan needs an fp32 workspace of fp8_gemm_workspace_bytes() (split_k x M x N "
+             "floats, x G for masked)";
     return LaunchResult::kError;
   }
   const bool masked = p.mode == GemmMode::kGroupedMasked;
   const int a_groups = masked ? p.num_groups : 1;
   const int64_t a_group_stride = masked && p.num_groups > 1 ? p.a_group_stride : int64_t{p.m} * p.a_row_stride;
   CUtensorMap tmap_a, tmap_b;
-  if (!cached_operand_map(&tmap_a, encode, {device, p.a, p.k, p.m, a_groups, kBM, p.a_row_stride, a_group_stride}) ||
-      !cached_operand_map(&tmap_b, encode, {device, p.b, p.k, p.n, p.num_groups, kBN, p.k, int64_t{p.n} * p.k})) {
+  if (!cached_tensor_map(&tmap_a, encode, {device, p.a, p.k, p.m, a_groups, kBM, p.a_row_stride, a_group_stride}) ||
+      !cached_tensor_map(&tmap_b, encode, {device, p.b, p.k, p.n, p.num_groups, kBN, p.k, int64_t{p.n} * p.k})) {
     *error = "DEEPKERNELS_GEMM_SM90=1: cuTensorMapEncodeTiled rejected an operand that passed the TMA checks";
     return LaunchResult::kError;
   }
+  // TMA-store epilogue: the bf16 out map ([G, Mmax, N] for masked, else [1, M, N]); a layout it cannot describe
+  // (plan() already cleared tma_store for those) keeps the register epilogue.
+  CUtensorMap tmap_out{};
+  p.tma_store = plan.tma_store && p.split_k <= 1 && tma_store_compatible(p) ? 1 : 0;
+  if (p.tma_store) {
+    const int out_groups = masked ? p.num_groups : 1;
+    const int64_t out_group_stride = masked && p.num_groups > 1 ? p.out_group_stride : int64_t{p.m} * p.out_row_stride;
+    if (!cached_tensor_map(&tmap_out, encode, {device, p.out, p.n, p.m, out_groups, 64, p.out_row_stride,
+                                               out_group_stride, C::kOutBoxCols})) {
+      p.tma_store = 0;
+    }
+  }
+  if (p.tma_store && p.stages > C::kStoreStages) {
+    *error = "fp8_gemm: a TMA-store plan with more stages than fit beside the output tile (fp8_gemm_plan)";
+    return LaunchResult::kError;
+  }
   launch_kernel<fp8_gemm_sm90_kernel<kBM, kBN>>(static_cast<unsigned>(plan.ctas), C::kThreads,
-                                                C::smem_bytes(plan.stages), stream, tmap_a, tmap_b, p);
+                                                C::smem_bytes(plan.stages, p.tma_store), stream, tmap_a, tmap_b,
+                                                tmap_out, p);
   if (p.split_k > 1) {
-    const int64_t pairs = int64_t{p.m} * (p.n / 2), blocks = (pairs + 255) / 256;
-    const int64_t cap = int64_t{4} * info.num_sms;
-    launch_kernel<fp8_gemm_splitk_reduce_kernel>(static_cast<unsigned>(blocks < cap ? blocks : cap), 256, 0, stream,
-                                                 p);
+    // CTAs per group: enough for its (expected) rows, ~4 per SM in all; rows beyond the estimate are strided.
+    const int64_t groups = masked ? p.num_groups : 1, rows = masked ? plan::rows_per_problem(p) : p.m;
+    const int64_t want = std::max<int64_t>(1, (rows * (p.n / 2) + 255) / 256);
+    const int64_t cap = std::max<int64_t>(1, (int64_t{4} * info.num_sms + groups - 1) / groups);
+    const int64_t per_group = std::min(want, cap);
+    launch_kernel<fp8_gemm_splitk_reduce_kernel>(static_cast<unsigned>(groups * per_group), 256, 0, stream, p,
+                                                 static_cast<int>(per_group));
   }
   return LaunchResult::kLaunched;
 }
@@ -620,7 +763,9 @@ inline GemmPlan plan(const Fp8GemmParams& p, std::string& why, const char** erro
     *error = "DEEPKERNELS_GEMM_SM90=1: cannot query the device";
     return plan_portable(p);
   }
-  return plan_sm90(p, info.num_sms, why, error);
+  GemmPlan g = plan_sm90(p, info.num_sms, why, error);
+  if (g.tma_store && !tma_store_compatible(p)) g.tma_store = 0;  // the register epilogue writes any layout
+  return g;
 }
 
 // Runs the GEMM on the sm_90a kernel with `plan` (from plan() above, kernel kSm90). kError: the opt-in
