@@ -302,6 +302,34 @@ def check_same_device(**tensors: torch.Tensor) -> None:
                          f"device), got {other} ({listing})")
 
 
+def check_out_buffer(name: str, out: torch.Tensor, **inputs) -> None:
+    """An output buffer a kernel writes: no two of its elements share memory (not an expanded / broadcast
+    view), and it does not overlap any of ``inputs`` (tensors read by the same call; None ignored).
+    ValueError naming ``name`` (and the input it overlaps). Meta tensors have no memory: skipped."""
+    if out.device.type == "meta":
+        return
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"{name}: expected an output tensor whose elements do not share memory, got an expanded / "
+                         f"broadcast view (shape {list(out.shape)}, strides {list(out.stride())}); pass a fresh tensor")
+    if out.numel() == 0:
+        return
+    lo, hi = _byte_span(out)
+    for other, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.device == out.device and t.numel() > 0 and t.device.type != "meta":
+            t_lo, t_hi = _byte_span(t)
+            if lo < t_hi and t_lo < hi:
+                raise ValueError(f"{name}: expected an output tensor that does not overlap the input {other}, got "
+                                 f"one sharing its memory (bytes [{lo:#x}, {hi:#x}) vs [{t_lo:#x}, {t_hi:#x}))")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses a strided tensor can touch."""
+    start = t.data_ptr()
+    low = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
+    high = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st > 0)
+    return start + low * t.element_size(), start + (high + 1) * t.element_size()
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -315,4 +343,5 @@ __all__ = ["define_op", "load_extension", "extension_loaded", "extension_error",
            "has_emulated_kernel", "runs_reference", "emulator_available", "emulator_error", "emulation_enabled",
            "set_emulation", "emulate", "emulator_stats",
            "check_tensor", "check_same_device", "check_multiple", "ceil_div", "device_checks_enabled", "check_int",
-           "check_bool", "check_dtype_arg", "check_pair", "check_index_values", "run_device_checks"]
+           "check_bool", "check_dtype_arg", "check_pair", "check_index_values", "run_device_checks",
+           "check_out_buffer"]

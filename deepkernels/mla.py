@@ -400,6 +400,9 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
     if any(kv_cache.stride(d) % align for d in range(3)):  # (the binding also checks the base address)
         raise ValueError(f"kv_cache: rows must start on 16-byte boundaries (strides multiples of {align} elements), "
                          f"got strides {kv_cache.stride()}")
+    if kv_cache.device.type != "meta" and kv_cache.numel() and kv_cache.data_ptr() % 16:  # a view at an odd offset
+        raise ValueError(f"kv_cache: expected a 16-byte aligned data pointer (rows are read in 16-byte vectors), "
+                         f"got an address {kv_cache.data_ptr() % 16} bytes past a 16-byte boundary")
     if kv_cache.dtype == FP8_DTYPE:
         if kv_scale is None:
             raise ValueError("kv_scale: required for a float8_e4m3fn kv_cache "
@@ -530,6 +533,9 @@ def write_mla_kv_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, kv
                  device=kv_cache.device, contiguous=True)
     if not kv_cache.is_contiguous():
         raise ValueError(f"kv_cache: expected a contiguous tensor for writes, got strides {kv_cache.stride()}")
+    _ops.check_out_buffer("kv_cache", kv_cache, kv=kv, slot_mapping=slot_mapping)
+    if kv_scale is not None:
+        _ops.check_out_buffer("kv_scale", kv_scale, kv=kv, slot_mapping=slot_mapping, kv_cache=kv_cache)
     if _checks_on(kv_cache.device):
         check_slot_mapping(slot_mapping, kv_cache.size(0) * kv_cache.size(1))
     torch.ops.deepkernels.write_mla_kv_cache(kv_cache, kv_scale, kv, slot_mapping)

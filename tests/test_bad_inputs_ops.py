@@ -100,6 +100,21 @@ POS = torch.tensor([[0, 1], [2, -1], [3, 3]], dtype=torch.int32)
 WTS = torch.rand(3, 2)
 
 
+def _mla_args(b=2, cache=None):
+    q = torch.randn(b, 1, 16, 576).bfloat16()
+    cache = torch.randn(6, 64, 1, 576).bfloat16() if cache is None else cache
+    block_table = torch.arange(b * 3, dtype=torch.int32).view(b, 3)
+    seqlens = torch.tensor([100, 37][:b], dtype=torch.int32)
+    with reference():
+        md, ns = deepkernels.get_mla_decode_metadata(seqlens, 16, 1)
+    return [q, cache, block_table, seqlens, 512, md, ns]
+
+
+def _mla_odd_offset_cache():
+    flat = torch.empty(6 * 64 * 576 + 1, dtype=torch.bfloat16)
+    return _mla_args(cache=flat[1:].view(6, 64, 1, 576).normal_())
+
+
 def _dispatched(capacity=None):
     d = moe.EPDispatcher(None, num_experts=4, capacity=capacity)
     recv, hd = d.dispatch(X.bfloat16(), IDS, WTS)
@@ -525,6 +540,40 @@ BAD = [
      ValueError, "topk_weights"),
     ("dep-llc-out", lambda: (lambda b, p, h: b.low_latency_combine(p, IDS, WTS, h, out=torch.empty(2, 256)))(
         *_ll_handle()), ValueError, "out"),
+
+    # ---- found by fuzzing (h18): int32 overflows, wrong histograms, sizes that only failed in an allocation,
+    # out buffers that share memory, a cache at an odd offset
+    ("lay-too-many-experts", lambda: moe.get_dispatch_layout(IDS, 2**40, 2), ValueError, "num_experts"),
+    ("lay-experts-plus-ranks", lambda: moe.get_dispatch_layout(IDS, 8192, 2), ValueError, "num_experts"),
+    ("lay-op-too-many-experts", lambda: OPS.moe_get_dispatch_layout(IDS, 8192, 1), ValueError, "num_experts"),
+    ("dpos-capacity-int32", lambda: moe.dispatch_positions(torch.ones(2, 2, dtype=torch.bool), capacity=2**40),
+     ValueError, "capacity"),
+    ("epos-counts-not-histogram", lambda: moe.expert_positions(POS, 4, torch.zeros(4, dtype=torch.int64),
+                                                               torch.tensor([5, -2, 0, 0])), ValueError, "counts"),
+    ("epos-segment-negative", lambda: moe.expert_positions(POS, 4, torch.tensor([0, -4, 8, 12])), ValueError,
+     "segment_start"),
+    ("epos-segment-int32", lambda: moe.expert_positions(POS, 4, torch.tensor([0, 2**31 - 1, 0, 0])), ValueError,
+     "segment_start"),
+    ("lsr-slots-huge", lambda: moe.local_slot_rows(POS, POS, 2**40), ValueError, "slots"),
+    ("lsr-slots-above-k", lambda: moe.local_slot_rows(POS, POS, 3), ValueError, "slots"),
+    ("ssp-slots-huge", lambda: moe.source_slot_positions(IDS, torch.zeros(3, 2, dtype=torch.int32), 4, 2, 2**40),
+     ValueError, "slots"),
+    ("ssp-pos-below", lambda: moe.source_slot_positions(IDS, _m_idx([[0, 1], [1, -2], [2, 2]]), 4, 2, 2), ValueError,
+     "pos"),
+    ("ssp-pos-int32", lambda: moe.source_slot_positions(IDS, _m_idx([[0, 1], [1, -1], [2, 2**30]]), 4, 2, 2),
+     ValueError, "pos"),
+    ("ssp-bad-id", lambda: moe.source_slot_positions(IDS + 1, torch.zeros(3, 2, dtype=torch.int32), 4, 2, 2),
+     ValueError, "topk_idx"),
+    ("dg-bf16-d-expanded", lambda: deep_gemm.bf16_gemm_nt(torch.randn(4, 64).bfloat16(), torch.randn(8, 64).bfloat16(),
+                                                          torch.zeros(1, 8).expand(4, 8)), ValueError, "d"),
+    ("dg-bf16-a-meta", lambda: deep_gemm.bf16_gemm_nt(torch.randn(4, 64).bfloat16().to("meta"),
+                                                      torch.randn(8, 64).bfloat16(), torch.zeros(4, 8)), ValueError,
+     "b"),
+    ("mla-cache-odd-offset", lambda: deepkernels.mla_decode_with_kvcache(*_mla_odd_offset_cache()), ValueError,
+     "kv_cache"),
+    ("mla-write-kv-aliases-cache", lambda: (lambda c: deepkernels.write_mla_kv_cache(
+        c, None, c.view(-1, 1, 576)[:2], torch.tensor([5, 6])))(torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16)),
+     ValueError, "kv_cache"),
 ]
 
 
@@ -795,6 +844,42 @@ def test_unpermute_reduce_any_k_matches_reference(kernel_device, k, dtype, hidde
     pos[3, k - 1] = n  # out of range in the last chunk
     got = moe.unpermute_reduce(y.to(kernel_device), pos.to(kernel_device), w.to(kernel_device)).cpu()
     assert got[3].isnan().all() and torch.equal(got[[0, 1, 2, 4]], want[[0, 1, 2, 4]])
+
+
+def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a contiguous view whose data pointer is one element past an aligned address."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def test_cuda_mla_q_at_odd_offset_matches_reference(kernel_device):
+    """A contiguous q whose data pointer is not 16-byte aligned (a view at an odd offset): the binding used to
+    pass it as is (.contiguous() returns the same view) and the kernel's 16-byte copies faulted (the emulator
+    reported a misaligned cp.async: an illegal address on a GPU); now it reads an aligned copy."""
+    args = _mla_args()
+    with reference():
+        want = deepkernels.mla_decode_with_kvcache(*args)
+    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args]
+    dev[0] = _at_odd_offset(dev[0])
+    assert dev[0].data_ptr() % 16 != 0
+    got = deepkernels.mla_decode_with_kvcache(*dev)
+    for g, w, name in zip(got, want, ("out", "lse")):
+        diff = calc_diff(g.cpu().float(), w.float())
+        assert diff < 1e-4, f"{name}: calc_diff {diff:.2e}"
+
+
+def test_cuda_layout_bins_limit_agrees(kernel_device):
+    """num_experts + num_ranks == 8192 (the layout kernel's shared-memory bins) runs on both paths; one more is
+    refused by both (it used to run on the reference and fail on the kernel, or fail allocating for huge E)."""
+    ids = torch.tensor([[0, 8189], [4095, -1]])
+    got = moe.get_dispatch_layout(ids.to(kernel_device), 8190, 2)
+    with reference():
+        want = moe.get_dispatch_layout(ids, 8190, 2)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match=r"num_experts: expected num_experts \+ num_ranks <= 8192, got 8192 \+ 2"):
+        moe.get_dispatch_layout(ids.to(kernel_device), 8192, 2)
 
 
 @pytest.mark.parametrize("kernel", ["portable", "sm90"])

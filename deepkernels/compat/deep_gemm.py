@@ -149,7 +149,7 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
                  compiled_dims: str = "nk") -> None:
     """d[M, N] = a @ b^T (+ c), a bf16 [M, K], b bf16 [N, K], d bf16 or fp32 (c: fp32 [M, N], DeepGEMM's
     accumulator input); fp32 accumulation through torch.matmul (no deepkernels kernel: cuBLAS is the peer)."""
-    from .._ops import check_tensor
+    from .._ops import check_out_buffer, check_same_device, check_tensor
 
     check_tensor("a", a, dtypes=(torch.bfloat16,), ndim=2)
     m, k = a.shape
@@ -160,6 +160,8 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
     check_tensor("d", d, dtypes=(torch.bfloat16, torch.float32), shape=(m, n))
     if c is not None:
         check_tensor("c", c, dtypes=(torch.float32,), shape=(m, n))
+    check_same_device(a=a, b=b, d=d, c=c)
+    check_out_buffer("d", d)  # (the product is formed before d is written: d may alias a, b or c)
     result = torch.matmul(a.float(), b.float().T)
     if c is not None:
         result += c

@@ -33,6 +33,8 @@ from ..fp8 import FP8_DTYPE, per_token_cast_to_fp8_ref
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUT_POISON_BIT = -2**31  # the kernels' moe_get_dispatch_layout: set in every count when an id is out of range
 POISON_POS = -2**31  # an unpermute_reduce position that no kernel reads: its token's output row is NaN
+MAX_LAYOUT_BINS = 8192  # num_experts + num_ranks of get_dispatch_layout (csrc/moe/config.h kMaxExperts: smem bins)
+_INT32_MAX = 2**31 - 1  # positions / rows are int32
 _PERMUTE_DTYPES = _FLOAT_DTYPES + (FP8_DTYPE, torch.int32, torch.int64, torch.uint8)
 
 
@@ -134,6 +136,9 @@ def _check_topk_idx(topk_idx, num_experts: int, num_ranks: int | None, check_val
         if num_experts % num_ranks != 0:
             raise ValueError(f"num_experts: expected a multiple of num_ranks={num_ranks} (expert e lives on rank "
                              f"e // (num_experts / num_ranks)), got {num_experts}")
+        if num_experts + num_ranks > MAX_LAYOUT_BINS:  # the kernel's shared-memory histogram; the reference agrees
+            raise ValueError(f"num_experts: expected num_experts + num_ranks <= {MAX_LAYOUT_BINS}, got {num_experts} "
+                             f"+ {num_ranks}")
     if check_values:  # a host read (one sync on GPU)
         _check_expert_ids(topk_idx, num_experts)
 
@@ -250,6 +255,9 @@ def dispatch_positions(is_token_in_rank: torch.Tensor, capacity: int | None = No
     if capacity is not None and is_token_in_rank.size(0) > capacity:
         raise ValueError(f"capacity: expected >= T = {is_token_in_rank.size(0)} (rows of is_token_in_rank), "
                          f"got {capacity}")
+    if capacity is not None and capacity * is_token_in_rank.size(1) > _INT32_MAX:
+        raise ValueError(f"capacity: expected R * capacity <= {_INT32_MAX} (int32 positions, "
+                         f"R = {is_token_in_rank.size(1)}), got {capacity}")
     return _dispatch_positions(is_token_in_rank, capacity)
 
 
@@ -319,6 +327,15 @@ def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_st
     check_same_device(local_ids=local_ids, segment_start=segment_start, counts=counts)
     if local_ids.device.type == "cpu" or run_device_checks(local_ids):
         check_index_values("local_ids", local_ids, -1, num_local_experts, "local expert ids (-1 = none)")
+        flat = local_ids.reshape(-1)
+        hist = _count_ids(torch.where(flat >= 0, flat, num_local_experts), num_local_experts)
+        if counts is not None and not torch.equal(counts.to(torch.int64), hist):
+            raise ValueError(f"counts: expected the histogram of local_ids {hist.tolist()}, got {counts.tolist()}")
+        used = hist if limit is None else hist.clamp(max=limit)
+        if segment_start.numel() and (bool((segment_start < 0).any()) or
+                                      int((segment_start.to(torch.int64) + used).max()) > _INT32_MAX):
+            raise ValueError(f"segment_start: expected row offsets >= 0 whose segments end at most at {_INT32_MAX} "
+                             f"(int32 positions), got {segment_start.tolist()}")
     return _expert_positions(local_ids, num_local_experts, segment_start, counts, limit)
 
 
@@ -349,10 +366,10 @@ def local_slot_rows(local_idx: torch.Tensor, expert_pos: torch.Tensor, slots: in
     """[N, slots] int32: for each received row, the expert-buffer row (``expert_pos``) of its c-th local
     slot (slots with ``local_idx >= 0``, in slot order), -1 where the row has fewer local slots (or the
     entry was dropped). Local slots beyond ``slots`` are left out (only possible with repeated ids).
-    local_idx / expert_pos: int [N, k] of one shape; slots: an int >= 0."""
+    local_idx / expert_pos: int [N, k] of one shape; slots: an int in [0, k]."""
     check_tensor("local_idx", local_idx, dtypes=_INDEX_DTYPES, ndim=2)
     check_tensor("expert_pos", expert_pos, dtypes=_INDEX_DTYPES, shape=tuple(local_idx.shape))
-    slots = check_int("slots", slots, min_value=0)
+    slots = check_int("slots", slots, min_value=0, max_value=local_idx.size(1))
     check_same_device(local_idx=local_idx, expert_pos=expert_pos)
     n = local_idx.size(0)
     local = local_idx >= 0
@@ -370,7 +387,8 @@ def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts
     slots of t on that rank (the order :func:`local_slot_rows` packs them in); -1 for unused slots.
     topk_idx int64 [T, k] (ids in [-1, E): checked on CPU tensors and with DEEPKERNELS_CHECK=1; on CUDA an
     id outside gives its token's slots :data:`POISON_POS`, so :func:`unpermute_reduce` on the kernels makes
-    that token's row NaN); pos int [T, R] with R * num_local_experts == num_experts; slots an int >= 0."""
+    that token's row NaN); pos int [T, R] with R * num_local_experts == num_experts, values in [-1, rows) with
+    rows * slots fitting int32 (checked like topk_idx); slots an int in [0, k]."""
     check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
     num_experts = check_int("num_experts", num_experts, min_value=1)
     num_local_experts = check_int("num_local_experts", num_local_experts, min_value=1)
@@ -378,10 +396,12 @@ def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts
     if pos.size(0) != topk_idx.size(0) or pos.size(1) * num_local_experts != num_experts:
         raise ValueError(f"pos: expected shape [{topk_idx.size(0)}, {num_experts // num_local_experts}] "
                          f"(T of topk_idx, num_experts / num_local_experts ranks), got {list(pos.shape)}")
-    slots = check_int("slots", slots, min_value=0)
+    slots = check_int("slots", slots, min_value=0, max_value=topk_idx.size(1))
     check_same_device(topk_idx=topk_idx, pos=pos)
     if topk_idx.device.type == "cpu" or run_device_checks(topk_idx):
         _check_expert_ids(topk_idx, num_experts)
+        check_index_values("pos", pos, -1, _INT32_MAX // max(slots, 1), f"send rows (-1 = not sent; rows * slots={slots} "
+                           f"must fit int32)")
     return _source_slot_positions(topk_idx, pos, num_experts, num_local_experts, slots)
 
 
