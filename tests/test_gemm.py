@@ -880,6 +880,72 @@ def test_cuda_sm90_grouped_split_k_heuristic(kernel_device, kind, m, n, k, sms, 
         assert (first[m_idx == -1] == 0).all()
 
 
+@pytest.mark.parametrize("kernel_device, config", _device_cases(["64,32,3", "128,64,2,0,1"]),
+                         indirect=["kernel_device"])
+def test_cuda_sm90_split_k_strided_out(kernel_device, config, monkeypatch):
+    """Split-K into views with padded row and group strides, through the ops (the public wrappers take contiguous
+    outs; the binding takes strided ones, and the reduce writes bf16 pairs through out's strides): values match the
+    reference, the padding around the views and (masked) rows past masked_m keep their poison."""
+    _use_sm90_kernel(monkeypatch, kernel_device)
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", config)
+    groups, mmax, n, k = 3, 70, 48, GROUPED_SPLIT_K
+    _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, kernel_device, groups=groups)
+    masked_m = torch.tensor([70, 0, 33], dtype=torch.int32, device=kernel_device)
+    big = poison_(torch.empty(groups + 1, mmax + 5, n + 32, dtype=torch.bfloat16, device=kernel_device))
+    out = big[1:, 2:2 + mmax, 16:16 + n]
+    before = _emulated_kernels()
+    torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, 32)
+    _check_emulated(kernel_device, before, sm90=1, portable=0, reduce=1)
+    want = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device=kernel_device))
+    gemm.m_grouped_fp8_gemm_nt_masked_ref(aq, sa, bq, sb, want, masked_m, 32)
+    valid = torch.arange(mmax, device=kernel_device)[None, :] < masked_m[:, None]
+    _check_against_reference(out, want, (config, "masked, strided out"), valid)
+    inside = torch.zeros_like(big, dtype=torch.bool)
+    inside[1:, 2:2 + mmax, 16:16 + n] = valid[:, :, None]
+    assert big[~inside].isnan().all(), f"{config}: masked split-K wrote outside the valid rows of the view"
+
+    _, _, aq, sa, bq, sb, m_idx = _contiguous_case([100, 0, 20], n=n, k=k, device=kernel_device)
+    m = aq.size(0)
+    big = poison_(torch.empty(m + 3, n + 16, dtype=torch.bfloat16, device=kernel_device))
+    out = big[1:1 + m, 8:8 + n]
+    before = _emulated_kernels()
+    torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(aq, sa, bq, sb, out, m_idx)
+    _check_emulated(kernel_device, before, sm90=1, portable=0, reduce=1)
+    want = torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device)
+    gemm.m_grouped_fp8_gemm_nt_contiguous_ref(aq, sa, bq, sb, want, m_idx)
+    _check_against_reference(out, want, (config, "contiguous, strided out"))
+    inside = torch.zeros_like(big, dtype=torch.bool)
+    inside[1:1 + m, 8:8 + n] = True
+    assert big[~inside].isnan().all(), f"{config}: contiguous split-K wrote outside the view"
+
+
+@pytest.mark.cuda
+def test_cuda_sm90_masked_split_k_graph_capture(monkeypatch):
+    """Split-K in the masked mode stays host-sync free: captured in a CUDA graph (workspace from the graph's pool),
+    replayed after masked_m changed on the device."""
+    _use_sm90_kernel(monkeypatch, "cuda")
+    monkeypatch.setenv("DEEPKERNELS_GEMM_CONFIG", "64,64,4")
+    groups, mmax, n, k = 4, 256, 512, 2048
+    _, _, (aq, sa), (bq, sb) = _operands(mmax, n, k, "cuda", groups=groups)
+    out = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16, device="cuda"))
+    masked_m = torch.tensor([0, 256, 3, 100], dtype=torch.int32, device="cuda")
+    deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, 64)  # warm-up outside the capture
+    poison_(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deepkernels.m_grouped_fp8_gemm_nt_masked(aq, sa, bq, sb, out, masked_m, 64)
+    assert gemm.last_launch_plan()["split_k"] == 4
+    masked_m.copy_(torch.tensor([7, 0, 256, 1], dtype=torch.int32))
+    poison_(out)
+    graph.replay()
+    want = poison_(torch.empty(groups, mmax, n, dtype=torch.bfloat16))
+    gemm.m_grouped_fp8_gemm_nt_masked_ref(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), want, masked_m.cpu(), 64)
+    for g, rows in enumerate([7, 0, 256, 1]):
+        if rows:
+            assert calc_diff(out[g, :rows].cpu(), want[g, :rows]) < 1e-5, f"group {g}"
+        assert out[g, rows:].isnan().all(), f"group {g}: rows >= masked_m written"
+
+
 # Every sm_90a variant through DEEPKERNELS_GEMM_CONFIG: narrow BLOCK_N, split-K (with an uneven last slice),
 # shallow rings. Shapes: partial M / N / K tiles; 9 K blocks so the splits are 3 + 3 + 3, 5 + 4, 3 + 3 + 3 + 0.
 SM90_CONFIGS = ["64,16,1", "64,32,1", "64,16,3", "64,32,2,2", "64,64,4,3", "64,128,2", "128,64,3", "128,128,1,2",
