@@ -161,6 +161,45 @@ def test_greedy_generate_varied_prompt_lengths_matches_transformers(name):
             assert torch.equal(ours[i], other), f"{name} prompt {i}: {ours[i].tolist()} vs {what} {other.tolist()}"
 
 
+@pytest.mark.parametrize("name", ["v3", "v2_lite"])
+def test_generate_attention_mask_left_padding_equals_transformers(name):
+    """A left-padded [B, T] batch with an attention_mask: exactly transformers' batched generate (its output
+    tensor: the padded prompts, then the new tokens); right padding gives each prompt's own tokens too."""
+    model = get_model(name)
+    hf = to_transformers(model)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=g) for n in (3, 9, 1, 6)]
+    t = 9
+    left, right = torch.zeros(4, t, dtype=torch.long), torch.full((4, t), 7, dtype=torch.long)
+    left_mask, right_mask = torch.zeros(4, t, dtype=torch.long), torch.zeros(4, t, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        left[i, t - len(p):], left_mask[i, t - len(p):] = p, 1
+        right[i, :len(p)], right_mask[i, :len(p)] = p, True
+    peer = hf.generate(left, attention_mask=left_mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
+    ours = generate(model, left, max_new_tokens=6, attention_mask=left_mask)
+    assert torch.equal(ours, peer), f"{name}: ours {ours.tolist()} vs transformers {peer.tolist()}"
+    ours_right = generate(model, right, max_new_tokens=6, attention_mask=right_mask)
+    assert torch.equal(ours_right[:, :t], right) and torch.equal(ours_right[:, t:], peer[:, t:])
+
+
+def test_generate_attention_mask_errors():
+    model = get_model("v3")
+    ids = torch.ones(2, 4, dtype=torch.long)
+    cases = [
+        (dict(attention_mask=torch.ones(2, 3)), TypeError, "attention_mask: expected a bool or integer tensor"),
+        (dict(attention_mask=torch.ones(2, 3, dtype=torch.long)), ValueError, r"shape of input_ids \(2, 4\)"),
+        (dict(attention_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])), ValueError, "row 0 has padding between"),
+        (dict(attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])), ValueError, "row 0 has no token"),
+        (dict(attention_mask=torch.tensor([[2, 1, 1, 1], [1, 1, 1, 1]])), ValueError, r"values 0 \(padding\)"),
+    ]
+    for kwargs, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            generate(model, ids, max_new_tokens=1, **kwargs)
+    with pytest.raises(TypeError, match="only with input_ids given as a"):
+        generate(model, [[1, 2]], max_new_tokens=1, attention_mask=torch.ones(1, 2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("name", ["all_dense", "no_q_lora", "kv_512_rope_64", "v2"])
 def test_bf16_model_close_to_transformers_bf16(name):
     """bf16 weights and activations, a bf16 paged cache: ours (fast path, references, paged decode) and

@@ -166,6 +166,37 @@ def _as_prompts(input_ids, vocab_size: int) -> list[torch.Tensor]:
     return prompts
 
 
+def _masked_prompts(input_ids, attention_mask, vocab_size: int) -> list[torch.Tensor]:
+    """input_ids [B, T] + attention_mask [B, T] (1 = token, 0 = left or right padding) -> B 1-D prompts."""
+    attention_mask = _as_tensor_if_array(attention_mask)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise TypeError("attention_mask: only with input_ids given as a [B, T] tensor (a list of prompts needs no "
+                        f"mask), got input_ids of type {type(input_ids).__name__}"
+                        f"{' and shape ' + str(tuple(input_ids.shape)) if isinstance(input_ids, torch.Tensor) else ''}")
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a [B, T] tensor of 0/1, got {type(attention_mask).__name__}")
+    if attention_mask.dtype != torch.bool and attention_mask.dtype not in _INT_DTYPES:
+        raise TypeError(f"attention_mask: expected a bool or integer tensor of 0/1, got {attention_mask.dtype}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    mask = attention_mask.to("cpu")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask: expected values 0 (padding) or 1 (token), got "
+                         f"{sorted(set(mask.unique().tolist()) - {0, 1})[:4]}")
+    mask = mask.bool()
+    prompts = []
+    for i, row in enumerate(mask):
+        pos = row.nonzero().view(-1)
+        if pos.numel() == 0:
+            raise ValueError(f"attention_mask: row {i} has no token (every prompt needs at least one)")
+        if int(pos[-1] - pos[0]) + 1 != pos.numel():
+            raise ValueError(f"attention_mask: row {i} has padding between its tokens (expected left or right "
+                             f"padding only), got {row.int().tolist()}")
+        prompts.append(input_ids[i, int(pos[0]): int(pos[-1]) + 1].to("cpu"))
+    return _as_prompts(prompts, vocab_size)
+
+
 def _check_generate_args(model, max_new_tokens, temperature, top_p, eos_token_id, use_cache, page_size,
                          cache_dtype, generator, return_stats, on_token, use_mtp) -> list[int]:
     """TypeError / ValueError naming the argument, what was expected and what was given; -> the eos ids."""
@@ -220,11 +251,16 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
              temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              use_cache: bool = True, page_size: int = 64, cache_dtype: torch.dtype | None = None,
              generator: torch.Generator | None = None, return_stats: bool = False,
-             on_token: Callable[[int, torch.Tensor], None] | None = None, use_mtp: bool = False):
+             on_token: Callable[[int, torch.Tensor], None] | None = None, use_mtp: bool = False,
+             attention_mask: torch.Tensor | None = None):
     """Generate up to ``max_new_tokens`` per prompt.
 
     Args:
         input_ids: [B, T] LongTensor, or a list of B 1-D prompts of any lengths (a batch of varied lengths).
+        attention_mask: with a [B, T] tensor ``input_ids`` only: 1 (True) for the prompt's tokens, 0 for padding,
+            left or right (each row's ones contiguous, at least one), as transformers' generate takes it; each
+            sequence is generated from its own tokens alone (positions from 0), and the result is
+            ``cat([input_ids, new_tokens], dim=1)`` (padding kept where it was).
         temperature: 0 -> greedy; > 0 -> sample from softmax(logits / temperature) restricted to top_p mass.
         eos_token_id: a sequence stops after producing it (its later slots hold the eos id).
         use_cache: True -> prefill once, then decode through the paged MLA cache (absorbed attention);
@@ -245,7 +281,10 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
                                    cache_dtype, generator, return_stats, on_token, use_mtp)
     max_new_tokens, page_size = int(max_new_tokens), int(page_size)  # numpy ints -> int
     input_ids = _as_tensor_if_array(input_ids)  # a numpy array: returned as a tensor, like a tensor input
-    prompts = _as_prompts(input_ids, model.config.vocab_size)
+    if attention_mask is not None:
+        prompts = _masked_prompts(input_ids, attention_mask, model.config.vocab_size)
+    else:
+        prompts = _as_prompts(input_ids, model.config.vocab_size)
     device = model.device
     b = len(prompts)
     lengths = torch.tensor([p.numel() for p in prompts], device=device)
@@ -318,7 +357,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         stats.decode_s = time.perf_counter() - t0
         stats.new_tokens = b * (stats.decode_steps + 1)
     if isinstance(input_ids, torch.Tensor):
-        out = torch.cat([padded, new], dim=1)
+        out = torch.cat([padded if attention_mask is None else input_ids.long().to(device), new], dim=1)
     else:
         out = [torch.cat([p.to(device), new[i]]) for i, p in enumerate(prompts)]
     return (out, stats) if return_stats else out
