@@ -571,6 +571,20 @@ BAD = [
      "b"),
     ("mla-cache-odd-offset", lambda: deepkernels.mla_decode_with_kvcache(*_mla_odd_offset_cache()), ValueError,
      "kv_cache"),
+    ("ep-topk-k0", lambda: moe.EPDispatcher(None, num_experts=4).dispatch(X, IDS[:, :0]), ValueError, "topk_idx"),
+    ("ep-topk-k0-fixed", lambda: moe.EPDispatcher(None, num_experts=4, capacity=4).dispatch(X, IDS[:, :0]),
+     ValueError, "topk_idx"),
+    ("ep-cap-int32", lambda: moe.EPDispatcher(None, num_experts=4, capacity=2**40), ValueError, "capacity"),
+    ("ep-alignment-int32", lambda: (lambda d, r, h: h.to_contiguous(r, 2**40))(*_dispatched()), ValueError,
+     "alignment"),
+    ("dep-llc-meta-ids", lambda: (lambda b, p, h: b.low_latency_combine(p, IDS.to("meta"), WTS, h))(*_ll_handle()),
+     ValueError, "topk_idx"),
+    ("wire-per-rank-negative", lambda: moe.pack_rows(X, SRC, IDS, WTS, _m_idx([6, -2]), 2, None), ValueError,
+     "per_rank"),
+    ("wire-per-rank-sum", lambda: moe.pack_rows(X, SRC, IDS, WTS, _m_idx([1, 2]), 2, None), ValueError, "per_rank"),
+    ("wire-bad-expert-id", lambda: moe.pack_rows(X, SRC, IDS + 1, WTS, _m_idx([2, 2]), 2, None), ValueError,
+     "topk_idx"),
+    ("wire-src-list", lambda: moe.pack_rows(X, [0, 1], IDS, WTS, _m_idx([2, 2]), 2, None), TypeError, "src_idx"),
     ("mla-write-kv-aliases-cache", lambda: (lambda c: deepkernels.write_mla_kv_cache(
         c, None, c.view(-1, 1, 576)[:2], torch.tensor([5, 6])))(torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16)),
      ValueError, "kv_cache"),
@@ -868,6 +882,24 @@ def test_cuda_mla_q_at_odd_offset_matches_reference(kernel_device):
     for g, w, name in zip(got, want, ("out", "lse")):
         diff = calc_diff(g.cpu().float(), w.float())
         assert diff < 1e-4, f"{name}: calc_diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_cuda_dispatch_zero_hidden(kernel_device, capacity):
+    """H = 0 (an empty hidden dim) runs through dispatch, both expert layouts and both combines (the masked
+    expert_reduce / combine_experts used to fail reshaping [L, max_m, 0] with -1)."""
+    d = moe.EPDispatcher(None, num_experts=4, capacity=capacity)
+    recv, hd = d.dispatch(torch.zeros(3, 0, device=kernel_device), IDS.to(kernel_device), WTS.to(kernel_device))
+    assert recv.shape == (hd.num_recv, 0)
+    eo, _ = hd.to_masked(recv) if capacity else (None, None)
+    if capacity:
+        assert d.combine_experts(eo, hd).shape == (3, 0)
+        assert d.combine(hd.expert_reduce(eo, "masked"), hd).shape == (3, 0)
+    else:
+        rows, _ = hd.to_contiguous(recv)
+        assert d.combine(hd.expert_reduce(rows), hd).shape == (3, 0)
+    permute_src = torch.tensor([0, -1], dtype=torch.int32, device=kernel_device)
+    assert moe.permute(torch.zeros(3, 8, device=kernel_device), permute_src).shape == (2, 8)  # an emulated launch
 
 
 def test_cuda_layout_bins_limit_agrees(kernel_device):

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from .. import moe as _moe
-from .._ops import check_bool, check_int, check_tensor
+from .._ops import check_bool, check_int, check_same_device, check_tensor
 
 
 def _check_flags(**flags) -> None:
@@ -245,6 +245,7 @@ class Buffer:
         _check_flags(use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish)
         check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), shape=tuple(hd.topk_idx.shape))
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(hd.topk_idx.shape))
+        check_same_device(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
         w = torch.where(topk_idx >= 0, topk_weights, 0.0)
         combined = d.combine_experts(x, hd, w, layout="masked")
         if out is not None:

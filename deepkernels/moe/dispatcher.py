@@ -32,7 +32,7 @@ from ..fp8 import FP8_DTYPE
 from .ops import (_FLOAT_DTYPES, POISON_POS, _check_optional_int, _check_topk_idx, _count_ids, _dispatch_positions,
                   _expert_positions, _positions_to_src_idx, _source_slot_positions, local_slot_rows, permute,
                   unpermute_reduce)
-from .wire import RowFormat, pack_rows, row_format, send_local_mask, unpack_rows
+from .wire import RowFormat, _pack_rows, row_format, send_local_mask, unpack_rows
 
 
 def _check_handle(handle) -> None:
@@ -134,6 +134,9 @@ class DispatchHandle:
         if key not in self._layout_cache:
             # total size from the host counts; everything else from the device counts (no H2D copy)
             s = sum(ceil_div(c, alignment) * alignment for c in self.num_recv_tokens_per_expert_list)
+            if s > 2**31 - 1:
+                raise ValueError(f"alignment: expected a padded layout of at most {2**31 - 1} rows (int32 "
+                                 f"positions), got {s} rows with alignment {alignment}")
             dev = self.recv_local_idx.device
             cnt = self.num_recv_tokens_per_expert.to(torch.int64)
             padded = (cnt + alignment - 1) // alignment * alignment
@@ -229,7 +232,8 @@ class DispatchHandle:
             if alignment_or_max_m is not None and alignment_or_max_m != expert_out.size(1):
                 raise ValueError(f"alignment_or_max_m: expected None or expert_out.size(1)={expert_out.size(1)}, "
                                  f"got {alignment_or_max_m!r}")
-            return self.masked_layout(expert_out.size(1))[0], expert_out.reshape(-1, expert_out.size(-1))
+            rows = expert_out.reshape(expert_out.size(0) * expert_out.size(1), expert_out.size(2))  # (H may be 0)
+            return self.masked_layout(expert_out.size(1))[0], rows
         raise ValueError(f"layout: expected 'contiguous' or 'masked', got {layout!r}")
 
     def expert_reduce(self, expert_out: torch.Tensor, layout: str = "contiguous", alignment_or_max_m=None):
@@ -288,6 +292,9 @@ class EPDispatcher:
         if num_experts % self.num_ranks != 0:
             raise ValueError(f"num_experts: expected a multiple of the group size {self.num_ranks}, got {num_experts}")
         capacity = _check_optional_int("capacity", capacity)
+        if capacity is not None and capacity * self.num_ranks > 2**31 - 1:
+            raise ValueError(f"capacity: expected num_ranks * capacity <= {2**31 - 1} (int32 rows), got {capacity} "
+                             f"with {self.num_ranks} ranks")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.num_ranks
         self.capacity = capacity
@@ -331,8 +338,9 @@ class EPDispatcher:
         ref = self._check_dispatch_x(x)
         t = ref.size(0)
         check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
-        if topk_idx.size(0) != t:
-            raise ValueError(f"topk_idx: expected {t} rows (one per token of x), got {topk_idx.size(0)}")
+        if topk_idx.size(0) != t or topk_idx.size(1) == 0:
+            raise ValueError(f"topk_idx: expected {t} rows (one per token of x) of k >= 1 expert ids, got shape "
+                             f"{list(topk_idx.shape)}")
         if topk_weights is not None:
             check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(t, topk_idx.size(1)))
         check_same_device(x=ref, topk_idx=topk_idx, topk_weights=topk_weights)
@@ -385,7 +393,7 @@ class EPDispatcher:
         num_send, num_recv = sum(send_counts), sum(recv_counts)
 
         src = _positions_to_src_idx(pos, num_send)
-        buf, fmt, local = pack_rows(x, src, topk_idx, topk_weights, per_rank, L, None, use_fp8)
+        buf, fmt, local = _pack_rows(x, src, topk_idx, topk_weights, per_rank, L, None, use_fp8, run_device_checks(src))
         got, _ = unpack_rows(self._a2a(buf, num_recv, send_counts, recv_counts), fmt, num_recv)
 
         recv_x = (got["x"], got["scale"]) if "scale" in got else got["x"]
@@ -414,7 +422,7 @@ class EPDispatcher:
         pos = _dispatch_positions(in_rank, c)
         n = R * c
         src = _positions_to_src_idx(pos, n)
-        buf, fmt, local = pack_rows(x, src, topk_idx, topk_weights, per_rank, L, c, use_fp8)
+        buf, fmt, local = _pack_rows(x, src, topk_idx, topk_weights, per_rank, L, c, use_fp8, run_device_checks(src))
         got, hdr = unpack_rows(self._a2a(buf, R), fmt, n, c)
 
         recv_x = (got["x"], got["scale"]) if "scale" in got else got["x"]
@@ -455,8 +463,8 @@ class EPDispatcher:
         ref = x[0] if isinstance(x, (tuple, list)) else x
         check_tensor("x[0]" if ref is not x else "x", ref, ndim=2, shape=(handle.num_tokens, None))
         per_rank = (handle.pos >= 0).sum(0, dtype=torch.int32)  # the slot headers (fixed capacity)
-        buf, fmt, _ = pack_rows(x, handle.src_idx, None, None, per_rank, self.num_local_experts, handle.capacity,
-                                use_fp8)
+        buf, fmt, _ = _pack_rows(x, handle.src_idx, None, None, per_rank, self.num_local_experts, handle.capacity,
+                                 use_fp8, run_device_checks(handle.src_idx))
         recv = self._a2a(buf, handle.num_recv if handle.capacity is None else self.num_ranks, handle.send_counts,
                          handle.recv_counts)
         got, _ = unpack_rows(recv, fmt, handle.num_recv, handle.capacity)

@@ -242,6 +242,11 @@ def _check_pack_args(x, x_scale, src_idx, topk_idx, topk_weights, per_rank, num_
                       per_rank=per_rank)
     if check_values and src_idx.device.type != "meta":
         check_index_values("src_idx", src_idx, -1, t, "token indices of x (-1 = empty row)")
+        check_index_values("per_rank", per_rank, 0, (n if capacity < 0 else capacity) + 1,
+                           "rows per destination rank")
+        if topk_idx is not None:
+            check_index_values("topk_idx", topk_idx, -1, r * num_local_experts,
+                               f"expert ids of R * num_local_experts = {r} * {num_local_experts} experts (-1 = unused)")
         if capacity < 0 and int(per_rank.sum()) != n:
             raise ValueError(f"per_rank: expected counts summing to the {n} rows of src_idx (normal mode), "
                              f"got {int(per_rank.sum())}")
@@ -346,18 +351,29 @@ def pack_rows(x, src_idx: torch.Tensor, topk_idx: torch.Tensor | None, topk_weig
         (buffer uint8 [N, row_bytes] or [R, SLOT_HEADER_BYTES + capacity * row_bytes], its RowFormat,
         send_local [N, k] bool (slot j's expert lives on the row's destination) from the torch path, None
         from the fused one).
-    Raises TypeError / ValueError naming the argument. Values (src_idx in [-1, T), sum(per_rank) == N in
-    normal mode) are checked by the op's CPU kernel (the reference, fused variant) and with
-    DEEPKERNELS_CHECK=1; otherwise trusted (no host sync): the kernel never reads an src_idx entry outside
-    [-1, T) and gives its row 0xFF bytes; the torch variant's permute raises naming src_idx.
+    Raises TypeError / ValueError naming the argument. Values (src_idx in [-1, T), per_rank in [0, N] (fixed:
+    [0, capacity]) with sum(per_rank) == N in normal mode, topk_idx in [-1, R * L)) are checked on CPU tensors
+    (the op's CPU kernel, and the torch variant) and with DEEPKERNELS_CHECK=1; otherwise trusted (no host
+    sync): the kernel never reads an src_idx entry outside [-1, T) and gives its row 0xFF bytes; an expert id
+    outside [-1, R * L) is local nowhere (lid -1: :class:`EPDispatcher` turns such a token's combine into NaN).
     """
+    check_tensor("src_idx", src_idx, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    # values: the torch variant on CPU tensors is the reference (checked, free); the kernels trust them
+    check = run_device_checks(src_idx) or (pack_variant(src_idx.device) == "torch" and src_idx.device.type == "cpu"
+                                           and not torch.compiler.is_compiling())
+    return _pack_rows(x, src_idx, topk_idx, topk_weights, per_rank, num_local_experts, capacity, use_fp8, check)
+
+
+def _pack_rows(x, src_idx, topk_idx, topk_weights, per_rank, num_local_experts, capacity, use_fp8, check_values):
+    """pack_rows with the value checks as given (the dispatcher builds src_idx / per_rank itself: no host
+    read there, its only sync is the counts exchange; DEEPKERNELS_CHECK=1 still checks)."""
     pair = isinstance(x, (tuple, list))
     if pair and len(x) != 2:
         raise TypeError(f"x: expected a tensor or a pair (x_fp8, scale), got a {type(x).__name__} of length {len(x)}")
     xq, xs = (x[0], x[1]) if pair else (x, None)
     cap = -1 if capacity is None else capacity
     _check_pack_args(xq, xs, src_idx, topk_idx, topk_weights, per_rank, num_local_experts, cap, use_fp8,
-                     check_values=run_device_checks(src_idx))
+                     check_values=check_values)
     if pack_variant(src_idx.device) == "torch":
         return _pack_rows_torch(x, src_idx, topk_idx, topk_weights, per_rank, num_local_experts, capacity, use_fp8)
     buf = torch.ops.deepkernels.moe_pack_rows(xq.contiguous(), None if xs is None else xs.contiguous(), src_idx,
