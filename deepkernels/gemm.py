@@ -474,7 +474,7 @@ def _table_entry(kind, m, n, k, num_groups, expected_m, num_sms):
 def load_tuning_table(path: str | None = None) -> dict:
     """The tuning table JSON (``python -m bench sweep`` writes it): ``{"version": 1, "entries": [...]}``,
     each entry {device, kind, m, n, k, num_groups, expected_m, num_sms, block_m, block_n, split_k, stages,
-    us, ...}. A missing file is an empty table."""
+    optionally overlap and tma_store (0 when absent), us, ...}. A missing file is an empty table."""
     path = path or TUNING_TABLE_PATH
     if not os.path.exists(path):
         return {"version": 1, "entries": []}

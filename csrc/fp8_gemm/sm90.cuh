@@ -11,7 +11,9 @@
 //     runs 4 x wgmma m64nBLOCK_Nk32 e4m3 per K block into fp32 `partial`, releases the stage, then
 //     promotes on CUDA cores: total += partial * a_scale[row, kb] * b_scale[n/128, kb]. Epilogue: bf16
 //     pairs straight from registers to global memory with row/column bounds (masked rows untouched,
-//     contiguous padding rows zero).
+//     contiguous padding rows zero), or (p.tma_store) through a shared-memory output tile and a TMA store
+//     per warpgroup that overlaps the next tile's main loop (bounded by the out map; masked tiles with rows
+//     past masked_m[g] still take the register path).
 // Partial tiles: TMA zero-fills out-of-bounds rows/columns (still counted in the transaction bytes), so
 // any M >= 1 and N, K multiples of 16 need no special path; only the stores are bounded.
 #include <cuda.h>
