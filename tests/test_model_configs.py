@@ -275,6 +275,21 @@ def test_checkpoint_saved_by_transformers_random_init(tmp_path, name):
     assert err < 1e-5, f"{name}: our load of transformers' checkpoint, logits max rel err {err:.2e}"
 
 
+def test_router_stays_fp32_in_a_bf16_model(tmp_path):
+    """As transformers' from_pretrained keeps gate.weight (and the correction bias) in fp32 in a bf16 model, so
+    do we: the router's weights load exactly from an fp32 checkpoint, and to_transformers' oracle does the same."""
+    model = get_model("v3")
+    save_pretrained(model, str(tmp_path))
+    m16 = load_model(str(tmp_path), dtype=torch.bfloat16)
+    gate, gate32 = m16.model.layers[1].mlp.gate, model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.weight, gate32.weight)
+    assert m16.model.layers[1].mlp.experts["0"].gate_proj.weight.dtype == torch.bfloat16
+    peer = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert peer.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert to_transformers(m16).model.layers[1].mlp.gate.weight.dtype == torch.float32
+
+
 _ODD = {"hidden_size": 200, "intermediate_size": 300, "moe_intermediate_size": 72, "q_lora_rank": 100,
         "kv_lora_rank": 136, "vocab_size": 999}
 

@@ -39,6 +39,9 @@ def to_transformers(model: DeepseekV3ForCausalLM, attn_implementation: str = "ea
     cls = transformers.DeepseekV2ForCausalLM if model.config.is_v2_routing else transformers.DeepseekV3ForCausalLM
     with torch.device(model.device):
         hf = cls(hf_config).to(model.dtype)
+    for name, module in hf.named_modules():  # the router in fp32, as transformers' from_pretrained keeps it
+        if name.endswith("mlp.gate"):
+            module.float()
     n = model.config.num_hidden_layers
     main = {k: v for k, v in model.state_dict().items()
             if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}

@@ -164,7 +164,10 @@ class MoEGate(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
         self.scoring_func, self.topk_method = scoring_func, topk_method
-        self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size, device=device, dtype=dtype))
+        # NOTE: kept in fp32 whatever the model dtype (transformers keeps ``gate.weight`` and the correction bias
+        # in fp32: _keep_in_fp32_modules_strict): the router logits are fp32 either way, and a bf16 copy of the
+        # weight would move near-tie expert choices away from transformers' bf16 model.
+        self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size, device=device, dtype=torch.float32))
         bias = torch.zeros(n_routed_experts, device=device, dtype=torch.float32) if topk_method == "noaux_tc" else None
         self.register_buffer("e_score_correction_bias", bias)
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
