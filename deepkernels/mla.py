@@ -224,8 +224,9 @@ def check_cache_indices(kv_cache: torch.Tensor, block_table: torch.Tensor, cache
         raise ValueError(f"cache_seqlens: expected lengths >= 0, got cache_seqlens[{i}] = {int(lens[i])}")
     if too_long:
         i = _first_bad(needed > max_blocks)[0]
-        raise ValueError(f"cache_seqlens: cache_seqlens[{i}] = {int(lens[i])} needs {int(needed[i])} pages of "
-                         f"{page} tokens, but block_table has only {max_blocks} columns (max_blocks)")
+        raise ValueError(f"cache_seqlens: expected lengths within the block table (max_blocks = {max_blocks} "
+                         f"pages of {page} tokens), got cache_seqlens[{i}] = {int(lens[i])}, which needs "
+                         f"{int(needed[i])} pages")
     if bad:
         i, j = _first_bad(bad_entry)
         raise ValueError(f"block_table: expected entries in [0, num_blocks={num_blocks}) for the pages a sequence "
@@ -392,21 +393,22 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
     if kv_cache.size(3) != HEAD_DIM_QK:
         raise ValueError(f"kv_cache: expected last dim {HEAD_DIM_QK} (512 latent + 64 rope), got {kv_cache.size(3)}")
     if kv_cache.size(1) % PAGE_MULTIPLE != 0 or kv_cache.size(1) == 0:
-        raise ValueError(f"kv_cache: page size (dim 1) must be a positive multiple of {PAGE_MULTIPLE}, "
+        raise ValueError(f"kv_cache: expected a page size (dim 1) that is a positive multiple of {PAGE_MULTIPLE}, "
                          f"got {kv_cache.size(1)}")
     if kv_cache.size(2) == 0:
         raise ValueError(f"kv_cache: expected at least one head (dim 2), got shape {list(kv_cache.shape)}")
     align = 16 // kv_cache.element_size()  # rows are read in 16-byte vectors
     if any(kv_cache.stride(d) % align for d in range(3)):  # (the binding also checks the base address)
-        raise ValueError(f"kv_cache: rows must start on 16-byte boundaries (strides multiples of {align} elements), "
+        raise ValueError(f"kv_cache: expected rows on 16-byte boundaries (strides multiples of {align} elements), "
                          f"got strides {kv_cache.stride()}")
-    if kv_cache.device.type != "meta" and kv_cache.numel() and kv_cache.data_ptr() % 16:  # a view at an odd offset
+    if (kv_cache.device.type != "meta" and kv_cache.numel() and not torch.compiler.is_compiling()
+            and kv_cache.data_ptr() % 16):  # a view at an odd offset (no address while tracing)
         raise ValueError(f"kv_cache: expected a 16-byte aligned data pointer (rows are read in 16-byte vectors), "
                          f"got an address {kv_cache.data_ptr() % 16} bytes past a 16-byte boundary")
     if kv_cache.dtype == FP8_DTYPE:
         if kv_scale is None:
-            raise ValueError("kv_scale: required for a float8_e4m3fn kv_cache "
-                             f"(fp32 [num_blocks, page_size, h_kv] = {list(kv_cache.shape[:3])})")
+            raise ValueError("kv_scale: required for a float8_e4m3fn kv_cache: expected fp32 [num_blocks, page_size, "
+                             f"h_kv] = {list(kv_cache.shape[:3])}, got None")
         check_tensor("kv_scale", kv_scale, dtypes=(torch.float32,), shape=tuple(kv_cache.shape[:3]),
                      device=kv_cache.device, contiguous=True)
     elif kv_scale is not None:
@@ -469,7 +471,7 @@ def mla_decode_with_kvcache(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     b, s_q, h_q, _ = q.shape
     h_kv = kv_cache.size(2)
     if h_q % h_kv != 0:
-        raise ValueError(f"q: number of heads ({h_q}) must be a multiple of kv_cache heads ({h_kv})")
+        raise ValueError(f"q: expected a number of heads that is a multiple of kv_cache heads ({h_kv}), got {h_q}")
     head_dim_v = _ops.check_int("head_dim_v", head_dim_v)
     if head_dim_v != HEAD_DIM_V:
         raise ValueError(f"head_dim_v: expected {HEAD_DIM_V} (the latent part of the 576-dim row), got {head_dim_v}")
