@@ -324,6 +324,11 @@ BAD = [
     ("dg-tma-elem-bool", lambda: deep_gemm.get_tma_aligned_size(5, True), TypeError, "element_size"),
     ("dg-colmajor-list", lambda: deep_gemm.get_col_major_tma_aligned_tensor([[1.0]]), TypeError, "x"),
     ("dg-colmajor-1d", lambda: deep_gemm.get_col_major_tma_aligned_tensor(torch.ones(4)), ValueError, "x"),
+    ("dg-colmajor-bool", lambda: deep_gemm.get_col_major_tma_aligned_tensor(torch.ones(4, 2, dtype=torch.bool)),
+     ValueError, "x"),
+    ("dg-mnmajor-bf16", lambda: deep_gemm.get_mn_major_tma_aligned_tensor(torch.ones(4, 2, dtype=torch.bfloat16)),
+     ValueError, "sf"),
+    ("dg-mnmajor-1d", lambda: deep_gemm.get_mn_major_tma_aligned_tensor(torch.ones(4)), ValueError, "sf"),
 
     # ---- MoE layout
     ("lay-list", lambda: moe.get_dispatch_layout([[0, 1]], 4, 2), TypeError, "topk_idx"),

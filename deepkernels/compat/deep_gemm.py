@@ -39,10 +39,15 @@ def get_tma_aligned_size(x: int, element_size: int) -> int:
 
 def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
     """[..., M, K/128] fp32 scales -> the same values in a column-major layout with the M stride padded
-    to 16 bytes (stride(-2) == 1, stride(-1) == aligned M), as DeepGEMM's TMA loads want."""
-    check_tensor("x", x)
+    to 16 bytes (stride(-2) == 1, stride(-1) == aligned M), as DeepGEMM's TMA loads want. x: float32 (or int32:
+    packed UE8M0 scales), 2 or 3 dims."""
+    return _mn_major("x", x)
+
+
+def _mn_major(name: str, x) -> torch.Tensor:
+    check_tensor(name, x, dtypes=(torch.float32, torch.int32))
     if x.dim() not in (2, 3):
-        raise ValueError(f"x: expected 2 or 3 dims [G?, M, K/128], got shape {list(x.shape)}")
+        raise ValueError(f"{name}: expected 2 or 3 dims [G?, M, K/128], got shape {list(x.shape)}")
     m, k_groups = x.shape[-2:]
     aligned_m = get_tma_aligned_size(m, x.element_size())
     if x.stride(-2) == 1 and (k_groups == 1 or x.stride(-1) == aligned_m) and (x.dim() == 2 or x.stride(0) == aligned_m * k_groups):
@@ -109,8 +114,8 @@ def get_theoretical_mk_alignment_for_contiguous_layout(expected_m: int | None = 
 
 
 def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
-    """DeepGEMM's newer name of get_col_major_tma_aligned_tensor."""
-    return get_col_major_tma_aligned_tensor(sf)
+    """DeepGEMM's newer name of get_col_major_tma_aligned_tensor (the argument is ``sf``)."""
+    return _mn_major("sf", sf)
 
 
 def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe: tuple, num_groups: int | None = None,
