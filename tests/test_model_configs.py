@@ -132,6 +132,29 @@ def test_logits_and_paged_decode_match_transformers(name):
         assert err < 1e-5, f"{name}: {what} vs transformers, max rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("name", ["v3", "no_q_lora", "kv_512_rope_64"])
+def test_fast_path_paged_decode_low_precision_cache_equals_references(name):
+    """bf16 caches: the fast path's attention equals the reference of the rows' geometry (the decode kernel's
+    bf16 query/output roundings for 512 + 64 rows, mla_attention_fp32's fp32 maths for others); fp8 caches run
+    the references; both stay close to the fp32 forward."""
+    model = get_model(name)
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+
+    def paged(cache_dtype):
+        cache = make_cache(model, 2, 32, page_size=16, dtype=cache_dtype)
+        steps = [model(ids[:, :5], cache=cache, prefill=True)]
+        return torch.cat(steps + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 19)], 1)
+
+    with torch.no_grad():
+        exact = model(ids)
+        for cache_dtype, tol in ((torch.bfloat16, 1e-5), (torch.float8_e4m3fn, 1e-3)):
+            fast = paged(cache_dtype)
+            with cpu_fast_path(False):
+                ref = paged(cache_dtype)
+            assert calc_diff(fast, ref) < 1e-7, f"{name} {cache_dtype}: fast vs references {calc_diff(fast, ref):.2e}"
+            assert calc_diff(ref, exact) < tol, f"{name} {cache_dtype}: vs fp32 forward {calc_diff(ref, exact):.2e}"
+
+
 def test_latent_norms_keep_eps_1e6():
     """q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps (DeepSeek's reference code and
     transformers); the layer norms use rms_norm_eps."""

@@ -147,8 +147,8 @@ class PagedMLAKVCache(nn.Module):
         return self.seqlens[layer].tolist()
 
     def _attend_fast(self, layer: int, q_nope, q_pe, w_uk, w_uv, softmax_scale: float, causal: bool):
-        """mla_decode_absorbed's maths for all sequences at once: the reference's fp32 attention (bf16 cache:
-        the decode kernel's bf16 query and bf16 output) over a [b, L, row] view of the cache, keys past each
+        """mla_decode_absorbed's maths for all sequences at once: the reference's fp32 attention (bf16 cache of
+        the kernel's 576-dim rows: the decode kernel's bf16 query and bf16 output) over a [b, L, row] view of the cache, keys past each
         sequence's length (and the bottom-right causal mask) masked out."""
         b, s, h, d_nope = q_nope.shape
         rank = w_uk.size(-1)
@@ -160,7 +160,10 @@ class PagedMLAKVCache(nn.Module):
         # absorb W_UK per head: [h, b*s, d_nope] @ [h, d_nope, rank]
         q_latent = torch.bmm(q_nope.reshape(b * s, h, d_nope).float().transpose(0, 1), w_uk.float())
         q = torch.cat([q_latent.transpose(0, 1).view(b, s, h, rank), q_pe.float()], dim=-1)
-        if self.dtype == torch.bfloat16:
+        # the decode kernel's roundings (bf16 query and output) only for the rows it runs (512 + 64): other
+        # geometries' reference is mla_attention_fp32, which keeps both in fp32
+        kernel_roundings = self.dtype == torch.bfloat16 and self.row_dim == _mla.HEAD_DIM_QK
+        if kernel_roundings:
             q = q.to(torch.bfloat16).float()
         scores = torch.bmm(q.view(b, s * h, -1), kv.transpose(1, 2)).view(b, s, h, length)
         shortest = min(host)
@@ -174,7 +177,7 @@ class PagedMLAKVCache(nn.Module):
         if shortest - (s - 1 if causal else 0) <= 0:  # a query that sees no key: output 0 (the reference's)
             probs = probs.nan_to_num_(0.0)
         out = torch.bmm(probs.view(b, s * h, length), kv[..., :rank])             # [b, s*h, rank]
-        if self.dtype == torch.bfloat16:
+        if kernel_roundings:
             out = out.to(torch.bfloat16).float()
         # map back through W_UV per head: [h, b*s, rank] @ [h, rank, d_v]
         out = torch.bmm(out.view(b * s, h, rank).transpose(0, 1), w_uv.float())
