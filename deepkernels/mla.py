@@ -413,8 +413,8 @@ def _check_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
                      device=kv_cache.device, contiguous=True)
     elif kv_scale is not None:
         check_tensor("kv_scale", kv_scale)
-        raise ValueError(f"kv_scale: only valid with a float8_e4m3fn kv_cache, got a "
-                         f"{str(kv_cache.dtype).removeprefix('torch.')} cache and a scale")
+        raise ValueError(f"kv_scale: only valid with a float8_e4m3fn kv_cache: expected None with a "
+                         f"{str(kv_cache.dtype).removeprefix('torch.')} kv_cache, got a tensor")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -18,6 +18,7 @@ import torch
 import deepkernels
 import deepkernels.compat.deep_ep as deep_ep
 import deepkernels.compat.deep_gemm as deep_gemm
+import deepkernels.compat.flash_mla as flash_mla
 from deepkernels import fp8, gemm, moe
 from deepkernels.testing import calc_diff, poison_, reference
 
@@ -590,6 +591,25 @@ BAD = [
     ("wire-bad-expert-id", lambda: moe.pack_rows(X, SRC, IDS + 1, WTS, _m_idx([2, 2]), 2, None), ValueError,
      "topk_idx"),
     ("wire-src-list", lambda: moe.pack_rows(X, [0, 1], IDS, WTS, _m_idx([2, 2]), 2, None), TypeError, "src_idx"),
+    ("dep-dispatch-in-rank-list", lambda: deep_ep.Buffer(None).dispatch(
+        X.bfloat16(), topk_idx=IDS, topk_weights=WTS, num_tokens_per_expert=_m_idx([1, 1, 1, 2]),
+        is_token_in_rank=[[True]] * 3), TypeError, "is_token_in_rank"),
+    ("dep-dispatch-per-rank-shape", lambda: deep_ep.Buffer(None).dispatch(
+        X.bfloat16(), topk_idx=IDS, topk_weights=WTS, num_tokens_per_expert=_m_idx([1, 1, 1, 2]),
+        num_tokens_per_rank=_m_idx([3, 0])), ValueError, "num_tokens_per_rank"),
+    ("dep-dispatch-per-rank-float", lambda: deep_ep.Buffer(None).dispatch(
+        X.bfloat16(), topk_idx=IDS, topk_weights=WTS, num_tokens_per_expert=_m_idx([1, 1, 1, 2]),
+        num_tokens_per_rank=torch.tensor([3.0])), ValueError, "num_tokens_per_rank"),
+    ("fm-indices", lambda: flash_mla.flash_mla_with_kvcache(*_mla_args(), indices=torch.zeros(2, 1, 4)),
+     NotImplementedError, "indices"),
+    ("fm-descale-k", lambda: flash_mla.flash_mla_with_kvcache(*_mla_args(), descale_k=torch.ones(1)),
+     NotImplementedError, "descale_k"),
+    ("fm-packed-fp8", lambda: flash_mla.flash_mla_with_kvcache(*_mla_args(), is_fp8_kvcache=True),
+     NotImplementedError, "kv_scale"),
+    ("fm-topk", lambda: flash_mla.get_mla_metadata(torch.tensor([5], dtype=torch.int32), 16, 1, topk=64),
+     NotImplementedError, "topk"),
+    ("mla-scale-with-bf16-cache", lambda: deepkernels.mla_decode_with_kvcache(
+        *_mla_args(), kv_scale=torch.ones(6, 64, 1)), ValueError, "kv_scale"),
     ("mla-write-kv-aliases-cache", lambda: (lambda c: deepkernels.write_mla_kv_cache(
         c, None, c.view(-1, 1, 576)[:2], torch.tensor([5, 6])))(torch.zeros(2, 16, 1, 576, dtype=torch.bfloat16)),
      ValueError, "kv_cache"),

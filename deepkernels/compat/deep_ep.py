@@ -116,6 +116,16 @@ class Buffer:
         expert_alignment = check_int("expert_alignment", expert_alignment, min_value=1)
         check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32, torch.int64), ndim=1)
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
+        # the layout tensors of get_dispatch_layout: recomputed from topk_idx (their values are not read), so
+        # only their form is checked (DeepEP would trust them)
+        check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
+        t, r = topk_idx.size(0), self.group_size
+        if num_tokens_per_rank is not None:
+            check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtypes=(torch.int32, torch.int64), shape=(r,))
+        if is_token_in_rank is not None:
+            check_tensor("is_token_in_rank", is_token_in_rank, dtypes=(torch.bool,), shape=(t, r))
+        if num_tokens_per_rdma_rank is not None:
+            check_tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank)
         d = self._dispatcher(num_tokens_per_expert.numel())
         recv_x, hd = d.dispatch(tuple(x) if isinstance(x, (tuple, list)) else x, topk_idx, topk_weights.float())
         counts = [-(-c // expert_alignment) * expert_alignment for c in hd.num_recv_tokens_per_expert_list]

@@ -20,7 +20,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
     """Args: cache_seqlens [b] int32; num_q_tokens_per_head_k = s_q * h_q // h_k; num_heads_k = h_k.
     Returns: (tile_scheduler_metadata [num_sm_parts, 8] int32, num_splits [b + 1] int32)."""
     if topk is not None:
-        raise NotImplementedError("get_mla_metadata: sparse attention (topk) is not provided by deepkernels")
+        raise NotImplementedError(f"topk: expected None (sparse attention is not provided by deepkernels), got "
+                                  f"{type(topk).__name__} {topk!r}"[:200])
     _ops.check_bool("is_fp8_kvcache", is_fp8_kvcache)
     if num_heads_q is not None:
         _ops.check_int("num_heads_q", num_heads_q, min_value=1)
@@ -38,15 +39,18 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     q and k_cache: both bf16 or both fp16 (or an e4m3 k_cache with kv_scale and a bf16 q).
     Returns: (out [b, s_q, h_q, 512] in q's dtype, softmax_lse [b, h_q, s_q] fp32)."""
     if indices is not None:
-        raise NotImplementedError("flash_mla_with_kvcache: sparse attention (indices) is not provided by deepkernels")
+        raise NotImplementedError(f"indices: expected None (sparse attention is not provided by deepkernels), got "
+                                  f"{type(indices).__name__}")
     is_fp8_kvcache = _ops.check_bool("is_fp8_kvcache", is_fp8_kvcache)
-    if descale_q is not None or descale_k is not None:
-        raise NotImplementedError("flash_mla_with_kvcache: descale_q/descale_k are not supported; "
-                                  "pass an e4m3 k_cache with a per-token kv_scale instead")
+    for name, value in (("descale_q", descale_q), ("descale_k", descale_k)):
+        if value is not None:
+            raise NotImplementedError(f"{name}: expected None (descale_q / descale_k are not supported: pass an e4m3 "
+                                      f"k_cache with a per-token kv_scale instead), got {type(value).__name__}")
     if is_fp8_kvcache and kv_scale is None:
-        raise NotImplementedError("flash_mla_with_kvcache: FlashMLA's packed fp8 cache (656 B per token) is not "
-                                  "supported; pass an e4m3 k_cache [num_blocks, page, h_k, 576] with kv_scale "
-                                  "[num_blocks, page, h_k] (see deepkernels.write_mla_kv_cache)")
+        raise NotImplementedError("kv_scale: expected a tensor with is_fp8_kvcache=True (FlashMLA's packed fp8 "
+                                  "cache, 656 B per token, is not supported: pass an e4m3 k_cache [num_blocks, page, "
+                                  "h_k, 576] with kv_scale [num_blocks, page, h_k], see "
+                                  "deepkernels.write_mla_kv_cache), got None")
     return _mla.mla_decode_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                                         num_splits, softmax_scale, causal, kv_scale)
 
