@@ -59,6 +59,9 @@ CONFIGS = {
     "two_shared_experts": ("tiny", {"n_shared_experts": 2}),
     "all_dense": ("tiny", {"first_k_dense_replace": 2}),
     "all_moe": ("tiny", {"first_k_dense_replace": 0}),
+    "moe_every_2nd_layer": ("tiny", {"num_hidden_layers": 4, "first_k_dense_replace": 1, "moe_layer_freq": 2}),
+    "moe_every_3rd_layer": ("tiny", {"num_hidden_layers": 4, "first_k_dense_replace": 0, "moe_layer_freq": 3}),
+    "no_routed_experts": ("tiny", {"n_routed_experts": 0}),
     "one_layer": ("tiny", {"num_hidden_layers": 1, "first_k_dense_replace": 0}),
     "three_layers": ("tiny", {"num_hidden_layers": 3}),
     "yarn": ("tiny", {"rope_scaling": _yarn(4.0, 64, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)}),
@@ -87,6 +90,7 @@ CONFIGS = {
     "v2_yarn": ("tiny-v2", {"rope_scaling": _yarn(4.0, 64, beta_fast=32, beta_slow=1, mscale=0.707,
                                                   mscale_all_dim=0.707)}),
     "v2_scale16": ("tiny-v2", {"routed_scaling_factor": 16.0}),
+    "v2_moe_every_2nd_layer": ("tiny-v2", {"num_hidden_layers": 3, "first_k_dense_replace": 0, "moe_layer_freq": 2}),
 }
 
 _MODELS: dict = {}

@@ -29,16 +29,31 @@ def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
 
 def to_transformers(model: DeepseekV3ForCausalLM, attn_implementation: str = "eager"):
     """A ``transformers.DeepseekV3ForCausalLM`` (V3 routing) or ``transformers.DeepseekV2ForCausalLM`` (V2
-    routing) with ``model``'s config and weights (non-FP8 models only; MTP layers are left out)."""
+    routing) with ``model``'s config and weights (non-FP8 models only; MTP layers are left out). Layers that
+    ``moe_layer_freq`` (or ``n_routed_experts=0``) makes dense, which transformers' classes cannot express, get
+    transformers' dense MLP module in place of its MoE."""
     import transformers
 
-    if model.config.is_fp8:
+    config = model.config
+    if config.is_fp8:
         raise ValueError("to_transformers: FP8 models are not supported; load with dequantize_fp8=True")
-    hf_config = model.config.to_hf()
+    # transformers makes every layer from first_k_dense_replace on a MoE layer; DeepSeek's moe_layer_freq
+    # (and a model without routed experts) make some of them dense: those layers get transformers' dense MLP
+    dense_from_k = config.num_hidden_layers if config.n_routed_experts == 0 else config.first_k_dense_replace
+    hf_config = type(config).from_dict({**config.to_dict(), "moe_layer_freq": 1,
+                                        "first_k_dense_replace": dense_from_k}).to_hf()
     hf_config._attn_implementation = attn_implementation
-    cls = transformers.DeepseekV2ForCausalLM if model.config.is_v2_routing else transformers.DeepseekV3ForCausalLM
+    cls = transformers.DeepseekV2ForCausalLM if config.is_v2_routing else transformers.DeepseekV3ForCausalLM
     with torch.device(model.device):
         hf = cls(hf_config).to(model.dtype)
+        for i, layer in enumerate(hf.model.layers):
+            if i >= dense_from_k and not config.is_moe_layer(i):
+                mlp_cls = type(hf.model.layers[0].mlp) if dense_from_k > 0 else None
+                if mlp_cls is None:
+                    module = transformers.models.deepseek_v2.modeling_deepseek_v2 if config.is_v2_routing else \
+                        transformers.models.deepseek_v3.modeling_deepseek_v3
+                    mlp_cls = module.DeepseekV2MLP if config.is_v2_routing else module.DeepseekV3MLP
+                layer.mlp = mlp_cls(hf_config).to(model.dtype)
     for name, module in hf.named_modules():  # the router in fp32, as transformers' from_pretrained keeps it
         if name.endswith("mlp.gate"):
             module.float()
