@@ -317,6 +317,36 @@ def test_router_stays_fp32_in_a_bf16_model(tmp_path):
     assert to_transformers(m16).model.layers[1].mlp.gate.weight.dtype == torch.float32
 
 
+def test_tied_config_with_its_own_lm_head_in_the_checkpoint(tmp_path):
+    """tie_word_embeddings with an lm_head.weight in the checkpoint anyway: transformers' from_pretrained unties
+    and uses it, so do we (and save_pretrained then writes it, so the checkpoint round-trips)."""
+    from safetensors.torch import load_file, save_file
+
+    model = get_model("tied_embeddings")
+    save_pretrained(model, str(tmp_path / "a"))
+    tensors = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = torch.randn(tensors["model.embed_tokens.weight"].shape,
+                                            generator=torch.Generator().manual_seed(4)) / 8
+    save_file(tensors, str(tmp_path / "a" / "model.safetensors"), metadata={"format": "pt"})
+    ours = load_model(str(tmp_path / "a"))
+    assert not ours.lm_head_tied and torch.equal(ours.lm_head.weight, tensors["lm_head.weight"])
+    assert torch.equal(ours.model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
+    peer = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "a"), dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, ref = ours(ids), peer(ids).logits
+        oracle = to_transformers(ours)(ids).logits
+    assert rel_err(logits, ref) < 1e-5 and rel_err(logits, oracle) < 1e-5, \
+        f"untied head: vs transformers {rel_err(logits, ref):.2e}, vs to_transformers {rel_err(logits, oracle):.2e}"
+    save_pretrained(ours, str(tmp_path / "b"))
+    again = load_model(str(tmp_path / "b"))
+    with torch.no_grad():
+        assert torch.equal(again(ids), logits)
+    assert get_model("tied_embeddings").lm_head_tied  # a checkpoint without the key stays tied
+
+
 _ODD = {"hidden_size": 200, "intermediate_size": 300, "moe_intermediate_size": 72, "q_lora_rank": 100,
         "kv_lora_rank": 136, "vocab_size": 999}
 

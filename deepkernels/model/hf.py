@@ -54,6 +54,8 @@ def to_transformers(model: DeepseekV3ForCausalLM, attn_implementation: str = "ea
                         transformers.models.deepseek_v3.modeling_deepseek_v3
                     mlp_cls = module.DeepseekV2MLP if config.is_v2_routing else module.DeepseekV3MLP
                 layer.mlp = mlp_cls(hf_config).to(model.dtype)
+    if config.tie_word_embeddings and not model.lm_head_tied:  # a checkpoint's own head (see untie_lm_head)
+        hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
     for name, module in hf.named_modules():  # the router in fp32, as transformers' from_pretrained keeps it
         if name.endswith("mlp.gate"):
             module.float()

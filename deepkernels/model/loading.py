@@ -187,17 +187,22 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
     config = model.config
     header = _Header(directory)
     files = header.files
-    state = model.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     ckpt_keys = set(files)
+    # a tied config whose checkpoint still holds its own lm_head.weight: that head is used (untied), as
+    # transformers' from_pretrained does
+    tied = config.tie_word_embeddings and "lm_head.weight" not in ckpt_keys
+    if config.tie_word_embeddings and not tied:
+        model.untie_lm_head()
+    state = model.state_dict()
+    if tied:
+        state.pop("lm_head.weight", None)
     fp8 = torch.float8_e4m3fn
     # the scale of an FP8 weight the model holds in high precision (every linear with ``dequantize_fp8``; an
     # MTP eh_proj some checkpoints quantise) is read to dequantise that weight, not loaded on its own
     scale_keys = {k for k in ckpt_keys if k.endswith(".weight_scale_inv") and k not in state
                   and (w := state.get(k[: -len("_scale_inv")])) is not None and w.dtype != fp8}
     # an MTP layer's embedding / head left out of the checkpoint: the main model's (the release stores copies)
-    main_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    main_head = "model.embed_tokens.weight" if tied else "lm_head.weight"
     shared = {k: ("model.embed_tokens.weight" if m.group(1) == "embed_tokens" else main_head)
               for k in state if k not in ckpt_keys and (m := _MTP_SHARED.match(k))
               and int(k.split(".")[2]) >= config.num_hidden_layers}
@@ -242,10 +247,10 @@ def load_state_dict_from_checkpoint(model: DeepseekV3ForCausalLM, directory: str
                     raise RuntimeError(f"{name or 'model'}: non-persistent buffers and no reset_parameters() to "
                                        "rebuild them after a meta-device build")
                 module.reset_parameters()
-        if config.tie_word_embeddings:
+        if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
         state = model.state_dict()
-        if config.tie_word_embeddings:
+        if tied:
             state.pop("lm_head.weight", None)
     by_file: dict[str, list[str]] = {}
     for k in state:
@@ -400,7 +405,7 @@ def save_pretrained(model: DeepseekV3ForCausalLM, directory: str, fp8: bool = Fa
                 w, s = per_block_cast_to_fp8(module.weight.detach().float())
                 tensors[name + ".weight"], tensors[name + ".weight_scale_inv"] = w, s
     for k, v in model.state_dict().items():
-        if k not in tensors and not (k == "lm_head.weight" and config.tie_word_embeddings):
+        if k not in tensors and not (k == "lm_head.weight" and model.lm_head_tied):
             tensors[k] = v.detach().contiguous().cpu()
     if quantize:
         config = DeepseekV3Config.from_dict({**config.to_dict(), "quantization_config": {

@@ -438,6 +438,19 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     @property
+    def lm_head_tied(self) -> bool:
+        """Whether the LM head shares the embedding's weight (``tie_word_embeddings``, unless the checkpoint
+        brought its own ``lm_head.weight``: :meth:`untie_lm_head`)."""
+        return self.lm_head.weight is self.model.embed_tokens.weight
+
+    def untie_lm_head(self) -> None:
+        """Give the LM head its own weight (a copy of the embedding's until loaded): for a
+        ``tie_word_embeddings`` config whose checkpoint holds an ``lm_head.weight`` (transformers then uses it)."""
+        if self.lm_head_tied:
+            self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone(),
+                                               requires_grad=self.lm_head.weight.requires_grad)
+
+    @property
     def num_mtp_layers(self) -> int:
         """How many MTP layers this model holds (0 unless built with ``mtp=True``)."""
         return len(self.model.layers) - self.config.num_hidden_layers
@@ -540,8 +553,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         for name, buf in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.05 * randn(name, buf.shape))
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.config.tie_word_embeddings and not self.lm_head_tied:
+            self.lm_head.weight.copy_(self.model.embed_tokens.weight)  # untied: an equal copy
         for layer in self.model.mtp_layers:  # the release's MTP layers hold copies of these
             layer.embed_tokens.weight.copy_(self.model.embed_tokens.weight)
             layer.shared_head.head.weight.copy_(self.lm_head.weight)
