@@ -1,8 +1,8 @@
 #pragma once
 // Emulated csrc/common/ptx_sm90.cuh: mbarrier (arrival count, transaction bytes, phase parity), 3-D TMA tile
 // loads through the emulated CUtensorMap (32/64/128B swizzle, out-of-bounds zero fill, the full box counted in
-// transaction bytes), 3-D TMA stores in bulk async-groups (out-of-bounds elements not written, performed at
-// wait_group[.read]), named barriers (bar.sync id, n), and wgmma (e4m3 m64nNk32, bf16/f16 m64n{32,64}k16, bf16/f16 m64n256k16 with an MN-major B,
+// transaction bytes), 3-D TMA stores in bulk async-groups (out-of-bounds elements not written, the source read at
+// wait_group[.read], the global writes at wait_group or CTA end), named barriers (bar.sync id, n), and wgmma (e4m3 m64nNk32, bf16/f16 m64n{32,64}k16, bf16/f16 m64n256k16 with an MN-major B,
 // also with A from registers) reading
 // its operands through a general decode of the shared-memory matrix descriptor.
 // Sources: PTX ISA 9.7.13.15 (mbarrier), 9.7.9.27 (cp.async.bulk.tensor), cp.async.bulk.commit_group /
@@ -129,63 +129,96 @@ inline bool mbar_ready(const void* m, uint64_t parity) {
 }
 
 // ---- TMA stores (cp.async.bulk.tensor.3d.global.shared::cta.bulk_group) and bulk async-groups, per thread.
-// A store is recorded at issue and performed when its group is waited for (wait_group or wait_group.read): it
-// then reads its shared-memory source through the async proxy's view (generic stores reach it only through
-// fence.proxy.async) and writes the in-bounds elements of its box to global memory. So the latest legal
-// moment is modelled: a source overwritten before wait_group.read is what the store writes (and is reported:
-// the source is compared with its bytes at issue), and a store never waited for is reported at CTA end.
-struct PendingStore { uint32_t src; TensorMap map; int coord[3]; std::vector<uint8_t> at_issue; };
+// A store is recorded at issue; its group's wait performs it at the latest moments the ISA allows:
+//   * the source is read at the first wait of its group (wait_group or wait_group.read), through the async
+//     proxy's view (generic stores reach it only through fence.proxy.async). A source changed after the issue
+//     (in the async view, or by a generic store at all: overwritten before wait_group.read) is reported;
+//   * the global writes land only at a full wait_group (or at CTA end): after wait_group.read they are still in
+//     flight ("the writes being made visible to the executing thread" is only wait_group's), so a kernel that
+//     reads its own stored rows after only wait_group.read reads the old values.
+// A thread that exits with a store whose source was never waited for (no wait_group[.read]) is reported; one
+// whose sources were read (wait_group.read, as CUTLASS's store_tail) has its writes performed at CTA end.
+struct PendingStore {
+  uint32_t src;
+  TensorMap map;
+  int coord[3];
+  std::vector<uint8_t> at_issue;        // the async proxy's view of the source box at issue
+  std::vector<uint8_t> generic_issue;   // the generic (st.shared) bytes of the source box at issue
+  bool read = false;                    // the source was read (a wait_group[.read] covered its group)
+  std::vector<uint8_t> data;            // what the store writes (read from the source)
+};
 struct BulkState { std::vector<PendingStore> open; std::deque<std::vector<PendingStore>> groups; };
 inline thread_local std::vector<BulkState> g_bulk;   // by flat thread index
 inline BulkState& bulk_state() { return g_bulk[size_t(flat_tid())]; }
 inline uint32_t box_bytes(const TensorMap& tm) { return tm.box[0] * tm.box[1] * tm.box[2] * tm.esize; }
-// The async proxy's view of the store's source box, in box order (x fastest).
-inline std::vector<uint8_t> store_source(const PendingStore& s) {
+// The store's source box, in box order (x fastest): the async proxy's view, or (generic) the st.shared bytes.
+inline std::vector<uint8_t> store_source(const PendingStore& s, bool generic = false) {
   const TensorMap& tm = s.map;
   std::vector<uint8_t> v(box_bytes(tm));
   size_t i = 0;
   for (uint32_t z = 0; z < tm.box[2]; ++z)
     for (uint32_t y = 0; y < tm.box[1]; ++y)
       for (uint32_t x = 0; x < tm.box[0]; ++x)
-        for (uint32_t e = 0; e < tm.esize; ++e) v[i++] = *async_view(box_smem_addr(tm, s.src, x, y, z) + e, 1);
+        for (uint32_t e = 0; e < tm.esize; ++e) {
+          const uint32_t a = box_smem_addr(tm, s.src, x, y, z) + e;
+          v[i++] = generic ? *from_shared(a) : *async_view(a, 1);
+        }
   return v;
 }
-inline void store_land(std::vector<PendingStore>& group) {
-  for (const PendingStore& s : group) {
-    const std::vector<uint8_t> src = store_source(s);
-    if (src != s.at_issue)
-      fail("TMA store: its shared-memory source changed between the store and its cp.async.bulk.wait_group.read "
-           "(overwritten before the wait, or written without fence.proxy.async before the store)");
-    const TensorMap& tm = s.map;
-    size_t i = 0;
-    for (uint32_t z = 0; z < tm.box[2]; ++z)
-      for (uint32_t y = 0; y < tm.box[1]; ++y)
-        for (uint32_t x = 0; x < tm.box[0]; ++x, i += tm.esize)
-          if (uint8_t* g = tensor_element(tm, int64_t(s.coord[0]) + x, int64_t(s.coord[1]) + y,
-                                          int64_t(s.coord[2]) + z))
-            std::memcpy(g, src.data() + i, tm.esize);   // out-of-bounds elements are not written
-  }
+inline void store_read(PendingStore& s) {
+  std::vector<uint8_t> src = store_source(s);
+  if (src != s.at_issue || store_source(s, true) != s.generic_issue)
+    fail("TMA store: its shared-memory source changed between the store and its cp.async.bulk.wait_group.read "
+         "(overwritten before the wait, or written without fence.proxy.async before the store)");
+  const TsanIgnore bookkeeping;
+  s.data = std::move(src);
+  s.read = true;
+}
+inline void store_write(const PendingStore& s) {
+  const TensorMap& tm = s.map;
+  size_t i = 0;
+  for (uint32_t z = 0; z < tm.box[2]; ++z)
+    for (uint32_t y = 0; y < tm.box[1]; ++y)
+      for (uint32_t x = 0; x < tm.box[0]; ++x, i += tm.esize)
+        if (uint8_t* g = tensor_element(tm, int64_t(s.coord[0]) + x, int64_t(s.coord[1]) + y,
+                                        int64_t(s.coord[2]) + z))
+          std::memcpy(g, s.data.data() + i, tm.esize);   // out-of-bounds elements are not written
   const TsanIgnore bookkeeping;
   ++g_progress;
 }
-inline void bulk_wait(size_t pending) {
+// wait_group[.read] `pending`: all but the `pending` most recent committed groups have read their sources; without
+// .read they are also complete (written) and retired.
+inline void bulk_wait(size_t pending, bool read_only) {
   BulkState& b = bulk_state();
+  const size_t older = b.groups.size() > pending ? b.groups.size() - pending : 0;
+  for (size_t g = 0; g < older; ++g)
+    for (PendingStore& s : b.groups[g])
+      if (!s.read) store_read(s);
+  {
+    const TsanIgnore bookkeeping;
+    ++g_progress;
+  }
+  if (read_only) return;
   while (b.groups.size() > pending) {
     std::vector<PendingStore> group = std::move(b.groups.front());
     {
       const TsanIgnore bookkeeping;
       b.groups.pop_front();
     }
-    store_land(group);
+    for (const PendingStore& s : group) store_write(s);
   }
 }
 inline void bulk_cta_start() { g_bulk.assign(size_t(blockDim.x) * blockDim.y * blockDim.z, BulkState{}); }
 inline void bulk_cta_end() {
   for (const auto& b : g_bulk) {
     if (!b.open.empty()) fail("a thread exited with TMA stores it never committed (cp.async.bulk.commit_group)");
-    if (!b.groups.empty())
-      fail("a thread exited with TMA stores it never waited for (cp.async.bulk.wait_group)");
+    for (const auto& group : b.groups)
+      for (const PendingStore& s : group)
+        if (!s.read) fail("a thread exited with TMA stores it never waited for (cp.async.bulk.wait_group)");
   }
+  for (const auto& b : g_bulk)   // sources read (wait_group.read): the writes complete after the CTA's threads exit
+    for (const auto& group : b.groups)
+      for (const PendingStore& s : group) store_write(s);
 }
 inline const int g_bulk_hooks = register_cta_hooks(&bulk_cta_start, &bulk_cta_end);
 
@@ -508,9 +541,10 @@ inline void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0
 }
 inline void tma_store_3d(const CUtensorMap* map, const void* src, int c0, int c1, int c2) {
   const uint32_t s = emu::to_shared(src);
-  emu::PendingStore st{s, emu::tma_map_and_box(map, s, "TMA store"), {c0, c1, c2}, {}};
+  emu::PendingStore st{s, emu::tma_map_and_box(map, s, "TMA store"), {c0, c1, c2}, {}, {}};
   (void)emu::from_shared(s, emu::box_bytes(st.map));   // the source box lies in the launch's shared memory
   st.at_issue = emu::store_source(st);
+  st.generic_issue = emu::store_source(st, true);
   const emu::TsanIgnore bookkeeping;
   emu::bulk_state().open.push_back(std::move(st));
 }
@@ -522,11 +556,11 @@ inline void bulk_commit_group() {
 }
 template <int kPending>
 inline void bulk_wait_group_read() {
-  emu::bulk_wait(size_t(kPending));
+  emu::bulk_wait(size_t(kPending), true);
 }
 template <int kPending>
 inline void bulk_wait_group() {
-  emu::bulk_wait(size_t(kPending));
+  emu::bulk_wait(size_t(kPending), false);
 }
 inline void named_barrier_sync(uint32_t id, uint32_t threads) {
   emu::Cta& c = *emu::g_cta;

@@ -473,8 +473,8 @@ cudaError_t get_driver_entry_point_by_version(const char* symbol, void** fn, uns
 
 }  // namespace api
 
-// The cuTensorMapEncodeTiled constraints (CUDA driver API reference) the kernels rely on: 16-byte aligned
-// global address, strides multiples of 16 below 2^40, box dims 1..256, box inner bytes a multiple of 16 and at
+// The cuTensorMapEncodeTiled constraints (CUDA driver API reference) the kernels rely on: a 64-byte aligned map,
+// 16-byte aligned global address, strides multiples of 16 below 2^40, box dims 1..256, box inner bytes a multiple of 16 and at
 // most the swizzle span (32, 64 or 128 bytes). Element types: 1-byte (e4m3 loads as UINT8), bf16, f16, f32.
 CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* addr, const cuuint64_t* dims,
                       const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* element_strides,
@@ -488,7 +488,10 @@ CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t ran
     case CU_TENSOR_MAP_DATA_TYPE_FLOAT32: esize = 4; break;
     default: return CUDA_ERROR_INVALID_VALUE;
   }
-  if (rank < 1 || rank > 3 || reinterpret_cast<uintptr_t>(addr) % 16 != 0 ||
+  // NOTE: the driver also requires the CUtensorMap object itself to be 64-byte aligned (the type is alignas(64),
+  // alignas(128) in CUDA 13's cuda.h; a map encoded into a plain byte buffer need not be).
+  if (reinterpret_cast<uintptr_t>(map) % 64 != 0 || rank < 1 || rank > 3 ||
+      reinterpret_cast<uintptr_t>(addr) % 16 != 0 ||
       interleave != CU_TENSOR_MAP_INTERLEAVE_NONE || oob_fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     return CUDA_ERROR_INVALID_VALUE;
   TensorMap m{kTensorMapMagic, static_cast<const uint8_t*>(addr), {1, 1, 1}, {esize, 0, 0}, {1, 1, 1}, rank, esize, 0};

@@ -899,6 +899,16 @@ void test_tma_store() {
                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_ERROR_INVALID_VALUE,
         "cuTensorMapEncodeTiled refuses an 8-byte box row (boxDim[0] x element size a multiple of 16 bytes)",
         "CUDA driver API cuTensorMapEncodeTiled");
+  {
+    struct alignas(64) Raw { unsigned char bytes[sizeof(CUtensorMap) + 64]; } raw;
+    CUtensorMap* misaligned = reinterpret_cast<CUtensorMap*>(raw.bytes + 16);
+    const cuuint32_t box[3] = {64, kStBoxY, 1};
+    check(emu::encode_tiled(misaligned, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, g.data(), dims, strides, box, estr,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_ERROR_INVALID_VALUE,
+          "cuTensorMapEncodeTiled refuses a tensor map object that is not 64-byte aligned",
+          "CUDA driver API cuTensorMapEncodeTiled: tensorMap address must be aligned to 64 bytes");
+  }
 }
 
 // ======== 6. mbarrier phases and parity ========

@@ -265,7 +265,9 @@ bool wgmma_result_ok(const std::vector<float>& out) {
 // stores each with TMA to its rows of a [32 x 64] global matrix: the double-use of the buffer is what DeepGEMM-style
 // epilogues do. Planted: no fence.proxy.async (the store reads the stale async-proxy view), no wait_group.read
 // before the buffer is overwritten (tile 0's store would write tile 1's data), no wait at exit, no commit.
-enum StoreMode { kStOk = 0, kStNoFence, kStNoWaitRead, kStNoWaitAtExit, kStNoCommit };
+// kStNoWaitReadNoFence: tile 1 overwrites the buffer with neither the wait nor the fence (a generic store racing the
+// in-flight read of tile 0's store: the async view alone would not show it).
+enum StoreMode { kStOk = 0, kStNoFence, kStNoWaitRead, kStNoWaitAtExit, kStNoCommit, kStNoWaitReadNoFence };
 constexpr int kStRows = 16, kStCols = 64, kStPitch = 80;   // global row pitch 160 bytes: columns 64..79 untouched
 inline uint16_t st_val(int tile, int row, int col) { return uint16_t(0x1000 * (tile + 1) + row * 64 + col); }
 
@@ -275,13 +277,13 @@ __global__ void tma_store_tiles(const __grid_constant__ CUtensorMap map, int mod
   const int t = tid(), row = t / 8, chunk = t % 8;        // one 16-byte chunk (8 values) per thread
   for (int tile = 0; tile < 2; ++tile) {
     if (tile > 0) {
-      if (t == 0 && mode != kStNoWaitRead) sm90::bulk_wait_group_read<0>();
+      if (t == 0 && mode != kStNoWaitRead && mode != kStNoWaitReadNoFence) sm90::bulk_wait_group_read<0>();
       sm90::named_barrier_sync(1, 128);
     }
     uint16_t v[8];
     for (int j = 0; j < 8; ++j) v[j] = st_val(tile, row, chunk * 8 + j);
     std::memcpy(buf + row * 128 + ((chunk ^ (row % 8)) * 16), v, 16);   // 128B swizzle: chunk ^= row % 8
-    if (mode != kStNoFence) sm90::fence_proxy_async();
+    if (mode != kStNoFence && !(mode == kStNoWaitReadNoFence && tile > 0)) sm90::fence_proxy_async();
     sm90::named_barrier_sync(1, 128);
     if (t == 0) {
       sm90::tma_store_3d(&map, buf, 0, tile * kStRows, 0);
@@ -289,6 +291,28 @@ __global__ void tma_store_tiles(const __grid_constant__ CUtensorMap map, int mod
     }
   }
   if (t == 0 && mode != kStNoWaitAtExit) sm90::bulk_wait_group<0>();
+}
+
+// One tile stored as above; then thread 0 waits (full: wait_group 0, else only wait_group.read 0) and reads back the
+// first stored element. After wait_group.read only the source is known to be read: the global writes may still be
+// in flight (the emulator performs them at a full wait_group or at CTA end), so the read-back sees the old value.
+__global__ void tma_store_read_back(const __grid_constant__ CUtensorMap map, const uint16_t* g, uint16_t* seen,
+                                    int full) {
+  const uint32_t a = ptx::smem_addr(test_smem);
+  uint8_t* buf = test_smem + (1024 - a % 1024) % 1024;
+  const int t = tid(), row = t / 8, chunk = t % 8;
+  uint16_t v[8];
+  for (int j = 0; j < 8; ++j) v[j] = st_val(0, row, chunk * 8 + j);
+  std::memcpy(buf + row * 128 + ((chunk ^ (row % 8)) * 16), v, 16);
+  sm90::fence_proxy_async();
+  sm90::named_barrier_sync(1, 128);
+  if (t == 0) {
+    sm90::tma_store_3d(&map, buf, 0, 0, 0);
+    sm90::bulk_commit_group();
+    if (full) sm90::bulk_wait_group<0>();
+    else sm90::bulk_wait_group_read<0>();
+    *seen = g[0];
+  }
 }
 
 // ---- 2. named barriers: two warpgroups exchange values, each through its own barrier (bar.sync 1 / 2, 128).
@@ -506,10 +530,34 @@ void case_tma_store() {
         "no fence.proxy.async between the generic stores and the TMA store: the store writes stale shared memory");
   expect_error(run(kStNoWaitRead), "buffer overwritten before wait_group.read", "tma_store_tiles", "(0, 0, 0)",
                {"TMA store: its shared-memory source changed between the store and its cp.async.bulk.wait_group.read"});
+  expect_error(run(kStNoWaitReadNoFence), "buffer overwritten (no fence either) before wait_group.read",
+               "tma_store_tiles", "(0, 0, 0)",
+               {"TMA store: its shared-memory source changed between the store and its cp.async.bulk.wait_group.read"});
   expect_error(run(kStNoWaitAtExit), "TMA store never waited for at exit", "tma_store_tiles", "(0, 0, 0)",
                {"a thread exited with TMA stores it never waited for"});
   expect_error(run(kStNoCommit), "TMA store never committed", "tma_store_tiles", "(0, 0, 0)",
                {"a thread exited with TMA stores it never committed"});
+  // wait_group vs wait_group.read (PTX ISA cp.async.bulk.wait_group: .read waits only for the reads of the sources)
+  const auto read_back = [&](int full, uint16_t& seen) {
+    std::fill(g.begin(), g.end(), uint16_t(0xDEAD));
+    seen = 0;
+    return error_of([&] {
+      launch_kernel<tma_store_read_back>(dim3(1), dim3(128), 4096, nullptr, map, g.data(), &seen, full);
+    });
+  };
+  const auto tile0_stored = [&] {
+    bool ok = true;
+    for (int r = 0; r < 2 * kStRows; ++r)
+      for (int c = 0; c < kStPitch; ++c)
+        ok = ok && g[size_t(r) * kStPitch + c] == (r < kStRows && c < kStCols ? st_val(0, r, c) : 0xDEAD);
+    return ok;
+  };
+  uint16_t seen = 0;
+  expect_clean(read_back(1, seen), "TMA store, wait_group 0, read back");
+  check(seen == st_val(0, 0, 0) && tile0_stored(), "after wait_group 0 the stored rows are visible to the thread");
+  expect_clean(read_back(0, seen), "TMA store, only wait_group.read 0 before the CTA exits (CUTLASS's store_tail)");
+  check(seen == 0xDEAD, "after only wait_group.read the thread may still read the old global value (emulated: it does)");
+  check(tile0_stored(), "a store whose source was read (wait_group.read) is written by the time the CTA has exited");
 }
 
 void case_named_barrier() {
