@@ -76,6 +76,7 @@ CONFIGS = {
     "attention_bias_no_q_lora": ("tiny", {"attention_bias": True, "q_lora_rank": None}),
     "odd_vocab": ("tiny", {"vocab_size": 1001}),
     "kv_512_rope_64": ("tiny", {"kv_lora_rank": 512, "qk_rope_head_dim": 64}),  # the decode kernel's rows
+    "kv_448_rope_128": ("tiny", {"kv_lora_rank": 448, "qk_rope_head_dim": 128}),  # 576-dim rows, not the kernel's
     "rope_dim_2": ("tiny", {"qk_rope_head_dim": 2}),
     "wide_heads": ("tiny", {"qk_nope_head_dim": 40, "v_head_dim": 56}),
     "one_head": ("tiny", {"num_attention_heads": 1, "num_key_value_heads": 1}),
@@ -136,7 +137,7 @@ def test_logits_and_paged_decode_match_transformers(name):
         assert err < 1e-5, f"{name}: {what} vs transformers, max rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["v3", "no_q_lora", "kv_512_rope_64"])
+@pytest.mark.parametrize("name", ["v3", "no_q_lora", "kv_512_rope_64", "kv_448_rope_128"])
 def test_fast_path_paged_decode_low_precision_cache_equals_references(name):
     """bf16 caches: the fast path's attention equals the reference of the rows' geometry (the decode kernel's
     bf16 query/output roundings for 512 + 64 rows, mla_attention_fp32's fp32 maths for others); fp8 caches run

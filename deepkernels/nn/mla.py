@@ -162,7 +162,7 @@ class PagedMLAKVCache(nn.Module):
         q = torch.cat([q_latent.transpose(0, 1).view(b, s, h, rank), q_pe.float()], dim=-1)
         # the decode kernel's roundings (bf16 query and output) only for the rows it runs (512 + 64): other
         # geometries' reference is mla_attention_fp32, which keeps both in fp32
-        kernel_roundings = self.dtype == torch.bfloat16 and self.row_dim == _mla.HEAD_DIM_QK
+        kernel_roundings = self.dtype == torch.bfloat16 and _runs_decode_kernel(self.row_dim, rank)
         if kernel_roundings:
             q = q.to(torch.bfloat16).float()
         scores = torch.bmm(q.view(b, s * h, -1), kv.transpose(1, 2)).view(b, s, h, length)
@@ -219,6 +219,11 @@ class PagedMLAKVCache(nn.Module):
         self.seqlens[layer] += t
 
 
+def _runs_decode_kernel(row_dim: int, kv_lora_rank: int) -> bool:
+    """mla_decode_with_kvcache's geometry: 576-dim rows whose first 512 dims are the latent (V)."""
+    return row_dim == _mla.HEAD_DIM_QK and kv_lora_rank == KV_LORA_RANK
+
+
 def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
                         kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                         softmax_scale: float, causal: bool = True, kv_scale: torch.Tensor | None = None,
@@ -240,8 +245,9 @@ def mla_decode_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk: torch.Te
     b, s, h, _ = q_nope.shape
     q_latent = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float())
     q = torch.cat([q_latent, q_pe.float()], dim=-1)
-    if kv_cache.dtype == torch.float32 or kv_cache.size(-1) != _mla.HEAD_DIM_QK:
-        # fp32 caches, and rows of another geometry than the kernel's 512 + 64: the same maths in pure torch
+    if kv_cache.dtype == torch.float32 or not _runs_decode_kernel(kv_cache.size(-1), w_uk.size(-1)):
+        # fp32 caches, and rows of another geometry than the kernel's 512 + 64 (another size, or 576 split
+        # otherwise, e.g. 448 + 128): the same maths in pure torch
         out, _ = _mla.mla_attention_fp32(q, kv_cache, block_table, cache_seqlens, w_uk.size(-1), softmax_scale,
                                          causal, kv_scale)
     else:
