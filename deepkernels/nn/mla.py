@@ -147,9 +147,9 @@ class PagedMLAKVCache(nn.Module):
         return self.seqlens[layer].tolist()
 
     def _attend_fast(self, layer: int, q_nope, q_pe, w_uk, w_uv, softmax_scale: float, causal: bool):
-        """mla_decode_absorbed's maths for all sequences at once: the reference's fp32 attention (bf16 cache of
-        the kernel's 576-dim rows: the decode kernel's bf16 query and bf16 output) over a [b, L, row] view of the cache, keys past each
-        sequence's length (and the bottom-right causal mask) masked out."""
+        """mla_decode_absorbed's maths for all sequences at once: the reference's fp32 attention (a bf16 cache of
+        the kernel's 512 + 64 rows: the decode kernel's bf16 query and bf16 output) over a [b, L, row] view of
+        the cache, keys past each sequence's length (and the bottom-right causal mask) masked out."""
         b, s, h, d_nope = q_nope.shape
         rank = w_uk.size(-1)
         host = self._lengths_on_host(layer)
