@@ -234,6 +234,7 @@ __global__ void __launch_bounds__(Config<kBM, kBN>::kThreads, 1)
     if (threadIdx.x == C::kMathThreads) {
       prefetch_tensor_map(&tmap_a);
       prefetch_tensor_map(&tmap_b);
+      if (p.tma_store) prefetch_tensor_map(&tmap_out);  // (a zero map otherwise: never touched)
       Scheduler<kBM, kBN> scheduler(p);
       Tile t;
       int stage = 0;
