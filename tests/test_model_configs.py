@@ -91,6 +91,11 @@ CONFIGS = {
     "v2_yarn": ("tiny-v2", {"rope_scaling": _yarn(4.0, 64, beta_fast=32, beta_slow=1, mscale=0.707,
                                                   mscale_all_dim=0.707)}),
     "v2_scale16": ("tiny-v2", {"routed_scaling_factor": 16.0}),
+    "v2_one_expert_per_group": ("tiny-v2", {"n_group": 8, "topk_group": 3, "num_experts_per_tok": 2}),
+    "v2_greedy_ignores_groups": ("tiny-v2", {"topk_method": "greedy", "n_group": 3, "topk_group": 2,
+                                             "num_experts_per_tok": 5}),
+    "v3_all_groups_kept": ("tiny", {"n_group": 4, "topk_group": 4, "num_experts_per_tok": 3}),
+    "v3_two_experts": ("tiny", {"n_routed_experts": 2, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 2}),
     "v2_moe_every_2nd_layer": ("tiny-v2", {"num_hidden_layers": 3, "first_k_dense_replace": 0, "moe_layer_freq": 2}),
 }
 
@@ -394,6 +399,10 @@ def test_mtp_matches_transformers_mtp_model(tmp_path, name):
     assert rel_err(ours, ref) < 1e-5, f"{name}: MTP logits vs transformers' MtpModel {rel_err(ours, ref):.2e}"
     spec = generate(model, ids[:, :5], max_new_tokens=6, use_mtp=True)
     assert torch.equal(spec, generate(model, ids[:, :5], max_new_tokens=6))
+    prompts = [ids[0, :7].tolist(), ids[1, :2].tolist()]  # varied lengths
+    spec = generate(model, prompts, max_new_tokens=5, use_mtp=True)
+    for a, b in zip(spec, generate(model, prompts, max_new_tokens=5)):
+        assert torch.equal(a, b), f"{name}: speculative {a.tolist()} vs greedy {b.tolist()}"
 
 
 # ------------------------------------------------------------------------------------------------
