@@ -28,8 +28,9 @@ struct Fp8GemmParams {
   int expected_m;  // masked: typical rows per group (tile-shape hint only, 0 = unknown)
   const int* m_indices;
   const int* masked_m;
-  // Split-K (sm_90a dense only, see heuristic.h): fp32 [split_k, m, n] partial sums, reduced in a second
-  // launch. Set by the caller from fp8_gemm_workspace_bytes(); nullptr / 0 when no plan needs it.
+  // Split-K (sm_90a, every mode, see heuristic.h): fp32 [split_k, m, n] partial sums ([split_k, groups, m, n] for
+  // masked), reduced in a second launch. Set by the caller from fp8_gemm_workspace_bytes(); nullptr / 0 when no
+  // plan needs it.
   float* workspace;
   size_t workspace_bytes;
   // Filled in by the launcher from its plan (the kernel reads them); callers leave them 0.
