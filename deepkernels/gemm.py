@@ -26,8 +26,8 @@ import sys
 
 import torch
 
-from ._ops import (ceil_div, check_index_values, check_int, check_same_device, check_tensor, define_op,
-                   emulation_enabled, run_device_checks)
+from ._ops import (ceil_div, check_index_values, check_int, check_out_buffer, check_same_device, check_tensor,
+                   define_op, emulation_enabled, run_device_checks)
 from .fp8 import FP8_DTYPE, GROUP
 
 # Row segments of the contiguous grouped layout must start at multiples of this (the kernels' BLOCK_M).
@@ -128,6 +128,33 @@ def _check_out(out, shape: tuple) -> None:
     check_tensor("out", out, dtypes=(torch.bfloat16,), shape=shape, contiguous=True)
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _kernel_operand(x: torch.Tensor) -> torch.Tensor:
+    """An fp8 operand as the kernels read it (TMA / cp.async: 16-byte aligned base and row/group strides).
+    A valid view that is not (an odd offset into a buffer, rows of K = 16 + 8 bytes) is copied once, so
+    every path accepts the same inputs; an aligned one (the normal case, incl. stride-0 broadcasts) is used
+    as is."""
+    if _tracing() or x.device.type == "meta" or x.numel() == 0:
+        return x
+    if x.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in x.stride()[:-1]):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _run_into(out: torch.Tensor, launch) -> None:
+    """launch(o) writes o; the kernels store bf16 pairs (4-byte aligned). An out at an odd element offset
+    gets the result through an aligned copy of itself (rows the op leaves untouched stay as they were)."""
+    if _tracing() or out.device.type == "meta" or out.numel() == 0 or out.data_ptr() % 4 == 0:
+        launch(out)
+        return
+    tmp = out.clone(memory_format=torch.contiguous_format)
+    launch(tmp)
+    out.copy_(tmp)
+
+
 def _check_dense_args(a, a_scale, b, b_scale, out) -> tuple[int, int, int]:
     m, k = _check_a(a, a_scale, ())
     n = _check_b(b, b_scale, (), k)
@@ -135,6 +162,8 @@ def _check_dense_args(a, a_scale, b, b_scale, out) -> tuple[int, int, int]:
     if out is not None:
         _check_out(out, (m, n))
     check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
+    if out is not None:
+        check_out_buffer("out", out, a=a, a_scale=a_scale, b=b, b_scale=b_scale)
     return m, n, k
 
 
@@ -146,6 +175,7 @@ def _check_contiguous_args(a, a_scale, b, b_scale, out, m_indices) -> None:
     _check_out(out, (m, n))
     check_tensor("m_indices", m_indices, dtypes=(torch.int32,), shape=(m,), contiguous=True)
     check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, m_indices=m_indices)
+    check_out_buffer("out", out, a=a, a_scale=a_scale, b=b, b_scale=b_scale, m_indices=m_indices)
 
 
 def _check_masked_args(a, a_scale, b, b_scale, out, masked_m, expected_m) -> int:
@@ -158,6 +188,7 @@ def _check_masked_args(a, a_scale, b, b_scale, out, masked_m, expected_m) -> int
     check_tensor("masked_m", masked_m, dtypes=(torch.int32,), shape=(groups,), contiguous=True)
     expected_m = check_int("expected_m", expected_m, min_value=0)
     check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out, masked_m=masked_m)
+    check_out_buffer("out", out, a=a, a_scale=a_scale, b=b, b_scale=b_scale, masked_m=masked_m)
     return expected_m
 
 
@@ -208,7 +239,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     if k == 0:  # an empty sum (the kernels need K >= 16)
         return out.zero_()
     _ensure_table(a)
-    torch.ops.deepkernels.fp8_gemm_nt(a, a_scale, b, b_scale, out)
+    a, b = _kernel_operand(a), _kernel_operand(b)
+    _run_into(out, lambda o: torch.ops.deepkernels.fp8_gemm_nt(a, a_scale, b, b_scale, o))
     return out
 
 
@@ -237,7 +269,9 @@ def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: 
             check_m_indices_values(m_indices, b.size(0))
         return out.zero_()
     _ensure_table(a)
-    torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, out, m_indices)
+    a, b = _kernel_operand(a), _kernel_operand(b)
+    _run_into(out, lambda o: torch.ops.deepkernels.m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, o,
+                                                                                      m_indices))
     return out
 
 
@@ -264,7 +298,9 @@ def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torc
         rows = torch.arange(a.size(1), device=out.device)[None, :] < masked_m[:, None]
         return out.masked_fill_(rows[..., None], 0.0)
     _ensure_table(a)
-    torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, out, masked_m, expected_m)
+    a, b = _kernel_operand(a), _kernel_operand(b)
+    _run_into(out, lambda o: torch.ops.deepkernels.m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, o, masked_m,
+                                                                                  expected_m))
     return out
 
 
@@ -612,8 +648,6 @@ def _check_wgrad_operand(name: str, x, scale_name: str, scale, k: int | None) ->
     if rows > 1 and kx > 0 and x.stride(0) % _NK_MULTIPLE != 0:
         raise ValueError(f"{name}: expected a row stride that is a multiple of {_NK_MULTIPLE} (16-byte aligned rows), "
                          f"got strides {x.stride()}")
-    if x.is_cuda and x.data_ptr() % 16 != 0:
-        raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {x.data_ptr():#x}")
     check_tensor(scale_name, scale, dtypes=(torch.float32,), shape=(rows, ceil_div(kx, GROUP)))
     return rows, kx
 
@@ -641,7 +675,8 @@ def wgrad_gemm_fp8_fp8_fp32_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.
         raise ValueError(f"K: expected a multiple of {_NK_MULTIPLE}, got {k}")
     _check_accumulator(out, (m, n))
     check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
-    torch.ops.deepkernels.wgrad_gemm_fp8_fp8_fp32_nt(a, a_scale, b, b_scale, out)
+    check_out_buffer("out", out, a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    torch.ops.deepkernels.wgrad_gemm_fp8_fp8_fp32_nt(_kernel_operand(a), a_scale, _kernel_operand(b), b_scale, out)
     return out
 
 
@@ -680,12 +715,12 @@ def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a: torch.Tensor, a_scale: torch.Tensor,
         if x.numel() != rows * total_k:
             raise ValueError(f"{name}: expected {rows} * sum(ks) = {rows * total_k} elements, got {x.numel()} "
                              f"(shape {list(x.shape)})")
-        if x.is_cuda and x.data_ptr() % 16 != 0:
-            raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {x.data_ptr():#x}")
     check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(scale_rows, m), contiguous=True)
     check_tensor("b_scale", b_scale, dtypes=(torch.float32,), shape=(scale_rows, n), contiguous=True)
     check_same_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out=out)
-    torch.ops.deepkernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a.view(-1), a_scale, b.view(-1), b_scale, out, ks)
+    check_out_buffer("out", out, a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    torch.ops.deepkernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(_kernel_operand(a.view(-1)), a_scale,
+                                                               _kernel_operand(b.view(-1)), b_scale, out, ks)
     return out
 
 

@@ -501,7 +501,7 @@ def test_cuda_sm90_masked_edges(kernel_device, masked, expected_m, monkeypatch):
 def test_cuda_sm90_views_and_fallback(kernel_device, monkeypatch):
     """A 16-byte (not 128-byte) aligned view with a padded row stride goes through TMA; a broadcast
     (stride-0) group dim that no tensor map can describe falls back to the portable kernel; an 8-byte
-    offset is refused on the host, naming the argument, before anything is launched."""
+    offset is copied by the wrapper (the reference takes it, so every path does)."""
     _use_sm90_kernel(monkeypatch, kernel_device)
     m, n, k = 100, 144, 272
     _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
@@ -527,10 +527,13 @@ def test_cuda_sm90_views_and_fallback(kernel_device, monkeypatch):
     _check_against_reference(out3[2, :m // 3], want[:m // 3], "broadcast a, group 2")
     assert out3[1].isnan().all() and out3[2, m // 3:].isnan().all()
 
+    # An 8-byte offset no kernel can read: the wrapper copies the operand once (the same inputs run on every path).
+    wide[:, 8:8 + k] = aq
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device))
     before = _emulated_kernels()
-    with pytest.raises(RuntimeError, match="a: data pointer must be 16-byte aligned"):
-        deepkernels.fp8_gemm_nt(wide[:, 8:8 + k], sa, bq, sb, out)
-    _check_emulated(kernel_device, before, sm90=0, portable=0)
+    deepkernels.fp8_gemm_nt(wide[:, 8:8 + k], sa, bq, sb, out)
+    _check_emulated(kernel_device, before, sm90=1, portable=0)
+    _check_against_reference(out, want, "a view at +8 bytes (copied)")
 
 
 @pytest.mark.parametrize("kernel_device, m, n, k", _device_cases(
@@ -1260,3 +1263,66 @@ def test_tuning_table_tma_store_entry(monkeypatch):
         _check_against_reference(out, want, "table plan with tma_store")
     finally:
         gemm.set_tuning_table(None)
+
+
+def test_unaligned_views_run_on_every_path(kernel_device):
+    _check_unaligned_views(kernel_device)
+
+
+def test_unaligned_views_reference():
+    _check_unaligned_views("cpu")
+
+
+def _check_unaligned_views(kernel_device):
+    """Views the kernels cannot read directly (fp8 operands at an odd offset or with rows of 16 + 8 bytes,
+    a bf16 out at an odd element offset) give the reference's answer on every path; rows a masked call
+    leaves untouched stay untouched; an out overlapping an input or an expanded fp32 accumulator is refused
+    (ValueError naming out) before anything is written."""
+    m, n, k = 40, 48, 160
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k, kernel_device)
+    want = torch.empty(m, n, dtype=torch.bfloat16, device=kernel_device)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+
+    def odd(x, offset):  # the same values at `offset` elements into a fresh buffer
+        buf = torch.zeros(x.numel() + offset, dtype=x.dtype, device=x.device)
+        view = buf[offset:].view(x.shape)
+        view.copy_(x)
+        return view
+
+    out_buf = poison_(torch.empty(m * n + 1, dtype=torch.bfloat16, device=kernel_device))
+    out = out_buf[1:].view(m, n)  # 2-byte aligned
+    deepkernels.fp8_gemm_nt(odd(aq, 3), sa, odd(bq, 5), sb, out)
+    _check_against_reference(out, want, "odd a, b and out offsets")
+
+    padded = torch.zeros(m, k + 8, dtype=aq.dtype, device=kernel_device)  # rows of k + 8 bytes
+    padded[:, :k] = aq
+    out2 = deepkernels.fp8_gemm_nt(padded[:, :k], sa, bq, sb)
+    _check_against_reference(out2, want, "row stride k + 8")
+
+    groups, mmax = 2, m
+    a3, sa3 = torch.stack([aq, aq]), torch.stack([sa, sa])
+    b3, sb3 = torch.stack([bq, bq]), torch.stack([sb, sb])
+    masked_m = torch.tensor([m, m // 2], dtype=torch.int32, device=kernel_device)
+    buf3 = poison_(torch.empty(groups * mmax * n + 1, dtype=torch.bfloat16, device=kernel_device))
+    out3 = buf3[1:].view(groups, mmax, n)
+    deepkernels.m_grouped_fp8_gemm_nt_masked(odd(a3, 7), sa3, b3, sb3, out3, masked_m, m)
+    _check_against_reference(out3[0], want, "masked, odd out, group 0")
+    _check_against_reference(out3[1, :m // 2], want[:m // 2], "masked, odd out, group 1")
+    assert out3[1, m // 2:].isnan().all(), "rows >= masked_m[g] must stay untouched"
+
+    raw = torch.zeros(m * k + m * n * 2, dtype=torch.uint8, device=kernel_device)
+    a_alias = raw[:m * k].view(aq.dtype).view(m, k)
+    a_alias.copy_(aq)
+    out_alias = raw[:m * n * 2].view(torch.bfloat16).view(m, n)
+    with pytest.raises(ValueError, match="out: expected an output tensor that does not overlap the input a"):
+        deepkernels.fp8_gemm_nt(a_alias, sa, bq, sb, out_alias)
+    assert torch.equal(a_alias, aq), "nothing written before the refusal"
+
+    acc = torch.zeros(1, m, dtype=torch.float32, device=kernel_device).expand(m, m)
+    with pytest.raises(ValueError, match="out: expected an output tensor whose elements do not share memory"):
+        deepkernels.wgrad_gemm_fp8_fp8_fp32_nt(aq, sa, aq, sa, acc)
+    acc = torch.zeros(m, m, dtype=torch.float32, device=kernel_device)
+    deepkernels.wgrad_gemm_fp8_fp8_fp32_nt(odd(aq, 9), sa, aq, sa, acc)
+    ref = torch.zeros_like(acc)
+    gemm.wgrad_gemm_fp8_fp8_fp32_nt_ref(aq, sa, aq, sa, ref)
+    torch.testing.assert_close(acc, ref, rtol=1e-5, atol=1e-4)
