@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from deepkernels import gemm
 from deepkernels.testing import calc_diff, reference
 
 from . import common
+from .cli import Parser
 
 TABLE_MIN_GAIN = 0.03  # a table entry only where the best plan beats the heuristic's by more than this
 
@@ -439,8 +441,8 @@ def write_table(path: str, device_name: str, entries: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m bench sweep", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer cases (smoke)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--families", default=",".join(f.name for f in FAMILIES),
@@ -456,7 +458,17 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: --families: expected names from {list(known)}, got {unknown}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    if not math.isfinite(args.budget_s) or args.budget_s <= 0:
+        print(f"error: --budget-s: expected a positive number of seconds, got {args.budget_s}", file=sys.stderr)
+        return 2
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"error: --device: expected cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
+        return 2
+    if device.type not in ("cpu", "cuda"):
+        print(f"error: --device: expected cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device: {args.device!r} asked for, but torch sees no CUDA GPU", file=sys.stderr)
         return 2

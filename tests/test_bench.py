@@ -146,11 +146,15 @@ def _bad_cli_cases(tmp):
           "--img", img], 1, r"x\.json: not a bench result"),
         (["report", "--ingest", str(tmp / "missing.json"), "--results", str(tmp / "r"), "--doc", str(doc)], 1,
          r"FileNotFoundError: .*missing\.json"),
+        (["sweep", "--bogus"], 2, r"unrecognized arguments: --bogus \(see python -m bench sweep --help\)"),
+        (["sweep", "--budget-s", "-1"], 2, r"--budget-s: expected a positive number of seconds, got -1"),
+        (["sweep", "--device", "bogus"], 2, r"--device: expected cpu or cuda\[:N\], got 'bogus'"),
+        (["sweep", "--families", "gemm,nope"], 2, r"--families: expected names from .*got \['nope'\]"),
     ]
 
 
 def test_plot_and_report_cli_errors_are_one_line(tmp_path):
-    """`python -m bench plot|report` as the other CLIs: one `error: ...` line naming the flag or file, exit 2
+    """`python -m bench plot|report|sweep` as the other CLIs: one `error: ...` line naming the flag or file, exit 2
     (flags / values) or 1 (files), no usage block, no traceback, nothing written."""
     cases = _bad_cli_cases(tmp_path)
     doc_before = (tmp_path / "perf.md").read_text()
