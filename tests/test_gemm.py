@@ -1026,6 +1026,22 @@ def test_emulated_heuristic_picks_cover_narrow_tiles_and_split_k():
     assert any(split for _, split in picks) and any(bn < 64 for bn, _ in picks), picks
 
 
+def _run_table_plan(m: int, n: int, k: int, num_sms: int) -> dict:
+    """explain()'s plan for a dense problem under the current table: the C++ plan is the same, the emulated
+    launch runs it and matches the reference. Returns the plan."""
+    plan = gemm.explain(m, n, k, num_sms=num_sms)
+    assert gemm.native_plan(m, n, k, num_sms=num_sms) == {key: plan[key] for key in PLAN_KEYS}
+    _, _, (aq, sa), (bq, sb) = _operands(m, n, k)
+    want = torch.empty(m, n, dtype=torch.bfloat16)
+    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
+    out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
+    with deepkernels.emulate():
+        deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
+        assert gemm.last_launch_plan() == {key: plan[key] for key in PLAN_KEYS}
+    _check_against_reference(out, want, f"table plan {plan}")
+    return plan
+
+
 def test_tuning_table_is_used_by_launch_and_explain(monkeypatch):
     """An entry for the problem on this device's SM count overrides the heuristic, in explain() and in the
     emulated launch; an entry that cannot run is ignored by both; set_tuning_table(None) restores the file's."""
@@ -1037,23 +1053,14 @@ def test_tuning_table_is_used_by_launch_and_explain(monkeypatch):
                  block_m=64, block_n=32, split_k=5, stages=3, overlap=1)
     heuristic = gemm.explain(m, n, k, num_sms=4)
     assert heuristic["source"] == "heuristic" and (heuristic["block_n"], heuristic["split_k"]) != (32, 5)
-    _, _, (aq, sa), (bq, sb) = _operands(m, n, k)
-    want = torch.empty(m, n, dtype=torch.bfloat16)
-    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     try:
         gemm.set_tuning_table([entry, dict(entry, m=m + 1, block_m=128, block_n=16)])
-        plan = gemm.explain(m, n, k, num_sms=4)
+        plan = _run_table_plan(m, n, k, num_sms=4)
         assert plan["source"] == "table" and (plan["block_n"], plan["split_k"], plan["stages"]) == (32, 5, 3)
         assert plan["overlap"] == 1
-        assert gemm.native_plan(m, n, k, num_sms=4) == {key: plan[key] for key in PLAN_KEYS}
         assert gemm.explain(m + 1, n, k, num_sms=4)["source"] == "heuristic"  # the invalid entry: ignored
         assert gemm.native_plan(m + 1, n, k, num_sms=4)["source"] == "heuristic"
         assert gemm.explain(m, n, k, num_sms=132)["source"] == "heuristic"  # another device size
-        out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
-        with deepkernels.emulate():
-            deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
-            assert gemm.last_launch_plan() == {key: plan[key] for key in PLAN_KEYS}
-        _check_against_reference(out, want, "table plan")
     finally:
         gemm.set_tuning_table(None)
     assert gemm.explain(m, n, k, num_sms=4)["source"] == "heuristic"
@@ -1246,21 +1253,12 @@ def test_tuning_table_tma_store_entry(monkeypatch):
     m, n, k = 20, 96, 640
     entry = dict(device="SIMT emulator", kind="dense", m=m, n=n, k=k, num_groups=1, expected_m=0, num_sms=4,
                  block_m=64, block_n=32, split_k=1, stages=0, tma_store=1)
-    _, _, (aq, sa), (bq, sb) = _operands(m, n, k)
-    want = torch.empty(m, n, dtype=torch.bfloat16)
-    gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     try:
         gemm.set_tuning_table([entry, {key: v for key, v in entry.items() if key != "tma_store"} | {"m": m + 1}])
-        plan = gemm.explain(m, n, k, num_sms=4)
+        plan = _run_table_plan(m, n, k, num_sms=4)
         assert plan["source"] == "table" and plan["tma_store"] == 1 and plan["overlap"] == 0
-        assert gemm.native_plan(m, n, k, num_sms=4) == {key: plan[key] for key in PLAN_KEYS}
         assert gemm.explain(m + 1, n, k, num_sms=4)["tma_store"] == 0  # no key: 0
         assert gemm.native_plan(m + 1, n, k, num_sms=4)["tma_store"] == 0
-        out = poison_(torch.empty(m, n, dtype=torch.bfloat16))
-        with deepkernels.emulate():
-            deepkernels.fp8_gemm_nt(aq, sa, bq, sb, out)
-            assert gemm.last_launch_plan() == {key: plan[key] for key in PLAN_KEYS}
-        _check_against_reference(out, want, "table plan with tma_store")
     finally:
         gemm.set_tuning_table(None)
 
