@@ -862,6 +862,121 @@ def test_source_slot_positions_checks_or_poisons_ids():
     assert torch.equal(got[[0, 2]], moe.source_slot_positions(IDS, pos, 4, 2, 2)[[0, 2]])
 
 
+# ----------------------------------------------------------------------------------------------
+# consumers of the poisoned layout counts (h18moerev): nothing downstream turns them back into plausible numbers
+
+def test_cuda_trusted_poisoned_counts_poison_expert_positions(kernel_device):
+    """get_dispatch_layout(check_values=False) on the kernels with an id outside [-1, E): its counts (INT_MIN +
+    count) fed to the trusted expert_positions core (what runs on CUDA) -- directly or as segment starts summed
+    from them, contiguous or masked (limit) -- give POISON_POS for every real entry, never positions: the int32
+    wrap used to cancel the poison and return exactly the valid batch's positions (or, masked, drop every entry
+    to -1: silent zeros). Downstream the gathers skip them and the reduce gives NaN rows. On CPU tensors the
+    public expert_positions refuses such counts naming them."""
+    e = 8
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, e + 5], [1, 2]])
+    _, per_expert, _ = moe.get_dispatch_layout(ids.to(kernel_device), e, 1, check_values=False)
+    per_expert = per_expert.cpu()
+    assert (per_expert < 0).all()
+    local = torch.where((ids >= 0) & (ids < e), ids, -1)
+    real = local >= 0
+    seg = torch.cumsum(per_expert.long(), 0) - per_expert.long()
+    cases = {"contiguous": moe.ops._expert_positions(local, e, seg, per_expert),
+             "contiguous, counts None": moe.ops._expert_positions(local, e, seg),
+             "masked": moe.ops._expert_positions(local, e, torch.arange(e) * 4, per_expert, limit=4)}
+    for name, pos in cases.items():
+        assert (pos[real] == moe.POISON_POS).all() and (pos[~real] == -1).all(), f"{name}: {pos.tolist()}"
+    y = torch.randn(4 * e, 128, device=kernel_device)
+    out = moe.unpermute_reduce(y, cases["contiguous"].to(kernel_device)).cpu()
+    assert out.isnan().all(1).tolist() == real.any(1).tolist(), "poisoned positions must reduce to NaN rows"
+    assert (moe.ops._positions_to_src_idx(cases["masked"], 4 * e) == -1).all()
+    with pytest.raises(ValueError, match=r"counts: expected the histogram of local_ids"):
+        moe.expert_positions(local, e, seg.clamp(min=0), per_expert)
+    with pytest.raises(ValueError, match=r"segment_start: expected row offsets >= 0"):
+        moe.expert_positions(local, e, seg)
+    good = moe.ops._expert_positions(local, e, torch.arange(e) * 4, None, limit=4)  # valid counts: unchanged
+    assert (good[real] >= 0).all()
+
+
+@pytest.mark.parametrize("bad", [4, 9, -2, 2**31 - 1, -2**31, 2**40, 3])
+def test_low_latency_combine_topk_idx_must_match_dispatch(kernel_device, bad, monkeypatch):
+    """low_latency_combine's topk_idx: the dispatch's ids or -1 per slot. Anything else (out of range, -2, or
+    another valid expert) was silently ignored (the dispatch's ids were used, -2 skipped like -1): now the
+    kernels (no sync) give that token a NaN row, the others exact; the reference and DEEPKERNELS_CHECK=1 raise
+    ValueError naming topk_idx."""
+    def run(ids_c, device):
+        buf = deep_ep.Buffer(None)
+        x, ids, w = X.bfloat16().to(device), IDS.to(device), WTS.to(device)
+        packed, _, handle, _, _ = buf.low_latency_dispatch(x, ids, 4, 4, use_fp8=False)
+        return buf.low_latency_combine(packed, ids_c.to(device), w, handle)[0].cpu()
+
+    ids_c = IDS.clone()
+    ids_c[1, 0] = bad  # IDS[1, 0] == 1
+    skipped = IDS.clone()
+    skipped[2, 1] = -1
+    want = run(IDS, kernel_device)
+    got = run(ids_c, kernel_device)
+    assert got[1].float().isnan().all(), f"topk_idx {bad} at combine must give its token a NaN row"
+    assert torch.equal(got[[0, 2]], want[[0, 2]])
+    assert not run(skipped, kernel_device).float().isnan().any()  # -1: the slot skipped, as before
+    monkeypatch.setenv("DEEPKERNELS_CHECK", "1")
+    with pytest.raises(ValueError, match=rf"topk_idx: expected the expert ids given to low_latency_dispatch \(or -1 "
+                                         rf"to skip a slot\), got {bad} at index \[1, 0\] where dispatch had 1"):
+        run(ids_c, kernel_device)
+    monkeypatch.delenv("DEEPKERNELS_CHECK")
+    with reference(), pytest.raises(ValueError, match=r"topk_idx: expected the expert ids given to low_latency"):
+        run(ids_c, "cpu")
+
+
+@pytest.mark.parametrize("bad", [4, 13, -2, 2**31 - 1, -2**31, 2**32 + 1, -2**63])
+def test_fixed_capacity_bad_ids_checked_after_the_collective(kernel_device, bad, monkeypatch):
+    """Fixed capacity: the ids are never refused before the collective (a rank raising alone would leave its
+    peers waiting in it); the layout's poisoned counts travel in the slot headers. Reference path and
+    DEEPKERNELS_CHECK=1: dispatch raises ValueError naming topk_idx and the first bad id after reading the
+    headers; trusted kernels: NaN rows at combine, negative headers (every bad value, incl. int64 ids that
+    truncate to a valid int32)."""
+    ids = IDS.clone()
+    ids[2, 1] = bad
+    x, w = X.to(kernel_device), WTS.to(kernel_device)
+    d = moe.EPDispatcher(None, num_experts=4, capacity=4)
+    recv, hd = d.dispatch(x, ids.to(kernel_device), w)
+    assert (hd.num_recv_tokens_per_rank.cpu() < 0).all() and hd.bad_tokens.cpu().view(-1).tolist() == [0, 0, 1]
+    out = d.combine(hd.expert_reduce(hd.to_masked(recv)[0], "masked"), hd).cpu()
+    assert out[2].isnan().all() and not out[:2].isnan().any()
+    msg = rf"topk_idx: expected expert ids in \[0, 4\) or -1 \(unused\), got {bad} at index \[2, 1\]"
+    monkeypatch.setenv("DEEPKERNELS_CHECK", "1")
+    with pytest.raises(ValueError, match=msg):
+        d.dispatch(x, ids.to(kernel_device), w)
+    monkeypatch.delenv("DEEPKERNELS_CHECK")
+    with reference(), pytest.raises(ValueError, match=msg):
+        d.dispatch(X, ids, WTS)
+
+
+def test_id_check_ops_raise_and_pass_opcheck():
+    """The two host-side id checks behind the fixed-capacity dispatch / low_latency_combine (reference checks:
+    CPU kernels, like every reference's value check): raise naming topk_idx; valid inputs pass opcheck."""
+    from deepkernels.testing import opcheck
+
+    hdr = torch.tensor([[3, 4, 0, 0], [2, 4, 0, 0]], dtype=torch.int32)
+    ids = torch.tensor([[0, 1], [2, -1]])
+    opcheck(OPS.moe_check_slot_headers, (hdr, ids, 4, 0))
+    opcheck(OPS.moe_check_combine_ids, (ids, ids))
+    OPS.moe_check_combine_ids(torch.tensor([[-1, 1], [-1, -1]]), ids)  # -1 skips a slot
+    poisoned = hdr.clone()
+    poisoned[1, 0] |= moe.LAYOUT_POISON_BIT
+    with pytest.raises(ValueError, match=r"on every rank, got out-of-range ids on rank\(s\) \[1\]"):
+        OPS.moe_check_slot_headers(poisoned, ids, 4, 0)
+    bad = ids.clone()
+    bad[1, 1] = 9
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 4\) or -1 \(unused\), got 9 at "
+                                         r"index \[1, 1\]"):
+        OPS.moe_check_slot_headers(poisoned, bad, 4, 1)
+    with pytest.raises(ValueError, match=r"topk_idx: expected the expert ids given to low_latency_dispatch \(or -1 "
+                                         r"to skip a slot\), got 9 at index \[1, 1\] where dispatch had -1"):
+        OPS.moe_check_combine_ids(bad, ids)
+    with pytest.raises(ValueError, match=r"slot_headers: expected"):
+        OPS.moe_check_slot_headers(hdr[:, :3], ids, 4, 0)
+
+
 @pytest.mark.parametrize("k", [1, 31, 32, 33, 64, 65, 100])
 @pytest.mark.parametrize("dtype,hidden", [(torch.float32, 136), (torch.bfloat16, 256), (torch.float16, 40)])
 def test_unpermute_reduce_any_k_matches_reference(kernel_device, k, dtype, hidden):

@@ -279,6 +279,55 @@ def test_bad_expert_ids_raise_on_every_rank():
     run_group(2, "_mp_bad_ids_raise_on_every_rank")
 
 
+def _mp_bad_ids_fixed_capacity(group, rank, world):
+    """Fixed capacity (no sync), an out-of-range id on rank 0 only (several kinds): the reference path and
+    DEEPKERNELS_CHECK=1 make EVERY rank's dispatch raise after the one collective (the poisoned counts travel in
+    the slot headers; before, rank 0 raised alone before it and its peers waited there until the timeout); the
+    trusted emulated kernels finish on every rank: rank 0's bad tokens combine to NaN rows, every other token of
+    every rank is exact, and the receivers' header count from rank 0 is negative."""
+    e, cap = 2 * world, 8
+    good = torch.tensor([[0, 1], [world, -1], [1, 2 * world - 1]])
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(rank))
+    w = torch.rand(3, 2, generator=torch.Generator().manual_seed(10 + rank))
+
+    def run(ids):
+        d = moe.EPDispatcher(group, num_experts=e, capacity=cap)
+        recv, hd = d.dispatch(x, ids, w)
+        y = hd.to_masked(recv)[0] * 2 + 1
+        return d.combine(hd.expert_reduce(y, "masked"), hd), d.combine_experts(y, hd), hd
+
+    for bad in (e, e + 5, -2, 2**31 - 1, -2**31, 2**32 + 1):
+        ids = good.clone()
+        if rank == 0:
+            ids[1, 1] = bad
+        match = rf"got {bad} at index \[1, 1\]" if rank == 0 else r"on every rank, got out-of-range ids on rank\(s\) \[0\]"
+        for mode in ("reference", "check"):
+            os.environ["DEEPKERNELS_CHECK"] = "1" if mode == "check" else ""
+            try:
+                with dk.emulate(mode == "check" and dk.build_info()["emulator"]):
+                    with pytest.raises(ValueError, match=match):
+                        run(ids)
+            finally:
+                os.environ.pop("DEEPKERNELS_CHECK", None)
+        if not dk.build_info()["emulator"]:
+            continue
+        with dk.emulate():
+            want_e, want_s, _ = run(good)
+            got_e, got_s, hd = run(ids)
+        for name, got, want in (("combine", got_e, want_e), ("combine_experts", got_s, want_s)):
+            if rank == 0:
+                assert got[1].isnan().all(), f"{name}: bad id {bad}: its token must combine to a NaN row"
+                assert torch.equal(got[[0, 2]], want[[0, 2]]), f"{name}: bad id {bad}: rank 0's other tokens"
+            else:
+                assert torch.equal(got, want), f"{name}: bad id {bad} on rank 0 changed rank {rank}'s tokens"
+        hdr = hd.num_recv_tokens_per_rank
+        assert bool(hdr[0] < 0) and bool((hdr[1:] >= 0).all()), f"slot headers {hdr.tolist()}"
+
+
+def test_bad_expert_ids_fixed_capacity_every_rank():
+    run_group(2, "_mp_bad_ids_fixed_capacity")
+
+
 def test_dispatch_combine_single_process():
     _scenarios(None, 0, 1)
 

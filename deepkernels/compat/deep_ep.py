@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _ops
 from .. import moe as _moe
 from .._ops import check_bool, check_int, check_same_device, check_tensor
 
@@ -244,6 +245,8 @@ class Buffer:
         Args:
             x: [L, R * max_tokens, H] expert outputs in the layout low_latency_dispatch returned.
             topk_idx: [T, k] int64, the ids given to low_latency_dispatch (slots set to -1 here are skipped).
+                Any other value (out of range, or another expert) raises ValueError naming topk_idx on CPU
+                tensors and with DEEPKERNELS_CHECK=1; on CUDA / emulated (no host sync) its token's row is NaN.
             topk_weights: [T, k] float32 (the source rank's weights).
         Returns:
             (combined_x [T, H] in x's dtype = sum_j w_j * expert_j(token) in fp32, event, hook).
@@ -256,8 +259,14 @@ class Buffer:
         check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), shape=tuple(hd.topk_idx.shape))
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(hd.topk_idx.shape))
         check_same_device(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
+        # each slot: the dispatch's id, or -1 to skip it; anything else (an id outside [-1, E), another expert)
+        # is refused where a host read is free or allowed, else (trusted, no sync) its token's row is NaN
+        wrong = (topk_idx != -1) & (topk_idx != hd.topk_idx)
+        if not torch.compiler.is_compiling() and (_ops.runs_reference("moe_unpermute_reduce", topk_idx)
+                                                  or _ops.run_device_checks(topk_idx)):
+            torch.ops.deepkernels.moe_check_combine_ids(topk_idx.contiguous(), hd.topk_idx)
         w = torch.where(topk_idx >= 0, topk_weights, 0.0)
-        combined = d.combine_experts(x, hd, w, layout="masked")
+        combined = d._combine_experts(x, hd, w, "masked", None, poison_tokens=wrong.any(1, keepdim=True))
         if out is not None:
             check_tensor("out", out, dtypes=(combined.dtype,), shape=tuple(combined.shape), device=combined.device)
             out.copy_(combined)

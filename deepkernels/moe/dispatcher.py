@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._ops import ceil_div, check_bool, check_int, check_same_device, check_tensor, run_device_checks, runs_reference
+from .._ops import (ceil_div, check_bool, check_int, check_same_device, check_tensor, define_op, run_device_checks,
+                    runs_reference)
 from ..fp8 import FP8_DTYPE
 from .ops import (_FLOAT_DTYPES, POISON_POS, _check_optional_int, _check_topk_idx, _count_ids, _dispatch_positions,
                   _expert_positions, _positions_to_src_idx, _source_slot_positions, local_slot_rows, permute,
@@ -57,6 +58,56 @@ def _layout_and_flag(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
         return per_rank, per_expert, in_rank, bad.any().to(torch.int64).view(1)
     per_rank, per_expert, in_rank = op(topk_idx, num_experts, num_ranks)
     return per_rank, per_expert, in_rank, (per_rank < 0).any().to(torch.int64).view(1)
+
+
+def _raise_if_bad_ids(topk_idx: torch.Tensor, num_experts: int, rank: int, rank_has_bad: torch.Tensor) -> None:
+    """Raise ValueError on EVERY rank when any rank's ids were outside [-1, E): ``rank_has_bad`` [R] bool
+    (host) is each rank's flag as it travelled through a collective, so all ranks raise together."""
+    if not bool(rank_has_bad.any()):
+        return
+    if bool(rank_has_bad[rank]):
+        bad_ids = _bad_ids(topk_idx, num_experts)
+        first = int(bad_ids.reshape(-1).nonzero()[0])
+        raise ValueError(f"topk_idx: expected expert ids in [0, {num_experts}) or -1 (unused), got "
+                         f"{int(topk_idx.reshape(-1)[first])} at index {list(divmod(first, topk_idx.size(1)))} "
+                         f"(values span [{int(topk_idx.min())}, {int(topk_idx.max())}])")
+    ranks = rank_has_bad.nonzero().view(-1).tolist()
+    raise ValueError(f"topk_idx: expected expert ids in [0, {num_experts}) or -1 (unused) on every "
+                     f"rank, got out-of-range ids on rank(s) {ranks} (this rank's ids are valid)")
+
+
+def moe_check_slot_headers_ref(slot_headers: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                               rank: int) -> None:
+    """The fixed-capacity dispatch's id check, AFTER its collective: ``slot_headers`` [R, 4] int32 as received
+    (a negative row count = the source rank's layout was poisoned by an id outside [-1, E)); raises the same
+    ValueError on every rank. The reference's value check (like every reference check, a CPU kernel); on CUDA
+    it runs only with DEEPKERNELS_CHECK=1 (one sync)."""
+    check_tensor("slot_headers", slot_headers, dtypes=(torch.int32,), shape=(None, 4))
+    check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
+    _raise_if_bad_ids(topk_idx, num_experts, rank, slot_headers[:, 0].cpu() < 0)
+
+
+define_op("moe_check_slot_headers", "(Tensor slot_headers, Tensor topk_idx, int num_experts, int rank) -> ()",
+          moe_check_slot_headers_ref, lambda slot_headers, topk_idx, num_experts, rank: None)
+
+
+def moe_check_combine_ids_ref(topk_idx: torch.Tensor, dispatch_topk_idx: torch.Tensor) -> None:
+    """low_latency_combine's topk_idx: per slot the id given to low_latency_dispatch, or -1; else ValueError.
+    The reference's value check (a CPU kernel, like every reference check); on CUDA only with
+    DEEPKERNELS_CHECK=1 (one sync). The kernels' path instead gives such a token a NaN row (no sync)."""
+    check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
+    check_tensor("dispatch_topk_idx", dispatch_topk_idx, dtypes=(torch.int64,), shape=tuple(topk_idx.shape))
+    wrong = (topk_idx != -1) & (topk_idx != dispatch_topk_idx)
+    if topk_idx.numel() and bool(wrong.any()):
+        first = int(wrong.reshape(-1).nonzero()[0])
+        t, j = divmod(first, topk_idx.size(1))
+        raise ValueError(f"topk_idx: expected the expert ids given to low_latency_dispatch (or -1 to skip a slot), "
+                         f"got {int(topk_idx[t, j])} at index [{t}, {j}] where dispatch had "
+                         f"{int(dispatch_topk_idx[t, j])}")
+
+
+define_op("moe_check_combine_ids", "(Tensor topk_idx, Tensor dispatch_topk_idx) -> ()",
+          moe_check_combine_ids_ref, lambda topk_idx, dispatch_topk_idx: None)
 
 
 def _world(group) -> tuple[int, int]:
@@ -272,11 +323,13 @@ class EPDispatcher:
     data all_to_all must be host ints); combine has none (it reuses the split sizes); the contiguous layout
     sizes itself from the same host counts and builds its indices from the device copy (no H2D copy).
     An id outside [-1, E) on ANY rank makes every rank's dispatch raise ValueError there (no rank is left
-    waiting in a collective). Fixed-capacity mode: none; ids are trusted on CUDA (checked by the reference
-    on CPU tensors, and with DEEPKERNELS_CHECK=1): a token with an id outside [-1, E) comes back from
-    :meth:`combine` / :meth:`combine_experts` as a NaN row (its other experts' outputs are not summed into
-    a plausible value), and the layout counts (the slot headers, ``handle.num_recv_tokens_per_rank`` on the
-    receivers) are negative.
+    waiting in a collective). Fixed-capacity mode: none; ids are trusted on CUDA: a token with an id outside
+    [-1, E) comes back from :meth:`combine` / :meth:`combine_experts` as a NaN row (its other experts'
+    outputs are not summed into a plausible value), and the layout counts (the slot headers,
+    ``handle.num_recv_tokens_per_rank`` on the receivers) are negative. On CPU tensors (the reference) and
+    with DEEPKERNELS_CHECK=1 the ids are checked AFTER the dispatch's collective, from the received slot
+    headers, so an out-of-range id on any rank makes every rank's dispatch raise ValueError (none is left
+    waiting in the collective).
     (The gloo backend itself works on host memory; the sync count is about CUDA tensors with NCCL.)
 
     Overflow (fixed capacity): T > capacity raises ValueError on the host (a shape, no sync). A token
@@ -317,6 +370,9 @@ class EPDispatcher:
         return out
 
     row_format = staticmethod(row_format)
+
+    def _raise_if_bad_ids(self, topk_idx: torch.Tensor, rank_has_bad: torch.Tensor) -> None:
+        _raise_if_bad_ids(topk_idx, self.num_experts, self.rank, rank_has_bad)
 
     # -- dispatch -------------------------------------------------------------------------------
     def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None = None, use_fp8: bool = False):
@@ -377,16 +433,7 @@ class EPDispatcher:
         rcnt = self._a2a(cnt, R).view(R, 2 + L)
         host = torch.cat([cnt[:, 0], rcnt.view(-1)]).cpu()  # the one host sync
         rc = host[R:].view(R, 2 + L)
-        if bool(rc[:, 1].any()):
-            if bool(rc[self.rank, 1]):
-                bad_ids = _bad_ids(topk_idx, self.num_experts)
-                first = int(bad_ids.reshape(-1).nonzero()[0])
-                raise ValueError(f"topk_idx: expected expert ids in [0, {self.num_experts}) or -1 (unused), got "
-                                 f"{int(topk_idx.reshape(-1)[first])} at index {list(divmod(first, topk_idx.size(1)))} "
-                                 f"(values span [{int(topk_idx.min())}, {int(topk_idx.max())}])")
-            ranks = rc[:, 1].nonzero().view(-1).tolist()
-            raise ValueError(f"topk_idx: expected expert ids in [0, {self.num_experts}) or -1 (unused) on every "
-                             f"rank, got out-of-range ids on rank(s) {ranks} (this rank's ids are valid)")
+        self._raise_if_bad_ids(topk_idx, rc[:, 1] != 0)
         send_counts = host[:R].tolist()
         recv_counts = rc[:, 0].tolist()
         recv_expert = rc[:, 2:].sum(0).tolist()
@@ -415,15 +462,26 @@ class EPDispatcher:
         R, L, c = self.num_ranks, self.num_local_experts, self.capacity
         if t > c:
             raise ValueError(f"x: expected at most capacity={c} tokens (fixed-capacity mode), got {t}")
-        # ids: checked by the reference on CPU tensors; on CUDA only with DEEPKERNELS_CHECK=1 (else trusted:
-        # such a token is sent to its valid experts and combines to a NaN row, the layout counts are poisoned)
-        _check_topk_idx(topk_idx, self.num_experts, R, check_values=run_device_checks(topk_idx))
-        per_rank, _, in_rank = torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx, self.num_experts, R)
+        # ids outside [-1, E): never refused BEFORE the collective (a rank raising alone would leave its peers
+        # waiting in it). The layout counts are poisoned (the kernel's sign bit; the reference path gets the ids
+        # masked and the bit set here), so every slot header a bad rank sends is negative. Where a host read is
+        # free or allowed (the reference on CPU tensors, DEEPKERNELS_CHECK=1) every rank reads the received
+        # headers and raises together; otherwise (trusted, no sync) such a token combines to a NaN row.
+        _check_topk_idx(topk_idx, self.num_experts, R, check_values=False)
+        tracing = torch.compiler.is_compiling()  # no host reads in a traced graph: the reference op refuses them
+        if tracing:
+            per_rank, _, in_rank = torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx, self.num_experts, R)
+        else:
+            per_rank, _, in_rank, bad = _layout_and_flag(topk_idx, self.num_experts, R)
+            per_rank = torch.where(bad.bool(), per_rank | POISON_POS, per_rank)  # (the kernels' counts already are)
         pos = _dispatch_positions(in_rank, c)
         n = R * c
         src = _positions_to_src_idx(pos, n)
-        buf, fmt, local = _pack_rows(x, src, topk_idx, topk_weights, per_rank, L, c, use_fp8, run_device_checks(src))
+        # src / per_rank are built here (per_rank may carry the poison bit): no value check on them
+        buf, fmt, local = _pack_rows(x, src, topk_idx, topk_weights, per_rank, L, c, use_fp8, False)
         got, hdr = unpack_rows(self._a2a(buf, R), fmt, n, c)
+        if not tracing and (runs_reference("moe_get_dispatch_layout", topk_idx) or run_device_checks(topk_idx)):
+            torch.ops.deepkernels.moe_check_slot_headers(hdr.contiguous(), topk_idx, self.num_experts, self.rank)
 
         recv_x = (got["x"], got["scale"]) if "scale" in got else got["x"]
         recv_lid = got["lid"]
@@ -503,6 +561,11 @@ class EPDispatcher:
         (in slot order, zero rows where fewer), in ONE all_to_all_single; so this moves min(k, L) times
         the bytes of :meth:`combine`, which instead needs the weights on the expert side at dispatch.
         """
+        return self._combine_experts(expert_out, handle, topk_weights, layout, alignment_or_max_m)
+
+    def _combine_experts(self, expert_out, handle, topk_weights, layout, alignment_or_max_m,
+                         poison_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """combine_experts; ``poison_tokens`` [T, 1] bool (device, no sync): those tokens' rows come out NaN."""
         _check_handle(handle)
         check_tensor("expert_out", expert_out, dtypes=_FLOAT_DTYPES)
         if layout not in ("masked", "contiguous"):
@@ -530,6 +593,8 @@ class EPDispatcher:
         scale = lambda counts: None if counts is None else [c * slots for c in counts]  # noqa: E731
         back = self._a2a(send, handle.num_send * slots, scale(handle.recv_counts), scale(handle.send_counts))
         pos = _source_slot_positions(handle.topk_idx, handle.pos, self.num_experts, self.num_local_experts, slots)
+        if poison_tokens is not None:
+            pos = torch.where(poison_tokens, POISON_POS, pos).to(torch.int32)
         return unpermute_reduce(back, pos, topk_weights)
 
 

@@ -317,7 +317,10 @@ def expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_st
     spills into the next one or past the buffer, whatever the routing.
     Args: local_ids int32/int64 [N, k], values in [-1, L) (checked on CPU tensors; on CUDA an id outside is
     treated as -1); num_local_experts L (int >= 0); segment_start int [L]; counts int [L] (the histogram of
-    local_ids, or None to compute it); limit an int >= 0 or None."""
+    local_ids, or None to compute it); limit an int >= 0 or None. counts / segment_start are checked on CPU
+    tensors (and with DEEPKERNELS_CHECK=1); on CUDA a negative one (e.g. the poisoned counts of
+    :func:`get_dispatch_layout` with ``check_values=False``) makes every entry :data:`POISON_POS`: the
+    gathers skip it and :func:`unpermute_reduce` gives NaN rows (never the plausible positions)."""
     check_tensor("local_ids", local_ids, dtypes=_INDEX_DTYPES, ndim=2)
     num_local_experts = check_int("num_local_experts", num_local_experts, min_value=0)
     check_tensor("segment_start", segment_start, dtypes=_INDEX_DTYPES, shape=(num_local_experts,))
@@ -357,6 +360,11 @@ def _expert_positions(local_ids: torch.Tensor, num_local_experts: int, segment_s
     if limit is not None:
         keep = keep & (rank_in < limit)
     val = torch.where(keep, seg[sorted_key] + rank_in, -1)
+    # Counts or segment starts that are negative (the trusted layout kernel's poisoned counts, INT_MIN + count,
+    # or offsets summed from them): every real entry gets POISON_POS, so the gathers skip it and the reduce gives
+    # NaN -- the int32 wrap would otherwise cancel the poison and yield the exact (plausible) positions.
+    poisoned = (counts < 0).any() | (segment_start < 0).any()
+    val = torch.where(poisoned & (sorted_key < num_local_experts), POISON_POS, val)
     pos = torch.empty(n * k, dtype=torch.int64, device=local_ids.device)
     pos.scatter_(0, order, val)
     return pos.view(n, k).to(torch.int32)
