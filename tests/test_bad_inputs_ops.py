@@ -975,6 +975,11 @@ def test_id_check_ops_raise_and_pass_opcheck():
         OPS.moe_check_combine_ids(bad, ids)
     with pytest.raises(ValueError, match=r"slot_headers: expected"):
         OPS.moe_check_slot_headers(hdr[:, :3], ids, 4, 0)
+    # the reference reduce names the sentinel the trusted paths write (torch.compile'd fixed capacity reaches it)
+    pos = torch.tensor([[0, -1], [1, moe.POISON_POS]], dtype=torch.int32)
+    with reference(), pytest.raises(ValueError, match=r"pos: expected row indices of y in \[-1, 2\), got POISON_POS "
+                                                      r"\(-2147483648\) at index \[1, 1\]: token 1 was poisoned"):
+        moe.unpermute_reduce(torch.randn(2, 16), pos)
 
 
 @pytest.mark.parametrize("k", [1, 31, 32, 33, 64, 65, 100])

@@ -416,6 +416,15 @@ def test_torch_compile_fixed_capacity():
     x = torch.randn(6, 128)
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, ids, w), step(x, ids, w))
+    # an out-of-range id: a traced graph reads nothing on the host, so the reference path cannot check the ids
+    # after the collective; the token is poisoned as on the kernels and the reference reduce names it
+    # (eager: the dispatch's own check). Either way after the collectives: no peer is left waiting.
+    ids[1, 1] = 9
+    with pytest.raises(ValueError, match=r"pos: expected row indices of y in \[-1, 8\), got POISON_POS "
+                                         r"\(-2147483648\) at index \[1, 0\]: token 1 was poisoned upstream"):
+        compiled(x, ids, w)
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 8\) or -1 \(unused\), got 9"):
+        step(x, ids, w)
 
 
 # ----------------------------------------------------------------------------------------------

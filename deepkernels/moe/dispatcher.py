@@ -468,12 +468,9 @@ class EPDispatcher:
         # free or allowed (the reference on CPU tensors, DEEPKERNELS_CHECK=1) every rank reads the received
         # headers and raises together; otherwise (trusted, no sync) such a token combines to a NaN row.
         _check_topk_idx(topk_idx, self.num_experts, R, check_values=False)
-        tracing = torch.compiler.is_compiling()  # no host reads in a traced graph: the reference op refuses them
-        if tracing:
-            per_rank, _, in_rank = torch.ops.deepkernels.moe_get_dispatch_layout(topk_idx, self.num_experts, R)
-        else:
-            per_rank, _, in_rank, bad = _layout_and_flag(topk_idx, self.num_experts, R)
-            per_rank = torch.where(bad.bool(), per_rank | POISON_POS, per_rank)  # (the kernels' counts already are)
+        per_rank, _, in_rank, bad = _layout_and_flag(topk_idx, self.num_experts, R)
+        per_rank = torch.where(bad.bool(), per_rank | POISON_POS, per_rank)  # (the kernels' counts already are)
+        tracing = torch.compiler.is_compiling()  # no host read in a traced graph: there a bad token combines to NaN
         pos = _dispatch_positions(in_rank, c)
         n = R * c
         src = _positions_to_src_idx(pos, n)

@@ -165,6 +165,12 @@ def _check_unpermute_args(y, pos, weights, check_values: bool) -> None:
         check_tensor("weights", weights, dtypes=(torch.float32,), shape=tuple(pos.shape), contiguous=True)
     check_same_device(y=y, pos=pos, weights=weights)
     if check_values:
+        poisoned = (pos == POISON_POS) if pos.numel() and pos.device.type != "meta" else None
+        if poisoned is not None and bool(poisoned.any()):  # the sentinel the trusted paths write: say where from
+            t, j = divmod(int(poisoned.reshape(-1).nonzero()[0]), pos.size(1))
+            raise ValueError(f"pos: expected row indices of y in [-1, {y.size(0)}), got POISON_POS ({POISON_POS}) at "
+                             f"index [{t}, {j}]: token {t} was poisoned upstream (an expert id outside [-1, E) in a "
+                             f"dispatch / layout whose ids were trusted); the kernels give its row NaN")
         check_index_values("pos", pos, -1, y.size(0), "row indices of y (-1 = skip)")
 
 
