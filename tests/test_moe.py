@@ -328,6 +328,47 @@ def test_bad_expert_ids_fixed_capacity_every_rank():
     run_group(2, "_mp_bad_ids_fixed_capacity")
 
 
+def _mp_bad_combine_ids_one_rank(group, rank, world):
+    """low_latency_combine with a topk_idx slot that is neither the dispatch's id nor -1 on rank 0 only: the
+    check (reference path, DEEPKERNELS_CHECK=1) runs AFTER the combine's collective, so rank 0 raises and
+    rank 1 finishes with its exact result (no rank waits); trusted emulated kernels: rank 0's token is NaN."""
+    from deepkernels.compat.deep_ep import Buffer
+
+    e = 2 * world
+    ids = torch.tensor([[0, 1], [world, -1], [1, e - 1]])
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(rank)).bfloat16()
+    w = torch.rand(3, 2, generator=torch.Generator().manual_seed(10 + rank))
+    ids_c = ids.clone()
+    if rank == 0:
+        ids_c[1, 0] = e + 5
+    for mode in ("reference", "check", "trusted"):
+        if mode != "reference" and not dk.build_info()["emulator"]:
+            continue
+        os.environ["DEEPKERNELS_CHECK"] = "1" if mode == "check" else ""
+        try:
+            with dk.emulate(mode != "reference"):
+                buf = Buffer(group)
+                packed, _, handle, _, _ = buf.low_latency_dispatch(x, ids, 4, e, use_fp8=False)
+                want = buf.low_latency_combine(packed, ids, w, handle)[0]
+                if rank == 0 and mode != "trusted":
+                    with pytest.raises(ValueError, match=rf"topk_idx: expected the expert ids given to low_latency_"
+                                                         rf"dispatch \(or -1 to skip a slot\), got {e + 5} at index "
+                                                         rf"\[1, 0\] where dispatch had {world}"):
+                        buf.low_latency_combine(packed, ids_c, w, handle)
+                    continue
+                got = buf.low_latency_combine(packed, ids_c, w, handle)[0]
+                if rank == 0:
+                    assert got[1].float().isnan().all() and torch.equal(got[[0, 2]], want[[0, 2]]), mode
+                else:
+                    assert torch.equal(got, want), f"{mode}: rank 0's bad combine ids changed rank {rank}'s result"
+        finally:
+            os.environ.pop("DEEPKERNELS_CHECK", None)
+
+
+def test_bad_combine_ids_on_one_rank_leave_no_rank_waiting():
+    run_group(2, "_mp_bad_combine_ids_one_rank")
+
+
 def test_dispatch_combine_single_process():
     _scenarios(None, 0, 1)
 

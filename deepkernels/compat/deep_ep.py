@@ -260,13 +260,16 @@ class Buffer:
         check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=tuple(hd.topk_idx.shape))
         check_same_device(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
         # each slot: the dispatch's id, or -1 to skip it; anything else (an id outside [-1, E), another expert)
-        # is refused where a host read is free or allowed, else (trusted, no sync) its token's row is NaN
+        # is refused where a host read is free or allowed -- AFTER the combine's collective, so a rank raising
+        # leaves no peer waiting in it -- else (trusted, no sync) its token's row is NaN
+        check = not torch.compiler.is_compiling() and (_ops.runs_reference("moe_unpermute_reduce", topk_idx)
+                                                       or _ops.run_device_checks(topk_idx))
         wrong = (topk_idx != -1) & (topk_idx != hd.topk_idx)
-        if not torch.compiler.is_compiling() and (_ops.runs_reference("moe_unpermute_reduce", topk_idx)
-                                                  or _ops.run_device_checks(topk_idx)):
-            torch.ops.deepkernels.moe_check_combine_ids(topk_idx.contiguous(), hd.topk_idx)
         w = torch.where(topk_idx >= 0, topk_weights, 0.0)
-        combined = d._combine_experts(x, hd, w, "masked", None, poison_tokens=wrong.any(1, keepdim=True))
+        combined = d._combine_experts(x, hd, w, "masked", None,
+                                      poison_tokens=None if check else wrong.any(1, keepdim=True))
+        if check:
+            torch.ops.deepkernels.moe_check_combine_ids(topk_idx.contiguous(), hd.topk_idx)
         if out is not None:
             check_tensor("out", out, dtypes=(combined.dtype,), shape=tuple(combined.shape), device=combined.device)
             out.copy_(combined)
