@@ -133,7 +133,8 @@ def _bad_cli_cases(tmp):
     return [
         (["plot", "--bogus"], 2, r"unrecognized arguments: --bogus \(see python -m bench plot --help\)"),
         (["plot", "--results"], 2, r"argument --results: expected one argument"),
-        (["plot", "--results", str(tmp / "nope"), "--out", img], 1, r"--results: expected a directory .*no such directory"),
+        (["plot", "--results", str(tmp / "nope"), "--out", img], 1,
+         r"--results: expected a directory .*no such directory"),
         (["plot", "--results", str(tmp / "res"), "--out", img], 1, r"x\.json: not a bench result: expected JSON, got "
                                                                   r"invalid JSON"),
         (["plot", "--results", str(tmp / "rows"), "--out", img], 1, r"y\.json: not a bench result: results\[0\]\."

@@ -300,7 +300,8 @@ def _mp_bad_ids_fixed_capacity(group, rank, world):
         ids = good.clone()
         if rank == 0:
             ids[1, 1] = bad
-        match = rf"got {bad} at index \[1, 1\]" if rank == 0 else r"on every rank, got out-of-range ids on rank\(s\) \[0\]"
+        match = rf"got {bad} at index \[1, 1\]" if rank == 0 else \
+            r"on every rank, got out-of-range ids on rank\(s\) \[0\]"
         for mode in ("reference", "check"):
             os.environ["DEEPKERNELS_CHECK"] = "1" if mode == "check" else ""
             try:

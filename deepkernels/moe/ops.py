@@ -414,8 +414,8 @@ def source_slot_positions(topk_idx: torch.Tensor, pos: torch.Tensor, num_experts
     check_same_device(topk_idx=topk_idx, pos=pos)
     if topk_idx.device.type == "cpu" or run_device_checks(topk_idx):
         _check_expert_ids(topk_idx, num_experts)
-        check_index_values("pos", pos, -1, _INT32_MAX // max(slots, 1), f"send rows (-1 = not sent; rows * slots={slots} "
-                           f"must fit int32)")
+        check_index_values("pos", pos, -1, _INT32_MAX // max(slots, 1),
+                           f"send rows (-1 = not sent; rows * slots={slots} must fit int32)")
     return _source_slot_positions(topk_idx, pos, num_experts, num_local_experts, slots)
 
 
