@@ -14,9 +14,12 @@ accumulated in fp32 with the scales applied per 128-wide K block, rounded once t
 
 Shapes: any M >= 0; N and K multiples of 16 (partial 128-tiles are handled, no padding needed).
 Errors: TypeError/ValueError naming the argument, the expectation and what was given, raised on the
-host before any launch (dtype, shape, scale shape, alignment, contiguity, device mismatch). The same
-checks run in the references (the CPU kernels), so ``torch.ops.deepkernels.*`` called directly on CPU
-tensors raises them too. Index/count tensors (m_indices, masked_m): see the grouped functions.
+host before any launch (dtype, shape, scale shape, alignment, contiguity, device mismatch; an ``out``
+that is an expanded view or overlaps an input). The same checks run in the references (the CPU kernels),
+so ``torch.ops.deepkernels.*`` called directly on CPU tensors raises them too. Index/count tensors
+(m_indices, masked_m): see the grouped functions. A valid fp8 operand the kernels cannot read in place
+(odd offset, rows of 16 + 8 bytes) is copied once, and an ``out`` at an odd element offset is written
+through an aligned copy, so every path accepts the same inputs.
 """
 from __future__ import annotations
 
@@ -231,7 +234,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
 
     ``out`` is allocated when None; returned either way.
     Raises TypeError (a non-tensor argument) or ValueError naming the argument (dtype, shape, scale shape,
-    layout, N/K not multiples of 16, contiguity, device mismatch) before any launch.
+    layout, N/K not multiples of 16, contiguity, device mismatch, an ``out`` that shares memory with itself
+    or an input) before any launch.
     """
     m, n, k = _check_dense_args(a, a_scale, b, b_scale, out)
     if out is None:
