@@ -965,6 +965,9 @@ def test_id_check_ops_raise_and_pass_opcheck():
     poisoned[1, 0] |= moe.LAYOUT_POISON_BIT
     with pytest.raises(ValueError, match=r"on every rank, got out-of-range ids on rank\(s\) \[1\]"):
         OPS.moe_check_slot_headers(poisoned, ids, 4, 0)
+    # a poisoned header of this rank's own whose ids hold no bad id (corrupted headers): still a ValueError
+    with pytest.raises(ValueError, match=r"on every rank, got out-of-range ids on rank\(s\) \[1\]"):
+        OPS.moe_check_slot_headers(poisoned, ids, 4, 1)
     bad = ids.clone()
     bad[1, 1] = 9
     with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[0, 4\) or -1 \(unused\), got 9 at "

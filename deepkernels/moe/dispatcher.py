@@ -65,9 +65,9 @@ def _raise_if_bad_ids(topk_idx: torch.Tensor, num_experts: int, rank: int, rank_
     (host) is each rank's flag as it travelled through a collective, so all ranks raise together."""
     if not bool(rank_has_bad.any()):
         return
-    if bool(rank_has_bad[rank]):
-        bad_ids = _bad_ids(topk_idx, num_experts)
-        first = int(bad_ids.reshape(-1).nonzero()[0])
+    bad_ids = _bad_ids(topk_idx, num_experts).reshape(-1) if bool(rank_has_bad[rank]) else None
+    if bad_ids is not None and bool(bad_ids.any()):  # (a flag without a bad id here: the generic message)
+        first = int(bad_ids.nonzero()[0])
         raise ValueError(f"topk_idx: expected expert ids in [0, {num_experts}) or -1 (unused), got "
                          f"{int(topk_idx.reshape(-1)[first])} at index {list(divmod(first, topk_idx.size(1)))} "
                          f"(values span [{int(topk_idx.min())}, {int(topk_idx.max())}])")
