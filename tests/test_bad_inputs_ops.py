@@ -978,6 +978,8 @@ def test_id_check_ops_raise_and_pass_opcheck():
         OPS.moe_check_combine_ids(bad, ids)
     with pytest.raises(ValueError, match=r"slot_headers: expected"):
         OPS.moe_check_slot_headers(hdr[:, :3], ids, 4, 0)
+    with pytest.raises(ValueError, match=r"rank: expected"):
+        OPS.moe_check_slot_headers(hdr, ids, 4, 2)
     # the reference reduce names the sentinel the trusted paths write (torch.compile'd fixed capacity reaches it)
     pos = torch.tensor([[0, -1], [1, moe.POISON_POS]], dtype=torch.int32)
     with reference(), pytest.raises(ValueError, match=r"pos: expected row indices of y in \[-1, 2\), got POISON_POS "

@@ -84,6 +84,7 @@ def moe_check_slot_headers_ref(slot_headers: torch.Tensor, topk_idx: torch.Tenso
     it runs only with DEEPKERNELS_CHECK=1 (one sync)."""
     check_tensor("slot_headers", slot_headers, dtypes=(torch.int32,), shape=(None, 4))
     check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
+    rank = check_int("rank", rank, min_value=0, max_value=slot_headers.size(0) - 1)
     _raise_if_bad_ids(topk_idx, num_experts, rank, slot_headers[:, 0].cpu() < 0)
 
 
