@@ -2,9 +2,9 @@
 // Emulated csrc/common/ptx_sm90.cuh: mbarrier (arrival count, transaction bytes, phase parity), 3-D TMA tile
 // loads through the emulated CUtensorMap (32/64/128B swizzle, out-of-bounds zero fill, the full box counted in
 // transaction bytes), 3-D TMA stores in bulk async-groups (out-of-bounds elements not written, the source read at
-// wait_group[.read], the global writes at wait_group or CTA end), named barriers (bar.sync id, n), and wgmma (e4m3 m64nNk32, bf16/f16 m64n{32,64}k16, bf16/f16 m64n256k16 with an MN-major B,
-// also with A from registers) reading
-// its operands through a general decode of the shared-memory matrix descriptor.
+// wait_group[.read], the global writes at wait_group or CTA end), named barriers (bar.sync id, n), and wgmma
+// (e4m3 m64nNk32, bf16/f16 m64n{32,64}k16, bf16/f16 m64n256k16 with an MN-major B, also with A from registers)
+// reading its operands through a general decode of the shared-memory matrix descriptor.
 // Sources: PTX ISA 9.7.13.15 (mbarrier), 9.7.9.27 (cp.async.bulk.tensor), cp.async.bulk.commit_group /
 // cp.async.bulk.wait_group, bar.sync, 9.7.15 (wgmma: 9.7.15.5.1 matrix
 // descriptor and shared-memory layouts, 9.7.15.5.1.1 the D fragment), CUTLASS cute/arch/mma_sm90_desc.hpp.
@@ -42,7 +42,9 @@ inline uint8_t* tensor_element(const TensorMap& tm, int64_t x, int64_t y, int64_
 inline TensorMap tma_map_and_box(const CUtensorMap* map, uint32_t smem, const char* what) {
   TensorMap tm;
   std::memcpy(&tm, map, sizeof(tm));
-  if (tm.magic != kTensorMapMagic) fail(std::string(what) + ": the tensor map was not encoded by cuTensorMapEncodeTiled");
+  if (tm.magic != kTensorMapMagic) {
+    fail(std::string(what) + ": the tensor map was not encoded by cuTensorMapEncodeTiled");
+  }
   // NOTE: the swizzle pattern repeats every 8 rows of `span` bytes; the kernels align boxes to it (128 without).
   if (smem % (tm.swizzle ? 8 * tm.swizzle : 128) != 0)
     fail(std::string(what) + ": shared memory box misaligned for its swizzle mode");
@@ -564,7 +566,9 @@ inline void bulk_wait_group() {
 }
 inline void named_barrier_sync(uint32_t id, uint32_t threads) {
   emu::Cta& c = *emu::g_cta;
-  if (id == 0 || id >= 16) emu::fail("bar.sync: named barrier id " + std::to_string(id) + " (1..15; 0 is __syncthreads')");
+  if (id == 0 || id >= 16) {
+    emu::fail("bar.sync: named barrier id " + std::to_string(id) + " (1..15; 0 is __syncthreads')");
+  }
   if (threads == 0 || threads % 32 != 0 || threads > uint32_t(c.nthreads))
     emu::fail("bar.sync " + std::to_string(id) + ": thread count " + std::to_string(threads) +
               " (a multiple of 32, at most the CTA's)");

@@ -474,8 +474,9 @@ cudaError_t get_driver_entry_point_by_version(const char* symbol, void** fn, uns
 }  // namespace api
 
 // The cuTensorMapEncodeTiled constraints (CUDA driver API reference) the kernels rely on: a 64-byte aligned map,
-// 16-byte aligned global address, strides multiples of 16 below 2^40, box dims 1..256, box inner bytes a multiple of 16 and at
-// most the swizzle span (32, 64 or 128 bytes). Element types: 1-byte (e4m3 loads as UINT8), bf16, f16, f32.
+// 16-byte aligned global address, strides multiples of 16 below 2^40, box dims 1..256, box inner bytes a multiple
+// of 16 and at most the swizzle span (32, 64 or 128 bytes). Element types: 1-byte (e4m3 loads as UINT8), bf16, f16,
+// f32.
 CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* addr, const cuuint64_t* dims,
                       const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* element_strides,
                       CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle, CUtensorMapL2promotion,
