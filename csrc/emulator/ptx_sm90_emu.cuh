@@ -376,6 +376,35 @@ inline void sm90_cta_end() {
 }
 inline const int g_sm90_hooks = register_cta_hooks(&sm90_cta_start, &sm90_cta_end);
 
+// A wgmma joins the accumulator chain of its registers (d_of(t): thread t's accumulator array, nregs floats each):
+// after a wgmma.fence only; a new chain snapshots the inputs and poisons the registers until it completes.
+template <class DOf>
+inline AccBuf* join_acc_chain(WgState& s, int nregs, DOf d_of) {
+  float* const d0 = d_of(0);
+  if (!s.ever_fenced || std::find(s.touched.begin(), s.touched.end(), d0) != s.touched.end())
+    fail("wgmma.mma_async: accumulator registers accessed since the last wgmma.fence (or no fence before the first)");
+  auto it = s.acc.find(d0);
+  if (it == s.acc.end()) {
+    AccBuf& b = s.acc[d0];
+    b.nregs = nregs;
+    b.v.resize(size_t(128) * b.nregs);
+    for (int t = 0; t < 128; ++t) {
+      b.regs[t] = d_of(t);
+      for (int r = 0; r < b.nregs; ++r) {
+        b.v[size_t(t) * b.nregs + r] = b.regs[t][r];
+        std::memcpy(&b.regs[t][r], &kAccPoison, 4);
+      }
+    }
+    it = s.acc.find(d0);
+  } else {
+    if (it->second.nregs != nregs) fail("wgmma: an in-flight accumulator reused with another shape");
+    for (int t = 0; t < 128; ++t)
+      if (it->second.regs[t] != d_of(t)) fail("wgmma: accumulator chain with other registers");
+  }
+  ++it->second.pending;
+  return &it->second;
+}
+
 template <int kN, int kK, bool kFp8, bool kTransB, bool kF16 = false>
 inline void wgmma_issue(float* d, uint64_t da, uint64_t db, int scale_d) {
   struct Arg { float* d; uint64_t da, db; int acc; } a{d, da, db, scale_d};
@@ -391,30 +420,9 @@ inline void wgmma_issue(float* d, uint64_t da, uint64_t db, int scale_d) {
       if (x->da != op.da || x->db != op.db || (x->acc != 0) != op.scale_d)
         fail("wgmma: descriptors or scale-d differ across the warpgroup (divergent collective operands)");
     }
-    if (!s.ever_fenced || std::find(s.touched.begin(), s.touched.end(), a0.d) != s.touched.end())
-      fail("wgmma.mma_async: accumulator registers accessed since the last wgmma.fence (or no fence before the first)");
+    op.acc = join_acc_chain(s, kN / 2, [&](int t) { return static_cast<Arg*>(args[t])->d; });
     (void)gmma::decode(op.da);
     (void)gmma::decode(op.db);
-    auto it = s.acc.find(a0.d);
-    if (it == s.acc.end()) {   // a new chain: snapshot the inputs, poison the registers until it completes
-      AccBuf& b = s.acc[a0.d];
-      b.nregs = kN / 2;
-      b.v.resize(size_t(128) * b.nregs);
-      for (int t = 0; t < 128; ++t) {
-        b.regs[t] = static_cast<Arg*>(args[t])->d;
-        for (int r = 0; r < b.nregs; ++r) {
-          b.v[size_t(t) * b.nregs + r] = b.regs[t][r];
-          std::memcpy(&b.regs[t][r], &kAccPoison, 4);
-        }
-      }
-      it = s.acc.find(a0.d);
-    } else {
-      if (it->second.nregs != kN / 2) fail("wgmma: an in-flight accumulator reused with another shape");
-      for (int t = 0; t < 128; ++t)
-        if (it->second.regs[t] != static_cast<Arg*>(args[t])->d) fail("wgmma: accumulator chain with other registers");
-    }
-    ++it->second.pending;
-    op.acc = &it->second;
     s.open.push_back(op);
   });
 }
@@ -444,29 +452,8 @@ inline void wgmma_issue_rs(float* d, const uint32_t* a_regs, uint64_t db) {
           op.a_regs[size_t(row) * 16 + col] = kF16 ? f16_bits_to_float(h) : bf16_bits_to_float(h);
         }
     }
-    if (!s.ever_fenced || std::find(s.touched.begin(), s.touched.end(), a0.d) != s.touched.end())
-      fail("wgmma.mma_async: accumulator registers accessed since the last wgmma.fence (or no fence before the first)");
+    op.acc = join_acc_chain(s, kN / 2, [&](int t) { return static_cast<Arg*>(args[t])->d; });
     (void)gmma::decode(op.db);
-    auto it = s.acc.find(a0.d);
-    if (it == s.acc.end()) {
-      AccBuf& b = s.acc[a0.d];
-      b.nregs = kN / 2;
-      b.v.resize(size_t(128) * b.nregs);
-      for (int t = 0; t < 128; ++t) {
-        b.regs[t] = static_cast<Arg*>(args[t])->d;
-        for (int r = 0; r < b.nregs; ++r) {
-          b.v[size_t(t) * b.nregs + r] = b.regs[t][r];
-          std::memcpy(&b.regs[t][r], &kAccPoison, 4);
-        }
-      }
-      it = s.acc.find(a0.d);
-    } else {
-      if (it->second.nregs != kN / 2) fail("wgmma: an in-flight accumulator reused with another shape");
-      for (int t = 0; t < 128; ++t)
-        if (it->second.regs[t] != static_cast<Arg*>(args[t])->d) fail("wgmma: accumulator chain with other registers");
-    }
-    ++it->second.pending;
-    op.acc = &it->second;
     s.open.push_back(std::move(op));
   });
 }
