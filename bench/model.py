@@ -171,11 +171,20 @@ def run(ctx: Context) -> list[Row]:
             ours_prefill, ours_decode = ours_generate(m, ids, steps, ctx)
             case = {"config": name, "dtype": "fp8" if variant else str(dtype).replace("torch.", ""), "batch": b,
                     "prompt": t, "new_tokens": steps}
-            for phase, ours_s, peer_s, tokens in (("prefill", ours_prefill, peer_prefill, b * t),
-                                                  ("decode", ours_decode, peer_decode, b * steps)):
-                rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
-                                "transformers generate (DynamicCache)" if peer_s else None,
-                                tokens / peer_s if peer_s else None, ours_s * 1e3))
+            rows += _phase_rows(case, (ours_prefill, ours_decode), (peer_prefill, peer_decode))
+    return rows
+
+
+def _phase_rows(case: dict, ours: tuple, peer: tuple) -> list[Row]:
+    """The prefill and decode tokens/s rows of one case from (prefill, decode) seconds, ours and the peer's
+    (None where the peer did not run)."""
+    b, t, steps = case["batch"], case["prompt"], case["new_tokens"]
+    rows = []
+    for phase, ours_s, peer_s, tokens in (("prefill", ours[0], peer[0], b * t),
+                                          ("decode", ours[1], peer[1], b * steps)):
+        rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
+                        "transformers generate (DynamicCache)" if peer_s else None,
+                        tokens / peer_s if peer_s else None, ours_s * 1e3))
     return rows
 
 
@@ -195,9 +204,5 @@ def _run_cpu(model, hf, config, cases, steps: int, name: str, ctx: Context) -> l
             (ours_prefill, ours_decode), (peer_prefill, peer_decode) = timed[0], timed[1] if peer is not None else (None, None)
             case = {"config": name, "dtype": str(dtype).replace("torch.", ""), "batch": b, "prompt": t,
                     "new_tokens": steps}
-            for phase, ours_s, peer_s, tokens in (("prefill", ours_prefill, peer_prefill, b * t),
-                                                  ("decode", ours_decode, peer_decode, b * steps)):
-                rows.append(Row(FAMILY, {**case, "phase": phase}, "tokens/s", tokens / ours_s,
-                                "transformers generate (DynamicCache)" if peer_s else None,
-                                tokens / peer_s if peer_s else None, ours_s * 1e3))
+            rows += _phase_rows(case, (ours_prefill, ours_decode), (peer_prefill, peer_decode))
     return rows

@@ -237,6 +237,23 @@ def _check_emulated(kernel_device, before: dict, **expected) -> None:
         assert got == want, f"emulated {names[key]}: {got} since the call, expected {want}"
 
 
+def _check_masked_m_0_half(kernel_device, a, b, want, label, **emulated) -> None:
+    """The masked GEMM on three copies of a dense problem (a = (aq, sa), b = (bq, sb), want its reference) with
+    masked_m = m, 0, m // 2: the valid rows match, rows >= masked_m[g] keep their poison, and the emulated
+    launches are ``emulated`` (see _check_emulated)."""
+    (aq, sa), (bq, sb) = a, b
+    m, n = want.shape
+    out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device=kernel_device))
+    masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device=kernel_device)
+    before = _emulated_kernels()
+    deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
+                                             torch.stack([sb] * 3), out3, masked_m, m)
+    _check_emulated(kernel_device, before, **emulated)
+    _check_against_reference(out3[0], want, (label, "masked group 0"))
+    _check_against_reference(out3[2, :m // 2], want[:m // 2], (label, "masked group 2"))
+    assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all(), f"{label}: rows >= masked_m written"
+
+
 DENSE_LARGE = [(4096, 7168, 2048), (64, 2112, 7168), (128, 24576, 1536), (1, 32768, 512)]
 
 
@@ -449,15 +466,8 @@ def test_cuda_sm90_every_block_shape(blocks, kernel_device, m, n, k, monkeypatch
     gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     _check_against_reference(out, want, (blocks, m, n, k))
     # grouped modes on the same shape: masked (groups of m, 0 and m // 2 rows), contiguous (-1 tail rows)
-    out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device=kernel_device))
-    masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device=kernel_device)
-    before = _emulated_kernels()
-    deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
-                                             torch.stack([sb] * 3), out3, masked_m, m)
-    _check_emulated(kernel_device, before, sm90=1, portable=0, ctas=_sm90_grid(blocks, 3, m, n, sms))
-    _check_against_reference(out3[0], want, (blocks, "masked group 0"))
-    _check_against_reference(out3[2, :m // 2], want[:m // 2], (blocks, "masked group 2"))
-    assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all(), f"{blocks}: rows >= masked_m written"
+    _check_masked_m_0_half(kernel_device, (aq, sa), (bq, sb), want, blocks, sm90=1, portable=0,
+                           ctas=_sm90_grid(blocks, 3, m, n, sms))
 
 
 # [0, 0] has M = 0: no kernel is launched (nothing to emulate), so it stays CUDA-only.
@@ -978,15 +988,7 @@ def test_cuda_sm90_every_config(config, kernel_device, m, n, k, monkeypatch):
     gemm.fp8_gemm_nt_ref(aq, sa, bq, sb, want)
     _check_against_reference(out, want, (config, m, n, k))
     # the masked mode on the same config (split-K included): rows m, 0, m // 2
-    out3 = poison_(torch.empty(3, m, n, dtype=torch.bfloat16, device=kernel_device))
-    masked_m = torch.tensor([m, 0, m // 2], dtype=torch.int32, device=kernel_device)
-    before = _emulated_kernels()
-    deepkernels.m_grouped_fp8_gemm_nt_masked(torch.stack([aq] * 3), torch.stack([sa] * 3), torch.stack([bq] * 3),
-                                             torch.stack([sb] * 3), out3, masked_m, m)
-    _check_emulated(kernel_device, before, sm90=1, portable=0, reduce=int(split))
-    _check_against_reference(out3[0], want, (config, "masked group 0"))
-    _check_against_reference(out3[2, :m // 2], want[:m // 2], (config, "masked group 2"))
-    assert out3[1].isnan().all() and out3[2, m // 2:].isnan().all()
+    _check_masked_m_0_half(kernel_device, (aq, sa), (bq, sb), want, config, sm90=1, portable=0, reduce=int(split))
 
 
 # The heuristic's own picks, launched: narrow tiles and split-K chosen on a small emulated device.
